@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the system packages Keycell's tests use, when they are missing:
+#   softhsm2    - the PKCS#11 token the key-custody tests run against
+#   postgresql  - the database whose credentials the rotation tests manage
+# As root it installs them with apt-get; otherwise it names what to install and fails.
+set -euo pipefail
+
+missing=()
+[[ -e /usr/lib/softhsm/libsofthsm2.so ]] && command -v softhsm2-util >/dev/null || missing+=(softhsm2)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+
+if ((${#missing[@]} == 0)); then
+    exit 0
+fi
+if [[ $(id -u) -ne 0 ]]; then
+    echo "Keycell's tests need these Debian packages: ${missing[*]}" >&2
+    echo "Install them with: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+fi
+echo "installing ${missing[*]} (apt-get)" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,49 @@
+# Keycell: the commands a new user runs. `make demo` and `make test` work on a fresh
+# machine: they bootstrap uv and the virtual environment, and `make test` installs the
+# system packages the tests need (SoftHSM2, PostgreSQL) when they are missing.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Never let uv fetch a Python build: the machine's own Python (>= 3.11) is used.
+export UV_PYTHON_DOWNLOADS := never
+UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
+VENV := .venv
+RUN := $(UV) run --frozen
+
+.PHONY: help setup system-deps test lint bench demo clean
+
+help:
+	@echo "make demo    run Keycell's demo on the embedded defaults (SQLite ledger)"
+	@echo "make test    install what the tests need, then run the whole suite"
+	@echo "make lint    ruff, and mypy (strict on control_plane/)"
+	@echo "make bench   run the benchmarks in bench/, printing JSON"
+
+$(CURDIR)/.tools/bin/uv:
+	python3 -m venv .tools
+	.tools/bin/pip install --quiet uv
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen
+	@touch $@
+
+setup: $(VENV)/.synced
+
+system-deps:
+	@bash .ci/system-deps.sh
+
+test: setup system-deps
+	$(RUN) pytest
+
+lint: setup
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+	$(RUN) mypy
+
+bench: setup system-deps
+	$(RUN) python -m bench
+
+demo: setup
+	$(RUN) keycell demo
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Implementations of the core's protocols: ledgers, key backends, event sources, targets."""

@@ -1,0 +1,261 @@
+"""The embedded ledger: one SQLite file per cell, WAL mode, safe across processes.
+
+Every write runs in a `BEGIN IMMEDIATE` transaction, which takes SQLite's single
+writer lock up front; the conditional check and the write happen under that lock,
+so a compare-and-set is atomic across threads and processes alike, and the
+version reported with a conflict is the one that beat us. Readers never block
+writers (WAL). Commits are fsynced (`synchronous=FULL`): a secrets ledger does not
+trade durability for speed.
+
+Paths are compared as SQLite compares TEXT, byte-wise on UTF-8, which is the order
+DynamoDB uses for string sort keys, so scans page identically on both adapters.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from keycell.control_plane.ledger import (
+    Check,
+    ConflictError,
+    Delete,
+    Item,
+    Key,
+    Kind,
+    LedgerUnavailableError,
+    Op,
+    Page,
+    Put,
+    TransactionConflictError,
+    is_live,
+    now,
+    validate_key,
+    validate_ops,
+    validate_put,
+    validate_scan,
+    validate_version,
+)
+
+# One past the largest code point a valid path can hold (ledger paths exclude
+# category C, and U+10FFFF is a noncharacter), so `prefix + _AFTER` bounds a range.
+_AFTER = "\U0010ffff"
+# How long a writer waits for the write lock before reporting the ledger unavailable.
+BUSY_TIMEOUT_MS = 30_000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    kind       TEXT    NOT NULL,
+    path       TEXT    NOT NULL,
+    version    INTEGER NOT NULL CHECK (version > 0),
+    value      BLOB    NOT NULL,
+    expires_at INTEGER,
+    PRIMARY KEY (kind, path)
+) WITHOUT ROWID;
+"""
+
+SELECT_ONE = "SELECT version, value, expires_at FROM items WHERE kind = ? AND path = ?"
+UPSERT = (
+    "INSERT INTO items (kind, path, version, value, expires_at) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (kind, path) DO UPDATE SET "
+    "version = excluded.version, value = excluded.value, expires_at = excluded.expires_at"
+)
+DELETE_ONE = "DELETE FROM items WHERE kind = ? AND path = ?"
+
+
+class SqliteLedger:
+    """A `Ledger` over one SQLite file. Thread-safe (one connection per thread) and
+    safe for several processes opening the same file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        with self._write() as db:
+            db.execute(SCHEMA)
+
+    # --- connections --------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is not None:
+            return db
+        if self._closed:
+            raise LedgerUnavailableError(f"the ledger at {self.path} is closed")
+        try:
+            # isolation_level=None: no implicit transactions; every write below opens
+            # its own BEGIN IMMEDIATE.
+            db = sqlite3.connect(
+                self.path,
+                isolation_level=None,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                check_same_thread=False,  # used by one thread; closed by whoever closes the ledger
+            )
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:
+            raise LedgerUnavailableError(f"cannot open the ledger at {self.path}: {exc}") from exc
+        self._local.db = db
+        with self._lock:
+            self._connections.append(db)
+        return db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise LedgerUnavailableError(f"the ledger at {self.path} is busy or unwritable: {exc}") from exc
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        try:
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise LedgerUnavailableError(f"commit to the ledger at {self.path} failed: {exc}") from exc
+
+    @staticmethod
+    def _current(db: sqlite3.Connection, key: Key, at: int) -> tuple[int, bool]:
+        """(live version or 0, whether a row exists at all, live or expired)."""
+        row = db.execute(SELECT_ONE, (key.kind.value, key.path)).fetchone()
+        if row is None:
+            return 0, False
+        version, _value, expires_at = row
+        return (version if is_live(expires_at, at) else 0), True
+
+    # --- the Ledger protocol -----------------------------------------------------
+
+    def get(self, key: Key, *, consistent: bool = True) -> Item | None:
+        validate_key(key)
+        try:
+            row = self._db().execute(SELECT_ONE, (key.kind.value, key.path)).fetchone()
+        except sqlite3.Error as exc:
+            raise LedgerUnavailableError(f"read from the ledger at {self.path} failed: {exc}") from exc
+        if row is None or not is_live(row[2], now()):
+            return None
+        return Item(key, bytes(row[1]), row[0], row[2])
+
+    def put_if(self, key: Key, value: bytes, expected_version: int, *, expires_at: int | None = None) -> Item:
+        put = validate_put(key, value, expected_version, expires_at)
+        try:
+            with self._write() as db:
+                current, _exists = self._current(db, put.key, now())
+                if current != put.expected_version:
+                    raise ConflictError(put.key, put.expected_version, current)
+                return self._apply_put(db, put)
+        except sqlite3.Error as exc:
+            raise LedgerUnavailableError(f"write to the ledger at {self.path} failed: {exc}") from exc
+
+    def delete_if(self, key: Key, expected_version: int) -> None:
+        validate_key(key)
+        version = validate_version(expected_version)
+        try:
+            with self._write() as db:
+                current, _exists = self._current(db, key, now())
+                if current != version or version == 0:
+                    raise ConflictError(key, version, current)
+                db.execute(DELETE_ONE, (key.kind.value, key.path))
+        except sqlite3.Error as exc:
+            raise LedgerUnavailableError(f"deleting from the ledger at {self.path} failed: {exc}") from exc
+
+    def transact(self, ops: Sequence[Op]) -> list[Item | None]:
+        checked = validate_ops(ops)
+        try:
+            with self._write() as db:
+                at = now()
+                for index, op in enumerate(checked):
+                    current, _exists = self._current(db, op.key, at)
+                    if current != op.expected_version:
+                        raise TransactionConflictError(index, op.key, op.expected_version, current)
+                results: list[Item | None] = []
+                for op in checked:
+                    if isinstance(op, Put):
+                        results.append(self._apply_put(db, op))
+                    elif isinstance(op, Delete):
+                        db.execute(DELETE_ONE, (op.key.kind.value, op.key.path))
+                        results.append(None)
+                    else:
+                        assert isinstance(op, Check)
+                        results.append(None)
+                return results
+        except sqlite3.Error as exc:
+            raise LedgerUnavailableError(f"transaction on the ledger at {self.path} failed: {exc}") from exc
+
+    def scan(
+        self,
+        kind: Kind,
+        prefix: str = "",
+        *,
+        limit: int = 100,
+        cursor: str | None = None,
+        consistent: bool = True,
+    ) -> Page:
+        kind, prefix, limit, cursor = validate_scan(kind, prefix, limit, cursor)
+        clauses = ["kind = ?", "(expires_at IS NULL OR expires_at > ?)"]
+        params: list[object] = [kind.value, now()]
+        if cursor is not None:
+            clauses.append("path > ?")
+            params.append(cursor)
+        elif prefix:
+            clauses.append("path >= ?")
+            params.append(prefix)
+        if prefix:
+            clauses.append("path < ?")
+            params.append(prefix + _AFTER)
+        # Ask for one more than a page to learn whether another page exists.
+        sql = (
+            "SELECT path, version, value, expires_at FROM items WHERE "  # noqa: S608 - fixed clauses
+            + " AND ".join(clauses)
+            + " ORDER BY path LIMIT ?"
+        )
+        params.append(limit + 1)
+        try:
+            rows = self._db().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise LedgerUnavailableError(f"scan of the ledger at {self.path} failed: {exc}") from exc
+        items = [
+            Item(Key(kind, path), bytes(value), version, exp) for path, version, value, exp in rows[:limit]
+        ]
+        more = len(rows) > limit
+        return Page(items, items[-1].key.path if more else None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for db in connections:
+            db.close()
+        self._local = threading.local()
+
+    # --- maintenance ----------------------------------------------------------------
+
+    def sweep_expired(self, *, batch: int = 500) -> int:
+        """Physically remove up to `batch` expired items (DynamoDB's TTL sweeper does
+        this on its own; here an operator or a scheduled function calls it)."""
+        with self._write() as db:
+            cur = db.execute(
+                "DELETE FROM items WHERE (kind, path) IN (SELECT kind, path FROM items "
+                "WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?)",
+                (now(), batch),
+            )
+            return cur.rowcount
+
+    # --- helpers --------------------------------------------------------------------
+
+    @staticmethod
+    def _apply_put(db: sqlite3.Connection, put: Put) -> Item:
+        version = put.expected_version + 1
+        db.execute(UPSERT, (put.key.kind.value, put.key.path, version, put.value, put.expires_at))
+        return Item(put.key, put.value, version, put.expires_at)

@@ -1,0 +1,1 @@
+"""Keycell's benchmarks: `make bench` runs every one and prints their JSON."""

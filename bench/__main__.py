@@ -1,0 +1,16 @@
+"""`make bench`: run every benchmark in bench/ with its default sizes; each prints JSON."""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHMARKS = ["bench.ledger"]
+
+
+def main() -> None:
+    for name in BENCHMARKS:
+        importlib.import_module(name).main([])
+
+
+if __name__ == "__main__":
+    main()

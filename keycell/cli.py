@@ -1,0 +1,150 @@
+"""The `keycell` command line. Subcommands live in groups named after the concept
+they operate on (`ledger`, later `keys`, `entry`, `relay`, `agent`, `breach`)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from keycell import __version__
+from keycell.adapters.ledgers import LedgerURLError, default_ledger_url, open_ledger
+from keycell.control_plane.ledger import Key, Kind, LedgerError, iter_prefix
+
+app = typer.Typer(
+    name="keycell",
+    help="Keycell: secrets and key lifecycle from regional cells.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+ledger_app = typer.Typer(help="Inspect a cell's conditional-write ledger.", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+
+console = Console()
+errors = Console(stderr=True)
+
+LedgerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ledger",
+        envvar="KEYCELL_LEDGER",
+        help="Ledger URL: sqlite:///PATH.db or dynamodb://TABLE?region=R[&endpoint=URL].",
+        show_default=False,
+    ),
+]
+KindArgument = Annotated[Kind, typer.Argument(help="Item kind.", case_sensitive=False)]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    errors.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def _open(url: str | None):  # type: ignore[no-untyped-def]
+    try:
+        return open_ledger(url or default_ledger_url())
+    except (LedgerURLError, LedgerError) as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def version() -> None:
+    """Print Keycell's version."""
+    console.print(f"keycell {__version__}")
+
+
+@ledger_app.command("info")
+def ledger_info(
+    ledger: LedgerOption = None, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """Count the live items of each kind (pages through the ledger; never loads it whole)."""
+    url = ledger or default_ledger_url()
+    store = _open(url)
+    try:
+        counts = {kind.value: sum(1 for _ in iter_prefix(store, kind, page_size=500)) for kind in Kind}
+    except LedgerError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps({"ledger": url, "items": counts}))
+        return
+    table = Table(title=f"ledger {url}")
+    table.add_column("kind")
+    table.add_column("live items", justify="right")
+    for kind, count in counts.items():
+        table.add_row(kind, str(count))
+    console.print(table)
+
+
+@ledger_app.command("get")
+def ledger_get(kind: KindArgument, path: str, ledger: LedgerOption = None) -> None:
+    """Show one item's version, size and expiry (never its value)."""
+    store = _open(ledger)
+    try:
+        item = store.get(Key(kind, path), consistent=True)
+    except LedgerError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        store.close()
+    if item is None:
+        raise _fail(f"no live item {kind.value}:{path}", code=1)
+    typer.echo(
+        json.dumps(
+            {
+                "kind": kind.value,
+                "path": path,
+                "version": item.version,
+                "bytes": len(item.value),
+                "expires_at": item.expires_at,
+            }
+        )
+    )
+
+
+@ledger_app.command("scan")
+def ledger_scan(
+    kind: KindArgument,
+    prefix: Annotated[str, typer.Option(help="Only paths starting with this.")] = "",
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Items per page.")] = 100,
+    cursor: Annotated[str | None, typer.Option(help="Cursor printed by the previous page.")] = None,
+    ledger: LedgerOption = None,
+) -> None:
+    """List one page of items under a prefix, as JSON lines; the last line holds the cursor."""
+    store = _open(ledger)
+    try:
+        page = store.scan(kind, prefix, limit=limit, cursor=cursor)
+    except LedgerError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        store.close()
+    for item in page.items:
+        typer.echo(
+            json.dumps(
+                {
+                    "path": item.key.path,
+                    "version": item.version,
+                    "bytes": len(item.value),
+                    "expires_at": item.expires_at,
+                }
+            )
+        )
+    typer.echo(json.dumps({"cursor": page.cursor}))
+
+
+@app.command()
+def demo(
+    workdir: Annotated[
+        str | None, typer.Option(help="Folder for the cell's files (default: a temp folder).")
+    ] = None,
+    writers: Annotated[int, typer.Option(min=2, max=64)] = 8,
+    increments: Annotated[int, typer.Option(min=1, max=500)] = 50,
+) -> None:
+    """Run the demo on the embedded defaults (today: the ledger under contention)."""
+    from keycell.demo import run_demo
+
+    ok = run_demo(console, workdir=workdir, writers=writers, increments=increments)
+    raise typer.Exit(0 if ok else 1)

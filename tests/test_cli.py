@@ -1,0 +1,73 @@
+"""The `keycell` console script, driven as a user would drive it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from keycell.adapters.ledgers.sqlite import SqliteLedger
+from keycell.cli import app
+from keycell.control_plane.ledger import Key, Kind
+
+runner = CliRunner()
+
+
+def seeded(tmp_path: Path) -> str:
+    path = tmp_path / "cell.db"
+    ledger = SqliteLedger(path)
+    for n in range(3):
+        ledger.put_if(Key(Kind.SECRET_META, f"secret/app/{n}"), b"ciphertext-do-not-print", 0)
+    ledger.put_if(Key(Kind.LEASE, "database/creds/app/1"), b"lease", 0)
+    ledger.close()
+    return f"sqlite://{path}"
+
+
+def test_ledger_info_counts_live_items_per_kind(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["ledger", "info", "--json", "--ledger", seeded(tmp_path)])
+    assert result.exit_code == 0, result.output
+    counts = json.loads(result.output)["items"]
+    assert counts["secret-meta"] == 3 and counts["lease"] == 1 and counts["token"] == 0
+
+
+def test_ledger_scan_pages_and_never_prints_values(tmp_path: Path) -> None:
+    url = seeded(tmp_path)
+    first = runner.invoke(
+        app, ["ledger", "scan", "secret-meta", "--prefix", "secret/", "--limit", "2", "--ledger", url]
+    )
+    lines = [json.loads(line) for line in first.output.splitlines()]
+    assert [line.get("path") for line in lines[:-1]] == ["secret/app/0", "secret/app/1"]
+    cursor = lines[-1]["cursor"]
+    second = runner.invoke(
+        app, ["ledger", "scan", "secret-meta", "--prefix", "secret/", "--cursor", cursor, "--ledger", url]
+    )
+    assert json.loads(second.output.splitlines()[0])["path"] == "secret/app/2"
+    assert "ciphertext" not in first.output + second.output
+
+
+def test_ledger_get_reports_a_missing_item_with_exit_code_1(tmp_path: Path) -> None:
+    url = seeded(tmp_path)
+    found = runner.invoke(app, ["ledger", "get", "secret-meta", "secret/app/0", "--ledger", url])
+    assert found.exit_code == 0 and json.loads(found.output)["version"] == 1
+    missing = runner.invoke(app, ["ledger", "get", "secret-meta", "secret/none", "--ledger", url])
+    assert missing.exit_code == 1
+    assert "no live item" in missing.output
+
+
+def test_bad_ledger_url_is_a_clear_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["ledger", "info", "--ledger", "postgres://nope"])
+    assert result.exit_code == 2
+    assert "unknown ledger scheme" in result.output
+
+
+def test_bad_path_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["ledger", "get", "lease", "bad\tpath", "--ledger", seeded(tmp_path)])
+    assert result.exit_code == 2
+    assert "U+0009" in result.output and "Traceback" not in result.output
+
+
+def test_demo_keeps_its_promises(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo", "--workdir", str(tmp_path), "--writers", "3", "--increments", "10"])
+    assert result.exit_code == 0, result.output
+    assert "all promises kept" in result.output
