@@ -1,0 +1,255 @@
+"""The software key backend: keys in process memory, via pyca/cryptography.
+
+FOR DEVELOPMENT ONLY. It is not an HSM: key material lives in this process, so it
+is never FIPS 140 Level 3 (it refuses to start in FIPS mode) and every description
+and health check says so. It exists so a laptop without an HSM can run a cell, and
+as the reference the conformance suite holds the HSM adapters to.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from keycell.control_plane.keys import (
+    Health,
+    IntegrityError,
+    InvalidSignatureError,
+    KeyBackendError,
+    KeyExistsError,
+    KeyInfo,
+    KeyInputError,
+    KeySpec,
+    KeyVersion,
+    Protection,
+    Signature,
+    UnknownKeyError,
+    VersionState,
+    WrongKeyTypeError,
+    check_fips_backend,
+    check_message,
+    check_name,
+    check_spec,
+    check_wrap_input,
+    pack_wrapped,
+    require_signing,
+    require_usable,
+    require_wrapping,
+    unpack_wrapped,
+)
+
+PROVIDER = "software"
+BANNER = "SOFTWARE KEYS IN PROCESS MEMORY: development only, not an HSM, not FIPS"
+_NONCE_BYTES = 12
+
+
+@dataclass
+class _Version:
+    number: int
+    state: VersionState
+    secret: Any  # AESGCM or a private key object; never leaves this module
+
+
+@dataclass
+class _Key:
+    name: str
+    spec: KeySpec
+    enabled: bool = True
+    versions: list[_Version] = field(default_factory=list)
+
+    def info(self) -> KeyInfo:
+        return KeyInfo(
+            name=self.name,
+            spec=self.spec,
+            provider=PROVIDER,
+            protection=Protection.SOFTWARE,
+            fips_level=None,
+            extractable=False,
+            enabled=self.enabled,
+            primary_version=self.versions[-1].number,
+            versions=tuple(KeyVersion(v.number, v.state) for v in self.versions),
+        )
+
+
+def _generate(spec: KeySpec) -> Any:
+    if spec is KeySpec.AES_256:
+        return AESGCM(AESGCM.generate_key(bit_length=256))
+    if spec is KeySpec.EC_P256:
+        return ec.generate_private_key(ec.SECP256R1())
+    if spec is KeySpec.RSA_3072:
+        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+class SoftwareKeyBackend:
+    """A `KeyBackend` in memory. Refuses to exist in FIPS mode."""
+
+    provider = PROVIDER
+
+    def __init__(self, *, fips_mode: bool = False) -> None:
+        check_fips_backend(fips_mode, Protection.SOFTWARE, PROVIDER)
+        self.fips_mode = fips_mode
+        self._keys: dict[str, _Key] = {}
+        self._lock = threading.Lock()
+
+    def _key(self, name: str) -> _Key:
+        check_name(name)
+        key = self._keys.get(name)
+        if key is None:
+            raise UnknownKeyError(f"no key named {name!r} in the software backend")
+        return key
+
+    def create_key(self, name: str, spec: KeySpec) -> KeyInfo:
+        check_name(name)
+        check_spec(spec, fips_mode=self.fips_mode)
+        secret = _generate(spec)
+        with self._lock:
+            if name in self._keys:
+                raise KeyExistsError(f"a key named {name!r} already exists")
+            key = _Key(name, spec, versions=[_Version(1, VersionState.ENABLED, secret)])
+            self._keys[name] = key
+            return key.info()
+
+    def describe(self, name: str) -> KeyInfo:
+        with self._lock:
+            return self._key(name).info()
+
+    def wrap(self, name: str, plaintext: bytes, aad: bytes) -> bytes:
+        plaintext, aad = check_wrap_input(plaintext, aad)
+        with self._lock:
+            key = self._key(name)
+            info = key.info()
+            require_wrapping(info)
+            require_usable(info, info.primary_version)
+            version = key.versions[-1]
+        nonce = os.urandom(_NONCE_BYTES)
+        return pack_wrapped(version.number, nonce + version.secret.encrypt(nonce, plaintext, aad))
+
+    def unwrap(self, name: str, wrapped: bytes, aad: bytes) -> bytes:
+        number, body = unpack_wrapped(wrapped)
+        if not isinstance(aad, bytes):
+            raise KeyInputError("associated data must be bytes")
+        with self._lock:
+            key = self._key(name)
+            info = key.info()
+            require_wrapping(info)
+            version = self._version(key, number, missing=IntegrityError)
+            require_usable(info, number)
+        try:
+            return bytes(version.secret.decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], aad))
+        except InvalidTag:
+            raise IntegrityError(f"unwrap with key {name!r} failed authentication") from None
+
+    def sign(self, name: str, message: bytes) -> Signature:
+        message = check_message(message)
+        with self._lock:
+            key = self._key(name)
+            info = key.info()
+            require_signing(info)
+            require_usable(info, info.primary_version)
+            version = key.versions[-1]
+        private = version.secret
+        if info.spec is KeySpec.EC_P256:
+            value = private.sign(message, ec.ECDSA(hashes.SHA256()))
+        elif info.spec is KeySpec.RSA_3072:
+            value = private.sign(message, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            value = private.sign(message)
+        return Signature(version.number, bytes(value))
+
+    def verify(self, name: str, message: bytes, signature: Signature) -> None:
+        message = check_message(message)
+        if not isinstance(signature, Signature):
+            raise KeyInputError("verify takes a Signature (version and value)")
+        with self._lock:
+            key = self._key(name)
+            info = key.info()
+            require_signing(info)
+            version = self._version(key, signature.version, missing=InvalidSignatureError)
+            require_usable(info, signature.version)
+        public = version.secret.public_key()
+        try:
+            if info.spec is KeySpec.EC_P256:
+                public.verify(signature.value, message, ec.ECDSA(hashes.SHA256()))
+            elif info.spec is KeySpec.RSA_3072:
+                public.verify(signature.value, message, padding.PKCS1v15(), hashes.SHA256())
+            else:
+                public.verify(signature.value, message)
+        except InvalidSignature:
+            raise InvalidSignatureError(
+                f"signature does not verify with version {signature.version} of key {name!r}"
+            ) from None
+
+    def public_key(self, name: str, version: int | None = None) -> bytes:
+        with self._lock:
+            key = self._key(name)
+            info = key.info()
+            if not info.spec.is_signing:
+                raise WrongKeyTypeError(f"key {name!r} is {info.spec.value}: it has no public key")
+            chosen = self._version(key, info.primary_version if version is None else version)
+        return bytes(
+            chosen.secret.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
+    def rotate(self, name: str) -> KeyInfo:
+        with self._lock:
+            key = self._key(name)
+            spec = key.spec
+        secret = _generate(spec)
+        with self._lock:
+            key.versions.append(_Version(key.versions[-1].number + 1, VersionState.ENABLED, secret))
+            return key.info()
+
+    def disable(self, name: str, version: int | None = None) -> None:
+        self._set_state(name, version, enabled=False)
+
+    def enable(self, name: str, version: int | None = None) -> None:
+        self._set_state(name, version, enabled=True)
+
+    def schedule_destruction(self, name: str, version: int, *, days: int = 30) -> None:
+        if not 7 <= days <= 120:
+            raise KeyInputError("destruction is scheduled 7 to 120 days ahead")
+        with self._lock:
+            key = self._key(name)
+            chosen = self._version(key, version)
+            if chosen.number == key.versions[-1].number:
+                raise KeyInputError(f"version {version} is the primary of key {name!r}; rotate first")
+            chosen.state = VersionState.DESTRUCTION_SCHEDULED
+
+    def health(self) -> Health:
+        return Health(True, PROVIDER, BANNER)
+
+    def close(self) -> None:
+        with self._lock:
+            self._keys.clear()
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _set_state(self, name: str, version: int | None, *, enabled: bool) -> None:
+        with self._lock:
+            key = self._key(name)
+            if version is None:
+                key.enabled = enabled
+                return
+            chosen = self._version(key, version)
+            if chosen.state in (VersionState.DESTRUCTION_SCHEDULED, VersionState.DESTROYED):
+                raise KeyInputError(f"version {version} of key {name!r} is {chosen.state.value}")
+            chosen.state = VersionState.ENABLED if enabled else VersionState.DISABLED
+
+    @staticmethod
+    def _version(key: _Key, number: int, *, missing: type[KeyBackendError] = UnknownKeyError) -> _Version:
+        """The version, or `missing`: UnknownKeyError when a caller names it, an
+        integrity error when a blob or signature claims a version the key never had."""
+        for v in key.versions:
+            if v.number == number:
+                return v
+        raise missing(f"key {key.name!r} has no version {number}")
