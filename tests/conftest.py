@@ -1,13 +1,23 @@
-"""Session-wide real components: a moto server over HTTP (or whatever
-AWS_ENDPOINT_URL names, such as a LocalStack)."""
+"""Session-wide real components and the `ledger` fixture.
+
+- `aws_endpoint`: a moto server over HTTP (or whatever AWS_ENDPOINT_URL names, such
+  as a LocalStack), with fake credentials in the environment.
+- `ledger` / `make_ledger`: a fresh ledger on each adapter (sqlite file, DynamoDB
+  table on the AWS endpoint); tests using them run once per adapter.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from keycell.adapters.ledgers.dynamodb import DynamoLedger
+from keycell.adapters.ledgers.sqlite import SqliteLedger
+from keycell.control_plane.ledger import Ledger
 from keycell.testing.moto_server import FAKE_AWS_ENV, MotoServer
 
 
@@ -30,3 +40,45 @@ def aws_endpoint() -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+ADAPTERS = ["sqlite", "dynamodb"]
+
+
+@pytest.fixture(params=ADAPTERS)
+def adapter(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_ledger(
+    adapter: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[[], Ledger]]:
+    """Opens another handle on the same fresh ledger each time it is called."""
+    opened: list[Ledger] = []
+    if adapter == "sqlite":
+        path = tmp_path / "cell.db"
+
+        def make() -> Ledger:
+            ledger = SqliteLedger(path)
+            opened.append(ledger)
+            return ledger
+    else:
+        endpoint = request.getfixturevalue("aws_endpoint")
+        table = f"keycell-test-{uuid.uuid4().hex[:12]}"
+        owner = DynamoLedger(table, endpoint_url=endpoint, create=True)
+        request.addfinalizer(lambda: owner.model.delete_table(wait=False))
+
+        def make() -> Ledger:
+            ledger = DynamoLedger(table, endpoint_url=endpoint)
+            opened.append(ledger)
+            return ledger
+
+    yield make
+    for ledger in opened:
+        ledger.close()
+
+
+@pytest.fixture
+def ledger(make_ledger: Callable[[], Ledger]) -> Ledger:
+    return make_ledger()

@@ -1,0 +1,362 @@
+"""The barrier: every byte a cell stores passes through here, encrypted.
+
+The barrier is itself a `Ledger`: engines read and write plaintext through it and
+never see ciphertext, while the ledger underneath only ever holds ciphertext. Each
+value is sealed with AES-256-GCM under the keyring's active *term* key, with the
+item's ledger key (`kind:path`) as associated data, so a ciphertext copied to another
+key fails to decrypt. The blob records its term, so rotating the term (`rotate`) is
+online: new writes use the new term, old values stay readable.
+
+The keyring (every term key) is stored in the ledger encrypted under the cell's root
+key; the root key exists only in memory while the cell is unsealed and is rebuilt
+from Shamir shares or unwrapped by the HSM (see `seal`). Two items stay outside the
+barrier because they are what opens it: the seal configuration and the encrypted
+keyring (kinds SEAL and KEYRING); the barrier refuses to write them.
+
+Another process may rotate the term; a blob under a term this process does not
+know triggers one reload of the keyring from the ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from keycell.control_plane.ledger import (
+    ConflictError,
+    InvalidItemError,
+    Item,
+    Key,
+    Kind,
+    Ledger,
+    LedgerError,
+    Op,
+    Page,
+    Put,
+    validate_key,
+    validate_ops,
+)
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+# format byte + term (u32) + nonce: what the barrier adds in front of each value.
+_HEADER = struct.Struct(">BI")
+_FORMAT = 1
+OVERHEAD = _HEADER.size + NONCE_BYTES + TAG_BYTES
+
+KEYRING_KEY = Key(Kind.KEYRING, "current")
+_KEYRING_AAD = b"keycell:keyring"
+# Kinds that open the barrier; they are stored beside it, not through it.
+OUTSIDE_BARRIER = frozenset({Kind.SEAL, Kind.KEYRING})
+
+
+class BarrierError(LedgerError):
+    """Base of the barrier's own errors."""
+
+
+class SealedError(BarrierError):
+    """The cell is sealed: nothing can be read or written until it is unsealed."""
+
+    def __init__(self) -> None:
+        super().__init__("the cell is sealed; unseal it with a quorum of key shares (or its HSM)")
+
+
+class BarrierIntegrityError(BarrierError):
+    """A stored value failed authentication: altered, truncated, or moved from another key."""
+
+
+class ReservedKindError(BarrierError, ValueError):
+    """SEAL and KEYRING items open the barrier and are written only by the seal."""
+
+
+def zeroize(buffer: bytearray) -> None:
+    """Overwrite a key buffer in place (a best effort in Python: the bytes objects a
+    library made from it are beyond reach, which is why keys stay in bytearrays)."""
+    for i in range(len(buffer)):
+        buffer[i] = 0
+
+
+@dataclass
+class Term:
+    number: int
+    key: bytearray
+    created_at: int
+
+
+class Keyring:
+    """The barrier's term keys. Serialized only to be encrypted by the root key."""
+
+    def __init__(self, terms: list[Term]) -> None:
+        if not terms:
+            raise ValueError("a keyring has at least one term")
+        self._terms = {t.number: t for t in terms}
+        self.active = max(self._terms)
+
+    @classmethod
+    def generate(cls) -> Keyring:
+        return cls([Term(1, bytearray(os.urandom(KEY_BYTES)), int(time.time()))])
+
+    def term(self, number: int) -> Term | None:
+        return self._terms.get(number)
+
+    @property
+    def terms(self) -> list[int]:
+        return sorted(self._terms)
+
+    def rotated(self) -> Keyring:
+        """A new keyring with one more term, active; this one is unchanged."""
+        fresh = Term(self.active + 1, bytearray(os.urandom(KEY_BYTES)), int(time.time()))
+        copies = [Term(t.number, bytearray(t.key), t.created_at) for t in self._terms.values()]
+        return Keyring([*copies, fresh])
+
+    def to_bytes(self) -> bytearray:
+        body = {
+            "active": self.active,
+            "terms": [
+                {"term": t.number, "key": t.key.hex(), "created_at": t.created_at}
+                for t in sorted(self._terms.values(), key=lambda t: t.number)
+            ],
+        }
+        return bytearray(json.dumps(body).encode())
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | bytearray) -> Keyring:
+        body = json.loads(bytes(raw))
+        keyring = cls(
+            [Term(int(t["term"]), bytearray.fromhex(t["key"]), int(t["created_at"])) for t in body["terms"]]
+        )
+        keyring.active = int(body["active"])
+        return keyring
+
+    def zeroize(self) -> None:
+        for t in self._terms.values():
+            zeroize(t.key)
+        self._terms.clear()
+
+
+def encrypt_keyring(root_key: bytes | bytearray, keyring: Keyring) -> bytes:
+    plain = keyring.to_bytes()
+    try:
+        nonce = os.urandom(NONCE_BYTES)
+        return nonce + AESGCM(bytes(root_key)).encrypt(nonce, bytes(plain), _KEYRING_AAD)
+    finally:
+        zeroize(plain)
+
+
+def decrypt_keyring(root_key: bytes | bytearray, blob: bytes) -> Keyring:
+    """Raises BarrierIntegrityError when `root_key` is not the key that sealed it:
+    this is how a wrong combination of unseal shares is detected."""
+    try:
+        plain = bytearray(
+            AESGCM(bytes(root_key)).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _KEYRING_AAD)
+        )
+    except (InvalidTag, ValueError):
+        raise BarrierIntegrityError("the keyring does not decrypt with this root key") from None
+    try:
+        return Keyring.from_bytes(plain)
+    finally:
+        zeroize(plain)
+
+
+class Barrier:
+    """A `Ledger` that encrypts on the way in and decrypts on the way out."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._lock = threading.RLock()
+        self._root: bytearray | None = None
+        self._keyring: Keyring | None = None
+        self._on_seal: list[Callable[[], None]] = []
+
+    def on_seal(self, hook: Callable[[], None]) -> None:
+        """Run `hook` whenever the barrier seals (e.g. to zeroize a data key cache)."""
+        self._on_seal.append(hook)
+
+    # --- seal state -----------------------------------------------------------------------
+
+    @property
+    def sealed(self) -> bool:
+        return self._keyring is None
+
+    def open(self, root_key: bytes | bytearray, keyring: Keyring) -> None:
+        """Called by the seal once the root key is known and the keyring decrypted."""
+        with self._lock:
+            self.close_barrier()
+            self._root = bytearray(root_key)
+            self._keyring = keyring
+
+    def replace_root(self, root_key: bytes | bytearray) -> None:
+        """After a rekey: the keyring is now stored under `root_key`."""
+        with self._lock:
+            self._require_keyring()
+            if self._root is not None:
+                zeroize(self._root)
+            self._root = bytearray(root_key)
+
+    def close_barrier(self) -> None:
+        """Seal: forget the root key and every term key, overwriting them."""
+        with self._lock:
+            if self._root is not None:
+                zeroize(self._root)
+            if self._keyring is not None:
+                self._keyring.zeroize()
+            self._root = None
+            self._keyring = None
+            for hook in self._on_seal:
+                hook()
+
+    def _require_keyring(self) -> Keyring:
+        keyring = self._keyring
+        if keyring is None:
+            raise SealedError()
+        return keyring
+
+    @property
+    def active_term(self) -> int:
+        return self._require_keyring().active
+
+    def rotate(self) -> int:
+        """Add a new term and make it active, online: old terms stay readable. The
+        encrypted keyring is replaced by compare-and-set, so two rotations never lose
+        a term."""
+        with self._lock:
+            self._require_keyring()
+            assert self._root is not None
+            while True:
+                stored = self.ledger.get(KEYRING_KEY, consistent=True)
+                if stored is None:
+                    raise BarrierError("the keyring is missing from the ledger; the cell is not initialized")
+                current = decrypt_keyring(self._root, stored.value)
+                rotated = current.rotated()
+                current.zeroize()
+                try:
+                    self.ledger.put_if(KEYRING_KEY, encrypt_keyring(self._root, rotated), stored.version)
+                except ConflictError:
+                    rotated.zeroize()
+                    continue
+                if self._keyring is not None:
+                    self._keyring.zeroize()
+                self._keyring = rotated
+                return rotated.active
+
+    def _reload(self) -> Keyring:
+        with self._lock:
+            self._require_keyring()
+            assert self._root is not None
+            stored = self.ledger.get(KEYRING_KEY, consistent=True)
+            if stored is None:
+                raise BarrierError("the keyring is missing from the ledger")
+            fresh = decrypt_keyring(self._root, stored.value)
+            if self._keyring is not None:
+                self._keyring.zeroize()
+            self._keyring = fresh
+            return fresh
+
+    # --- value encryption ------------------------------------------------------------------
+
+    def encrypt(self, key: Key, plaintext: bytes) -> bytes:
+        keyring = self._require_keyring()
+        term = keyring.term(keyring.active)
+        if term is None:  # sealed concurrently
+            raise SealedError()
+        nonce = os.urandom(NONCE_BYTES)
+        sealed = AESGCM(bytes(term.key)).encrypt(nonce, plaintext, str(key).encode())
+        return _HEADER.pack(_FORMAT, term.number) + nonce + sealed
+
+    def decrypt(self, key: Key, blob: bytes) -> bytes:
+        keyring = self._require_keyring()
+        if len(blob) < OVERHEAD:
+            raise BarrierIntegrityError(f"the stored value of {key} is truncated")
+        fmt, number = _HEADER.unpack_from(blob)
+        if fmt != _FORMAT:
+            raise BarrierIntegrityError(f"the stored value of {key} has an unknown format")
+        term = keyring.term(number)
+        if term is None and number > keyring.active:
+            term = self._reload().term(number)  # another process rotated
+        if term is None:
+            raise BarrierIntegrityError(
+                f"the stored value of {key} names term {number}, which this keyring lacks"
+            )
+        body = blob[_HEADER.size :]
+        try:
+            return AESGCM(bytes(term.key)).decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], str(key).encode())
+        except InvalidTag:
+            raise BarrierIntegrityError(
+                f"the stored value of {key} failed authentication (altered, or moved from another key)"
+            ) from None
+
+    # --- the Ledger protocol, in plaintext ------------------------------------------------------
+
+    def get(self, key: Key, *, consistent: bool = True) -> Item | None:
+        self._check_kind(validate_key(key))
+        self._require_keyring()
+        item = self.ledger.get(key, consistent=consistent)
+        if item is None:
+            return None
+        return Item(key, self.decrypt(key, item.value), item.version, item.expires_at)
+
+    def put_if(self, key: Key, value: bytes, expected_version: int, *, expires_at: int | None = None) -> Item:
+        self._check_kind(validate_key(key))
+        if not isinstance(value, bytes):
+            raise InvalidItemError(f"a ledger value must be bytes, not {type(value).__name__}")
+        stored = self.ledger.put_if(key, self.encrypt(key, value), expected_version, expires_at=expires_at)
+        return Item(key, value, stored.version, stored.expires_at)
+
+    def delete_if(self, key: Key, expected_version: int) -> None:
+        self._check_kind(validate_key(key))
+        self._require_keyring()
+        self.ledger.delete_if(key, expected_version)
+
+    def transact(self, ops: Sequence[Op]) -> list[Item | None]:
+        checked = validate_ops(ops)
+        for op in checked:
+            self._check_kind(op.key)
+        self._require_keyring()
+        sealed_ops: list[Op] = [
+            Put(op.key, self.encrypt(op.key, op.value), op.expected_version, op.expires_at)
+            if isinstance(op, Put)
+            else op
+            for op in checked
+        ]
+        results = self.ledger.transact(sealed_ops)
+        return [
+            Item(r.key, op.value, r.version, r.expires_at) if r is not None and isinstance(op, Put) else None
+            for op, r in zip(checked, results, strict=True)
+        ]
+
+    def scan(
+        self,
+        kind: Kind,
+        prefix: str = "",
+        *,
+        limit: int = 100,
+        cursor: str | None = None,
+        consistent: bool = True,
+    ) -> Page:
+        if isinstance(kind, Kind):
+            self._check_kind(Key(kind, "-"))
+        self._require_keyring()
+        page = self.ledger.scan(kind, prefix, limit=limit, cursor=cursor, consistent=consistent)
+        return Page(
+            [Item(i.key, self.decrypt(i.key, i.value), i.version, i.expires_at) for i in page.items],
+            page.cursor,
+        )
+
+    def close(self) -> None:
+        self.close_barrier()
+
+    @staticmethod
+    def _check_kind(key: Key) -> None:
+        if key.kind in OUTSIDE_BARRIER:
+            raise ReservedKindError(
+                f"{key.kind.value} items are written by the seal, not through the barrier"
+            )

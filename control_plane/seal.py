@@ -1,0 +1,460 @@
+"""The seal: how a cell's root key comes to be in memory, and how it goes away.
+
+A cell starts sealed. `init` creates the root key and the barrier keyring, stores
+the keyring encrypted under the root key, and hands out shares exactly once:
+
+- Shamir mode: the root key itself is split; `unseal` collects shares until the
+  threshold, rebuilds the root key and proves it by decrypting the keyring. A wrong
+  combination fails that decryption, resets progress and leaves the cell sealed.
+- HSM mode (auto-unseal, as Vault's): a key-encryption key in the `KeyBackend` wraps
+  the root key; `auto_unseal` unwraps it, so no human is needed at start. The shares
+  are then *recovery* shares of a separate recovery key, which authorize `rekey`.
+
+`rekey` issues new shares and a new threshold without re-encrypting data: only the
+small keyring is re-encrypted (Shamir mode: under a new root key) or the recovery
+key replaced (HSM mode). `seal` drops every key from memory.
+
+Unseal progress lives in this process's memory, as Vault keeps it on its active
+node: a serverless deployment uses HSM mode, where no progress is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from keycell.control_plane import shamir
+from keycell.control_plane.barrier import (
+    KEY_BYTES,
+    KEYRING_KEY,
+    NONCE_BYTES,
+    Barrier,
+    BarrierIntegrityError,
+    Keyring,
+    decrypt_keyring,
+    encrypt_keyring,
+    zeroize,
+)
+from keycell.control_plane.keys import KeyBackend, KeySpec, UnknownKeyError
+from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, Put
+
+CONFIG_KEY = Key(Kind.SEAL, "config")
+WRAPPED_ROOT_KEY = Key(Kind.SEAL, "root-key-wrapped")
+RECOVERY_CHECK_KEY = Key(Kind.SEAL, "recovery-check")
+_ROOT_KEY_AAD = b"keycell:root-key"
+_RECOVERY_AAD = b"keycell:recovery-check"
+SHARE_BYTES = KEY_BYTES + shamir.SHARE_OVERHEAD
+
+
+class SealMode(StrEnum):
+    SHAMIR = "shamir"
+    HSM = "hsm"
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+class SealError(Exception):
+    """Base of the seal's errors."""
+
+
+class AlreadyInitializedError(SealError):
+    def __init__(self) -> None:
+        super().__init__("this cell is already initialized; its shares were handed out at init")
+
+
+class NotInitializedError(SealError):
+    def __init__(self) -> None:
+        super().__init__("this cell is not initialized; run init first")
+
+
+class ShareError(SealError, ValueError):
+    """A submitted share is malformed (not hex or base64, or the wrong length)."""
+
+
+class UnsealError(SealError):
+    """The shares did not rebuild this cell's key. Progress was reset; still sealed."""
+
+
+class NonceMismatchError(SealError, ValueError):
+    """A share was submitted for another unseal or rekey attempt (stale nonce)."""
+
+
+class SealModeError(SealError):
+    """The operation does not exist in this cell's seal mode."""
+
+
+# --- configuration and results ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SealConfig:
+    mode: SealMode
+    shares: int
+    threshold: int
+    kek: str | None = None  # HSM mode: the KeyBackend key that wraps the root key
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {"mode": self.mode.value, "shares": self.shares, "threshold": self.threshold, "kek": self.kek}
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> SealConfig:
+        body = json.loads(raw)
+        return cls(SealMode(body["mode"]), int(body["shares"]), int(body["threshold"]), body.get("kek"))
+
+
+@dataclass(frozen=True)
+class SealStatus:
+    initialized: bool
+    sealed: bool
+    mode: SealMode | None
+    shares: int
+    threshold: int
+    progress: int
+    nonce: str
+
+
+@dataclass(frozen=True)
+class InitResult:
+    """Handed out once. `shares` are unseal shares (Shamir mode) or recovery shares."""
+
+    mode: SealMode
+    shares: list[bytes] = field(repr=False)
+    threshold: int
+    root_token: str = field(repr=False)
+
+    @property
+    def shares_hex(self) -> list[str]:
+        return [shamir.encode_share(s, "hex") for s in self.shares]
+
+    @property
+    def shares_base64(self) -> list[str]:
+        return [shamir.encode_share(s, "base64") for s in self.shares]
+
+
+class ShareCollector:
+    """Distinct shares gathered toward a threshold under one nonce; a share sent
+    twice counts once. Used by unseal and by rekey."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.nonce = str(uuid.uuid4())
+        self._shares: list[bytearray] = []
+
+    @property
+    def progress(self) -> int:
+        return len(self._shares)
+
+    def add(self, share: bytes) -> None:
+        if any(hmac.compare_digest(bytes(s), share) for s in self._shares):
+            return
+        self._shares.append(bytearray(share))
+
+    @property
+    def complete(self) -> bool:
+        return len(self._shares) >= self.threshold
+
+    def shares(self) -> list[bytes]:
+        return [bytes(s) for s in self._shares]
+
+    def clear(self) -> None:
+        for s in self._shares:
+            zeroize(s)
+        self._shares.clear()
+
+
+def share_length(config: SealConfig) -> int:
+    """A share is the key plus its x-byte; with one share the key is handed out whole."""
+    return KEY_BYTES if config.shares == 1 else SHARE_BYTES
+
+
+def parse_share(share: str | bytes, length: int) -> bytes:
+    """A share as given out (hex or base64 text) or raw bytes."""
+    if isinstance(share, bytes):
+        if len(share) != length:
+            raise ShareError(f"a key share is {length} bytes; this one is {len(share)}")
+        return share
+    if not isinstance(share, str):
+        raise ShareError("a key share is hex or base64 text")
+    try:
+        return shamir.decode_share(share, expected_length=length)
+    except shamir.ShamirError:
+        raise ShareError(
+            f"that is not a key share: expected hex or base64 of {length} bytes, as init printed them"
+        ) from None
+
+
+def _combine(shares: Sequence[bytes]) -> bytearray:
+    try:
+        return bytearray(shamir.combine(shares))
+    except shamir.ShamirError as exc:
+        raise UnsealError(f"the shares do not combine: {exc}") from None
+
+
+def new_root_token() -> str:
+    return "kc." + secrets.token_urlsafe(24)
+
+
+def token_path(token: str) -> str:
+    """Tokens are stored under a digest, never as themselves."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Seal:
+    """Init, unseal, seal and rekey for one cell."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        barrier: Barrier,
+        *,
+        key_backend: KeyBackend | None = None,
+        kek: str | None = None,
+    ) -> None:
+        if (key_backend is None) != (kek is None):
+            raise ValueError("HSM mode needs both a key backend and a key name")
+        self.ledger = ledger
+        self.barrier = barrier
+        self.key_backend = key_backend
+        self.kek = kek
+        self._lock = threading.Lock()
+        self._unseal: ShareCollector | None = None
+        self._rekey: tuple[ShareCollector, int, int] | None = None
+
+    # --- status -----------------------------------------------------------------------
+
+    def config(self) -> SealConfig | None:
+        item = self.ledger.get(CONFIG_KEY, consistent=True)
+        return None if item is None else SealConfig.from_bytes(item.value)
+
+    def status(self) -> SealStatus:
+        config = self.config()
+        with self._lock:
+            progress = self._unseal.progress if self._unseal else 0
+            nonce = self._unseal.nonce if self._unseal else ""
+        if config is None:
+            return SealStatus(False, True, None, 0, 0, 0, "")
+        return SealStatus(
+            True, self.barrier.sealed, config.mode, config.shares, config.threshold, progress, nonce
+        )
+
+    # --- init -------------------------------------------------------------------------
+
+    def init(self, shares: int, threshold: int) -> InitResult:
+        mode = SealMode.HSM if self.key_backend is not None else SealMode.SHAMIR
+        self._check_split(shares, threshold)
+        if self.config() is not None:
+            raise AlreadyInitializedError()
+        root = bytearray(os.urandom(KEY_BYTES))
+        keyring = Keyring.generate()
+        token = new_root_token()
+        ops: list[Put] = [Put(CONFIG_KEY, SealConfig(mode, shares, threshold, self.kek).to_bytes(), 0)]
+        ops.append(Put(KEYRING_KEY, encrypt_keyring(root, keyring), 0))
+        if mode is SealMode.HSM:
+            secret = bytearray(os.urandom(KEY_BYTES))  # the recovery key
+            ops.append(Put(WRAPPED_ROOT_KEY, self._wrap_root(root), 0))
+            ops.append(Put(RECOVERY_CHECK_KEY, _recovery_check(secret), 0))
+        else:
+            secret = root
+        try:
+            handed_out = shamir.split(bytes(secret), shares, threshold)
+            self.barrier.open(root, keyring)
+            token_key = Key(Kind.TOKEN, token_path(token))
+            record = json.dumps(
+                {"policies": ["root"], "display_name": "root", "created_at": int(time.time()), "ttl": 0}
+            ).encode()
+            ops.append(Put(token_key, self.barrier.encrypt(token_key, record), 0))
+            try:
+                self.ledger.transact(ops)
+            except ConflictError:
+                raise AlreadyInitializedError() from None
+        finally:
+            if mode is SealMode.SHAMIR:
+                # Init hands out the shares and leaves the cell sealed, as Vault does.
+                self.barrier.close_barrier()
+            zeroize(secret)
+            zeroize(root)
+        return InitResult(mode, handed_out, threshold, token)
+
+    # --- unseal -----------------------------------------------------------------------
+
+    def unseal(self, share: str | bytes, *, nonce: str | None = None) -> SealStatus:
+        config = self._require_config()
+        if config.mode is SealMode.HSM:
+            raise SealModeError("this cell unseals itself with its HSM; its shares are recovery shares")
+        raw = parse_share(share, share_length(config))
+        with self._lock:
+            if not self.barrier.sealed:
+                return self._status_locked(config)
+            if self._unseal is None:
+                self._unseal = ShareCollector(config.threshold)
+            elif nonce is not None and nonce != self._unseal.nonce:
+                raise NonceMismatchError("that share belongs to another unseal attempt; check the nonce")
+            collector = self._unseal
+            collector.add(raw)
+            if not collector.complete:
+                return self._status_locked(config)
+            self._unseal = None
+            try:
+                root = _combine(collector.shares())
+            finally:
+                collector.clear()
+            self._open_with(root, "the shares do not rebuild this cell's root key; unseal progress was reset")
+            return self._status_locked(config)
+
+    def unseal_reset(self) -> SealStatus:
+        config = self._require_config()
+        with self._lock:
+            if self._unseal is not None:
+                self._unseal.clear()
+                self._unseal = None
+            return self._status_locked(config)
+
+    def auto_unseal(self) -> SealStatus:
+        """HSM mode: unwrap the root key inside the key backend and open the barrier."""
+        config = self._require_config()
+        if config.mode is not SealMode.HSM or self.key_backend is None or config.kek is None:
+            raise SealModeError("auto-unseal needs a cell initialized in HSM mode with its key backend")
+        wrapped = self.ledger.get(WRAPPED_ROOT_KEY, consistent=True)
+        if wrapped is None:
+            raise UnsealError("the wrapped root key is missing from the ledger")
+        root = bytearray(self.key_backend.unwrap(config.kek, wrapped.value, _ROOT_KEY_AAD))
+        with self._lock:
+            self._open_with(root, "the HSM-unwrapped root key does not open the keyring")
+            return self._status_locked(config)
+
+    def seal(self) -> SealStatus:
+        config = self._require_config()
+        with self._lock:
+            if self._unseal is not None:
+                self._unseal.clear()
+                self._unseal = None
+            self.barrier.close_barrier()
+            return self._status_locked(config)
+
+    # --- rekey ------------------------------------------------------------------------
+
+    def rekey(self, current: Sequence[str | bytes], shares: int, threshold: int) -> InitResult:
+        """New shares (and threshold) from a quorum of the current ones. Shamir mode:
+        a new root key re-encrypts the keyring, data stays as it is. HSM mode: a new
+        recovery key. Returns the new shares (the root token is empty)."""
+        config = self._require_config()
+        self._check_split(shares, threshold)
+        collector = ShareCollector(config.threshold)
+        for share in current:
+            collector.add(parse_share(share, share_length(config)))
+        if not collector.complete:
+            raise UnsealError(
+                f"rekey needs {config.threshold} distinct current shares, got {collector.progress}"
+            )
+        old = _combine(collector.shares())
+        collector.clear()
+        new_config = SealConfig(config.mode, shares, threshold, config.kek)
+        fresh = bytearray(os.urandom(KEY_BYTES))
+        try:
+            stored_config = self.ledger.get(CONFIG_KEY, consistent=True)
+            assert stored_config is not None
+            ops = [Put(CONFIG_KEY, new_config.to_bytes(), stored_config.version)]
+            if config.mode is SealMode.SHAMIR:
+                stored = self.ledger.get(KEYRING_KEY, consistent=True)
+                if stored is None:
+                    raise NotInitializedError()
+                keyring = self._decrypt_or(
+                    old, stored.value, "the shares do not rebuild this cell's root key"
+                )
+                ops.append(Put(KEYRING_KEY, encrypt_keyring(fresh, keyring), stored.version))
+                keyring.zeroize()
+            else:
+                check = self.ledger.get(RECOVERY_CHECK_KEY, consistent=True)
+                if check is None or not _recovery_matches(old, check.value):
+                    raise UnsealError("the shares do not rebuild this cell's recovery key")
+                ops.append(Put(RECOVERY_CHECK_KEY, _recovery_check(fresh), check.version))
+            handed_out = shamir.split(bytes(fresh), shares, threshold)
+            try:
+                self.ledger.transact(ops)
+            except ConflictError:
+                raise SealError("the seal changed during rekey (another rekey?); start again") from None
+            if config.mode is SealMode.SHAMIR and not self.barrier.sealed:
+                self.barrier.replace_root(fresh)
+        finally:
+            zeroize(old)
+            zeroize(fresh)
+        return InitResult(config.mode, handed_out, threshold, "")
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _require_config(self) -> SealConfig:
+        config = self.config()
+        if config is None:
+            raise NotInitializedError()
+        return config
+
+    def _status_locked(self, config: SealConfig) -> SealStatus:
+        progress = self._unseal.progress if self._unseal else 0
+        nonce = self._unseal.nonce if self._unseal else ""
+        return SealStatus(
+            True, self.barrier.sealed, config.mode, config.shares, config.threshold, progress, nonce
+        )
+
+    def _open_with(self, root: bytearray, failure: str) -> None:
+        try:
+            stored = self.ledger.get(KEYRING_KEY, consistent=True)
+            if stored is None:
+                raise NotInitializedError()
+            keyring = self._decrypt_or(root, stored.value, failure)
+            self.barrier.open(root, keyring)
+        finally:
+            zeroize(root)
+
+    @staticmethod
+    def _decrypt_or(root: bytearray, blob: bytes, failure: str) -> Keyring:
+        try:
+            return decrypt_keyring(root, blob)
+        except BarrierIntegrityError:
+            raise UnsealError(failure) from None
+
+    def _wrap_root(self, root: bytearray) -> bytes:
+        assert self.key_backend is not None and self.kek is not None
+        try:
+            self.key_backend.describe(self.kek)
+        except UnknownKeyError:
+            self.key_backend.create_key(self.kek, KeySpec.AES_256)
+        return self.key_backend.wrap(self.kek, bytes(root), _ROOT_KEY_AAD)
+
+    @staticmethod
+    def _check_split(shares: int, threshold: int) -> None:
+        try:
+            shamir.split(b"\x00", shares, threshold)
+        except (shamir.ShamirError, TypeError) as exc:
+            raise ShareError(
+                f"cannot split into {shares!r} shares with threshold {threshold!r}: {exc}"
+            ) from None
+
+
+def _recovery_check(recovery_key: bytes | bytearray) -> bytes:
+    """Proof of the recovery key that reveals nothing about it: an AEAD tag over a
+    fixed label under that key."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(bytes(recovery_key)).encrypt(nonce, b"", _RECOVERY_AAD)
+
+
+def _recovery_matches(candidate: bytes | bytearray, check: bytes) -> bool:
+    try:
+        AESGCM(bytes(candidate)).decrypt(check[:NONCE_BYTES], check[NONCE_BYTES:], _RECOVERY_AAD)
+    except (InvalidTag, ValueError):
+        return False
+    return True
