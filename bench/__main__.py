@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ["bench.ledger"]
+BENCHMARKS = ["bench.ledger", "bench.barrier"]
 
 
 def main() -> None:

@@ -1,23 +1,36 @@
 """`make demo`: Keycell's main job on the embedded defaults.
 
-Today that is a cell's ledger under contention: several processes increment one
-counter through compare-and-set on the same SQLite file, and the demo checks that
-no increment was lost, that a conflicting transaction writes nothing, and that bad
-input is refused with a clear error. The three-cell breach runbook replaces this
-as the regional API, relay and rotation land.
+Today it shows one cell's storage stack:
+
+1. the ledger under contention: several processes increment one counter through
+   compare-and-set on the same SQLite file; no increment may be lost, a conflicting
+   transaction writes nothing, bad input is refused with a clear error;
+2. the seal and the barrier: the cell is initialized with Shamir shares, refuses a
+   wrong combination, unseals with a quorum, stores secrets envelope-encrypted under
+   a key-encryption key in a SoftHSM2 token (the software backend, with a loud
+   warning, where SoftHSM2 is absent), keeps no plaintext in its file, and refuses
+   every read once sealed.
+
+It exits non-zero if any promise is broken. The three-cell breach runbook replaces
+this as the regional API, relay and rotation land.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import secrets
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from keycell.adapters.ledgers.sqlite import SqliteLedger
+from keycell.control_plane.barrier import Barrier, SealedError
+from keycell.control_plane.envelope import Envelope, Envelopes
+from keycell.control_plane.keys import KeyBackend, KeySpec
 from keycell.control_plane.ledger import (
     MAX_ITEM_BYTES,
     ConflictError,
@@ -27,6 +40,7 @@ from keycell.control_plane.ledger import (
     Put,
     TransactionConflictError,
 )
+from keycell.control_plane.seal import Seal, UnsealError
 
 COUNTER = Key(Kind.ROTATION, "demo/counter")
 
@@ -98,6 +112,7 @@ def run_demo(console: Console, *, workdir: str | None, writers: int, increments:
         ("oversized item", refused and ledger.get(Key(Kind.SECRET_META, "secret/huge")) is None, message)
     )
     ledger.close()
+    checks.extend(_seal_and_barrier(console, folder))
 
     table = Table(title="promises")
     table.add_column("check")
@@ -109,3 +124,83 @@ def run_demo(console: Console, *, workdir: str | None, writers: int, increments:
     ok = all(ok for _, ok, _ in checks)
     console.print("[bold green]all promises kept[/]" if ok else "[bold red]a promise was broken[/]")
     return ok
+
+
+def _key_backend(console: Console, stack: ExitStack) -> KeyBackend:
+    """A SoftHSM2 token when SoftHSM2 is installed, else the software backend, loudly."""
+    try:
+        from keycell.adapters.keys.pkcs11 import Pkcs11KeyBackend
+        from keycell.testing.softhsm import SoftHsmMissingError, softhsm_token
+
+        token = stack.enter_context(softhsm_token(label="demo-us-east-1"))
+        backend: KeyBackend = Pkcs11KeyBackend(token.module, token.label, token.pin)
+        console.print(f"key-encryption key in a SoftHSM2 token ({token.module})")
+    except (ImportError, SoftHsmMissingError):
+        from keycell.adapters.keys.software import BANNER, SoftwareKeyBackend
+
+        backend = SoftwareKeyBackend()
+        console.print(f"[bold red on yellow] {BANNER} [/] (install softhsm2 for a real token)")
+    stack.callback(backend.close)
+    return backend
+
+
+def _seal_and_barrier(console: Console, folder: Path) -> list[tuple[str, bool, str]]:
+    console.rule("[bold]seal, barrier, envelope encryption")
+    checks: list[tuple[str, bool, str]] = []
+    path = folder / "us-east-1-sealed.db"
+    path.unlink(missing_ok=True)
+    ledger = SqliteLedger(path)
+    barrier = Barrier(ledger)
+    seal = Seal(ledger, barrier)
+    init = seal.init(5, 3)
+    console.print(
+        f"initialized: {len(init.shares)} shares, {init.threshold} to unseal (shown once, not printed here)"
+    )
+
+    other = SqliteLedger(folder / "other-cell.db")
+    foreign = Seal(other, Barrier(other)).init(3, 2)
+    other.close()
+    seal.unseal(init.shares_hex[0])
+    seal.unseal(foreign.shares_hex[1])
+    try:
+        seal.unseal(init.shares_base64[2])
+        wrong_refused = False
+    except UnsealError:
+        wrong_refused = seal.status().sealed
+    checks.append(("a wrong share combination", wrong_refused, "refused, progress reset, still sealed"))
+
+    for share in [init.shares_hex[0], init.shares_base64[2], init.shares_hex[4]]:
+        status = seal.unseal(share)
+    checks.append(("unseal with 3 of 5 shares (hex and base64)", not status.sealed, "barrier open"))
+
+    with ExitStack() as stack:
+        backend = _key_backend(console, stack)
+        backend.create_key("cell-kek", KeySpec.AES_256)
+        envelopes = Envelopes("us-east-1", backend, "cell-kek")
+        barrier.on_seal(envelopes.cache.clear)
+        values = {f"secret/payments/db-{n:03d}": f"pw-{secrets.token_hex(12)}".encode() for n in range(100)}
+        for path_name, value in values.items():
+            key = Key(Kind.SECRET_VERSION, f"{path_name}#1")
+            barrier.put_if(key, envelopes.seal(value, str(key).encode()).to_bytes(), 0)
+        raw = b"".join(f.read_bytes() for f in folder.glob("us-east-1-sealed.db*"))
+        leaked = sum(value in raw for value in values.values())
+        checks.append(
+            ("100 secrets envelope-encrypted", leaked == 0, f"{leaked} plaintext values in the raw file")
+        )
+
+        sample = Key(Kind.SECRET_VERSION, "secret/payments/db-007#1")
+        opened = envelopes.open(Envelope.from_bytes(barrier.get(sample).value), str(sample).encode())  # type: ignore[union-attr]
+        checks.append(
+            ("read back through barrier and HSM", opened == values["secret/payments/db-007"], "matches")
+        )
+
+        seal.seal()
+        message = "a sealed cell answered a read"
+        try:
+            barrier.get(sample)
+            sealed_refused = False
+        except SealedError as exc:
+            sealed_refused, message = True, str(exc)
+        checks.append(("sealed cell refuses reads", sealed_refused and len(envelopes.cache) == 0, message))
+    ledger.close()
+    return checks
