@@ -4,7 +4,7 @@ One logical table per cell. An item is addressed by a `Key` (an item `Kind` and 
 path) and carries an opaque `value` (barrier ciphertext once the barrier exists), a
 `version` that grows by one on every write, and an optional expiry.
 
-The contract every adapter honours, proven by `tests/ledger/test_conformance.py`:
+The contract every adapter honours, proven by `tests/ledger/test_ledger_conformance.py`:
 
 - `put_if(key, value, expected_version)` succeeds exactly once per version: the
   write lands only if the item's current version is `expected_version` (0 means
