@@ -10,7 +10,7 @@ operations on named keys:
 - `sign` / `verify`: SHA-256 digests signed inside the backend (ECDSA P-256 with
   DER-encoded signatures; RSA-3072 with PKCS#1 v1.5), verified against the
   version that signed;
-- `public_key`: the SubjectPublicKeyInfo PEM of a signing key version;
+- `public_key`: the SubjectPublicKeyInfo PEM of an enabled signing key version;
 - `rotate`: a new primary version; older versions still unwrap and verify;
 - `disable` / `enable` a key or one version, `schedule_destruction` of a version;
 - `describe` and `health`.

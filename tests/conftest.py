@@ -2,6 +2,7 @@
 
 - `aws_endpoint`: a moto server over HTTP (or whatever AWS_ENDPOINT_URL names, such
   as a LocalStack), with fake credentials in the environment.
+- `softhsm`: one SoftHSM2 token for the whole session.
 - `ledger` / `make_ledger`: a fresh ledger on each adapter (sqlite file, DynamoDB
   table on the AWS endpoint); tests using them run once per adapter.
 """
@@ -19,6 +20,16 @@ from keycell.adapters.ledgers.dynamodb import DynamoLedger
 from keycell.adapters.ledgers.sqlite import SqliteLedger
 from keycell.control_plane.ledger import Ledger
 from keycell.testing.moto_server import FAKE_AWS_ENV, MotoServer
+from keycell.testing.softhsm import SoftHsmToken, create_token
+
+
+@pytest.fixture(scope="session")
+def softhsm() -> Iterator[SoftHsmToken]:
+    """The session's one SoftHSM2 token. SoftHSM2 lists its tokens once per process, so
+    every suite shares this token (key names keep tests apart)."""
+    token = create_token(label="keycell-tests")
+    yield token
+    token.close()
 
 
 @pytest.fixture(scope="session")

@@ -331,6 +331,7 @@ class AzureManagedHsmKeyBackend:
         if not state.spec.is_signing:
             raise WrongKeyTypeError(f"key {name!r} is {state.spec.value}: it has no public key")
         chosen = state.primary if version is None else state.version(version)
+        require_usable(state.info(), chosen.number)  # a disabled version publishes nothing
         with self._errors(name):
             jwk = self._client.get_key(name, chosen.azure_version).key
 

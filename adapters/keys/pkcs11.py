@@ -789,8 +789,8 @@ class Pkcs11KeyBackend:
         if not meta.spec.is_signing:
             raise WrongKeyTypeError(f"key {name!r} is {meta.spec.value}: it has no public key")
         chosen = meta.primary if version is None else meta.version(version)
-        if chosen.state is VersionState.DESTROYED:
-            raise KeyDisabledError(f"version {chosen.number} of key {name!r} is destroyed")
+        # A disabled or destroyed version publishes nothing (as the clouds do).
+        require_usable(self._info(meta), chosen.number)
         cached = self._public_pems.get(chosen.object_id)
         if cached is not None:
             return cached

@@ -194,6 +194,7 @@ class SoftwareKeyBackend:
             if not info.spec.is_signing:
                 raise WrongKeyTypeError(f"key {name!r} is {info.spec.value}: it has no public key")
             chosen = self._version(key, info.primary_version if version is None else version)
+            require_usable(info, chosen.number)  # a disabled version publishes nothing
         return bytes(
             chosen.secret.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

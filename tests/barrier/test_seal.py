@@ -4,6 +4,7 @@ Runs on every ledger adapter."""
 from __future__ import annotations
 
 import threading
+import uuid
 
 import pytest
 
@@ -22,6 +23,8 @@ from keycell.control_plane.seal import (
     UnsealError,
     token_path,
 )
+from keycell.testing.key_backends import pkcs11_backend
+from keycell.testing.softhsm import SoftHsmToken
 
 SECRET = Key(Kind.SECRET_META, "secret/app/db")
 
@@ -288,3 +291,24 @@ def test_hsm_mode_with_a_disabled_kek_stays_sealed(ledger: Ledger) -> None:
     with pytest.raises(KeyDisabledError):
         seal.auto_unseal()
     assert barrier.sealed
+
+
+def test_hsm_mode_with_a_pkcs11_token_holds_the_kek_in_the_token(
+    ledger: Ledger, softhsm: SoftHsmToken
+) -> None:
+    token_backend = pkcs11_backend(softhsm)
+    kek = f"cell-kek-{uuid.uuid4().hex[:8]}"
+    barrier = Barrier(ledger)
+    seal = Seal(ledger, barrier, key_backend=token_backend, kek=kek)
+    result = seal.init(5, 3)
+    info = token_backend.describe(kek)
+    assert (info.provider, info.extractable) == ("pkcs11", False)
+    barrier.put_if(SECRET, b"value", 0)
+    seal.seal()
+    restarted_backend = pkcs11_backend(softhsm)  # a restarted process, same token
+    restarted = Seal(ledger, Barrier(ledger), key_backend=restarted_backend, kek=kek)
+    assert not restarted.auto_unseal().sealed
+    assert restarted.barrier.get(SECRET).value == b"value"  # type: ignore[union-attr]
+    assert len(restarted.rekey(result.shares[1:4], 3, 2).shares) == 3
+    token_backend.close()
+    restarted_backend.close()

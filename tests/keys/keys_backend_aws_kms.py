@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import pytest
 
 from keycell.adapters.keys.aws_kms import AwsKmsKeyBackend
+from keycell.testing.key_backends import aws_kms_backend
 
 REGION = "us-east-1"
 
@@ -16,7 +17,7 @@ REGION = "us-east-1"
 @contextmanager
 def open_backend(request: pytest.FixtureRequest, *, fips_mode: bool) -> Iterator[AwsKmsKeyBackend]:
     endpoint = request.getfixturevalue("aws_endpoint")
-    backend = AwsKmsKeyBackend(region=REGION, endpoint_url=endpoint, fips_mode=fips_mode)
+    backend = aws_kms_backend(endpoint, fips_mode=fips_mode)
     try:
         yield backend
     finally:

@@ -9,7 +9,8 @@ from contextlib import contextmanager
 import pytest
 
 from keycell.adapters.keys.azure_mhsm import AzureManagedHsmKeyBackend
-from keycell.testing.azure_mhsm_server import AzureManagedHsmServer, StubTokenCredential
+from keycell.testing.azure_mhsm_server import AzureManagedHsmServer
+from keycell.testing.key_backends import azure_backend
 
 _server: AzureManagedHsmServer | None = None
 
@@ -31,14 +32,7 @@ def session_server(request: pytest.FixtureRequest) -> AzureManagedHsmServer:
 
 
 def new_backend(server: AzureManagedHsmServer, *, fips_mode: bool = False) -> AzureManagedHsmKeyBackend:
-    return AzureManagedHsmKeyBackend(
-        server.vault_url,
-        StubTokenCredential(server.token),
-        connection_verify=server.ca_path,
-        # 127.0.0.1 is not under managedhsm.azure.net, the resource the challenge names.
-        verify_challenge_resource=False,
-        fips_mode=fips_mode,
-    )
+    return azure_backend(server, fips_mode=fips_mode)
 
 
 @contextmanager

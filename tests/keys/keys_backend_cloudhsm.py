@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import boto3
 import pytest
 from keys_backend_pkcs11 import session_token
 
 from keycell.adapters.keys.cloudhsm import CloudHsmKeyBackend
+from keycell.testing.key_backends import cloudhsm_backend, create_cloudhsm_cluster
 
 _clusters: dict[str, str] = {}  # endpoint -> cluster id
 
@@ -20,9 +20,7 @@ def session_cluster(request: pytest.FixtureRequest) -> tuple[str, str]:
     """(endpoint, cluster id) of the session's cluster, created through boto3."""
     endpoint: str = request.getfixturevalue("aws_endpoint")
     if endpoint not in _clusters:
-        client = boto3.client("cloudhsmv2", endpoint_url=endpoint)
-        created = client.create_cluster(HsmType="hsm2m.medium", SubnetIds=["subnet-0a1b2c3d"])
-        _clusters[endpoint] = created["Cluster"]["ClusterId"]
+        _clusters[endpoint] = create_cloudhsm_cluster(endpoint)
         request.config.add_cleanup(_clusters.clear)
     return endpoint, _clusters[endpoint]
 
@@ -33,16 +31,7 @@ def open_backend(
 ) -> Iterator[CloudHsmKeyBackend]:
     endpoint, session_cluster_id = session_cluster(request)
     token = session_token(request)
-    backend = CloudHsmKeyBackend(
-        cluster_id or session_cluster_id,
-        token.pin,
-        module=token.module,
-        token_label=token.label,
-        endpoint_url=endpoint,
-        fips_mode=fips_mode,
-        # SoftHSM2 takes the GCM IV from the caller; CloudHSM makes its own.
-        hsm_generated_iv=False,
-    )
+    backend = cloudhsm_backend(token, endpoint, cluster_id or session_cluster_id, fips_mode=fips_mode)
     try:
         yield backend
     finally:

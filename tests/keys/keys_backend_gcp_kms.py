@@ -4,19 +4,14 @@ client over gRPC to one local Cloud KMS server (keycell.testing.gcp_kms_server) 
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import grpc
 import pytest
-from google.cloud.kms_v1.services.key_management_service.transports import KeyManagementServiceGrpcTransport
 
 from keycell.adapters.keys.gcp_kms import GcpKmsKeyBackend
 from keycell.testing.gcp_kms_server import GcpKmsServer
-
-PROJECT = "keycell-test"
-LOCATION = "us-east1"
+from keycell.testing.key_backends import gcp_backend
 
 _server: GcpKmsServer | None = None
 _lock = threading.Lock()
@@ -42,15 +37,7 @@ def _stop() -> None:
 
 
 def make_backend(endpoint: str, *, fips_mode: bool = False, key_ring: str | None = None) -> GcpKmsKeyBackend:
-    transport = KeyManagementServiceGrpcTransport(channel=grpc.insecure_channel(endpoint))
-    return GcpKmsKeyBackend(
-        project=PROJECT,
-        location=LOCATION,
-        # A ring per backend instance keeps tests apart, and exercises creating the ring.
-        key_ring=key_ring or f"ring-{uuid.uuid4().hex[:12]}",
-        transport=transport,
-        fips_mode=fips_mode,
-    )
+    return gcp_backend(endpoint, fips_mode=fips_mode, key_ring=key_ring)
 
 
 @contextmanager

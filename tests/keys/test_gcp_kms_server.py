@@ -21,7 +21,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import kms_v1
 from google.cloud.kms_v1.services.key_management_service.transports import KeyManagementServiceGrpcTransport
 from google.protobuf import field_mask_pb2
-from keys_backend_gcp_kms import LOCATION, PROJECT, kms_endpoint, make_backend
+from keys_backend_gcp_kms import kms_endpoint, make_backend
 
 from keycell.adapters.keys.gcp_kms import ENABLED_LABEL, GcpKmsKeyBackend, crc32c
 from keycell.control_plane.keys import (
@@ -37,6 +37,8 @@ from keycell.control_plane.keys import (
     unpack_wrapped,
 )
 from keycell.testing.gcp_kms_server import client_for
+from keycell.testing.key_backends import GCP_LOCATION as LOCATION
+from keycell.testing.key_backends import GCP_PROJECT as PROJECT
 
 Purpose = kms_v1.CryptoKey.CryptoKeyPurpose
 Algorithm = kms_v1.CryptoKeyVersion.CryptoKeyVersionAlgorithm

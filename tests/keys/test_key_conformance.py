@@ -363,3 +363,16 @@ def test_only_public_key_material_is_ever_exported(backend: KeyBackend, key_name
         pem = backend.public_key(name)
         assert pem.startswith(b"-----BEGIN PUBLIC KEY-----") and b"PRIVATE" not in pem
         assert backend.describe(name).extractable is False
+
+
+def test_disabled_version_withholds_its_public_key(backend: KeyBackend, key_name: str) -> None:
+    """As the clouds do (KMS GetPublicKey, Cloud KMS, Key Vault on a disabled key): a
+    disabled version publishes nothing, so it drops out of JWKS and trust bundles."""
+    backend.create_key(key_name, KeySpec.EC_P256)
+    backend.rotate(key_name)
+    backend.disable(key_name, 1)
+    with pytest.raises(KeyDisabledError):
+        backend.public_key(key_name, 1)
+    assert backend.public_key(key_name, 2).startswith(b"-----BEGIN PUBLIC KEY-----")
+    backend.enable(key_name, 1)
+    assert backend.public_key(key_name, 1).startswith(b"-----BEGIN PUBLIC KEY-----")

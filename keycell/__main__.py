@@ -1,0 +1,5 @@
+"""`python -m keycell` is the `keycell` command."""
+
+from keycell.cli import app
+
+app()
