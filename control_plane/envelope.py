@@ -157,7 +157,8 @@ class Envelopes:
         finally:
             zeroize(data_key)
 
-    def open(self, envelope: Envelope, aad: bytes) -> bytes:
+    def _data_key(self, envelope: Envelope, aad: bytes) -> bytes:
+        """This cell's data key for `envelope`: from the cache, or unwrapped by the HSM."""
         wrapped = envelope.wrapped_keys.get(self.cell)
         if wrapped is None:
             raise EnvelopeError(f"this value has no data key wrapped for cell {self.cell!r}")
@@ -165,6 +166,10 @@ class Envelopes:
         if key is None:
             key = self.backend.unwrap(envelope.kek, wrapped, aad)
             self.cache.put(wrapped, key)
+        return key
+
+    def open(self, envelope: Envelope, aad: bytes) -> bytes:
+        key = self._data_key(envelope, aad)
         ct = envelope.ciphertext
         try:
             return AESGCM(key).decrypt(ct[:NONCE_BYTES], ct[NONCE_BYTES:], aad)
@@ -175,12 +180,7 @@ class Envelopes:
 
     def add_recipient(self, envelope: Envelope, aad: bytes, recipient: Recipient) -> Envelope:
         """Wrap this envelope's data key for one more cell, without touching the value."""
-        wrapped = envelope.wrapped_keys.get(self.cell)
-        if wrapped is None:
-            raise EnvelopeError(f"this value has no data key wrapped for cell {self.cell!r}")
-        key = self.cache.get(wrapped)
-        if key is None:
-            key = self.backend.unwrap(envelope.kek, wrapped, aad)
+        key = self._data_key(envelope, aad)
         keys = dict(envelope.wrapped_keys)
         keys[recipient.cell] = recipient.backend.wrap(envelope.kek, key, aad)
         return Envelope(envelope.kek, keys, envelope.ciphertext)
