@@ -40,7 +40,8 @@ lint: setup
 	$(RUN) mypy
 
 bench: setup system-deps
-	$(RUN) python -m bench
+	$(UV) sync --frozen --group bench
+	$(RUN) --group bench python -m bench
 
 demo: setup
 	$(RUN) keycell demo

@@ -67,6 +67,11 @@ class Kind(StrEnum):
     SEAL = "seal"  # path: "config" / "recovery"; value: seal configuration
     IDENTITY_ENTRY = "identity-entry"  # path: entry id; SPIFFE registration entries
     CELL = "cell"  # path: cell id; the cell directory CRDT state
+    POLICY = "policy"  # path: ACL policy name; value: the policy text and its parsed rules
+    AUTH_ROLE = "auth-role"  # path: auth method/role name (e.g. jwt/payments)
+    CUBBYHOLE = "cubbyhole"  # path: token hmac/key; response-wrapping and per-token storage
+    TRANSIT_KEY = "transit-key"  # path: transit key name; value: its config (versions, min decryption)
+    CONFIG = "config"  # path: engine/setting; small per-cell configuration
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,35 @@
+"""JSON records in the ledger: the one way engines store structured state.
+
+Engines hand these helpers the barrier (a `Ledger` whose values are encrypted on the
+way down), so a record is plaintext JSON here and ciphertext in storage.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from keycell.control_plane.ledger import Key, Ledger
+
+
+def get_json(ledger: Ledger, key: Key, *, consistent: bool = True) -> tuple[dict[str, Any], int] | None:
+    """The record and its version, or None."""
+    item = ledger.get(key, consistent=consistent)
+    if item is None:
+        return None
+    record = json.loads(item.value)
+    if not isinstance(record, dict):
+        raise ValueError(f"the record at {key} is not a JSON object")
+    return record, item.version
+
+
+def put_json_if(
+    ledger: Ledger, key: Key, record: dict[str, Any], expected_version: int, *, expires_at: int | None = None
+) -> int:
+    """Write `record` if the item is at `expected_version` (0: absent); the new version."""
+    return ledger.put_if(key, encode_json(record), expected_version, expires_at=expires_at).version
+
+
+def encode_json(record: dict[str, Any]) -> bytes:
+    """The bytes `put_json_if` stores, for multi-item transactions (`Put(key, encode_json(r), v)`)."""
+    return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
