@@ -8,15 +8,22 @@ Anything else escaping an engine is a bug and answers 500 without detail.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class RequestError(Exception):
     """Base of every error a client can cause or must be told about."""
 
     status = 500
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, data: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
+        # Vault answers some errors with a body too (a deleted KV version: 404 with its
+        # metadata); `data` is that response's "data".
+        self.data = data
         if status is not None:
             self.status = status
 
@@ -38,6 +45,9 @@ class PermissionDenied(RequestError):
 
 class NotFound(RequestError):
     status = 404
+
+    def __init__(self, message: str = "not found", *, data: dict[str, Any] | None = None) -> None:
+        super().__init__(message, data=data)
 
 
 class UnsupportedOperation(RequestError):

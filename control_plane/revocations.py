@@ -52,4 +52,6 @@ class RevocationSet:
         if found is None:
             return None
         record, _ = found
-        return Revocation(subject, str(record["origin_cell"]), float(record["revoked_at"]), str(record["reason"]))
+        return Revocation(
+            subject, str(record["origin_cell"]), float(record["revoked_at"]), str(record["reason"])
+        )

@@ -19,6 +19,7 @@ import pytest
 from keycell.adapters.ledgers.dynamodb import DynamoLedger
 from keycell.adapters.ledgers.sqlite import SqliteLedger
 from keycell.control_plane.ledger import Ledger
+from keycell.testing.cells import Cell, open_cell
 from keycell.testing.moto_server import FAKE_AWS_ENV, MotoServer
 from keycell.testing.softhsm import SoftHsmToken, create_token
 
@@ -93,3 +94,10 @@ def make_ledger(
 @pytest.fixture
 def ledger(make_ledger: Callable[[], Ledger]) -> Ledger:
     return make_ledger()
+
+
+@pytest.fixture
+def cell(ledger: Ledger) -> Cell:
+    """An initialized, unsealed cell (Shamir 3/2) over `ledger`: its barrier is the
+    plaintext view engines use."""
+    return open_cell(ledger)
