@@ -129,6 +129,16 @@ class SealStatus:
 
 
 @dataclass(frozen=True)
+class RekeyStatus:
+    started: bool
+    nonce: str
+    required: int  # current shares needed
+    progress: int
+    new_shares: int
+    new_threshold: int
+
+
+@dataclass(frozen=True)
 class InitResult:
     """Handed out once. `shares` are unseal shares (Shamir mode) or recovery shares."""
 
@@ -347,6 +357,52 @@ class Seal:
             return self._status_locked(config)
 
     # --- rekey ------------------------------------------------------------------------
+
+    def rekey_start(self, shares: int, threshold: int) -> RekeyStatus:
+        """Begin a rekey (Vault's sys/rekey/init): current shares then arrive one by
+        one through `rekey_submit`, under the returned nonce."""
+        config = self._require_config()
+        self._check_split(shares, threshold)
+        with self._lock:
+            if self._rekey is not None:
+                raise SealError("a rekey is already in progress; cancel it first")
+            self._rekey = (ShareCollector(config.threshold), shares, threshold)
+            return self._rekey_status_locked(config)
+
+    def rekey_status(self) -> RekeyStatus:
+        config = self._require_config()
+        with self._lock:
+            return self._rekey_status_locked(config)
+
+    def rekey_cancel(self) -> None:
+        with self._lock:
+            if self._rekey is not None:
+                self._rekey[0].clear()
+            self._rekey = None
+
+    def rekey_submit(self, share: str | bytes, nonce: str) -> RekeyStatus | InitResult:
+        """One current share toward the rekey; at the threshold, the new shares."""
+        config = self._require_config()
+        raw = parse_share(share, share_length(config))
+        with self._lock:
+            if self._rekey is None:
+                raise SealError("no rekey is in progress; start one first")
+            collector, shares, threshold = self._rekey
+            if nonce != collector.nonce:
+                raise NonceMismatchError("that share belongs to another rekey attempt; check the nonce")
+            collector.add(raw)
+            if not collector.complete:
+                return self._rekey_status_locked(config)
+            current = collector.shares()
+            collector.clear()
+            self._rekey = None
+        return self.rekey(current, shares, threshold)
+
+    def _rekey_status_locked(self, config: SealConfig) -> RekeyStatus:
+        if self._rekey is None:
+            return RekeyStatus(False, "", config.threshold, 0, 0, 0)
+        collector, shares, threshold = self._rekey
+        return RekeyStatus(True, collector.nonce, config.threshold, collector.progress, shares, threshold)
 
     def rekey(self, current: Sequence[str | bytes], shares: int, threshold: int) -> InitResult:
         """New shares (and threshold) from a quorum of the current ones. Shamir mode:

@@ -8,8 +8,10 @@ as the reference the conformance suite holds the HSM adapters to.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +46,9 @@ from keycell.control_plane.keys import (
     require_wrapping,
     unpack_wrapped,
 )
+from keycell.control_plane.ledger import ConflictError, Kind, Ledger
+from keycell.control_plane.ledger import Key as LedgerKey
+from keycell.control_plane.storage import get_json, put_json_if
 
 PROVIDER = "software"
 BANNER = "SOFTWARE KEYS IN PROCESS MEMORY: development only, not an HSM, not FIPS"
@@ -55,6 +60,7 @@ class _Version:
     number: int
     state: VersionState
     secret: Any  # AESGCM or a private key object; never leaves this module
+    material: bytes = field(repr=False, default=b"")  # raw AES key or PKCS#8 DER, for persistence
 
 
 @dataclass
@@ -78,42 +84,130 @@ class _Key:
         )
 
 
-def _generate(spec: KeySpec) -> Any:
+def _generate(spec: KeySpec) -> tuple[Any, bytes]:
+    """A new key: the usable object and its serialized material."""
     if spec is KeySpec.AES_256:
-        return AESGCM(AESGCM.generate_key(bit_length=256))
+        raw = AESGCM.generate_key(bit_length=256)
+        return AESGCM(raw), raw
     if spec is KeySpec.EC_P256:
-        return ec.generate_private_key(ec.SECP256R1())
-    if spec is KeySpec.RSA_3072:
-        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
-    return ed25519.Ed25519PrivateKey.generate()
+        private: Any = ec.generate_private_key(ec.SECP256R1())
+    elif spec is KeySpec.RSA_3072:
+        private = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    else:
+        private = ed25519.Ed25519PrivateKey.generate()
+    der = private.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return private, der
+
+
+def _load(spec: KeySpec, material: bytes) -> Any:
+    if spec is KeySpec.AES_256:
+        return AESGCM(material)
+    return serialization.load_der_private_key(material, password=None)
 
 
 class SoftwareKeyBackend:
-    """A `KeyBackend` in memory. Refuses to exist in FIPS mode."""
+    """A `KeyBackend` in process memory. Refuses to exist in FIPS mode.
+
+    With `store` (a Ledger), keys also persist there as JSON records, so several
+    processes of one cell share them: a development server's workers keep its keys in
+    a plain file (`--dev`), and a cell without an HSM keeps its key-encryption key
+    inside its own barrier, sealed with the cell. Every operation reads the key's
+    state from the store (a disable in one process holds in all); parsed key material
+    is cached, as versions never change."""
 
     provider = PROVIDER
 
-    def __init__(self, *, fips_mode: bool = False) -> None:
+    def __init__(self, *, fips_mode: bool = False, store: Ledger | None = None) -> None:
         check_fips_backend(fips_mode, Protection.SOFTWARE, PROVIDER)
         self.fips_mode = fips_mode
+        self.store = store
         self._keys: dict[str, _Key] = {}
-        self._lock = threading.Lock()
+        self._materials: dict[bytes, Any] = {}  # sha256(material) -> parsed secret
+        self._lock = threading.RLock()
 
     def _key(self, name: str) -> _Key:
         check_name(name)
+        if self.store is not None:
+            found = self._read(name)
+            if found is None:
+                raise UnknownKeyError(f"no key named {name!r} in the software backend")
+            return found[0]
         key = self._keys.get(name)
         if key is None:
             raise UnknownKeyError(f"no key named {name!r} in the software backend")
         return key
 
+    # --- persistence (with a store) ----------------------------------------------------
+
+    @staticmethod
+    def _store_key(name: str) -> LedgerKey:
+        return LedgerKey(Kind.CONFIG, f"software-keys/{name}")
+
+    def _read(self, name: str) -> tuple[_Key, int] | None:
+        assert self.store is not None
+        found = get_json(self.store, self._store_key(name))
+        if found is None:
+            return None
+        record, stored_version = found
+        spec = KeySpec(record["spec"])
+        versions = []
+        for v in record["versions"]:
+            material = bytes.fromhex(v["material"])
+            digest = hashlib.sha256(material).digest()
+            secret = self._materials.get(digest)
+            if secret is None:
+                secret = self._materials[digest] = _load(spec, material)
+            versions.append(_Version(int(v["number"]), VersionState(v["state"]), secret, material))
+        return _Key(name, spec, bool(record["enabled"]), versions), stored_version
+
+    def _write(self, key: _Key, expected_version: int) -> None:
+        assert self.store is not None
+        record = {
+            "spec": key.spec.value,
+            "enabled": key.enabled,
+            "versions": [
+                {"number": v.number, "state": v.state.value, "material": v.material.hex()}
+                for v in key.versions
+            ],
+        }
+        put_json_if(self.store, self._store_key(key.name), record, expected_version)
+
+    def _change(self, name: str, change: Callable[[_Key], None]) -> _Key:
+        """Apply `change` to the key, in memory or by compare-and-set in the store."""
+        check_name(name)
+        with self._lock:
+            if self.store is None:
+                key = self._key(name)
+                change(key)
+                return key
+            while True:
+                found = self._read(name)
+                if found is None:
+                    raise UnknownKeyError(f"no key named {name!r} in the software backend")
+                key, stored_version = found
+                change(key)
+                try:
+                    self._write(key, stored_version)
+                    return key
+                except ConflictError:
+                    continue  # another process changed it: apply the change again
+
     def create_key(self, name: str, spec: KeySpec) -> KeyInfo:
         check_name(name)
         check_spec(spec, fips_mode=self.fips_mode)
-        secret = _generate(spec)
+        secret, material = _generate(spec)
+        key = _Key(name, spec, versions=[_Version(1, VersionState.ENABLED, secret, material)])
         with self._lock:
+            if self.store is not None:
+                try:
+                    self._write(key, 0)
+                except ConflictError:
+                    raise KeyExistsError(f"a key named {name!r} already exists") from None
+                return key.info()
             if name in self._keys:
                 raise KeyExistsError(f"a key named {name!r} already exists")
-            key = _Key(name, spec, versions=[_Version(1, VersionState.ENABLED, secret)])
             self._keys[name] = key
             return key.info()
 
@@ -202,13 +296,12 @@ class SoftwareKeyBackend:
         )
 
     def rotate(self, name: str) -> KeyInfo:
-        with self._lock:
-            key = self._key(name)
-            spec = key.spec
-        secret = _generate(spec)
-        with self._lock:
-            key.versions.append(_Version(key.versions[-1].number + 1, VersionState.ENABLED, secret))
-            return key.info()
+        secret, material = _generate(self.describe(name).spec)
+
+        def add_version(key: _Key) -> None:
+            key.versions.append(_Version(key.versions[-1].number + 1, VersionState.ENABLED, secret, material))
+
+        return self._change(name, add_version).info()
 
     def disable(self, name: str, version: int | None = None) -> None:
         self._set_state(name, version, enabled=False)
@@ -219,12 +312,14 @@ class SoftwareKeyBackend:
     def schedule_destruction(self, name: str, version: int, *, days: int = 30) -> None:
         if not 7 <= days <= 120:
             raise KeyInputError("destruction is scheduled 7 to 120 days ahead")
-        with self._lock:
-            key = self._key(name)
+
+        def schedule(key: _Key) -> None:
             chosen = self._version(key, version)
             if chosen.number == key.versions[-1].number:
                 raise KeyInputError(f"version {version} is the primary of key {name!r}; rotate first")
             chosen.state = VersionState.DESTRUCTION_SCHEDULED
+
+        self._change(name, schedule)
 
     def health(self) -> Health:
         return Health(True, PROVIDER, BANNER)
@@ -232,12 +327,12 @@ class SoftwareKeyBackend:
     def close(self) -> None:
         with self._lock:
             self._keys.clear()
+            self._materials.clear()
 
     # --- helpers ---------------------------------------------------------------------
 
     def _set_state(self, name: str, version: int | None, *, enabled: bool) -> None:
-        with self._lock:
-            key = self._key(name)
+        def set_state(key: _Key) -> None:
             if version is None:
                 key.enabled = enabled
                 return
@@ -245,6 +340,8 @@ class SoftwareKeyBackend:
             if chosen.state in (VersionState.DESTRUCTION_SCHEDULED, VersionState.DESTROYED):
                 raise KeyInputError(f"version {version} of key {name!r} is {chosen.state.value}")
             chosen.state = VersionState.ENABLED if enabled else VersionState.DISABLED
+
+        self._change(name, set_state)
 
     @staticmethod
     def _version(key: _Key, number: int, *, missing: type[KeyBackendError] = UnknownKeyError) -> _Version:

@@ -17,7 +17,7 @@ import pytest
 
 from keycell.control_plane.keys import KeyBackend
 
-BACKENDS = ["software", "pkcs11", "cloudhsm", "aws_kms", "azure_mhsm", "gcp_kms"]
+BACKENDS = ["software", "software_stored", "pkcs11", "cloudhsm", "aws_kms", "azure_mhsm", "gcp_kms"]
 
 OpenBackend = Callable[..., AbstractContextManager[KeyBackend]]
 

@@ -31,7 +31,7 @@ from keycell.control_plane.keys import (
 
 SIGNING = [KeySpec.EC_P256, KeySpec.RSA_3072]
 # Edwards keys are a development convenience of the software backend only.
-SUPPORTS_ED25519 = {"software"}
+SUPPORTS_ED25519 = {"software", "software_stored"}
 DATA_KEY = bytes(range(32))
 AAD = b"ledger:secret-version:secret/app/db#1"
 
@@ -343,7 +343,7 @@ def test_primary_version_cannot_be_scheduled_for_destruction(backend: KeyBackend
 def test_fips_mode_refuses_non_approved_algorithms(
     open_backend: OpenBackend, backend_name: str, key_name: str
 ) -> None:
-    if backend_name == "software":
+    if backend_name.startswith("software"):
         with pytest.raises(FipsModeError, match="development only"), open_backend(True):
             pass
         return
@@ -376,3 +376,18 @@ def test_disabled_version_withholds_its_public_key(backend: KeyBackend, key_name
     assert backend.public_key(key_name, 2).startswith(b"-----BEGIN PUBLIC KEY-----")
     backend.enable(key_name, 1)
     assert backend.public_key(key_name, 1).startswith(b"-----BEGIN PUBLIC KEY-----")
+
+
+def test_stored_software_keys_are_shared_between_instances(tmp_path: object) -> None:
+    from keycell.adapters.keys.software import SoftwareKeyBackend
+    from keycell.adapters.ledgers.sqlite import SqliteLedger
+
+    store = SqliteLedger(f"{tmp_path}/shared.db")
+    first, second = SoftwareKeyBackend(store=store), SoftwareKeyBackend(store=store)
+    first.create_key("shared", KeySpec.AES_256)
+    wrapped = first.wrap("shared", DATA_KEY, AAD)
+    assert second.unwrap("shared", wrapped, AAD) == DATA_KEY
+    second.disable("shared")
+    with pytest.raises(KeyDisabledError):
+        first.wrap("shared", DATA_KEY, AAD)
+    store.close()

@@ -1,0 +1,314 @@
+"""The router: Vault's HTTP API semantics over the engines, independent of any web framework.
+
+A `Request` (method, path under /v1/, JSON data, token, headers) goes in, a `Response`
+(status, Vault-shaped JSON body, headers) comes out. In between, for every route:
+
+1. find the route (a path pattern per endpoint family) and the operation
+   (GET read, LIST or GET ?list=true list, POST/PUT create-or-update, DELETE, PATCH);
+2. unless the route is unauthenticated (sys/init, sys/unseal, sys/health, ...):
+   refuse when sealed (503), look the token up (revoked tokens are refused by the
+   token store, which checks the cell's local revocation set: no network), and
+   check the ACL for the path and operation (403 otherwise; `sudo` where Vault asks);
+3. call the handler, which calls an engine and returns Vault's `data` (or `auth`);
+4. wrap the response when `X-Vault-Wrap-TTL` asks for it;
+5. shape Vault's envelope, or `{"errors": [...]}` with the status the error carries.
+   Anything unexpected is logged by type and answered 500 with no detail.
+
+`functions/` adapts Chalice (on Lambda, under `chalice local`, or self-hosted) to this.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from keycell.control_plane.barrier import SealedError
+from keycell.control_plane.errors import (
+    InvalidRequest,
+    PermissionDenied,
+    RequestError,
+    UnsupportedOperation,
+)
+from keycell.control_plane.keys import KeyBackendError
+
+log = logging.getLogger("keycell.router")
+
+
+class Operation(StrEnum):
+    READ = "read"
+    LIST = "list"
+    CREATE = "create"
+    UPDATE = "update"
+    DELETE = "delete"
+    PATCH = "patch"
+
+
+# POST and PUT are "create or update": the ACL accepts either capability unless the
+# route says which (Vault decides by whether the path exists).
+_WRITE = (Operation.CREATE, Operation.UPDATE)
+
+
+@dataclass
+class Request:
+    method: str  # GET, POST, PUT, DELETE, PATCH, LIST
+    path: str  # below /v1/, no leading slash
+    data: dict[str, Any] = field(default_factory=dict)
+    query: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    token: str | None = None
+    remote_addr: str = ""
+
+    @property
+    def operation(self) -> Operation:
+        method = self.method.upper()
+        if method == "LIST" or (method == "GET" and self.query.get("list") in ("true", "1")):
+            return Operation.LIST
+        return {
+            "GET": Operation.READ,
+            "HEAD": Operation.READ,
+            "POST": Operation.UPDATE,
+            "PUT": Operation.UPDATE,
+            "DELETE": Operation.DELETE,
+            "PATCH": Operation.PATCH,
+        }.get(method, Operation.READ)
+
+
+@dataclass
+class Response:
+    status: int
+    body: dict[str, Any] | None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    """What a handler returns when `data` alone is not enough."""
+
+    data: dict[str, Any] | None = None
+    auth: dict[str, Any] | None = None
+    lease_id: str = ""
+    lease_duration: int = 0
+    renewable: bool = False
+    warnings: list[str] | None = None
+    status: int | None = None  # overrides 200/204
+    raw: dict[str, Any] | None = None  # a body that is not Vault's envelope (sys/health, sys/init)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """What a handler sees: the request, its route's captures, and who is asking."""
+
+    request: Request
+    params: dict[str, str]
+    token: str | None = None
+    entry: Any = None  # the caller's TokenEntry (None on unauthenticated routes)
+    acl: Any = None
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.request.data
+
+
+Handler = Callable[[Context], "dict[str, Any] | Result | None"]
+
+
+@dataclass
+class Route:
+    pattern: re.Pattern[str]
+    handlers: dict[Operation, Handler]
+    authenticated: bool = True
+    sudo: bool = False  # Vault marks some sys paths root-protected
+    wrappable: bool = True
+    family: str = ""  # for metrics: "kv", "sys", "auth", ...
+    # For POST/PUT, which capability to require: None accepts create or update.
+    write_capability: Callable[[Context], Operation] | None = None
+
+
+class Router:
+    """Routes are added by the route modules (`control_plane.routes`)."""
+
+    def __init__(self, services: Any, *, clock: Callable[[], float] = time.time) -> None:
+        self.services = services
+        self.clock = clock
+        self.routes: list[Route] = []
+        self.observers: list[Callable[[Request, Route | None, int, float], None]] = []
+
+    def add(
+        self,
+        pattern: str,
+        handlers: dict[Operation, Handler],
+        *,
+        authenticated: bool = True,
+        sudo: bool = False,
+        wrappable: bool = True,
+        family: str = "",
+        write_capability: Callable[[Context], Operation] | None = None,
+    ) -> None:
+        self.routes.append(
+            Route(
+                re.compile(pattern + r"\Z"),
+                handlers,
+                authenticated,
+                sudo,
+                wrappable,
+                family or pattern.split("/")[0],
+                write_capability,
+            )
+        )
+
+    def match(self, path: str) -> tuple[Route, dict[str, str]] | None:
+        for route in self.routes:
+            found = route.pattern.match(path)
+            if found is not None:
+                return route, {k: v for k, v in found.groupdict().items() if v is not None}
+        return None
+
+    # --- the request path -------------------------------------------------------------
+
+    def handle(self, request: Request) -> Response:
+        started = time.perf_counter()
+        request_id = str(uuid.uuid4())
+        matched: Route | None = None
+        try:
+            request.path = request.path.strip("/")
+            found = self.match(request.path)
+            if found is None:
+                raise UnsupportedOperation(f"no handler for route {request.path!r}", status=404)
+            matched, params = found
+            operation = request.operation
+            handler = matched.handlers.get(operation)
+            if handler is None:
+                raise UnsupportedOperation(f"unsupported operation {operation.value!r} on {request.path!r}")
+            ctx = Context(request, params)
+            if matched.authenticated:
+                self._authenticate(ctx, matched, operation)
+            result = handler(ctx)
+            response = self._shape(request_id, request, matched, result)
+        except RequestError as exc:
+            response = self._error(request_id, exc.status, exc.message, exc.data)
+            retry_after = getattr(exc, "retry_after", None)
+            if retry_after is not None:
+                response.headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+        except SealedError:
+            response = self._error(request_id, 503, "Vault is sealed")
+        except KeyBackendError as exc:
+            # The HSM refused or failed: a dependency, not the client's input.
+            log.warning("key backend error on %s: %s", request.path, type(exc).__name__)
+            response = self._error(request_id, 503, "the cell's key backend is unavailable; retry later")
+        except Exception as exc:  # a bug: never leak detail, always log the type
+            log.exception("internal error on %s %s (%s)", request.method, request.path, type(exc).__name__)
+            response = self._error(request_id, 500, "internal error")
+        elapsed = time.perf_counter() - started
+        for observe in self.observers:
+            observe(request, matched, response.status, elapsed)
+        return response
+
+    def _authenticate(self, ctx: Context, route: Route, operation: Operation) -> None:
+        services = self.services
+        if services.barrier.sealed:
+            raise SealedError()
+        token = ctx.request.token
+        if not token:
+            raise PermissionDenied("permission denied: no token; send X-Vault-Token")
+        entry = services.tokens.lookup(token)
+        acl = services.policies.acl_for(entry.policies)
+        path = ctx.request.path
+        if operation in _WRITE:
+            wanted = route.write_capability(ctx) if route.write_capability else None
+            candidates = [wanted] if wanted is not None else list(_WRITE)
+            allowed = any(acl.allows(path, c.value) for c in candidates)
+        else:
+            allowed = acl.allows(path, operation.value)
+        if allowed and route.sudo:
+            allowed = acl.allows(path, "sudo")
+        if not allowed:
+            raise PermissionDenied(f"permission denied: {operation.value} on {path!r}")
+        ctx.token, ctx.entry, ctx.acl = token, entry, acl
+
+    def _shape(
+        self, request_id: str, request: Request, route: Route, result: dict[str, Any] | Result | None
+    ) -> Response:
+        if not isinstance(result, Result):
+            result = Result(data=result)
+        if result.raw is not None:
+            return Response(result.status or 200, result.raw, result.headers)
+        wrap_ttl = request.headers.get("x-vault-wrap-ttl")
+        if wrap_ttl and route.wrappable and (result.data is not None or result.auth is not None):
+            ttl = self.services.wrapping_ttl(wrap_ttl)
+            inner = self._envelope(request_id, result)
+            wrap_info = self.services.wrapping.wrap(inner, ttl=ttl, creation_path=request.path)
+            body = self._envelope(request_id, Result())
+            body["wrap_info"] = wrap_info
+            return Response(200, body, result.headers)
+        if result.data is None and result.auth is None and result.warnings is None:
+            return Response(result.status or 204, None, result.headers)
+        return Response(result.status or 200, self._envelope(request_id, result), result.headers)
+
+    @staticmethod
+    def _envelope(request_id: str, result: Result) -> dict[str, Any]:
+        return {
+            "request_id": request_id,
+            "lease_id": result.lease_id,
+            "renewable": result.renewable,
+            "lease_duration": result.lease_duration,
+            "data": result.data,
+            "wrap_info": None,
+            "warnings": result.warnings,
+            "auth": result.auth,
+            "mount_type": "",
+        }
+
+    @staticmethod
+    def _error(request_id: str, status: int, message: str, data: dict[str, Any] | None = None) -> Response:
+        body: dict[str, Any] = {"errors": [message] if status != 404 or data is None else []}
+        if data is not None:
+            body.update({"request_id": request_id, "data": data})
+        return Response(status, body)
+
+
+# --- helpers the route modules share ------------------------------------------------------
+
+
+def field_int(data: Mapping[str, Any], name: str, default: int | None = None) -> int | None:
+    """An integer field that clients may send as a number or a numeric string."""
+    value = data.get(name, default)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise InvalidRequest(f"{name!r} must be an integer")
+
+
+def field_bool(data: Mapping[str, Any], name: str, default: bool = False) -> bool:
+    value = data.get(name, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise InvalidRequest(f"{name!r} must be a boolean")
+
+
+def field_str(data: Mapping[str, Any], name: str, default: str | None = None) -> str | None:
+    value = data.get(name, default)
+    if value is None or isinstance(value, str):
+        return value
+    raise InvalidRequest(f"{name!r} must be a string")
+
+
+def field_list(data: Mapping[str, Any], name: str) -> list[str]:
+    """A list of strings, sent as a JSON list or a comma-separated string (as Vault allows)."""
+    value = data.get(name)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise InvalidRequest(f"{name!r} must be a list of strings")
