@@ -36,6 +36,7 @@ from keycell.control_plane.errors import (
     UnsupportedOperation,
 )
 from keycell.control_plane.keys import KeyBackendError
+from keycell.control_plane.ledger import LedgerUnavailableError
 
 log = logging.getLogger("keycell.router")
 
@@ -187,6 +188,7 @@ class Router:
             if handler is None:
                 raise UnsupportedOperation(f"unsupported operation {operation.value!r} on {request.path!r}")
             ctx = Context(request, params)
+            self.services.ensure_unsealed()  # HSM seal mode: a fresh process opens the barrier itself
             if matched.authenticated:
                 self._authenticate(ctx, matched, operation)
             result = handler(ctx)
@@ -198,6 +200,9 @@ class Router:
                 response.headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
         except SealedError:
             response = self._error(request_id, 503, "Vault is sealed")
+        except LedgerUnavailableError as exc:
+            log.warning("ledger unavailable on %s: %s", request.path, type(exc).__name__)
+            response = self._error(request_id, 503, "the cell's ledger is unavailable; retry later")
         except KeyBackendError as exc:
             # The HSM refused or failed: a dependency, not the client's input.
             log.warning("key backend error on %s: %s", request.path, type(exc).__name__)
@@ -217,7 +222,7 @@ class Router:
         token = ctx.request.token
         if not token:
             raise PermissionDenied("permission denied: no token; send X-Vault-Token")
-        entry = services.tokens.lookup(token)
+        entry = services.tokens.use(token)  # counts a use of a use-limited token
         acl = services.policies.acl_for(entry.policies)
         path = ctx.request.path
         if operation in _WRITE:

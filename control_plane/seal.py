@@ -24,7 +24,6 @@ import hashlib
 import hmac
 import json
 import os
-import secrets
 import threading
 import time
 import uuid
@@ -215,10 +214,6 @@ def _combine(shares: Sequence[bytes]) -> bytearray:
         raise UnsealError(f"the shares do not combine: {exc}") from None
 
 
-def new_root_token() -> str:
-    return "kc." + secrets.token_urlsafe(24)
-
-
 def token_path(token: str) -> str:
     """Tokens are stored under a digest, never as themselves."""
     return hashlib.sha256(token.encode()).hexdigest()
@@ -264,14 +259,22 @@ class Seal:
 
     # --- init -------------------------------------------------------------------------
 
-    def init(self, shares: int, threshold: int) -> InitResult:
+    def init(self, shares: int, threshold: int, *, root_token: str | None = None) -> InitResult:
+        """`root_token` chooses the root token's value (development servers only, like
+        `vault server -dev-root-token-id`); otherwise it is random."""
         mode = SealMode.HSM if self.key_backend is not None else SealMode.SHAMIR
         self._check_split(shares, threshold)
+        if root_token is not None and (
+            len(root_token) < 8 or not root_token.isprintable() or " " in root_token
+        ):
+            raise ShareError("a chosen root token is at least 8 printable characters without spaces")
         if self.config() is not None:
             raise AlreadyInitializedError()
         root = bytearray(os.urandom(KEY_BYTES))
         keyring = Keyring.generate()
-        token = new_root_token()
+        from keycell.control_plane.tokens import new_token  # tokens builds on this module
+
+        token = root_token or new_token()
         ops: list[Put] = [Put(CONFIG_KEY, SealConfig(mode, shares, threshold, self.kek).to_bytes(), 0)]
         ops.append(Put(KEYRING_KEY, encrypt_keyring(root, keyring), 0))
         if mode is SealMode.HSM:
@@ -283,11 +286,12 @@ class Seal:
         try:
             handed_out = shamir.split(bytes(secret), shares, threshold)
             self.barrier.open(root, keyring)
-            token_key = Key(Kind.TOKEN, token_path(token))
-            record = json.dumps(
-                {"policies": ["root"], "display_name": "root", "created_at": int(time.time()), "ttl": 0}
-            ).encode()
-            ops.append(Put(token_key, self.barrier.encrypt(token_key, record), 0))
+            # The root token is a full token-store entry (record and accessor index), written
+            # in this same transaction; imported here because tokens builds on this module.
+            from keycell.control_plane.tokens import root_token_ops
+
+            for op in root_token_ops(token, now=int(time.time())):
+                ops.append(Put(op.key, self.barrier.encrypt(op.key, op.value), 0, op.expires_at))
             try:
                 self.ledger.transact(ops)
             except ConflictError:

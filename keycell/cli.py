@@ -4,6 +4,7 @@ they operate on (`ledger`, later `keys`, `entry`, `relay`, `agent`, `breach`).""
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated
 
 import typer
@@ -148,3 +149,49 @@ def demo(
 
     ok = run_demo(console, workdir=workdir, writers=writers, increments=increments)
     raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def server(
+    listen: Annotated[
+        str, typer.Option(help="HOST:PORT to listen on (port 0: any free port).")
+    ] = "127.0.0.1:8200",
+    data_dir: Annotated[
+        str | None, typer.Option(help="Folder for the cell's ledger (not with --dev).")
+    ] = None,
+    dev: Annotated[
+        bool, typer.Option(help="A throwaway cell, initialized and unsealed, like `vault server -dev`.")
+    ] = False,
+    dev_root_token: Annotated[str | None, typer.Option(help="With --dev: the root token to create.")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes sharing the socket.")] = 2,
+) -> None:
+    """Serve the regional API (Vault's HTTP API) on this machine."""
+    import tempfile
+
+    from keycell.server import dev_environment, serve
+
+    host, _, port_text = listen.rpartition(":")
+    if not host or not port_text.isdigit():
+        raise _fail(f"--listen takes HOST:PORT, not {listen!r}")
+    if dev:
+        folder = data_dir or tempfile.mkdtemp(prefix="keycell-dev-")
+        os.environ.update(dev_environment(folder))
+        from keycell.functions.wiring import services_from_environment
+
+        services = services_from_environment()
+        result = services.seal.init(1, 1, root_token=dev_root_token)
+        services.after_unseal()
+        errors.print("[bold yellow]development server[/]: in-memory-grade storage in " + folder)
+        errors.print(f"root token: {result.root_token}")
+        services.ledger.close()
+    else:
+        if not data_dir:
+            raise _fail("--data-dir is required (or use --dev)")
+        os.makedirs(data_dir, exist_ok=True)
+        os.environ.setdefault(
+            "KEYCELL_LEDGER", f"sqlite://{os.path.join(os.path.abspath(data_dir), 'cell.db')}"
+        )
+        if os.environ.get("KEYCELL_SEAL", "shamir") == "shamir" and workers > 1:
+            errors.print("shamir seal: unseal progress lives in one process; serving with 1 worker")
+            workers = 1
+    serve(host, int(port_text), workers=workers)

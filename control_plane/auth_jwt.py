@@ -1,0 +1,654 @@
+"""The JWT auth method (Vault's `auth/jwt`): a workload trades a signed JWT for a token.
+
+The operator configures the keys that may sign (PEM public keys and/or a JWKS given
+inline: Keycell fetches nothing, so `jwks_url` and OIDC discovery are refused) and an
+optional `bound_issuer`, then roles that say which JWTs a role accepts and what token
+they get. Endpoints served:
+
+- `write_config(data)`       POST auth/jwt/config -> None (204). Fields:
+                             jwt_validation_pubkeys (PEM list), jwks (a JWKS object),
+                             bound_issuer, jwt_supported_algs, default_role.
+- `read_config()`            GET auth/jwt/config -> Vault's config data.
+- `write_role(name, data)`   POST auth/jwt/role/:name -> None (creates, or updates the
+                             fields given). role_type "jwt", bound_audiences, user_claim
+                             (default "sub"), bound_subject, bound_claims (exact match;
+                             a list means any of), token_policies, token_ttl,
+                             token_max_ttl, token_period, token_explicit_max_ttl,
+                             token_no_default_policy, token_num_uses, the leeways.
+- `read_role(name)`          GET auth/jwt/role/:name -> the role's data.
+- `delete_role(name)`        DELETE auth/jwt/role/:name -> None.
+- `list_roles()`             LIST auth/jwt/role -> names (the response's "keys").
+- `login(role, jwt)`         POST auth/jwt/login -> (token, TokenEntry, auth block).
+
+Login checks, each failing with PermissionDenied that names the check and never
+echoes the JWT: the role exists; the algorithm is an allowed asymmetric one (RS*,
+PS*, ES*, EdDSA; never "none" or HMAC); the signature verifies with a configured key
+(the JWKS key named by `kid` when there is one); `exp` is present and not past (plus
+the role's expiration leeway, default 150 s), `nbf` not ahead (not-before leeway,
+default 150 s), `iat` not in the future (clock-skew leeway, default 60 s); `iss`
+equals bound_issuer when set; `aud` holds one of bound_audiences (and a JWT with an
+audience needs a role with bound audiences, as Vault insists); `sub` equals
+bound_subject when set; every bound claim matches; the user claim is present. The
+token is an orphan created at "auth/jwt/login" with display name "jwt-<user claim>"
+and metadata {"role": role}.
+
+Storage: the config at `Kind.CONFIG` "auth/jwt/config", roles at `Kind.AUTH_ROLE`
+"jwt/<name>", both through the barrier.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
+from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
+from keycell.control_plane.storage import get_json, put_json_if
+from keycell.control_plane.tokens import (
+    TokenEntry,
+    TokenStore,
+    parse_duration,
+    parse_policies,
+)
+
+CONFIG_KEY = Key(Kind.CONFIG, "auth/jwt/config")
+ROLE_PREFIX = "jwt/"
+LOGIN_PATH = "auth/jwt/login"
+SUPPORTED_ALGS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+# Vault's defaults, in seconds.
+DEFAULT_EXPIRATION_LEEWAY = 150
+DEFAULT_NOT_BEFORE_LEEWAY = 150
+DEFAULT_CLOCK_SKEW_LEEWAY = 60
+MAX_JWT_CHARS = 16 * 1024
+MAX_KEYS = 64
+_ROLE_NAME = re.compile(r"\w(?:[\w.@-]*\w)?")
+_KEY_TYPES: dict[str, tuple[type, ...]] = {
+    "RS": (rsa.RSAPublicKey,),
+    "PS": (rsa.RSAPublicKey,),
+    "ES": (ec.EllipticCurvePublicKey,),
+    "Ed": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
+}
+# Fields Vault's JWT/OIDC method has that Keycell cannot honour: accepted when empty
+# (clients such as hvac send some by default), refused otherwise.
+_UNSUPPORTED_CONFIG = (
+    "oidc_discovery_url",
+    "oidc_discovery_ca_pem",
+    "oidc_client_id",
+    "oidc_client_secret",
+    "oidc_response_mode",
+    "oidc_response_types",
+    "jwks_url",
+    "jwks_ca_pem",
+    "jwks_pairs",
+    "provider_config",
+    "namespace_in_state",
+)
+_IGNORED_ROLE = ("allowed_redirect_uris", "oidc_scopes", "verbose_oidc_logging", "max_age")
+_UNSUPPORTED_ROLE = (
+    "claim_mappings",
+    "groups_claim",
+    "bound_cidrs",
+    "token_bound_cidrs",
+    "user_claim_json_pointer",
+)
+_ROLE_FIELDS = (
+    "role_type",
+    "bound_audiences",
+    "user_claim",
+    "bound_subject",
+    "bound_claims",
+    "bound_claims_type",
+    "token_policies",
+    "policies",
+    "token_ttl",
+    "ttl",
+    "token_max_ttl",
+    "max_ttl",
+    "token_period",
+    "period",
+    "token_explicit_max_ttl",
+    "token_no_default_policy",
+    "token_num_uses",
+    "num_uses",
+    "token_type",
+    "expiration_leeway",
+    "not_before_leeway",
+    "clock_skew_leeway",
+)
+
+
+def _empty(value: object) -> bool:
+    return value is None or value is False or value == "" or value == [] or value == {} or value == 0
+
+
+def _string_list(value: object, name: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        items: list[object] = list(value.split(","))
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        raise InvalidRequest(f"{name} must be a list of strings or a comma-separated string")
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise InvalidRequest(f"{name} must hold strings")
+        if item.strip():
+            out.append(item.strip())
+    return out
+
+
+def _string(value: object, name: str, *, limit: int = 1024) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > limit:
+        raise InvalidRequest(f"{name} must be a string of at most {limit} characters")
+    return value
+
+
+def _leeway(value: object, name: str) -> int:
+    """Vault's leeways: seconds, 0 for the default, -1 to turn the allowance off."""
+    if value in (-1, "-1"):
+        return -1
+    return parse_duration(value if value is not None else 0, name)
+
+
+def _role_name(name: object) -> str:
+    if not isinstance(name, str) or len(name) > 128 or not _ROLE_NAME.fullmatch(name):
+        raise InvalidRequest("a role name is letters, digits, '_', '-', '.' and '@' (at most 128)")
+    return name
+
+
+def _load_pem(pem: str) -> object:
+    try:
+        key = serialization.load_pem_public_key(pem.encode())
+    except (ValueError, TypeError):
+        raise InvalidRequest("jwt_validation_pubkeys: an entry is not a PEM-encoded public key") from None
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
+        raise InvalidRequest("jwt_validation_pubkeys: RSA keys must be at least 2048 bits")
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
+        raise InvalidRequest("jwt_validation_pubkeys: only RSA, EC and Ed25519 public keys can verify JWTs")
+    return key
+
+
+def _jwks(value: object) -> dict[str, Any] | None:
+    if value is None or value == {}:
+        return None
+    if not isinstance(value, Mapping) or not isinstance(value.get("keys"), list) or not value["keys"]:
+        raise InvalidRequest('jwks must be a JWKS object: {"keys": [...]}')
+    if len(value["keys"]) > MAX_KEYS:
+        raise InvalidRequest(f"jwks holds at most {MAX_KEYS} keys")
+    for jwk in value["keys"]:
+        if not isinstance(jwk, Mapping):
+            raise InvalidRequest("jwks: every key is a JWK object")
+        if jwk.get("kty") not in ("RSA", "EC", "OKP"):
+            raise InvalidRequest("jwks: only RSA, EC and OKP (Ed25519) public keys can verify JWTs")
+        if "d" in jwk or "p" in jwk:
+            raise InvalidRequest("jwks: a key holds private material; give public keys only")
+        try:
+            jwt.PyJWK.from_dict(dict(jwk))
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+            raise InvalidRequest("jwks: a key is not a valid public JWK") from None
+    return {"keys": [dict(k) for k in value["keys"]]}
+
+
+def _claim(claims: Mapping[str, Any], name: str) -> object:
+    """A claim by name, or by JSON pointer ("/a/b") into nested claims."""
+    if not name.startswith("/"):
+        return claims.get(name)
+    current: object = claims
+    for part in name[1:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(current, Mapping) or part not in current:
+            return None
+        current = current[part]
+    return current
+
+
+def _scalar_text(value: object) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int):
+        return str(value)
+    return None
+
+
+class JwtAuth:
+    """Vault's JWT auth method over the cell's ledger (see the module docstring)."""
+
+    def __init__(self, ledger: Ledger, tokens: TokenStore, *, clock: Callable[[], float] = time.time) -> None:
+        self.ledger = ledger
+        self.tokens = tokens
+        self.clock = clock
+
+    # --- config ------------------------------------------------------------------------
+
+    def write_config(self, data: Mapping[str, Any]) -> None:
+        """POST auth/jwt/config."""
+        if not isinstance(data, Mapping):
+            raise InvalidRequest("the config is a JSON object")
+        for name in _UNSUPPORTED_CONFIG:
+            if not _empty(data.get(name)):
+                raise InvalidRequest(
+                    f"{name} is not supported by Keycell, which fetches no keys: "
+                    "give jwt_validation_pubkeys or jwks instead"
+                )
+        known = {"jwt_validation_pubkeys", "jwks", "bound_issuer", "jwt_supported_algs", "default_role"}
+        unknown = set(data) - known - set(_UNSUPPORTED_CONFIG)
+        if unknown:
+            raise InvalidRequest(f"unknown config field(s): {', '.join(sorted(map(str, unknown)))[:200]}")
+        pems = _string_list(data.get("jwt_validation_pubkeys"), "jwt_validation_pubkeys")
+        if len(pems) > MAX_KEYS:
+            raise InvalidRequest(f"jwt_validation_pubkeys holds at most {MAX_KEYS} keys")
+        for pem in pems:
+            _load_pem(pem)
+        jwks = _jwks(data.get("jwks"))
+        if not pems and jwks is None:
+            raise InvalidRequest("give the keys that sign JWTs: jwt_validation_pubkeys and/or jwks")
+        algs = _string_list(data.get("jwt_supported_algs"), "jwt_supported_algs")
+        bad = [a for a in algs if a not in SUPPORTED_ALGS]
+        if bad:
+            raise InvalidRequest(
+                f"jwt_supported_algs: unsupported algorithm(s) {', '.join(bad)[:100]}; "
+                f"use {', '.join(SUPPORTED_ALGS)}"
+            )
+        default_role = _string(data.get("default_role"), "default_role", limit=128)
+        if default_role:
+            _role_name(default_role)
+        record = {
+            "jwt_validation_pubkeys": pems,
+            "jwks": jwks,
+            "bound_issuer": _string(data.get("bound_issuer"), "bound_issuer"),
+            "jwt_supported_algs": algs,
+            "default_role": default_role,
+        }
+        self._put(CONFIG_KEY, record)
+
+    def read_config(self) -> dict[str, Any]:
+        """GET auth/jwt/config."""
+        config = self._config()
+        if config is None:
+            raise NotFound("the JWT auth method is not configured")
+        return {
+            "bound_issuer": config["bound_issuer"],
+            "default_role": config["default_role"],
+            "jwks": config["jwks"],
+            "jwks_ca_pem": "",
+            "jwks_url": "",
+            "jwt_supported_algs": list(config["jwt_supported_algs"]),
+            "jwt_validation_pubkeys": list(config["jwt_validation_pubkeys"]),
+            "namespace_in_state": False,
+            "oidc_client_id": "",
+            "oidc_discovery_ca_pem": "",
+            "oidc_discovery_url": "",
+            "oidc_response_mode": "",
+            "oidc_response_types": [],
+            "provider_config": {},
+        }
+
+    def _config(self) -> dict[str, Any] | None:
+        found = get_json(self.ledger, CONFIG_KEY)
+        return None if found is None else found[0]
+
+    # --- roles -------------------------------------------------------------------------
+
+    def write_role(self, name: str, data: Mapping[str, Any]) -> None:
+        """POST auth/jwt/role/:name: create the role, or update the fields given."""
+        role_name = _role_name(name)
+        if not isinstance(data, Mapping):
+            raise InvalidRequest("the role is a JSON object")
+        for field in _UNSUPPORTED_ROLE:
+            if not _empty(data.get(field)):
+                raise InvalidRequest(f"{field} is not supported by Keycell's JWT auth method")
+        unknown = set(data) - set(_ROLE_FIELDS) - set(_UNSUPPORTED_ROLE) - set(_IGNORED_ROLE)
+        if unknown:
+            raise InvalidRequest(f"unknown role field(s): {', '.join(sorted(map(str, unknown)))[:200]}")
+        current = self._role(role_name) or {}
+        role = dict(current)
+
+        def given(*names: str) -> object:
+            for n in names:
+                if n in data:
+                    return data[n]
+            return None
+
+        def has(*names: str) -> bool:
+            return any(n in data for n in names)
+
+        if has("role_type"):
+            role_type = data["role_type"] or "jwt"
+            if role_type != "jwt":
+                raise InvalidRequest('role_type must be "jwt" (Keycell has no OIDC browser flow)')
+        role["role_type"] = "jwt"
+        if has("bound_audiences"):
+            role["bound_audiences"] = _string_list(data["bound_audiences"], "bound_audiences")
+        if has("user_claim"):
+            role["user_claim"] = _string(data["user_claim"], "user_claim", limit=256) or "sub"
+        if has("bound_subject"):
+            role["bound_subject"] = _string(data["bound_subject"], "bound_subject")
+        if has("bound_claims"):
+            role["bound_claims"] = self._bound_claims(data["bound_claims"])
+        if has("bound_claims_type") and data["bound_claims_type"] not in (None, "", "string"):
+            raise InvalidRequest('bound_claims_type must be "string" (exact match); globs are not supported')
+        if has("token_policies", "policies"):
+            role["token_policies"] = parse_policies(given("token_policies", "policies"), "token_policies")
+            if "root" in role["token_policies"]:
+                raise InvalidRequest("auth methods cannot create root tokens")
+        for field, aliases in (
+            ("token_ttl", ("token_ttl", "ttl")),
+            ("token_max_ttl", ("token_max_ttl", "max_ttl")),
+            ("token_period", ("token_period", "period")),
+            ("token_explicit_max_ttl", ("token_explicit_max_ttl",)),
+        ):
+            if has(*aliases):
+                role[field] = parse_duration(given(*aliases) or 0, field)
+        if has("token_no_default_policy"):
+            if not isinstance(data["token_no_default_policy"], bool):
+                raise InvalidRequest("token_no_default_policy must be a boolean")
+            role["token_no_default_policy"] = data["token_no_default_policy"]
+        if has("token_num_uses", "num_uses"):
+            uses = given("token_num_uses", "num_uses") or 0
+            if isinstance(uses, bool) or not isinstance(uses, int) or uses < 0:
+                raise InvalidRequest("token_num_uses must be a non-negative integer")
+            role["token_num_uses"] = uses
+        if has("token_type") and data["token_type"] not in (
+            None,
+            "",
+            "default",
+            "service",
+            "default-service",
+        ):
+            raise InvalidRequest(
+                'token_type must be "service" (or "default"); batch tokens are not supported'
+            )
+        for field in ("expiration_leeway", "not_before_leeway", "clock_skew_leeway"):
+            if has(field):
+                role[field] = _leeway(data[field], field)
+
+        defaults: dict[str, Any] = {
+            "bound_audiences": [],
+            "user_claim": "sub",
+            "bound_subject": "",
+            "bound_claims": {},
+            "token_policies": [],
+            "token_ttl": 0,
+            "token_max_ttl": 0,
+            "token_period": 0,
+            "token_explicit_max_ttl": 0,
+            "token_no_default_policy": False,
+            "token_num_uses": 0,
+            "expiration_leeway": 0,
+            "not_before_leeway": 0,
+            "clock_skew_leeway": 0,
+        }
+        for field, value in defaults.items():
+            role.setdefault(field, value)
+        if 0 < role["token_max_ttl"] < role["token_ttl"]:
+            raise InvalidRequest("token_ttl cannot be greater than token_max_ttl")
+        if not (role["bound_audiences"] or role["bound_subject"] or role["bound_claims"]):
+            raise InvalidRequest(
+                "must have at least one bound constraint when creating/updating a role "
+                "(bound_audiences, bound_subject or bound_claims)"
+            )
+        self._put(self._role_key(role_name), role)
+
+    @staticmethod
+    def _bound_claims(value: object) -> dict[str, list[str]]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise InvalidRequest("bound_claims must be an object of claim name to value(s)")
+        claims: dict[str, list[str]] = {}
+        for name, expected in value.items():
+            if not isinstance(name, str) or not name or len(name) > 256:
+                raise InvalidRequest("bound_claims: claim names are non-empty strings")
+            options = expected if isinstance(expected, list) else [expected]
+            texts = [_scalar_text(o) for o in options]
+            if not texts or any(t is None for t in texts):
+                raise InvalidRequest(
+                    f"bound_claims: {name!r} must be a string, number, boolean or list of them"
+                )
+            claims[name] = [t for t in texts if t is not None]
+        return claims
+
+    def read_role(self, name: str) -> dict[str, Any]:
+        """GET auth/jwt/role/:name."""
+        role_name = _role_name(name)
+        role = self._role(role_name)
+        if role is None:
+            raise NotFound(f"role {role_name!r} could not be found")
+        return {
+            "role_type": "jwt",
+            "bound_audiences": list(role["bound_audiences"]),
+            "user_claim": role["user_claim"],
+            "bound_subject": role["bound_subject"],
+            "bound_claims": {k: (v[0] if len(v) == 1 else list(v)) for k, v in role["bound_claims"].items()}
+            or None,
+            "bound_claims_type": "string",
+            "claim_mappings": None,
+            "groups_claim": "",
+            "token_policies": list(role["token_policies"]),
+            "policies": list(role["token_policies"]),
+            "token_ttl": role["token_ttl"],
+            "ttl": role["token_ttl"],
+            "token_max_ttl": role["token_max_ttl"],
+            "max_ttl": role["token_max_ttl"],
+            "token_period": role["token_period"],
+            "period": role["token_period"],
+            "token_explicit_max_ttl": role["token_explicit_max_ttl"],
+            "token_no_default_policy": role["token_no_default_policy"],
+            "token_num_uses": role["token_num_uses"],
+            "num_uses": role["token_num_uses"],
+            "token_type": "default",
+            "token_bound_cidrs": [],
+            "bound_cidrs": [],
+            "expiration_leeway": role["expiration_leeway"],
+            "not_before_leeway": role["not_before_leeway"],
+            "clock_skew_leeway": role["clock_skew_leeway"],
+            "allowed_redirect_uris": [],
+            "oidc_scopes": [],
+            "verbose_oidc_logging": False,
+            "max_age": 0,
+            "user_claim_json_pointer": False,
+        }
+
+    def delete_role(self, name: str) -> None:
+        """DELETE auth/jwt/role/:name (deleting an absent role is not an error, as in Vault)."""
+        key = self._role_key(_role_name(name))
+        for _ in range(8):
+            item = self.ledger.get(key, consistent=True)
+            if item is None:
+                return
+            try:
+                self.ledger.delete_if(key, item.version)
+                return
+            except ConflictError:
+                continue
+
+    def list_roles(self) -> list[str]:
+        """LIST auth/jwt/role -> the role names, sorted."""
+        return [i.key.path[len(ROLE_PREFIX) :] for i in iter_prefix(self.ledger, Kind.AUTH_ROLE, ROLE_PREFIX)]
+
+    @staticmethod
+    def _role_key(name: str) -> Key:
+        return Key(Kind.AUTH_ROLE, ROLE_PREFIX + name)
+
+    def _role(self, name: str) -> dict[str, Any] | None:
+        found = get_json(self.ledger, self._role_key(name))
+        return None if found is None else found[0]
+
+    def _put(self, key: Key, record: dict[str, Any]) -> None:
+        for _ in range(8):
+            item = self.ledger.get(key, consistent=True)
+            try:
+                put_json_if(self.ledger, key, record, 0 if item is None else item.version)
+                return
+            except ConflictError:
+                continue  # the last writer wins, as in Vault
+        raise InvalidRequest("written concurrently by others; retry")
+
+    # --- login -------------------------------------------------------------------------
+
+    def login(self, role: str, jwt_text: str) -> tuple[str, TokenEntry, dict[str, Any]]:
+        """POST auth/jwt/login {role, jwt} -> (token, entry, Vault's `auth` block)."""
+        config = self._config()
+        if config is None:
+            raise PermissionDenied("the JWT auth method is not configured")
+        role_name = role or config.get("default_role") or ""
+        if not role_name:
+            raise PermissionDenied("missing role")
+        if not isinstance(role_name, str) or not _ROLE_NAME.fullmatch(role_name) or len(role_name) > 128:
+            raise PermissionDenied("role could not be found")
+        settings = self._role(role_name)
+        if settings is None:
+            raise PermissionDenied(f'role "{role_name}" could not be found')
+        claims = self._verified_claims(config, jwt_text)
+        self._check_claims(config, settings, claims)
+
+        user = _scalar_text(_claim(claims, settings["user_claim"]))
+        if not user:
+            raise PermissionDenied(f'claim "{settings["user_claim"][:100]}" not found in token')
+        token, entry = self.tokens.create(
+            None,
+            policies=settings["token_policies"],
+            ttl=settings["token_ttl"],
+            max_ttl=settings["token_max_ttl"],
+            explicit_max_ttl=settings["token_explicit_max_ttl"],
+            period=settings["token_period"],
+            no_default_policy=settings["token_no_default_policy"],
+            num_uses=settings["token_num_uses"],
+            display_name=f"jwt-{user[:200]}",
+            meta={"role": role_name},
+            path=LOGIN_PATH,
+        )
+        return token, entry, self.tokens.auth_data(token, entry)
+
+    def _verified_claims(self, config: Mapping[str, Any], jwt_text: object) -> dict[str, Any]:
+        if not isinstance(jwt_text, str) or not jwt_text:
+            raise PermissionDenied("missing jwt")
+        if len(jwt_text) > MAX_JWT_CHARS:
+            raise PermissionDenied(f"the JWT is longer than {MAX_JWT_CHARS} characters")
+        try:
+            header = jwt.get_unverified_header(jwt_text)
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise PermissionDenied("the JWT is malformed (expected header.payload.signature)") from None
+        alg = header.get("alg")
+        allowed = config.get("jwt_supported_algs") or list(SUPPORTED_ALGS)
+        if not isinstance(alg, str) or alg not in allowed:
+            shown = (
+                f" {alg}" if isinstance(alg, str) and alg in jwt.algorithms.get_default_algorithms() else ""
+            )
+            raise PermissionDenied(f"the JWT's signing algorithm{shown} is not allowed")
+        kid = header.get("kid")
+        for key in self._candidate_keys(config, alg, kid if isinstance(kid, str) else None):
+            try:
+                claims = jwt.decode(
+                    jwt_text,
+                    key=key,  # type: ignore[arg-type]
+                    algorithms=[alg],
+                    options={
+                        "verify_signature": True,
+                        "verify_exp": False,
+                        "verify_nbf": False,
+                        "verify_iat": False,
+                        "verify_aud": False,
+                        "verify_iss": False,
+                    },
+                )
+            except jwt.InvalidSignatureError:
+                continue
+            except (jwt.PyJWTError, ValueError, TypeError):
+                # Wrong key type for this algorithm, or an undecodable payload.
+                continue
+            if not isinstance(claims, dict):
+                raise PermissionDenied("the JWT's payload is not a JSON object")
+            return claims
+        raise PermissionDenied("the JWT's signature did not verify with any configured key")
+
+    @staticmethod
+    def _candidate_keys(config: Mapping[str, Any], alg: str, kid: str | None) -> list[object]:
+        wanted = _KEY_TYPES[alg[:2]]
+        keys: list[object] = []
+        jwks = config.get("jwks")
+        if jwks:
+            for jwk in jwks["keys"]:
+                if kid is not None and jwk.get("kid") not in (None, kid):
+                    continue
+                if jwk.get("alg") not in (None, alg):
+                    continue
+                try:
+                    keys.append(jwt.PyJWK.from_dict(jwk).key)
+                except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+                    continue
+        for pem in config.get("jwt_validation_pubkeys", []):
+            keys.append(serialization.load_pem_public_key(pem.encode()))
+        return [k for k in keys if isinstance(k, wanted)]
+
+    def _check_claims(
+        self, config: Mapping[str, Any], role: Mapping[str, Any], claims: Mapping[str, Any]
+    ) -> None:
+        now = self.clock()
+        exp_leeway = role["expiration_leeway"] or DEFAULT_EXPIRATION_LEEWAY
+        nbf_leeway = role["not_before_leeway"] or DEFAULT_NOT_BEFORE_LEEWAY
+        skew = role["clock_skew_leeway"] or DEFAULT_CLOCK_SKEW_LEEWAY
+        exp_leeway, nbf_leeway, skew = (max(0, v) for v in (exp_leeway, nbf_leeway, skew))
+
+        exp = claims.get("exp")
+        if isinstance(exp, bool) or not isinstance(exp, int | float):
+            raise PermissionDenied("the JWT has no expiry (exp claim)")
+        if now > exp + exp_leeway:
+            raise PermissionDenied("the JWT has expired (exp)")
+        nbf = claims.get("nbf")
+        if nbf is not None:
+            if isinstance(nbf, bool) or not isinstance(nbf, int | float):
+                raise PermissionDenied("the JWT's nbf claim is not a time")
+            if now + nbf_leeway < nbf:
+                raise PermissionDenied("the JWT is not valid yet (nbf)")
+        iat = claims.get("iat")
+        if iat is not None:
+            if isinstance(iat, bool) or not isinstance(iat, int | float):
+                raise PermissionDenied("the JWT's iat claim is not a time")
+            if iat > now + skew:
+                raise PermissionDenied("the JWT was issued in the future (iat)")
+
+        issuer = config.get("bound_issuer")
+        if issuer and claims.get("iss") != issuer:
+            raise PermissionDenied("the JWT's issuer (iss) does not match the configured bound_issuer")
+
+        aud = claims.get("aud")
+        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        bound_audiences = role["bound_audiences"]
+        if bound_audiences:
+            if not any(isinstance(a, str) and a in bound_audiences for a in audiences):
+                raise PermissionDenied("the JWT's audience (aud) does not match the role's bound_audiences")
+        elif aud is not None:
+            raise PermissionDenied("audience claim found in JWT but no audiences bound to the role")
+
+        if role["bound_subject"] and claims.get("sub") != role["bound_subject"]:
+            raise PermissionDenied("the JWT's subject (sub) does not match the role's bound_subject")
+
+        for name, expected in role["bound_claims"].items():
+            actual = _claim(claims, name)
+            if actual is None:
+                raise PermissionDenied(f'claim "{name[:100]}" is missing from the JWT')
+            values = actual if isinstance(actual, list) else [actual]
+            if not any(_scalar_text(v) in expected for v in values):
+                raise PermissionDenied(f'claim "{name[:100]}" does not match an associated bound claim')

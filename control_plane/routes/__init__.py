@@ -1,0 +1,19 @@
+"""Vault's HTTP API, one module per endpoint family; `build_router` assembles them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keycell.control_plane.router import Router
+
+
+def build_router(services: Any) -> Router:
+    from keycell.control_plane.routes import auth, secrets, system
+    from keycell.control_plane.routes import sys as seal_routes
+
+    router = Router(services, clock=services.clock)
+    seal_routes.register(router, services)
+    system.register(router, services)
+    auth.register(router, services)
+    secrets.register(router, services)
+    return router

@@ -1,0 +1,114 @@
+"""One cell's services, assembled: the storage stack, the seal, and every engine.
+
+`functions/` builds a `CellServices` from configuration (which ledger, which key
+backend) and hands it to the `Router`. Nothing here imports an adapter: the ledger
+and the key backend arrive ready-made.
+
+The key backend has two jobs. In HSM seal mode it holds the key that wraps the
+root key (auto-unseal). In every mode it holds the key-encryption key (`kek`) that
+wraps each secret's data key. A cell without an HSM passes a factory instead of a
+backend, called with the barrier, so the KEK lives inside the cell's own sealed
+storage (the software backend, development only).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from keycell.control_plane.auth_jwt import JwtAuth
+from keycell.control_plane.barrier import Barrier
+from keycell.control_plane.envelope import DataKeyCache, Envelopes
+from keycell.control_plane.keys import KeyBackend, KeySpec, UnknownKeyError
+from keycell.control_plane.kv import KvV2
+from keycell.control_plane.leases import Leases
+from keycell.control_plane.ledger import Ledger
+from keycell.control_plane.policy import PolicyStore
+from keycell.control_plane.revocations import RevocationSet
+from keycell.control_plane.seal import Seal
+from keycell.control_plane.tokens import TokenEntry, TokenStore
+from keycell.control_plane.transit import Transit
+from keycell.control_plane.wrapping import Wrapping, parse_duration
+
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class CellConfig:
+    cell_id: str = "local"
+    kek: str = "cell-kek"
+    hsm_seal: bool = False  # auto-unseal through the key backend; shares become recovery shares
+    cluster_name: str = "keycell"
+
+
+class CellServices:
+    def __init__(
+        self,
+        ledger: Ledger,
+        key_backend: KeyBackend | Callable[[Barrier], KeyBackend],
+        config: CellConfig = CellConfig(),
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.ledger = ledger
+        self.barrier = Barrier(ledger)
+        self.key_backend = key_backend if not callable(key_backend) else key_backend(self.barrier)
+        if config.hsm_seal:
+            self.seal = Seal(ledger, self.barrier, key_backend=self.key_backend, kek=f"{config.kek}-seal")
+        else:
+            self.seal = Seal(ledger, self.barrier)
+        self.started = clock()
+        self.revocations = RevocationSet(self.barrier, config.cell_id, clock=clock)
+        self.tokens = TokenStore(self.barrier, self.revocations, clock=clock)
+        self.policies = PolicyStore(self.barrier)
+        self.jwt = JwtAuth(self.barrier, self.tokens, clock=clock)
+        self.data_keys = DataKeyCache()
+        self.barrier.on_seal(self.data_keys.clear)
+        self.envelopes = Envelopes(config.cell_id, self.key_backend, config.kek, self.data_keys)
+        self.kv = KvV2(self.barrier, self.envelopes, clock=clock)
+        self.transit = Transit(self.barrier, self.key_backend, clock=clock)
+        self.leases = Leases(self.barrier, self.revocations, clock=clock)
+        self.leases.register_revoker(
+            "token", lambda lease: self.tokens.revoke_accessor(lease.revoker_data["accessor"])
+        )
+        self.wrapping = Wrapping(self.barrier, clock=clock)
+
+    def register_token_lease(self, path: str, token: str, entry: TokenEntry) -> str:
+        """Tokens issued by an auth endpoint are leases under its path, as in Vault, so
+        `sys/leases/revoke-prefix/auth/jwt` revokes every token that method issued (the
+        breach runbook's first step). The lease lasts as long as the token could live
+        (its max TTL), so tidying expired leases never cuts a renewed token short; a
+        token that never expires (root) has no lease."""
+        if entry.expire_time is None:
+            return ""
+        longest = entry.explicit_max_ttl or entry.max_ttl or self.tokens.max_ttl
+        lease = self.leases.register(
+            path,
+            ttl=max(1, int(longest)),
+            max_ttl=max(1, int(longest)),
+            renewable=False,
+            revoker="token",
+            revoker_data={"accessor": entry.accessor},
+        )
+        return str(lease.lease_id)
+
+    def wrapping_ttl(self, header: str) -> int:
+        return parse_duration(header)
+
+    def after_unseal(self) -> None:
+        """Once the barrier is open: make sure the cell's KEK exists."""
+        try:
+            self.key_backend.describe(self.config.kek)
+        except UnknownKeyError:
+            self.key_backend.create_key(self.config.kek, KeySpec.AES_256)
+
+    def ensure_unsealed(self) -> None:
+        """HSM seal mode: a process that finds the cell sealed opens it itself."""
+        if self.barrier.sealed and self.config.hsm_seal:
+            status = self.seal.status()
+            if status.initialized:
+                self.seal.auto_unseal()
+                self.after_unseal()

@@ -1,0 +1,1 @@
+"""The cell's Chalice apps (`keycell.functions`): thin handlers over the core."""

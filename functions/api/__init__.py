@@ -1,0 +1,1 @@
+"""The regional API: Vault's HTTP API as one Chalice app."""

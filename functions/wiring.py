@@ -1,0 +1,53 @@
+"""Configuration to a running cell: the one place adapters meet the core.
+
+Environment (all optional):
+  KEYCELL_LEDGER        ledger URL (sqlite:///PATH.db, dynamodb://TABLE?region=...); default: the user's data folder
+  KEYCELL_CELL          this cell's id (default "local")
+  KEYCELL_KEY_BACKEND   software | pkcs11 (KEYCELL_PKCS11_MODULE/_TOKEN/_PIN) | aws-kms
+  KEYCELL_SEAL          shamir (default) | hsm (auto-unseal through the key backend)
+  KEYCELL_SOFTWARE_KEYS for the software backend: a ledger URL where its keys persist; unset keeps
+                        them inside the cell's own barrier (sealed with the cell)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from keycell.adapters.ledgers import default_ledger_url, open_ledger
+from keycell.control_plane.barrier import Barrier
+from keycell.control_plane.keys import KeyBackend
+from keycell.control_plane.router import Router
+from keycell.control_plane.routes import build_router
+from keycell.control_plane.services import CellConfig, CellServices
+
+
+def key_backend_from_environment(env: dict[str, str]) -> KeyBackend | Callable[[Barrier], KeyBackend]:
+    kind = env.get("KEYCELL_KEY_BACKEND", "software")
+    if kind == "software":
+        from keycell.adapters.keys.software import SoftwareKeyBackend
+
+        store_url = env.get("KEYCELL_SOFTWARE_KEYS")
+        if store_url:
+            return SoftwareKeyBackend(store=open_ledger(store_url))
+        return lambda barrier: SoftwareKeyBackend(store=barrier)
+    if kind == "pkcs11":
+        from keycell.adapters.keys.pkcs11 import Pkcs11KeyBackend
+
+        return Pkcs11KeyBackend.from_env()
+    if kind == "aws-kms":
+        from keycell.adapters.keys.aws_kms import AwsKmsKeyBackend
+
+        return AwsKmsKeyBackend(region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1")
+    raise ValueError(f"unknown KEYCELL_KEY_BACKEND {kind!r}; use software, pkcs11 or aws-kms")
+
+
+def services_from_environment(env: dict[str, str] | None = None) -> CellServices:
+    env = dict(os.environ if env is None else env)
+    ledger = open_ledger(env.get("KEYCELL_LEDGER") or default_ledger_url())
+    config = CellConfig(cell_id=env.get("KEYCELL_CELL", "local"), hsm_seal=env.get("KEYCELL_SEAL") == "hsm")
+    return CellServices(ledger, key_backend_from_environment(env), config)
+
+
+def router_from_environment(env: dict[str, str] | None = None) -> Router:
+    return build_router(services_from_environment(env))
