@@ -80,8 +80,9 @@ class CellServices:
         """Tokens issued by an auth endpoint are leases under its path, as in Vault, so
         `sys/leases/revoke-prefix/auth/jwt` revokes every token that method issued (the
         breach runbook's first step). The lease lasts as long as the token could live
-        (its max TTL), so tidying expired leases never cuts a renewed token short; a
-        token that never expires (root) has no lease."""
+        (its max TTL), so tidying expired leases never cuts a renewed token short;
+        renewing the lease renews the token. A token that never expires (root) has no
+        lease."""
         if entry.expire_time is None:
             return ""
         longest = entry.explicit_max_ttl or entry.max_ttl or self.tokens.max_ttl
@@ -89,7 +90,7 @@ class CellServices:
             path,
             ttl=max(1, int(longest)),
             max_ttl=max(1, int(longest)),
-            renewable=False,
+            renewable=entry.renewable,
             revoker="token",
             revoker_data={"accessor": entry.accessor},
         )

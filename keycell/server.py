@@ -1,5 +1,5 @@
 """Self-hosted regional API: the Chalice app (keycell.functions.api.app) served by
-uvicorn, several worker processes sharing one listening socket, keep-alive, httptools.
+uvicorn, several worker processes sharing one listening socket, keep-alive.
 
 Each HTTP request becomes the API Gateway proxy event Lambda would receive and goes
 through the Chalice app's own route table, so there is one route table whichever
@@ -67,6 +67,11 @@ def handle_http(scope: dict[str, Any], body: bytes) -> tuple[int, list[tuple[byt
     headers: dict[str, str] = {}
     for name, value in scope.get("headers", []):
         headers[name.decode("latin-1")] = value.decode("latin-1")
+    if body and headers.get("content-type", "").split(";")[0].strip() not in (
+        "application/json",
+        "application/merge-patch+json",
+    ):
+        headers["content-type"] = "application/json"  # Vault reads every body as JSON
     multi_query: dict[str, list[str]] = {}
     for key, value in query:
         multi_query.setdefault(key, []).append(value)
@@ -106,6 +111,7 @@ def listen(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)  # accepting from now: clients may connect before the workers are up
     sock.set_inheritable(True)
     return sock
 
@@ -116,7 +122,7 @@ def serve(host: str, port: int, *, workers: int) -> None:
     config = uvicorn.Config(
         "keycell.server:asgi_app",
         workers=workers,
-        http="httptools",
+        http="h11",  # Vault clients send the LIST method, which httptools (llhttp) refuses to parse
         loop="uvloop",
         lifespan="off",
         access_log=False,

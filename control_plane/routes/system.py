@@ -79,7 +79,16 @@ def register(router: Router, services: Any) -> None:
         return found  # type: ignore[no-any-return]
 
     def lease_renew(ctx: Context) -> Result:
-        renewed = leases.renew(lease_id(ctx), ctx.data.get("increment") or 0)
+        lid = lease_id(ctx)
+        if lid.startswith("auth/"):
+            # An auth lease stands for a token: renewing it renews the token.
+            lease = leases.get(lid)
+            if lease is None:
+                raise InvalidRequest("lease not found or lease is not renewable")
+            entry = services.tokens.renew_accessor(lease.revoker_data["accessor"], ctx.data.get("increment"))
+            ttl = entry.ttl(services.clock())
+            return Result(lease_id=lid, renewable=entry.renewable, lease_duration=ttl, data={})
+        renewed = leases.renew(lid, ctx.data.get("increment") or 0)
         return Result(
             lease_id=renewed["lease_id"],
             renewable=renewed["renewable"],

@@ -27,6 +27,15 @@ from keycell.functions.wiring import router_from_environment
 
 MAX_DEPTH = 16
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
+# Vault reads every body as JSON whatever its Content-Type says; curl's default
+# (form-encoded) and a missing type must not be refused with 415.
+CONTENT_TYPES = [
+    "application/json",
+    "application/x-www-form-urlencoded",
+    "text/plain",
+    "application/octet-stream",
+    "application/merge-patch+json",
+]
 
 app = Chalice(app_name="keycell-api")
 _router: Router | None = None
@@ -98,4 +107,6 @@ def _json(status: int, body: dict[str, Any] | None, headers: dict[str, str] | No
 
 
 for _depth in range(1, MAX_DEPTH + 1):
-    app.route(route_for_depth(_depth), methods=METHODS, name=f"dispatch_{_depth}")(dispatch)
+    app.route(
+        route_for_depth(_depth), methods=METHODS, name=f"dispatch_{_depth}", content_types=CONTENT_TYPES
+    )(dispatch)
