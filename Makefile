@@ -40,6 +40,7 @@ lint: setup
 	$(RUN) mypy
 
 bench: setup system-deps
+	@bash bench/system-deps.sh
 	$(UV) sync --frozen --group bench
 	$(RUN) --group bench python -m bench
 

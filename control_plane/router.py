@@ -85,6 +85,7 @@ class Response:
     status: int
     body: dict[str, Any] | None
     headers: dict[str, str] = field(default_factory=dict)
+    text: str | None = None  # a non-JSON body (sys/metrics); its Content-Type is in `headers`
 
 
 @dataclass
@@ -99,6 +100,7 @@ class Result:
     warnings: list[str] | None = None
     status: int | None = None  # overrides 200/204
     raw: dict[str, Any] | None = None  # a body that is not Vault's envelope (sys/health, sys/init)
+    text: str | None = None  # plain text instead of JSON (sys/metrics)
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -244,6 +246,9 @@ class Router:
             result = Result(data=result)
         if result.raw is not None:
             return Response(result.status or 200, result.raw, result.headers)
+        if result.text is not None:
+            headers = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8", **result.headers}
+            return Response(result.status or 200, None, headers, text=result.text)
         wrap_ttl = request.headers.get("x-vault-wrap-ttl")
         if wrap_ttl and route.wrappable and (result.data is not None or result.auth is not None):
             ttl = self.services.wrapping_ttl(wrap_ttl)

@@ -8,7 +8,7 @@ from keycell.control_plane.router import Router
 
 
 def build_router(services: Any) -> Router:
-    from keycell.control_plane.routes import auth, secrets, system
+    from keycell.control_plane.routes import auth, metrics, secrets, system
     from keycell.control_plane.routes import sys as seal_routes
 
     router = Router(services, clock=services.clock)
@@ -16,4 +16,5 @@ def build_router(services: Any) -> Router:
     system.register(router, services)
     auth.register(router, services)
     secrets.register(router, services)
+    metrics.register(router, services)
     return router

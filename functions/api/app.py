@@ -41,8 +41,8 @@ app = Chalice(app_name="keycell-api")
 _router: Router | None = None
 
 
-def configure(router: Router) -> None:
-    """Use this router (tests, the self-hosted server) instead of the environment's."""
+def configure(router: Router | None) -> None:
+    """Use this router (tests) instead of the environment's; None: back to the environment."""
     global _router
     _router = router
 
@@ -95,6 +95,8 @@ def dispatch(**params: str) -> Response:
         remote_addr=str(identity.get("sourceIp") or ""),
     )
     response = router().handle(request)
+    if response.text is not None:
+        return Response(body=response.text, status_code=response.status, headers=dict(response.headers))
     return _json(response.status, response.body, response.headers)
 
 

@@ -1,0 +1,68 @@
+"""The same Chalice app on its Lambda path: API Gateway proxy events through
+`chalice.test.Client`, configured from the environment as a deployed function is."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from chalice.test import Client
+
+from keycell.functions.api import app as api
+
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
+    monkeypatch.setenv("KEYCELL_LEDGER", f"sqlite://{tmp_path}/cell.db")
+    monkeypatch.setenv("KEYCELL_KEY_BACKEND", "software")
+    monkeypatch.setenv("KEYCELL_SOFTWARE_KEYS", f"sqlite://{tmp_path}/keys.db")
+    monkeypatch.setenv("KEYCELL_SEAL", "hsm")
+    api.configure(None)  # build from the environment, as on Lambda
+    with Client(api.app) as test_client:
+        yield test_client
+    api.configure(None)
+
+
+def call(
+    client: Client, method: str, path: str, body: object = None, token: str | None = None
+) -> tuple[int, object]:
+    headers = dict(JSON)
+    if token:
+        headers["X-Vault-Token"] = token
+    response = client.http.request(
+        method, f"/v1/{path}", headers=headers, body=json.dumps(body) if body else b""
+    )
+    parsed = json.loads(response.body) if response.body and response.body[:1] in b"{[" else response.body
+    return response.status_code, parsed
+
+
+def test_lambda_path_serves_init_kv_and_list(client: Client) -> None:
+    status, init = call(client, "PUT", "sys/init", {"secret_shares": 3, "secret_threshold": 2})
+    assert status == 200 and init["recovery_keys"] and init["root_token"]  # type: ignore[index]
+    token = init["root_token"]  # type: ignore[index]
+    assert call(client, "GET", "sys/seal-status")[1]["sealed"] is False  # type: ignore[index]
+    status, written = call(client, "POST", "secret/data/team/app/db", {"data": {"password": "x"}}, token)
+    assert status == 200 and written["data"]["version"] == 1  # type: ignore[index]
+    status, listed = call(client, "GET", "secret/metadata/team?list=true", token=token)
+    assert status == 200 and listed["data"]["keys"] == ["app/"]  # type: ignore[index]
+    status, read = call(client, "GET", "secret/data/team/app/db", token=token)
+    assert read["data"]["data"] == {"password": "x"}  # type: ignore[index]
+
+
+def test_lambda_path_refuses_without_a_token_and_counts_metrics(client: Client) -> None:
+    _, init = call(client, "PUT", "sys/init", {"secret_shares": 1, "secret_threshold": 1})
+    assert call(client, "GET", "secret/data/x")[0] == 403
+    status, text = call(client, "GET", "sys/metrics", token=init["root_token"])  # type: ignore[index]
+    assert status == 200
+    body = text.decode() if isinstance(text, bytes) else str(text)
+    assert 'keycell_requests_total{family="kv",method="GET",status="403"' in body
+    assert "keycell_request_duration_seconds_bucket" in body
+
+
+def test_lambda_path_answers_a_bad_body_with_400(client: Client) -> None:
+    response = client.http.request("POST", "/v1/sys/init", headers=JSON, body=b"{not json")
+    assert response.status_code == 400 and b"errors" in response.body
