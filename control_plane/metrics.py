@@ -54,9 +54,15 @@ class Metrics:
                     lines.append(
                         f'keycell_request_duration_seconds_bucket{{family="{family}",le="{bound}",pid="{pid}"}} {count}'
                     )
-                lines.append(f'keycell_request_duration_seconds_bucket{{family="{family}",le="+Inf",pid="{pid}"}} {counts[-1]}')
-                lines.append(f'keycell_request_duration_seconds_sum{{family="{family}",pid="{pid}"}} {self._sums[family]:.6f}')
-                lines.append(f'keycell_request_duration_seconds_count{{family="{family}",pid="{pid}"}} {counts[-1]}')
+                lines.append(
+                    f'keycell_request_duration_seconds_bucket{{family="{family}",le="+Inf",pid="{pid}"}} {counts[-1]}'
+                )
+                lines.append(
+                    f'keycell_request_duration_seconds_sum{{family="{family}",pid="{pid}"}} {self._sums[family]:.6f}'
+                )
+                lines.append(
+                    f'keycell_request_duration_seconds_count{{family="{family}",pid="{pid}"}} {counts[-1]}'
+                )
         lines += [
             "# HELP keycell_sealed Whether this process sees the cell sealed (1) or unsealed (0).",
             "# TYPE keycell_sealed gauge",

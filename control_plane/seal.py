@@ -48,6 +48,7 @@ from keycell.control_plane.barrier import (
 )
 from keycell.control_plane.keys import KeyBackend, KeySpec, UnknownKeyError
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, Put
+from keycell.control_plane.unseal_sharing import SharedUnseal
 
 CONFIG_KEY = Key(Kind.SEAL, "config")
 WRAPPED_ROOT_KEY = Key(Kind.SEAL, "root-key-wrapped")
@@ -229,11 +230,13 @@ class Seal:
         *,
         key_backend: KeyBackend | None = None,
         kek: str | None = None,
+        sharing: SharedUnseal | None = None,
     ) -> None:
         if (key_backend is None) != (kek is None):
             raise ValueError("HSM mode needs both a key backend and a key name")
         self.ledger = ledger
         self.barrier = barrier
+        self.sharing = sharing  # several worker processes of one server share unseal state
         self.key_backend = key_backend
         self.kek = kek
         self._lock = threading.Lock()
@@ -249,6 +252,8 @@ class Seal:
     def status(self) -> SealStatus:
         config = self.config()
         with self._lock:
+            if config is not None and self.sharing is not None and self.barrier.sealed:
+                self._load_shared_progress(config)
             progress = self._unseal.progress if self._unseal else 0
             nonce = self._unseal.nonce if self._unseal else ""
         if config is None:
@@ -314,21 +319,60 @@ class Seal:
         with self._lock:
             if not self.barrier.sealed:
                 return self._status_locked(config)
-            if self._unseal is None:
-                self._unseal = ShareCollector(config.threshold)
-            elif nonce is not None and nonce != self._unseal.nonce:
-                raise NonceMismatchError("that share belongs to another unseal attempt; check the nonce")
-            collector = self._unseal
-            collector.add(raw)
+            while True:
+                stored_version = self._load_shared_progress(config)
+                if self._unseal is None:
+                    self._unseal = ShareCollector(config.threshold)
+                elif nonce is not None and nonce != self._unseal.nonce:
+                    raise NonceMismatchError("that share belongs to another unseal attempt; check the nonce")
+                collector = self._unseal
+                collector.add(raw)
+                if collector.complete or self.sharing is None:
+                    break
+                try:
+                    self.sharing.save_progress(collector.nonce, collector.shares(), stored_version)
+                except ConflictError:
+                    continue  # another worker took a share meanwhile: merge and try again
+                return self._status_locked(config)
             if not collector.complete:
                 return self._status_locked(config)
             self._unseal = None
+            if self.sharing is not None:
+                self.sharing.clear_progress()
             try:
                 root = _combine(collector.shares())
             finally:
                 collector.clear()
-            self._open_with(root, "the shares do not rebuild this cell's root key; unseal progress was reset")
+            self.open_with_root(root)
             return self._status_locked(config)
+
+    def open_with_root(self, root: bytearray) -> None:
+        """Open the barrier with a root key (rebuilt from shares here, or published by
+        another worker of this server); zeroizes `root`."""
+        if self.sharing is not None:
+            try:
+                keyring_check = self.ledger.get(KEYRING_KEY, consistent=True)
+                if keyring_check is not None:
+                    self._decrypt_or(root, keyring_check.value, "x").zeroize()
+                    self.sharing.publish_root(root)
+            except UnsealError:
+                pass  # _open_with below reports it
+        self._open_with(root, "the shares do not rebuild this cell's root key; unseal progress was reset")
+
+    def _load_shared_progress(self, config: SealConfig) -> int:
+        """With sharing: make this process's collector the shared one; its ledger version."""
+        if self.sharing is None:
+            return 0
+        nonce, shares, version = self.sharing.load_progress()
+        if self._unseal is not None:
+            self._unseal.clear()
+            self._unseal = None
+        if shares:
+            self._unseal = ShareCollector(config.threshold)
+            self._unseal.nonce = nonce
+            for share in shares:
+                self._unseal.add(share)
+        return version
 
     def unseal_reset(self) -> SealStatus:
         config = self._require_config()
@@ -336,6 +380,8 @@ class Seal:
             if self._unseal is not None:
                 self._unseal.clear()
                 self._unseal = None
+            if self.sharing is not None:
+                self.sharing.clear_progress()
             return self._status_locked(config)
 
     def auto_unseal(self) -> SealStatus:
@@ -357,6 +403,8 @@ class Seal:
             if self._unseal is not None:
                 self._unseal.clear()
                 self._unseal = None
+            if self.sharing is not None:
+                self.sharing.withdraw()
             self.barrier.close_barrier()
             return self._status_locked(config)
 

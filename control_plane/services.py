@@ -26,9 +26,10 @@ from keycell.control_plane.leases import Leases
 from keycell.control_plane.ledger import Ledger
 from keycell.control_plane.policy import PolicyStore
 from keycell.control_plane.revocations import RevocationSet
-from keycell.control_plane.seal import Seal
+from keycell.control_plane.seal import Seal, UnsealError
 from keycell.control_plane.tokens import TokenEntry, TokenStore
 from keycell.control_plane.transit import Transit
+from keycell.control_plane.unseal_sharing import SharedUnseal
 from keycell.control_plane.wrapping import Wrapping, parse_duration
 
 VERSION = "0.1.0"
@@ -50,7 +51,10 @@ class CellServices:
         config: CellConfig = CellConfig(),
         *,
         clock: Callable[[], float] = time.time,
+        boot: tuple[bytes, str] | None = None,
     ) -> None:
+        """`boot` (a boot key and id from the server's parent process) makes the worker
+        processes of one self-hosted server share unseal state (unseal_sharing)."""
         self.config = config
         self.clock = clock
         self.ledger = ledger
@@ -59,7 +63,8 @@ class CellServices:
         if config.hsm_seal:
             self.seal = Seal(ledger, self.barrier, key_backend=self.key_backend, kek=f"{config.kek}-seal")
         else:
-            self.seal = Seal(ledger, self.barrier)
+            sharing = SharedUnseal(ledger, *boot) if boot is not None else None
+            self.seal = Seal(ledger, self.barrier, sharing=sharing)
         self.started = clock()
         self.revocations = RevocationSet(self.barrier, config.cell_id, clock=clock)
         self.tokens = TokenStore(self.barrier, self.revocations, clock=clock)
@@ -107,7 +112,22 @@ class CellServices:
             self.key_backend.create_key(self.config.kek, KeySpec.AES_256)
 
     def ensure_unsealed(self) -> None:
-        """HSM seal mode: a process that finds the cell sealed opens it itself."""
+        """Follow the cell's seal state from this process: in HSM mode a process that
+        finds the cell sealed opens it itself; with shared unseal state, a worker opens
+        when another worker unsealed, and closes when another sealed."""
+        sharing = self.seal.sharing
+        if sharing is not None:
+            if self.barrier.sealed:
+                root = sharing.load_root()
+                if root is not None:
+                    try:
+                        self.seal.open_with_root(root)
+                        self.after_unseal()
+                    except UnsealError:
+                        pass
+            elif not sharing.root_published():
+                self.barrier.close_barrier()
+            return
         if self.barrier.sealed and self.config.hsm_seal:
             status = self.seal.status()
             if status.initialized:

@@ -5,6 +5,8 @@ Environment (all optional):
   KEYCELL_CELL          this cell's id (default "local")
   KEYCELL_KEY_BACKEND   software | pkcs11 (KEYCELL_PKCS11_MODULE/_TOKEN/_PIN) | aws-kms
   KEYCELL_SEAL          shamir (default) | hsm (auto-unseal through the key backend)
+  KEYCELL_BOOT_KEY, KEYCELL_BOOT_ID
+                        set by `keycell server` for its workers: they share unseal state
   KEYCELL_SOFTWARE_KEYS for the software backend: a ledger URL where its keys persist; unset keeps
                         them inside the cell's own barrier (sealed with the cell)
 """
@@ -46,7 +48,10 @@ def services_from_environment(env: dict[str, str] | None = None) -> CellServices
     env = dict(os.environ if env is None else env)
     ledger = open_ledger(env.get("KEYCELL_LEDGER") or default_ledger_url())
     config = CellConfig(cell_id=env.get("KEYCELL_CELL", "local"), hsm_seal=env.get("KEYCELL_SEAL") == "hsm")
-    return CellServices(ledger, key_backend_from_environment(env), config)
+    boot = None
+    if env.get("KEYCELL_BOOT_KEY") and env.get("KEYCELL_BOOT_ID"):
+        boot = (bytes.fromhex(env["KEYCELL_BOOT_KEY"]), env["KEYCELL_BOOT_ID"])
+    return CellServices(ledger, key_backend_from_environment(env), config, boot=boot)
 
 
 def router_from_environment(env: dict[str, str] | None = None) -> Router:

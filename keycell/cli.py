@@ -191,7 +191,15 @@ def server(
         os.environ.setdefault(
             "KEYCELL_LEDGER", f"sqlite://{os.path.join(os.path.abspath(data_dir), 'cell.db')}"
         )
-        if os.environ.get("KEYCELL_SEAL", "shamir") == "shamir" and workers > 1:
-            errors.print("shamir seal: unseal progress lives in one process; serving with 1 worker")
-            workers = 1
+        if os.environ.get("KEYCELL_SEAL", "shamir") == "shamir":
+            # The workers share unseal progress and state under a key that lives only
+            # in this server's processes (control_plane/unseal_sharing.py).
+            from keycell.adapters.ledgers import open_ledger
+            from keycell.control_plane.unseal_sharing import SharedUnseal
+
+            boot_key, boot_id = SharedUnseal.new_boot()
+            ledger = open_ledger(os.environ["KEYCELL_LEDGER"])
+            SharedUnseal(ledger, boot_key, boot_id).forget_other_boots()
+            ledger.close()
+            os.environ["KEYCELL_BOOT_KEY"], os.environ["KEYCELL_BOOT_ID"] = boot_key.hex(), boot_id
     serve(host, int(port_text), workers=workers)

@@ -60,7 +60,9 @@ def unique(prefix: str) -> str:
 
 def test_init_unseal_seal_through_hvac(tmp_path: Path) -> None:
     server = ServerProcess(
-        "keycell", ["server", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:0"], what="keycell server"
+        "keycell",
+        ["server", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:0", "--workers", "2"],
+        what="keycell server",
     )
     port = server.start()
     try:
@@ -86,6 +88,39 @@ def test_init_unseal_seal_through_hvac(tmp_path: Path) -> None:
         assert read["data"]["data"] == {"password": "s3cret"}
         health = client.sys.read_health_status(method="GET")
         assert health["initialized"] is True and health["sealed"] is False
+    finally:
+        server.stop()
+
+
+def worker_of(url: str, token: str) -> str:
+    """The pid of the worker process that answers a fresh connection."""
+    text = hvac.Client(url=url, token=token).adapter.get("/v1/sys/metrics", raise_exception=True).text
+    return text.split('pid="', 1)[1].split('"', 1)[0]
+
+
+def test_workers_of_a_shamir_server_share_unseal_and_seal(tmp_path: Path) -> None:
+    server = ServerProcess(
+        "keycell",
+        ["server", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:0", "--workers", "2"],
+        what="keycell server",
+    )
+    url = f"http://127.0.0.1:{server.start()}"
+    try:
+        init = hvac.Client(url=url).sys.initialize(secret_shares=3, secret_threshold=2)
+        for key in init["keys"][:2]:  # each share on a fresh connection: likely different workers
+            hvac.Client(url=url).sys.submit_unseal_key(key)
+        seen: set[str] = set()
+        deadline = time.monotonic() + 20  # the second worker may still be starting
+        while len(seen) < 2 and time.monotonic() < deadline:
+            seen.add(worker_of(url, init["root_token"]))
+        assert len(seen) == 2, "both workers should answer fresh connections"
+        for _ in range(10):
+            assert hvac.Client(url=url).sys.is_sealed() is False
+        hvac.Client(url=url, token=init["root_token"]).sys.seal()
+        for _ in range(10):
+            assert hvac.Client(url=url).sys.is_sealed() is True
+            with pytest.raises(hvac.exceptions.VaultDown):
+                hvac.Client(url=url, token=init["root_token"]).auth.token.lookup_self()
     finally:
         server.stop()
 
