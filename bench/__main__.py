@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ["bench.ledger", "bench.barrier", "bench.keys"]
+BENCHMARKS = ["bench.ledger", "bench.barrier", "bench.keys", "bench.api"]
 
 
 def main() -> None:

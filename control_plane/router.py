@@ -122,6 +122,57 @@ class Context:
 Handler = Callable[[Context], "dict[str, Any] | Result | None"]
 
 
+# --- documentation (sys/openapi is generated from the route table) --------------------------
+
+JsonSchema = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Content:
+    """A response body that is not JSON (sys/metrics' Prometheus text)."""
+
+    media_type: str
+    schema: JsonSchema = field(default_factory=lambda: {"type": "string"})
+
+
+# A documented response: a JSON schema (application/json), a `Content`, or None (no body).
+ResponseDoc = JsonSchema | Content | None
+
+
+@dataclass(frozen=True)
+class OperationDoc:
+    """One operation of a route as sys/openapi documents it. Error responses (400, 403,
+    404, 405, 429, 503 with Vault's `{"errors": [...]}`) are added to every operation."""
+
+    summary: str = ""
+    description: str = ""
+    body: JsonSchema | None = None  # the request body's JSON schema; None: none is read
+    body_required: bool = False
+    query: dict[str, JsonSchema] = field(default_factory=dict)  # optional query parameters
+    headers: dict[str, JsonSchema] = field(default_factory=dict)  # required request headers
+    # The successful responses by status ("default" for a client-chosen status).
+    responses: dict[int | str, ResponseDoc] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RouteDoc:
+    """How a route appears in sys/openapi. `path` is the OpenAPI template below /v1/
+    (`/secret/data/{path}`); `more_paths` are further templates the same pattern serves
+    (an optional trailing segment such as transit's `/sign/{name}/{hash}`). `params`
+    describes the path parameters; a parameter that may span segments (a KV path like
+    `app/db`) says so there. `token_accepted` marks an unauthenticated route that still
+    reads X-Vault-Token (the wrapping endpoints take the wrapping token that way)."""
+
+    path: str
+    summary: str = ""
+    description: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+    param_schemas: dict[str, JsonSchema] = field(default_factory=dict)  # default: a non-empty string
+    operations: dict[Operation, OperationDoc] = field(default_factory=dict)
+    more_paths: tuple[str, ...] = ()
+    token_accepted: bool = False
+
+
 @dataclass
 class Route:
     pattern: re.Pattern[str]
@@ -132,6 +183,7 @@ class Route:
     family: str = ""  # for metrics: "kv", "sys", "auth", ...
     # For POST/PUT, which capability to require: None accepts create or update.
     write_capability: Callable[[Context], Operation] | None = None
+    doc: RouteDoc | None = None  # for sys/openapi
 
 
 class Router:
@@ -153,6 +205,7 @@ class Router:
         wrappable: bool = True,
         family: str = "",
         write_capability: Callable[[Context], Operation] | None = None,
+        doc: RouteDoc | None = None,
     ) -> None:
         self.routes.append(
             Route(
@@ -163,6 +216,7 @@ class Router:
                 wrappable,
                 family or pattern.split("/")[0],
                 write_capability,
+                doc,
             )
         )
 

@@ -5,7 +5,33 @@ from __future__ import annotations
 from typing import Any
 
 from keycell.control_plane.errors import InvalidRequest
-from keycell.control_plane.router import Context, Operation, Result, Router, field_bool, field_int, field_str
+from keycell.control_plane.router import (
+    Context,
+    Operation,
+    OperationDoc,
+    Result,
+    RouteDoc,
+    Router,
+    field_bool,
+    field_int,
+    field_str,
+)
+from keycell.control_plane.routes.openapi import (
+    ANY_OBJECT,
+    AUTH_RESPONSE,
+    BOOL,
+    DURATION,
+    INT,
+    KEYS,
+    NO_CONTENT,
+    RFC3339,
+    STR,
+    STR_LIST,
+    STR_LIST_OR_CSV,
+    nullable,
+    obj,
+    ok,
+)
 
 
 def register(router: Router, services: Any) -> None:
@@ -95,21 +121,131 @@ def register(router: Router, services: Any) -> None:
             raise InvalidRequest("'accessor' is required")
         tokens.revoke_accessor(accessor)
 
-    router.add(r"auth/token/create", {Operation.UPDATE: create("auth/token/create")}, family="auth")
+    def token_doc(path: str, summary: str, operation: OperationDoc, *ops: Operation) -> RouteDoc:
+        return RouteDoc(path, summary, operations={op: operation for op in ops or (Operation.UPDATE,)})
+
+    create_doc = OperationDoc("Create a token", body=_TOKEN_CREATE, responses=AUTH_RESPONSE)
     router.add(
-        r"auth/token/create-orphan", {Operation.UPDATE: create("auth/token/create-orphan")}, family="auth"
+        r"auth/token/create",
+        {Operation.UPDATE: create("auth/token/create")},
+        family="auth",
+        doc=token_doc("/auth/token/create", "Create a child token (or an orphan, with sudo).", create_doc),
     )
     router.add(
-        r"auth/token/lookup-self", {Operation.READ: lookup_self, Operation.UPDATE: lookup_self}, family="auth"
+        r"auth/token/create-orphan",
+        {Operation.UPDATE: create("auth/token/create-orphan")},
+        family="auth",
+        doc=token_doc("/auth/token/create-orphan", "Create an orphan token.", create_doc),
     )
-    router.add(r"auth/token/lookup", {Operation.UPDATE: lookup}, family="auth")
-    router.add(r"auth/token/lookup-accessor", {Operation.UPDATE: lookup_accessor}, family="auth")
-    router.add(r"auth/token/renew-self", {Operation.UPDATE: renew_self}, family="auth")
-    router.add(r"auth/token/renew", {Operation.UPDATE: renew}, family="auth")
-    router.add(r"auth/token/revoke-self", {Operation.UPDATE: revoke_self}, family="auth")
-    router.add(r"auth/token/revoke", {Operation.UPDATE: revoke}, family="auth")
-    router.add(r"auth/token/revoke-orphan", {Operation.UPDATE: revoke_orphan}, sudo=True, family="auth")
-    router.add(r"auth/token/revoke-accessor", {Operation.UPDATE: revoke_accessor}, family="auth")
+    router.add(
+        r"auth/token/lookup-self",
+        {Operation.READ: lookup_self, Operation.UPDATE: lookup_self},
+        family="auth",
+        doc=token_doc(
+            "/auth/token/lookup-self",
+            "The calling token.",
+            OperationDoc("Look up the calling token", responses=ok(_TOKEN_LOOKUP)),
+            Operation.READ,
+            Operation.UPDATE,
+        ),
+    )
+    router.add(
+        r"auth/token/lookup",
+        {Operation.UPDATE: lookup},
+        family="auth",
+        doc=token_doc(
+            "/auth/token/lookup",
+            "Look a token up.",
+            OperationDoc(
+                "Look a token up", body=_TOKEN_FIELD, body_required=True, responses=ok(_TOKEN_LOOKUP)
+            ),
+        ),
+    )
+    router.add(
+        r"auth/token/lookup-accessor",
+        {Operation.UPDATE: lookup_accessor},
+        family="auth",
+        doc=token_doc(
+            "/auth/token/lookup-accessor",
+            "Look a token up by accessor.",
+            OperationDoc(
+                "Look a token up by accessor",
+                body=_ACCESSOR_FIELD,
+                body_required=True,
+                responses=ok(_TOKEN_LOOKUP),
+            ),
+        ),
+    )
+    router.add(
+        r"auth/token/renew-self",
+        {Operation.UPDATE: renew_self},
+        family="auth",
+        doc=token_doc(
+            "/auth/token/renew-self",
+            "Renew the calling token.",
+            OperationDoc(
+                "Renew the calling token", body=obj({"increment": DURATION}), responses=AUTH_RESPONSE
+            ),
+        ),
+    )
+    router.add(
+        r"auth/token/renew",
+        {Operation.UPDATE: renew},
+        family="auth",
+        doc=token_doc(
+            "/auth/token/renew",
+            "Renew a token.",
+            OperationDoc(
+                "Renew a token",
+                body=obj({"token": STR, "increment": DURATION}, ("token",)),
+                body_required=True,
+                responses=AUTH_RESPONSE,
+            ),
+        ),
+    )
+    router.add(
+        r"auth/token/revoke-self",
+        {Operation.UPDATE: revoke_self},
+        family="auth",
+        doc=token_doc(
+            "/auth/token/revoke-self",
+            "Revoke the calling token and its children.",
+            OperationDoc("Revoke the calling token", responses=NO_CONTENT),
+        ),
+    )
+    router.add(
+        r"auth/token/revoke",
+        {Operation.UPDATE: revoke},
+        family="auth",
+        doc=token_doc(
+            "/auth/token/revoke",
+            "Revoke a token and its children.",
+            OperationDoc("Revoke a token", body=_TOKEN_FIELD, body_required=True, responses=NO_CONTENT),
+        ),
+    )
+    router.add(
+        r"auth/token/revoke-orphan",
+        {Operation.UPDATE: revoke_orphan},
+        sudo=True,
+        family="auth",
+        doc=token_doc(
+            "/auth/token/revoke-orphan",
+            "Revoke a token, leaving its children as orphans.",
+            OperationDoc("Revoke a token only", body=_TOKEN_FIELD, body_required=True, responses=NO_CONTENT),
+        ),
+    )
+    router.add(
+        r"auth/token/revoke-accessor",
+        {Operation.UPDATE: revoke_accessor},
+        family="auth",
+        doc=token_doc(
+            "/auth/token/revoke-accessor",
+            "Revoke a token by accessor.",
+            OperationDoc(
+                "Revoke a token by accessor", body=_ACCESSOR_FIELD, body_required=True, responses=NO_CONTENT
+            ),
+        ),
+    )
 
     # --- auth/jwt ---------------------------------------------------------------------
 
@@ -141,15 +277,159 @@ def register(router: Router, services: Any) -> None:
     def role_list(ctx: Context) -> dict[str, Any]:
         return {"keys": jwt.list_roles()}
 
-    router.add(r"auth/jwt/login", {Operation.UPDATE: jwt_login}, authenticated=False, family="auth")
+    router.add(
+        r"auth/jwt/login",
+        {Operation.UPDATE: jwt_login},
+        authenticated=False,
+        family="auth",
+        doc=RouteDoc(
+            "/auth/jwt/login",
+            "JWT login: a signed JWT (a JWT-SVID) for a token bound to its subject.",
+            operations={
+                Operation.UPDATE: OperationDoc(
+                    "Log in with a JWT",
+                    body=obj({"role": STR, "jwt": STR}, ("jwt",)),
+                    body_required=True,
+                    responses=AUTH_RESPONSE,
+                )
+            },
+        ),
+    )
     router.add(
         r"auth/jwt/config",
         {Operation.READ: jwt_config_read, Operation.UPDATE: jwt_config_write},
         family="auth",
+        doc=RouteDoc(
+            "/auth/jwt/config",
+            "The JWT auth method's configuration.",
+            operations={
+                Operation.READ: OperationDoc("Read the JWT configuration", responses=ok(_JWT_CONFIG)),
+                Operation.UPDATE: OperationDoc(
+                    "Configure JWT auth", body=_JWT_CONFIG_REQUEST, body_required=True, responses=NO_CONTENT
+                ),
+            },
+        ),
     )
-    router.add(r"auth/jwt/role/?", {Operation.LIST: role_list}, family="auth")
+    router.add(
+        r"auth/jwt/role/?",
+        {Operation.LIST: role_list},
+        family="auth",
+        doc=RouteDoc(
+            "/auth/jwt/role",
+            "JWT roles.",
+            operations={Operation.LIST: OperationDoc("List JWT roles", responses=ok(KEYS))},
+        ),
+    )
     router.add(
         r"auth/jwt/role/(?P<name>[^/]+)",
         {Operation.READ: role_read, Operation.UPDATE: role_write, Operation.DELETE: role_delete},
         family="auth",
+        doc=RouteDoc(
+            "/auth/jwt/role/{name}",
+            "A JWT role: which JWTs may log in, and the token they get.",
+            params={"name": "The role's name."},
+            operations={
+                Operation.READ: OperationDoc("Read a JWT role", responses=ok(_JWT_ROLE)),
+                Operation.UPDATE: OperationDoc(
+                    "Create or update a JWT role",
+                    body=_JWT_ROLE_REQUEST,
+                    body_required=True,
+                    responses=NO_CONTENT,
+                ),
+                Operation.DELETE: OperationDoc("Delete a JWT role", responses=NO_CONTENT),
+            },
+        ),
     )
+
+
+# --- documentation (sys/openapi) -------------------------------------------------------------
+
+_TOKEN_FIELD = obj({"token": STR}, ("token",))
+_ACCESSOR_FIELD = obj({"accessor": STR}, ("accessor",))
+_TOKEN_CREATE = obj(
+    {
+        "policies": STR_LIST_OR_CSV,
+        "meta": {"type": "object", "additionalProperties": STR},
+        "no_parent": BOOL,
+        "no_default_policy": BOOL,
+        "renewable": BOOL,
+        "ttl": DURATION,
+        "explicit_max_ttl": DURATION,
+        "period": DURATION,
+        "display_name": STR,
+        "num_uses": {"type": "integer", "minimum": 0},
+    }
+)
+_TOKEN_LOOKUP = obj(
+    {
+        "accessor": STR,
+        "creation_time": INT,
+        "creation_ttl": INT,
+        "display_name": STR,
+        "entity_id": STR,
+        "expire_time": nullable(RFC3339),
+        "explicit_max_ttl": INT,
+        "id": STR,
+        "issue_time": RFC3339,
+        "meta": nullable({"type": "object", "additionalProperties": STR}),
+        "num_uses": INT,
+        "orphan": BOOL,
+        "path": STR,
+        "policies": STR_LIST,
+        "renewable": BOOL,
+        "ttl": INT,
+        "type": STR,
+        "period": INT,
+    },
+    ("accessor", "creation_time", "creation_ttl", "id", "policies", "ttl", "type"),
+)
+_JWT_CONFIG_REQUEST = obj(
+    {
+        "jwt_validation_pubkeys": STR_LIST_OR_CSV,
+        "jwks": ANY_OBJECT,
+        "bound_issuer": STR,
+        "jwt_supported_algs": STR_LIST_OR_CSV,
+        "default_role": STR,
+    }
+)
+_JWT_CONFIG = obj(
+    {
+        "bound_issuer": STR,
+        "default_role": STR,
+        "jwks": nullable(ANY_OBJECT),
+        "jwt_supported_algs": STR_LIST,
+        "jwt_validation_pubkeys": STR_LIST,
+    },
+    ("bound_issuer", "default_role", "jwt_supported_algs", "jwt_validation_pubkeys"),
+)
+_JWT_ROLE_REQUEST = obj(
+    {
+        "role_type": {"type": "string", "enum": ["jwt"]},
+        "bound_audiences": STR_LIST_OR_CSV,
+        "user_claim": STR,
+        "bound_subject": STR,
+        "bound_claims": {"type": "object", "additionalProperties": {"anyOf": [STR, STR_LIST]}},
+        "token_policies": STR_LIST_OR_CSV,
+        "token_ttl": DURATION,
+        "token_max_ttl": DURATION,
+        "token_period": DURATION,
+        "token_explicit_max_ttl": DURATION,
+        "token_no_default_policy": BOOL,
+    }
+)
+_JWT_ROLE = obj(
+    {
+        "role_type": STR,
+        "bound_audiences": STR_LIST,
+        "user_claim": STR,
+        "bound_subject": STR,
+        "bound_claims": nullable(ANY_OBJECT),
+        "token_policies": STR_LIST,
+        "token_ttl": INT,
+        "token_max_ttl": INT,
+        "token_period": INT,
+        "token_explicit_max_ttl": INT,
+        "token_no_default_policy": BOOL,
+    },
+    ("role_type", "user_claim", "token_policies"),
+)

@@ -5,7 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from keycell.control_plane.errors import InvalidRequest, NotFound
-from keycell.control_plane.router import Context, Operation, Router
+from keycell.control_plane.router import Context, Operation, OperationDoc, RouteDoc, Router
+from keycell.control_plane.routes.openapi import (
+    ANY_OBJECT,
+    BOOL,
+    DURATION,
+    INT,
+    KEYS,
+    NO_CONTENT,
+    RFC3339,
+    STR,
+    nullable,
+    obj,
+    ok,
+)
+from keycell.control_plane.transit import MAX_NAME_CHARS
 
 
 def register(router: Router, services: Any) -> None:
@@ -84,8 +98,32 @@ def register_kv(router: Router, kv: Any, mount: str) -> None:
             return Operation.CREATE
         return Operation.UPDATE
 
+    def kv_doc(area: str, summary: str, operations: dict[Operation, OperationDoc]) -> RouteDoc:
+        return RouteDoc(
+            f"/{mount}/{area}/{{path}}",
+            summary,
+            params={"path": _KV_PATH},
+            param_schemas={"path": _KV_SEGMENT},
+            operations=operations,
+        )
+
+    versions_body = obj({"versions": _VERSIONS}, ("versions",))
     path = r"(?P<path>.+)"
-    router.add(rf"{mount}/config", {Operation.READ: read_config, Operation.UPDATE: write_config}, family="kv")
+    router.add(
+        rf"{mount}/config",
+        {Operation.READ: read_config, Operation.UPDATE: write_config},
+        family="kv",
+        doc=RouteDoc(
+            f"/{mount}/config",
+            "KV v2 mount settings.",
+            operations={
+                Operation.READ: OperationDoc("Read the KV settings", responses=ok(_KV_CONFIG)),
+                Operation.UPDATE: OperationDoc(
+                    "Change the KV settings", body=_KV_CONFIG_REQUEST, responses=NO_CONTENT
+                ),
+            },
+        ),
+    )
     router.add(
         rf"{mount}/data/{path}",
         {
@@ -96,11 +134,75 @@ def register_kv(router: Router, kv: Any, mount: str) -> None:
         },
         family="kv",
         write_capability=data_exists,
+        doc=kv_doc(
+            "data",
+            "A KV v2 secret's versions.",
+            {
+                Operation.READ: OperationDoc(
+                    "Read a secret version",
+                    "A deleted or destroyed version answers 404 with its metadata.",
+                    query={"version": {"type": "integer", "minimum": 0}},
+                    responses=ok(
+                        obj({"data": nullable(ANY_OBJECT), "metadata": _VERSION}, ("data", "metadata"))
+                    ),
+                ),
+                Operation.UPDATE: OperationDoc(
+                    "Write a new version",
+                    "`options.cas`: 0 writes only if the secret does not exist, n only if n is current.",
+                    body=_KV_WRITE,
+                    body_required=True,
+                    responses=ok(_VERSION),
+                ),
+                Operation.PATCH: OperationDoc(
+                    "Patch the current version (JSON merge patch)",
+                    body=_KV_WRITE,
+                    body_required=True,
+                    responses=ok(_VERSION),
+                ),
+                Operation.DELETE: OperationDoc("Soft-delete the current version", responses=NO_CONTENT),
+            },
+        ),
     )
-    router.add(rf"{mount}/delete/{path}", {Operation.UPDATE: delete_versions}, family="kv")
-    router.add(rf"{mount}/undelete/{path}", {Operation.UPDATE: undelete_versions}, family="kv")
-    router.add(rf"{mount}/destroy/{path}", {Operation.UPDATE: destroy_versions}, family="kv")
-    router.add(rf"{mount}/metadata/?", {Operation.LIST: list_metadata}, family="kv")
+    router.add(
+        rf"{mount}/delete/{path}",
+        {Operation.UPDATE: delete_versions},
+        family="kv",
+        doc=kv_doc(
+            "delete",
+            "Soft-delete versions.",
+            {Operation.UPDATE: OperationDoc("Delete versions", body=versions_body, responses=NO_CONTENT)},
+        ),
+    )
+    router.add(
+        rf"{mount}/undelete/{path}",
+        {Operation.UPDATE: undelete_versions},
+        family="kv",
+        doc=kv_doc(
+            "undelete",
+            "Undelete versions.",
+            {Operation.UPDATE: OperationDoc("Undelete versions", body=versions_body, responses=NO_CONTENT)},
+        ),
+    )
+    router.add(
+        rf"{mount}/destroy/{path}",
+        {Operation.UPDATE: destroy_versions},
+        family="kv",
+        doc=kv_doc(
+            "destroy",
+            "Destroy versions for good.",
+            {Operation.UPDATE: OperationDoc("Destroy versions", body=versions_body, responses=NO_CONTENT)},
+        ),
+    )
+    router.add(
+        rf"{mount}/metadata/?",
+        {Operation.LIST: list_metadata},
+        family="kv",
+        doc=RouteDoc(
+            f"/{mount}/metadata",
+            "Top-level secrets.",
+            operations={Operation.LIST: OperationDoc("List secrets at the top", responses=ok(KEYS))},
+        ),
+    )
     router.add(
         rf"{mount}/metadata/{path}",
         {
@@ -111,6 +213,21 @@ def register_kv(router: Router, kv: Any, mount: str) -> None:
             Operation.LIST: list_metadata,
         },
         family="kv",
+        doc=kv_doc(
+            "metadata",
+            "A KV v2 secret's metadata and settings.",
+            {
+                Operation.READ: OperationDoc("Read a secret's metadata", responses=ok(_METADATA)),
+                Operation.LIST: OperationDoc("List secrets under a folder", responses=ok(KEYS)),
+                Operation.UPDATE: OperationDoc(
+                    "Change a secret's settings", body=_METADATA_REQUEST, responses=NO_CONTENT
+                ),
+                Operation.PATCH: OperationDoc(
+                    "Patch a secret's settings", body=_METADATA_REQUEST, responses=NO_CONTENT
+                ),
+                Operation.DELETE: OperationDoc("Delete the secret, every version", responses=NO_CONTENT),
+            },
+        ),
     )
 
 
@@ -212,23 +329,286 @@ def register_transit(router: Router, transit: Any, mount: str) -> None:
     def encrypt_capability(ctx: Context) -> Operation:
         return Operation.UPDATE if transit.key_exists(name(ctx)) else Operation.CREATE
 
+    def transit_doc(path: str, summary: str, operations: dict[Operation, OperationDoc]) -> RouteDoc:
+        more = (f"/{mount}/{path}/{{name}}/{{hash}}",) if path in ("sign", "verify") else ()
+        return RouteDoc(
+            f"/{mount}/{path}/{{name}}" if "/" not in path else f"/{mount}/{path}",
+            summary,
+            params={"name": "The key's name.", "hash": "The hash algorithm (sha2-256)."},
+            param_schemas={"name": _KEY_NAME, "hash": {"type": "string", "enum": ["sha2-256"]}},
+            operations=operations,
+            more_paths=more,
+        )
+
     key = r"(?P<name>[^/]+)"
     hash_part = r"(?:/(?P<hash>sha2-[0-9]+))?"
-    router.add(rf"{mount}/keys/?", {Operation.LIST: list_keys}, family="transit")
+    router.add(
+        rf"{mount}/keys/?",
+        {Operation.LIST: list_keys},
+        family="transit",
+        doc=RouteDoc(
+            f"/{mount}/keys",
+            "Transit keys.",
+            operations={Operation.LIST: OperationDoc("List transit keys", responses=ok(KEYS))},
+        ),
+    )
     router.add(
         rf"{mount}/keys/{key}",
         {Operation.UPDATE: create_key, Operation.READ: read_key, Operation.DELETE: delete_key},
         family="transit",
+        doc=transit_doc(
+            "keys",
+            "A transit key (material in the cell's key backend, never exported).",
+            {
+                Operation.UPDATE: OperationDoc("Create a key", body=_KEY_CREATE, responses=ok(_KEY)),
+                Operation.READ: OperationDoc("Read a key", responses=ok(_KEY)),
+                Operation.DELETE: OperationDoc("Delete a key (needs deletion_allowed)", responses=NO_CONTENT),
+            },
+        ),
     )
-    router.add(rf"{mount}/keys/{key}/rotate", {Operation.UPDATE: rotate}, family="transit")
-    router.add(rf"{mount}/keys/{key}/config", {Operation.UPDATE: config}, family="transit")
+    router.add(
+        rf"{mount}/keys/{key}/rotate",
+        {Operation.UPDATE: rotate},
+        family="transit",
+        doc=transit_doc(
+            "keys/{name}/rotate",
+            "Key rotation.",
+            {Operation.UPDATE: OperationDoc("Rotate a key", responses=ok(_KEY))},
+        ),
+    )
+    router.add(
+        rf"{mount}/keys/{key}/config",
+        {Operation.UPDATE: config},
+        family="transit",
+        doc=transit_doc(
+            "keys/{name}/config",
+            "Key settings.",
+            {Operation.UPDATE: OperationDoc("Configure a key", body=_KEY_CONFIG, responses=ok(_KEY))},
+        ),
+    )
     router.add(
         rf"{mount}/encrypt/{key}",
         {Operation.UPDATE: encrypt},
         family="transit",
         write_capability=encrypt_capability,
+        doc=transit_doc(
+            "encrypt",
+            "Encryption.",
+            {
+                Operation.UPDATE: OperationDoc(
+                    "Encrypt (one plaintext or a batch)",
+                    "A missing key is created when the caller may create it.",
+                    body=_ENCRYPT,
+                    body_required=True,
+                    responses=ok({"anyOf": [_CIPHERTEXT, _batch(_CIPHERTEXT)]}),
+                )
+            },
+        ),
     )
-    router.add(rf"{mount}/decrypt/{key}", {Operation.UPDATE: decrypt}, family="transit")
-    router.add(rf"{mount}/rewrap/{key}", {Operation.UPDATE: rewrap}, family="transit")
-    router.add(rf"{mount}/sign/{key}{hash_part}", {Operation.UPDATE: sign}, family="transit")
-    router.add(rf"{mount}/verify/{key}{hash_part}", {Operation.UPDATE: verify}, family="transit")
+    router.add(
+        rf"{mount}/decrypt/{key}",
+        {Operation.UPDATE: decrypt},
+        family="transit",
+        doc=transit_doc(
+            "decrypt",
+            "Decryption.",
+            {
+                Operation.UPDATE: OperationDoc(
+                    "Decrypt (one ciphertext or a batch)",
+                    body=_DECRYPT,
+                    body_required=True,
+                    responses=ok({"anyOf": [_PLAINTEXT, _batch(_PLAINTEXT)]}),
+                )
+            },
+        ),
+    )
+    router.add(
+        rf"{mount}/rewrap/{key}",
+        {Operation.UPDATE: rewrap},
+        family="transit",
+        doc=transit_doc(
+            "rewrap",
+            "Re-encryption under the latest key version.",
+            {
+                Operation.UPDATE: OperationDoc(
+                    "Rewrap a ciphertext",
+                    body=obj({"ciphertext": STR, "context": STR, "key_version": INT}, ("ciphertext",)),
+                    body_required=True,
+                    responses=ok(_CIPHERTEXT),
+                )
+            },
+        ),
+    )
+    router.add(
+        rf"{mount}/sign/{key}{hash_part}",
+        {Operation.UPDATE: sign},
+        family="transit",
+        doc=transit_doc(
+            "sign",
+            "Signing.",
+            {
+                Operation.UPDATE: OperationDoc(
+                    "Sign (ECDSA P-256 or RSA-3072 keys)",
+                    body=_SIGN,
+                    body_required=True,
+                    responses=ok(obj({"signature": STR, "key_version": INT}, ("signature", "key_version"))),
+                )
+            },
+        ),
+    )
+    router.add(
+        rf"{mount}/verify/{key}{hash_part}",
+        {Operation.UPDATE: verify},
+        family="transit",
+        doc=transit_doc(
+            "verify",
+            "Signature verification.",
+            {
+                Operation.UPDATE: OperationDoc(
+                    "Verify a signature",
+                    body=obj({**_SIGN["properties"], "signature": STR}, ("input", "signature")),
+                    body_required=True,
+                    responses=ok(obj({"valid": BOOL}, ("valid",))),
+                )
+            },
+        ),
+    )
+
+
+# --- documentation (sys/openapi) -------------------------------------------------------------
+
+_KV_PATH = (
+    "The secret's path below the mount. It may span segments (`app/db`): send it unescaped, "
+    "`/` included; OpenAPI cannot express that, so generated clients see one segment."
+)
+# One segment of a secret path (the note above says more); Vault allows any printable text.
+_KV_SEGMENT = {"type": "string", "pattern": r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$"}
+_VERSIONS = {"type": "array", "items": {"type": "integer", "minimum": 1}}
+_VERSION = obj(
+    {
+        "created_time": RFC3339,
+        "custom_metadata": nullable({"type": "object", "additionalProperties": STR}),
+        "deletion_time": STR,
+        "destroyed": BOOL,
+        "version": INT,
+    },
+    ("created_time", "deletion_time", "destroyed", "version"),
+)
+_KV_WRITE = obj(
+    {"data": ANY_OBJECT, "options": obj({"cas": {"type": "integer", "minimum": 0}})},
+    ("data",),
+)
+_KV_CONFIG = obj(
+    {"cas_required": BOOL, "delete_version_after": STR, "max_versions": INT},
+    ("cas_required", "delete_version_after", "max_versions"),
+)
+_KV_CONFIG_REQUEST = obj(
+    {
+        "max_versions": {"type": "integer", "minimum": 0},
+        "cas_required": BOOL,
+        "delete_version_after": DURATION,
+    }
+)
+_METADATA = obj(
+    {
+        "cas_required": BOOL,
+        "created_time": RFC3339,
+        "current_version": INT,
+        "custom_metadata": nullable({"type": "object", "additionalProperties": STR}),
+        "delete_version_after": STR,
+        "max_versions": INT,
+        "oldest_version": INT,
+        "updated_time": RFC3339,
+        "versions": {
+            "type": "object",
+            "additionalProperties": obj(
+                {"created_time": RFC3339, "deletion_time": STR, "destroyed": BOOL},
+                ("created_time", "deletion_time", "destroyed"),
+            ),
+        },
+    },
+    ("cas_required", "created_time", "current_version", "max_versions", "oldest_version", "versions"),
+)
+_METADATA_REQUEST = obj(
+    {
+        "max_versions": {"type": "integer", "minimum": 0},
+        "cas_required": BOOL,
+        "delete_version_after": DURATION,
+        "custom_metadata": {"type": "object", "additionalProperties": STR},
+    }
+)
+_KEY_NAME = {"type": "string", "pattern": rf"^[A-Za-z0-9][A-Za-z0-9-]{{0,{MAX_NAME_CHARS - 1}}}$"}
+_KEY_TYPE = {"type": "string", "enum": ["aes256-gcm96", "ecdsa-p256", "rsa-3072"]}
+_KEY_CREATE = obj({"type": _KEY_TYPE})
+_KEY = obj(
+    {
+        "name": STR,
+        "type": STR,
+        "keys": {"type": "object", "additionalProperties": {"anyOf": [INT, ANY_OBJECT]}},
+        "latest_version": INT,
+        "min_available_version": INT,
+        "min_decryption_version": INT,
+        "min_encryption_version": INT,
+        "deletion_allowed": BOOL,
+        "derived": BOOL,
+        "exportable": BOOL,
+        "allow_plaintext_backup": BOOL,
+        "supports_encryption": BOOL,
+        "supports_decryption": BOOL,
+        "supports_derivation": BOOL,
+        "supports_signing": BOOL,
+    },
+    ("name", "type", "keys", "latest_version", "min_decryption_version", "deletion_allowed"),
+)
+_KEY_CONFIG = obj(
+    {
+        "min_decryption_version": {"type": "integer", "minimum": 0},
+        "min_encryption_version": {"type": "integer", "minimum": 0},
+        "deletion_allowed": BOOL,
+    }
+)
+_BASE64 = {
+    "type": "string",
+    "contentEncoding": "base64",
+    "pattern": r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$",
+}
+_CIPHERTEXT = obj({"ciphertext": STR, "key_version": INT}, ("ciphertext", "key_version"))
+_PLAINTEXT = obj({"plaintext": _BASE64}, ("plaintext",))
+_ENCRYPT = obj(
+    {
+        "plaintext": _BASE64,
+        "context": _BASE64,
+        "key_version": INT,
+        "type": _KEY_TYPE,
+        "batch_input": {
+            "type": "array",
+            "items": obj({"plaintext": _BASE64, "context": _BASE64, "key_version": INT, "reference": STR}),
+        },
+    }
+)
+_DECRYPT = obj(
+    {
+        "ciphertext": STR,
+        "context": _BASE64,
+        "batch_input": {
+            "type": "array",
+            "items": obj({"ciphertext": STR, "context": _BASE64, "reference": STR}),
+        },
+    }
+)
+_SIGN = obj(
+    {
+        "input": _BASE64,
+        "key_version": INT,
+        "hash_algorithm": {"type": "string", "enum": ["sha2-256"]},
+        "prehashed": {"type": "boolean", "enum": [False]},
+        "signature_algorithm": STR,
+        "marshaling_algorithm": {"type": "string", "enum": ["asn1", "jws"]},
+    },
+    ("input",),
+)
+
+
+def _batch(item: dict[str, object]) -> dict[str, object]:
+    one = {"anyOf": [item, obj({"error": STR}, ("error",))]}
+    return obj({"batch_results": {"type": "array", "items": one}}, ("batch_results",))

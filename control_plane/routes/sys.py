@@ -9,7 +9,27 @@ import time
 from typing import Any
 
 from keycell.control_plane.errors import InvalidRequest
-from keycell.control_plane.router import Context, Operation, Result, Router, field_bool, field_int, field_str
+from keycell.control_plane.router import (
+    Context,
+    Operation,
+    OperationDoc,
+    Result,
+    RouteDoc,
+    Router,
+    field_bool,
+    field_int,
+    field_str,
+)
+from keycell.control_plane.routes.openapi import (
+    BOOL,
+    ERROR,
+    ERROR_STATUSES,
+    INT,
+    NO_CONTENT,
+    STR,
+    STR_LIST,
+    obj,
+)
 from keycell.control_plane.seal import (
     AlreadyInitializedError,
     InitResult,
@@ -108,11 +128,11 @@ def register(router: Router, services: Any) -> None:
         query = ctx.request.query
         status = seal.status()
         if not status.initialized:
-            code = int(query.get("uninitcode", 501))
+            code = health_code(query, "uninitcode", 501)
         elif status.sealed:
-            code = int(query.get("sealedcode", 503))
+            code = health_code(query, "sealedcode", 503)
         else:
-            code = int(query.get("activecode", 200))
+            code = health_code(query, "activecode", 200)
         body = {
             "initialized": status.initialized,
             "sealed": status.sealed,
@@ -125,7 +145,18 @@ def register(router: Router, services: Any) -> None:
             "cluster_name": services.config.cluster_name,
             "cluster_id": services.config.cell_id,
         }
+        if code in (204, 304):  # statuses without a body (Go's net/http drops Vault's there too)
+            return Result(status=code)
         return Result(raw=body, status=code)
+
+    def health_code(query: Any, name: str, default: int) -> int:
+        """A status code the client chose for this state, as Vault's sys/health allows."""
+        text = query.get(name)
+        if text is None:
+            return default
+        if not (text.isascii() and text.isdigit() and 200 <= int(text) <= 599):
+            raise InvalidRequest(f"{name!r} must be an HTTP status code from 200 to 599")
+        return int(text)
 
     def rekey_body(status: RekeyStatus) -> dict[str, Any]:
         return {
@@ -180,14 +211,199 @@ def register(router: Router, services: Any) -> None:
             }
         )
 
-    router.add(r"sys/init", {Operation.READ: init_status, Operation.UPDATE: init}, authenticated=False)
-    router.add(r"sys/seal-status", {Operation.READ: seal_status}, authenticated=False)
-    router.add(r"sys/unseal", {Operation.UPDATE: unseal}, authenticated=False)
-    router.add(r"sys/seal", {Operation.UPDATE: seal_now}, sudo=True)
-    router.add(r"sys/health", {Operation.READ: health}, authenticated=False)
+    router.add(
+        r"sys/init",
+        {Operation.READ: init_status, Operation.UPDATE: init},
+        authenticated=False,
+        doc=RouteDoc(
+            "/sys/init",
+            "Initialization: create the root key and hand out its shares, once.",
+            operations={
+                Operation.READ: OperationDoc(
+                    "Whether the cell is initialized", responses={200: _INIT_STATUS}
+                ),
+                Operation.UPDATE: OperationDoc(
+                    "Initialize the cell",
+                    "Shamir seal: `secret_shares`/`secret_threshold`. HSM seal: the shares are recovery "
+                    "keys (`recovery_shares`/`recovery_threshold`; `secret_*` is accepted too).",
+                    body=_INIT_REQUEST,
+                    body_required=True,
+                    responses={200: _INIT_RESULT},
+                ),
+            },
+        ),
+    )
+    router.add(
+        r"sys/seal-status",
+        {Operation.READ: seal_status},
+        authenticated=False,
+        doc=RouteDoc(
+            "/sys/seal-status",
+            "Seal status.",
+            operations={Operation.READ: OperationDoc("Read the seal status", responses={200: _SEAL_STATUS})},
+        ),
+    )
+    router.add(
+        r"sys/unseal",
+        {Operation.UPDATE: unseal},
+        authenticated=False,
+        doc=RouteDoc(
+            "/sys/unseal",
+            "Unseal with key shares, one per request, until the threshold.",
+            operations={
+                Operation.UPDATE: OperationDoc(
+                    "Submit an unseal key share (or reset the attempt)",
+                    body=obj({"key": STR, "reset": BOOL, "nonce": STR}),
+                    body_required=True,
+                    responses={200: _SEAL_STATUS},
+                )
+            },
+        ),
+    )
+    router.add(
+        r"sys/seal",
+        {Operation.UPDATE: seal_now},
+        sudo=True,
+        doc=RouteDoc(
+            "/sys/seal",
+            "Seal the cell.",
+            operations={Operation.UPDATE: OperationDoc("Seal", responses=NO_CONTENT)},
+        ),
+    )
+    router.add(
+        r"sys/health",
+        {Operation.READ: health},
+        authenticated=False,
+        doc=RouteDoc(
+            "/sys/health",
+            "Health: the status code says initialized/sealed/active; each code can be chosen by the client.",
+            operations={
+                Operation.READ: OperationDoc(
+                    "Check health",
+                    query={name: _STATUS_CODE for name in _HEALTH_CODES},
+                    # A status the client chose may be any of the error statuses too.
+                    responses={
+                        200: _HEALTH,
+                        204: None,
+                        304: None,
+                        **{status: {"anyOf": [_HEALTH, ERROR]} for status in ERROR_STATUSES},
+                        "default": _HEALTH,
+                    },
+                )
+            },
+        ),
+    )
     router.add(
         r"sys/rekey/init",
         {Operation.READ: rekey_status, Operation.UPDATE: rekey_start, Operation.DELETE: rekey_cancel},
         authenticated=False,
+        doc=RouteDoc(
+            "/sys/rekey/init",
+            "Rekey: new shares for the root key (recovery keys under an HSM seal).",
+            operations={
+                Operation.READ: OperationDoc("Read the rekey progress", responses={200: _REKEY_STATUS}),
+                Operation.UPDATE: OperationDoc(
+                    "Start a rekey",
+                    body=obj({"secret_shares": _SHARES, "secret_threshold": _SHARES}),
+                    body_required=True,
+                    responses={200: _REKEY_STATUS},
+                ),
+                Operation.DELETE: OperationDoc("Cancel the rekey", responses=NO_CONTENT),
+            },
+        ),
     )
-    router.add(r"sys/rekey/update", {Operation.UPDATE: rekey_update}, authenticated=False)
+    router.add(
+        r"sys/rekey/update",
+        {Operation.UPDATE: rekey_update},
+        authenticated=False,
+        doc=RouteDoc(
+            "/sys/rekey/update",
+            "Rekey: submit a current share.",
+            operations={
+                Operation.UPDATE: OperationDoc(
+                    "Submit a share for the rekey",
+                    body=obj({"key": STR, "nonce": STR}, ("key", "nonce")),
+                    body_required=True,
+                    responses={200: {"anyOf": [_REKEY_STATUS, _REKEY_DONE]}},
+                )
+            },
+        ),
+    )
+
+
+# --- documentation (sys/openapi) -------------------------------------------------------------
+
+_SHARES = {"type": "integer", "minimum": 1, "maximum": 255}
+_INIT_REQUEST = obj(
+    {
+        "secret_shares": _SHARES,
+        "secret_threshold": _SHARES,
+        "recovery_shares": _SHARES,
+        "recovery_threshold": _SHARES,
+    }
+)
+_INIT_STATUS = obj({"initialized": BOOL}, ("initialized",))
+_INIT_RESULT = obj(
+    {
+        "keys": STR_LIST,
+        "keys_base64": STR_LIST,
+        "recovery_keys": STR_LIST,
+        "recovery_keys_base64": STR_LIST,
+        "root_token": STR,
+    },
+    ("keys", "keys_base64", "root_token"),
+)
+_SEAL_STATUS = obj(
+    {
+        "type": STR,
+        "initialized": BOOL,
+        "sealed": BOOL,
+        "t": INT,
+        "n": INT,
+        "progress": INT,
+        "nonce": STR,
+        "version": STR,
+        "build_date": STR,
+        "migration": BOOL,
+        "recovery_seal": BOOL,
+        "storage_type": STR,
+        "cluster_name": STR,
+        "cluster_id": STR,
+    },
+    ("type", "initialized", "sealed", "t", "n", "progress", "nonce", "version"),
+)
+_HEALTH_CODES = ("activecode", "sealedcode", "uninitcode")
+_STATUS_CODE = {"type": "integer", "minimum": 200, "maximum": 599}
+_HEALTH = obj(
+    {
+        "initialized": BOOL,
+        "sealed": BOOL,
+        "standby": BOOL,
+        "performance_standby": BOOL,
+        "replication_performance_mode": STR,
+        "replication_dr_mode": STR,
+        "server_time_utc": INT,
+        "version": STR,
+        "cluster_name": STR,
+        "cluster_id": STR,
+    },
+    ("initialized", "sealed", "standby", "server_time_utc", "version"),
+)
+_REKEY_STATUS = obj(
+    {
+        "started": BOOL,
+        "nonce": STR,
+        "t": INT,
+        "n": INT,
+        "progress": INT,
+        "required": INT,
+        "pgp_fingerprints": {"type": "null"},
+        "backup": BOOL,
+        "verification_required": BOOL,
+    },
+    ("started", "nonce", "t", "n", "progress", "required"),
+)
+_REKEY_DONE = obj(
+    {"nonce": STR, "complete": BOOL, "keys": STR_LIST, "keys_base64": STR_LIST},
+    ("nonce", "complete", "keys", "keys_base64"),
+)

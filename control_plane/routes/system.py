@@ -5,7 +5,33 @@ from __future__ import annotations
 from typing import Any
 
 from keycell.control_plane.errors import InvalidRequest, NotFound
-from keycell.control_plane.router import Context, Operation, Result, Router, field_list, field_str
+from keycell.control_plane.router import (
+    Context,
+    Operation,
+    OperationDoc,
+    Result,
+    RouteDoc,
+    Router,
+    field_list,
+    field_str,
+)
+from keycell.control_plane.routes.openapi import (
+    ANY_OBJECT,
+    AUTH,
+    BOOL,
+    DURATION,
+    INT,
+    KEYS,
+    NO_CONTENT,
+    RFC3339,
+    STR,
+    STR_LIST,
+    STR_LIST_OR_CSV,
+    WRAPPED_RESPONSE,
+    nullable,
+    obj,
+    ok,
+)
 
 
 def register(router: Router, services: Any) -> None:
@@ -30,19 +56,48 @@ def register(router: Router, services: Any) -> None:
     def policy_list(ctx: Context) -> dict[str, Any]:
         return {"keys": policies.list(), "policies": policies.list()}
 
+    def policy_doc(path: str, summary: str) -> RouteDoc:
+        return RouteDoc(
+            path,
+            summary,
+            params={"name": "The policy's name."},
+            operations={
+                Operation.READ: OperationDoc("Read a policy", responses=ok(_POLICY)),
+                Operation.UPDATE: OperationDoc(
+                    "Create or update a policy",
+                    body=obj({"policy": STR}, ("policy",), examples=[_POLICY_EXAMPLE]),
+                    body_required=True,
+                    responses=NO_CONTENT,
+                ),
+                Operation.DELETE: OperationDoc("Delete a policy", responses=NO_CONTENT),
+            },
+        )
+
     router.add(
-        r"sys/policies/acl/?", {Operation.LIST: policy_list, Operation.READ: policy_list}, family="sys"
+        r"sys/policies/acl/?",
+        {Operation.LIST: policy_list, Operation.READ: policy_list},
+        family="sys",
+        doc=RouteDoc(
+            "/sys/policies/acl",
+            "ACL policies.",
+            operations={
+                Operation.LIST: OperationDoc("List ACL policies", responses=ok(_POLICY_NAMES)),
+                Operation.READ: OperationDoc(responses=ok(_POLICY_NAMES)),
+            },
+        ),
     )
     router.add(
         r"sys/policies/acl/(?P<name>[^/]+)",
         {Operation.READ: policy_read, Operation.UPDATE: policy_write, Operation.DELETE: policy_delete},
         family="sys",
+        doc=policy_doc("/sys/policies/acl/{name}", "An ACL policy (HCL or JSON)."),
     )
     # The older sys/policy/:name form, which some clients still use.
     router.add(
         r"sys/policy/(?P<name>[^/]+)",
         {Operation.READ: policy_read, Operation.UPDATE: policy_write, Operation.DELETE: policy_delete},
         family="sys",
+        doc=policy_doc("/sys/policy/{name}", "An ACL policy (the older sys/policy form)."),
     )
 
     # --- sys/capabilities-self ------------------------------------------------------------------
@@ -59,7 +114,23 @@ def register(router: Router, services: Any) -> None:
             out["capabilities"] = out[paths[0]]
         return out
 
-    router.add(r"sys/capabilities-self", {Operation.UPDATE: capabilities_self}, family="sys")
+    router.add(
+        r"sys/capabilities-self",
+        {Operation.UPDATE: capabilities_self},
+        family="sys",
+        doc=RouteDoc(
+            "/sys/capabilities-self",
+            "The caller's capabilities on paths.",
+            operations={
+                Operation.UPDATE: OperationDoc(
+                    "Capabilities of the calling token",
+                    body=obj({"path": STR, "paths": STR_LIST_OR_CSV}),
+                    body_required=True,
+                    responses=ok({"type": "object", "additionalProperties": STR_LIST}),
+                )
+            },
+        ),
+    )
 
     # --- sys/leases -------------------------------------------------------------------------
 
@@ -106,21 +177,108 @@ def register(router: Router, services: Any) -> None:
     def revoke_force(ctx: Context) -> None:
         leases.revoke_force(ctx.params["prefix"])
 
+    def lease_doc(path: str, summary: str, operation: OperationDoc) -> RouteDoc:
+        return RouteDoc(
+            path,
+            summary,
+            params={"lease": _SPANS_LEASE, "prefix": _SPANS_PREFIX},
+            operations={Operation.UPDATE: operation, Operation.LIST: operation},
+            more_paths=(path + "/{lease}",) if "{" not in path else (),
+        )
+
+    renew_doc = OperationDoc(
+        "Renew a lease",
+        "The lease ID is in the body or the path.",
+        body=obj({"lease_id": STR, "increment": DURATION}),
+        responses=ok({"type": "object", "maxProperties": 0}),
+    )
+    revoke_doc = OperationDoc(
+        "Revoke a lease",
+        "The lease ID is in the body or the path.",
+        body=obj({"lease_id": STR, "sync": BOOL}),
+        responses=NO_CONTENT,
+    )
+    prefix_doc = OperationDoc("Revoke every lease under a prefix", responses=NO_CONTENT)
+    force_doc = OperationDoc(
+        "Revoke every lease under a prefix, dropping them even if their revocation fails",
+        responses=NO_CONTENT,
+    )
+
     prefix = r"(?P<prefix>.+)"
-    router.add(r"sys/leases/lookup", {Operation.UPDATE: lease_lookup}, family="sys")
-    router.add(rf"sys/leases/lookup/{prefix}", {Operation.LIST: lease_list}, sudo=True, family="sys")
-    router.add(r"sys/leases/renew(?:/(?P<lease>.+))?", {Operation.UPDATE: lease_renew}, family="sys")
-    router.add(r"sys/leases/revoke(?:/(?P<lease>.+))?", {Operation.UPDATE: lease_revoke}, family="sys")
     router.add(
-        rf"sys/leases/revoke-prefix/{prefix}", {Operation.UPDATE: revoke_prefix}, sudo=True, family="sys"
+        r"sys/leases/lookup",
+        {Operation.UPDATE: lease_lookup},
+        family="sys",
+        doc=RouteDoc(
+            "/sys/leases/lookup",
+            "Lease lookup.",
+            operations={
+                Operation.UPDATE: OperationDoc(
+                    "Look a lease up",
+                    body=obj({"lease_id": STR}, ("lease_id",)),
+                    body_required=True,
+                    responses=ok(_LEASE),
+                )
+            },
+        ),
     )
     router.add(
-        rf"sys/leases/revoke-force/{prefix}", {Operation.UPDATE: revoke_force}, sudo=True, family="sys"
+        rf"sys/leases/lookup/{prefix}",
+        {Operation.LIST: lease_list},
+        sudo=True,
+        family="sys",
+        doc=lease_doc(
+            "/sys/leases/lookup/{prefix}",
+            "Leases by prefix.",
+            OperationDoc("List leases", responses=ok(KEYS)),
+        ),
+    )
+    router.add(
+        r"sys/leases/renew(?:/(?P<lease>.+))?",
+        {Operation.UPDATE: lease_renew},
+        family="sys",
+        doc=lease_doc("/sys/leases/renew", "Lease renewal.", renew_doc),
+    )
+    router.add(
+        r"sys/leases/revoke(?:/(?P<lease>.+))?",
+        {Operation.UPDATE: lease_revoke},
+        family="sys",
+        doc=lease_doc("/sys/leases/revoke", "Lease revocation.", revoke_doc),
+    )
+    router.add(
+        rf"sys/leases/revoke-prefix/{prefix}",
+        {Operation.UPDATE: revoke_prefix},
+        sudo=True,
+        family="sys",
+        doc=lease_doc("/sys/leases/revoke-prefix/{prefix}", "Revocation by prefix.", prefix_doc),
+    )
+    router.add(
+        rf"sys/leases/revoke-force/{prefix}",
+        {Operation.UPDATE: revoke_force},
+        sudo=True,
+        family="sys",
+        doc=lease_doc("/sys/leases/revoke-force/{prefix}", "Forced revocation by prefix.", force_doc),
     )
     # Vault's older aliases, still used by clients.
-    router.add(r"sys/renew(?:/(?P<lease>.+))?", {Operation.UPDATE: lease_renew}, family="sys")
-    router.add(r"sys/revoke(?:/(?P<lease>.+))?", {Operation.UPDATE: lease_revoke}, family="sys")
-    router.add(rf"sys/revoke-prefix/{prefix}", {Operation.UPDATE: revoke_prefix}, sudo=True, family="sys")
+    router.add(
+        r"sys/renew(?:/(?P<lease>.+))?",
+        {Operation.UPDATE: lease_renew},
+        family="sys",
+        doc=lease_doc("/sys/renew", "Lease renewal (older alias).", renew_doc),
+    )
+    router.add(
+        r"sys/revoke(?:/(?P<lease>.+))?",
+        {Operation.UPDATE: lease_revoke},
+        family="sys",
+        doc=lease_doc("/sys/revoke", "Lease revocation (older alias).", revoke_doc),
+    )
+    router.add(
+        rf"sys/revoke-prefix/{prefix}",
+        {Operation.UPDATE: revoke_prefix},
+        sudo=True,
+        family="sys",
+        doc=lease_doc("/sys/revoke-prefix/{prefix}", "Revocation by prefix (older alias).", prefix_doc),
+    )
 
     # --- sys/wrapping -------------------------------------------------------------------------
 
@@ -153,11 +311,107 @@ def register(router: Router, services: Any) -> None:
 
     # A wrapping token is its own credential: unwrap, lookup and rewrap take it as
     # X-Vault-Token or in the body, without another token.
-    router.add(r"sys/wrapping/wrap", {Operation.UPDATE: wrap}, wrappable=False, family="sys")
+    token_body = obj({"token": STR})
     router.add(
-        r"sys/wrapping/unwrap", {Operation.UPDATE: unwrap}, authenticated=False, wrappable=False, family="sys"
+        r"sys/wrapping/wrap",
+        {Operation.UPDATE: wrap},
+        wrappable=False,
+        family="sys",
+        doc=RouteDoc(
+            "/sys/wrapping/wrap",
+            "Response wrapping: wrap the request body.",
+            operations={
+                Operation.UPDATE: OperationDoc(
+                    "Wrap data",
+                    body=ANY_OBJECT,
+                    body_required=True,
+                    headers={"X-Vault-Wrap-TTL": _WRAP_TTL},
+                    responses=WRAPPED_RESPONSE,
+                )
+            },
+        ),
     )
-    router.add(r"sys/wrapping/lookup", {Operation.UPDATE: wrap_lookup}, authenticated=False, family="sys")
     router.add(
-        r"sys/wrapping/rewrap", {Operation.UPDATE: rewrap}, authenticated=False, wrappable=False, family="sys"
+        r"sys/wrapping/unwrap",
+        {Operation.UPDATE: unwrap},
+        authenticated=False,
+        wrappable=False,
+        family="sys",
+        doc=RouteDoc(
+            "/sys/wrapping/unwrap",
+            "Response wrapping: unwrap, exactly once.",
+            description=_UNWRAP_CREDENTIAL,
+            token_accepted=True,
+            operations={
+                Operation.UPDATE: OperationDoc(
+                    "Unwrap a wrapped response",
+                    body=token_body,
+                    responses={200: obj({"data": nullable(ANY_OBJECT), "auth": nullable(AUTH)})},
+                )
+            },
+        ),
     )
+    router.add(
+        r"sys/wrapping/lookup",
+        {Operation.UPDATE: wrap_lookup},
+        authenticated=False,
+        family="sys",
+        doc=RouteDoc(
+            "/sys/wrapping/lookup",
+            "Response wrapping: a wrapping token's properties.",
+            description=_UNWRAP_CREDENTIAL,
+            token_accepted=True,
+            operations={
+                Operation.UPDATE: OperationDoc(
+                    "Look a wrapping token up",
+                    body=token_body,
+                    responses=ok(
+                        obj(
+                            {"creation_path": STR, "creation_time": RFC3339, "creation_ttl": INT},
+                            ("creation_path", "creation_time", "creation_ttl"),
+                        )
+                    ),
+                )
+            },
+        ),
+    )
+    router.add(
+        r"sys/wrapping/rewrap",
+        {Operation.UPDATE: rewrap},
+        authenticated=False,
+        wrappable=False,
+        family="sys",
+        doc=RouteDoc(
+            "/sys/wrapping/rewrap",
+            "Response wrapping: the same response behind a new token.",
+            description=_UNWRAP_CREDENTIAL,
+            token_accepted=True,
+            operations={
+                Operation.UPDATE: OperationDoc("Rewrap", body=token_body, responses=WRAPPED_RESPONSE)
+            },
+        ),
+    )
+
+
+# --- documentation (sys/openapi) -------------------------------------------------------------
+
+_POLICY_EXAMPLE = {"policy": 'path "secret/data/app/*" { capabilities = ["read", "list"] }'}
+_POLICY = obj({"name": STR, "policy": STR}, ("name", "policy"))
+_POLICY_NAMES = obj({"keys": STR_LIST, "policies": STR_LIST}, ("keys", "policies"))
+_LEASE = obj(
+    {
+        "id": STR,
+        "issue_time": RFC3339,
+        "expire_time": RFC3339,
+        "last_renewal_time": nullable(RFC3339),
+        "renewable": BOOL,
+        "ttl": INT,
+    },
+    ("id", "issue_time", "expire_time", "renewable", "ttl"),
+)
+_SPANS_LEASE = "A lease ID; it spans segments (`auth/token/create/<id>`), sent unescaped."
+_SPANS_PREFIX = "A lease prefix; it may span segments (`auth/jwt/`), sent unescaped."
+_WRAP_TTL = {"type": "string", "pattern": r"^[1-9][0-9]{0,3}(s|m)?$"}
+_UNWRAP_CREDENTIAL = (
+    "The wrapping token is the `token` field or the X-Vault-Token header; no other token is needed."
+)

@@ -1,0 +1,272 @@
+"""schemathesis against the served OpenAPI document (GET /v1/sys/openapi), over real HTTP
+against `keycell server` (uvicorn, one worker) on 127.0.0.1.
+
+Every documented operation is fuzzed with the stateless checks: no 5xx, and every
+response conforms to the spec (status code, content type, body schema). Generation is
+bounded (a few examples per operation and mode, no shrinking) to keep CI fast.
+
+Two servers, because some operations would take the server under test away:
+- a dev server (initialized, unsealed, a root token) for everything but the seal
+  lifecycle;
+- a Shamir-sealed server of its own for sys/init, sys/unseal, sys/seal and sys/rekey/*:
+  sys/seal would seal the dev server (every later request 503) and a rekey would
+  replace its recovery keys. This server is initialized by the test, which keeps its
+  shares and unseals it again before each case, so sys/seal is exercised too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from unittest.mock import Mock
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.errors import FailureGroup
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from keycell.control_plane.router import Operation
+from keycell.control_plane.routes import build_router
+from keycell.control_plane.routes.openapi import documented_operations
+from keycell.testing.processes import ServerProcess
+
+ROOT = "kc.dev-root-token-for-schemathesis"
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+MAX_EXAMPLES = 25  # per operation and generation mode
+SPEC_PATH = "/v1/sys/openapi"
+CALLS: Counter[tuple[str, str]] = Counter()  # requests sent, by operation
+# Operations that change the seal (or the shares): fuzzed on a server of their own.
+SEAL_LIFECYCLE = {
+    ("GET", "/sys/init"),
+    ("POST", "/sys/init"),
+    ("POST", "/sys/unseal"),
+    ("POST", "/sys/seal"),
+    ("GET", "/sys/rekey/init"),
+    ("POST", "/sys/rekey/init"),
+    ("DELETE", "/sys/rekey/init"),
+    ("POST", "/sys/rekey/update"),
+}
+
+
+def _server(args: list[str], folder: Path) -> ServerProcess:
+    return ServerProcess(
+        "keycell",
+        ["server", *args, "--listen", "127.0.0.1:0", "--workers", "1", "--data-dir", str(folder)],
+        what="keycell server",
+    )
+
+
+@pytest.fixture(scope="module")
+def dev_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = _server(["--dev", "--dev-root-token", ROOT], tmp_path_factory.mktemp("openapi-dev"))
+    port = server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+class SealedServer:
+    """A Shamir-sealed server the test initialized: its shares and root token."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        body = requests.post(
+            f"{url}/v1/sys/init", json={"secret_shares": 3, "secret_threshold": 2}, timeout=30
+        )
+        body.raise_for_status()
+        self.keys: list[str] = body.json()["keys"]
+        self.root: str = body.json()["root_token"]
+        self.unseal()
+
+    def unseal(self) -> None:
+        status = requests.get(f"{self.url}/v1/sys/seal-status", timeout=30).json()
+        if not status["sealed"]:
+            return
+        requests.post(f"{self.url}/v1/sys/unseal", json={"reset": True}, timeout=30).raise_for_status()
+        for key in self.keys[:2]:
+            requests.post(f"{self.url}/v1/sys/unseal", json={"key": key}, timeout=30).raise_for_status()
+        assert requests.get(f"{self.url}/v1/sys/seal-status", timeout=30).json()["sealed"] is False
+
+
+@pytest.fixture(scope="module")
+def sealed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SealedServer]:
+    server = _server([], tmp_path_factory.mktemp("openapi-sealed"))
+    port = server.start()
+    try:
+        yield SealedServer(f"http://127.0.0.1:{port}")
+    finally:
+        server.stop()
+
+
+def _label(operation: Any) -> tuple[str, str]:
+    return operation.method.upper(), operation.path
+
+
+def _operations(schema: Any) -> list[Any]:
+    return [result.ok() for result in schema.get_all_operations()]
+
+
+def _fuzz(
+    operation: Any,
+    base_url: str,
+    headers: Callable[[], dict[str, str]],
+    before: Callable[[], None] | None = None,
+) -> list[str]:
+    """Run the checks on `operation`, positive then negative data; the failures found."""
+    failures: list[str] = []
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        try:
+            _fuzz_mode(operation, mode, base_url, headers, before, failures)
+        except Unsatisfiable:
+            # Negative data needs something to break: an operation without parameters
+            # or body has none (GET sys/init).
+            assert mode is GenerationMode.NEGATIVE, operation.label
+    return failures
+
+
+def _fuzz_mode(
+    operation: Any,
+    mode: GenerationMode,
+    base_url: str,
+    headers: Callable[[], dict[str, str]],
+    before: Callable[[], None] | None,
+    failures: list[str],
+) -> None:
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=timedelta(seconds=5),
+        phases=[Phase.explicit, Phase.generate],  # no shrinking: report the first failure as found
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def run(case: Any) -> None:
+        if failures:
+            return  # one failure per operation is enough to report
+        if before is not None:
+            before()
+        checks = CHECKS
+        if _label(operation) == ("GET", "/sys/health") and _asks_for_5xx(case):
+            # sys/health answers the status code the client chose (Vault's activecode,
+            # sealedcode, ...): a 5xx asked for is not a server error.
+            checks = [check for check in CHECKS if check is not not_a_server_error]
+        sent = headers()
+        CALLS[_label(operation)] += 1
+        try:
+            case.call_and_validate(base_url=base_url, headers=sent, checks=checks, timeout=15)
+        except (Exception, FailureGroup) as exc:  # a failed check, or the server went away
+            curl = case.as_curl_command(headers=sent)
+            failures.append(f"{' '.join(_label(operation))} [{mode.value}]: {exc}\n  {curl}")
+
+    run()
+
+
+def test_every_operation_passes_schemathesis(dev_url: str, sealed_server: SealedServer) -> None:
+    started = time.monotonic()
+    schema = schemathesis.openapi.from_url(dev_url + SPEC_PATH, timeout=30)
+    operations = _operations(schema)
+    # schemathesis leaves out the endpoint the document was loaded from: take it from
+    # the same document loaded as a dict, so that sys/openapi is fuzzed too.
+    assert ("GET", "/sys/openapi") not in {_label(op) for op in operations}
+    same = _operations(schemathesis.openapi.from_dict(schema.raw_schema))
+    operations += [op for op in same if _label(op) == ("GET", "/sys/openapi")]
+    expected = sum(
+        len(documented_operations(route)) * (1 + len(route.doc.more_paths))
+        for route in build_router(Mock()).routes
+        if route.doc is not None
+    )
+    assert len(operations) == expected
+
+    def root_headers() -> dict[str, str]:
+        return {"X-Vault-Token": ROOT}
+
+    def fresh_token() -> dict[str, str]:
+        # revoke-self would revoke the root token: each case gets a token of its own.
+        reply = requests.post(f"{dev_url}/v1/auth/token/create", headers=root_headers(), json={}, timeout=15)
+        return {"X-Vault-Token": reply.json()["auth"]["client_token"]}
+
+    failures: list[str] = []
+    tested: set[tuple[str, str]] = set()
+    for operation in operations:
+        label = _label(operation)
+        if label in SEAL_LIFECYCLE:
+            failures += _fuzz(
+                operation,
+                sealed_server.url + "/v1",
+                lambda: {"X-Vault-Token": sealed_server.root},
+                before=sealed_server.unseal,
+            )
+        elif label == ("POST", "/auth/token/revoke-self"):
+            failures += _fuzz(operation, dev_url + "/v1", fresh_token)
+        else:
+            failures += _fuzz(operation, dev_url + "/v1", root_headers)
+        tested.add(label)
+
+    assert len(tested) == len(operations) == expected
+    # Every operation was really called (at least once; most MAX_EXAMPLES times per mode).
+    assert {label for label, count in CALLS.items() if count > 0} == tested
+    assert tested >= SEAL_LIFECYCLE
+    # The dev server is still usable: nothing the fuzzing sent took it away.
+    health = requests.get(f"{dev_url}/v1/sys/health", timeout=15)
+    assert health.status_code == 200
+    assert not failures, f"{len(failures)} operation(s) failed:\n\n" + "\n\n".join(failures)
+    assert time.monotonic() - started < 180
+
+
+def test_spec_is_valid_openapi_31_and_documents_every_route(dev_url: str) -> None:
+    reply = requests.get(dev_url + SPEC_PATH, timeout=15)  # no token: the spec is public
+    assert reply.status_code == 200
+    spec = reply.json()
+    assert spec["openapi"].startswith("3.1")
+    schema = schemathesis.openapi.from_dict(spec)
+    schema.validate()  # against the OpenAPI 3.1 meta-schema
+    operations = _operations(schema)  # every operation loads (no invalid schema inside)
+
+    router = build_router(Mock())
+    undocumented = [route.pattern.pattern for route in router.routes if route.doc is None]
+    assert undocumented == []
+    documented = {_label(op) for op in operations}
+    for route in router.routes:
+        assert route.doc is not None
+        for template in (route.doc.path, *route.doc.more_paths):
+            # The template leads back to this very route (no other pattern shadows it) ...
+            concrete = template.strip("/").format(**{name: _sample(name) for name in _params(template)})
+            found = router.match(concrete)
+            assert found is not None and found[0] is route, template
+            # ... and each of its operations is in the served spec, LIST as GET ?list=true.
+            for method, ops in documented_operations(route).items():
+                assert (method.upper(), template) in documented, (method, template)
+                item = spec["paths"][template][method]
+                if ops == [Operation.LIST]:
+                    assert any(p["name"] == "list" and p["required"] for p in item["parameters"])
+                secured = item["security"]
+                assert (secured == []) is (not route.authenticated and not route.doc.token_accepted)
+
+
+def _asks_for_5xx(case: Any) -> bool:
+    code = str((case.query or {}).get("activecode", ""))
+    return code.isdigit() and int(code) >= 500
+
+
+def _params(template: str) -> list[str]:
+    return [part[1:-1] for part in template.split("/") if part.startswith("{")]
+
+
+def _sample(name: str) -> str:
+    return {"hash": "sha2-256", "path": "app/db", "lease": "auth/token/create/abc", "prefix": "auth/jwt"}.get(
+        name, "sample"
+    )
