@@ -19,6 +19,7 @@ know triggers one reload of the keyring from the ledger.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -54,6 +55,8 @@ _FORMAT = 1
 OVERHEAD = _HEADER.size + NONCE_BYTES + TAG_BYTES
 
 KEYRING_KEY = Key(Kind.KEYRING, "current")
+# How many recently decrypted items the barrier remembers (see `Barrier.get`).
+RECENT_ITEMS = 4096
 _KEYRING_AAD = b"keycell:keyring"
 # Kinds that open the barrier; they are stored beside it, not through it.
 OUTSIDE_BARRIER = frozenset({Kind.SEAL, Kind.KEYRING})
@@ -176,6 +179,7 @@ class Barrier:
         self._root: bytearray | None = None
         self._keyring: Keyring | None = None
         self._on_seal: list[Callable[[], None]] = []
+        self._recent: dict[Key, tuple[bytes, bytes]] = {}  # key -> (ciphertext, plaintext)
 
     def on_seal(self, hook: Callable[[], None]) -> None:
         """Run `hook` whenever the barrier seals (e.g. to zeroize a data key cache)."""
@@ -211,6 +215,7 @@ class Barrier:
                 self._keyring.zeroize()
             self._root = None
             self._keyring = None
+            self._recent.clear()
             for hook in self._on_seal:
                 hook()
 
@@ -297,12 +302,24 @@ class Barrier:
     # --- the Ledger protocol, in plaintext ------------------------------------------------------
 
     def get(self, key: Key, *, consistent: bool = True) -> Item | None:
-        self._check_kind(validate_key(key))
+        self._check_kind(key)
         self._require_keyring()
-        item = self.ledger.get(key, consistent=consistent)
+        item = self.ledger.get(key, consistent=consistent)  # validates the key
         if item is None:
             return None
-        return Item(key, self.decrypt(key, item.value), item.version, item.expires_at)
+        # Hot items (a token record, a secret's metadata) are read far more often than
+        # written: the same stored ciphertext decrypts to the same plaintext, so a
+        # small cache keyed by it skips AES-GCM. Cleared on seal.
+        cached = self._recent.get(key)
+        if cached is not None and cached[0] == item.value:
+            return Item(key, cached[1], item.version, item.expires_at)
+        plain = self.decrypt(key, item.value)
+        if len(self._recent) >= RECENT_ITEMS:
+            # Drop the oldest; another thread may be doing the same.
+            with contextlib.suppress(StopIteration, RuntimeError, KeyError):
+                self._recent.pop(next(iter(self._recent)))
+        self._recent[key] = (item.value, plain)
+        return Item(key, plain, item.version, item.expires_at)
 
     def put_if(self, key: Key, value: bytes, expected_version: int, *, expires_at: int | None = None) -> Item:
         self._check_kind(validate_key(key))
@@ -356,6 +373,8 @@ class Barrier:
 
     @staticmethod
     def _check_kind(key: Key) -> None:
+        if not isinstance(key, Key):
+            validate_key(key)  # raises the ledger's own error for a malformed key
         if key.kind in OUTSIDE_BARRIER:
             raise ReservedKindError(
                 f"{key.kind.value} items are written by the seal, not through the barrier"

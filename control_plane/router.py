@@ -193,6 +193,9 @@ class Router:
         self.services = services
         self.clock = clock
         self.routes: list[Route] = []
+        self._by_mount: dict[str, list[Route]] = {}
+        self._unindexed: list[Route] = []
+        self._by_mount_count = -1
         self.observers: list[Callable[[Request, Route | None, int, float], None]] = []
 
     def add(
@@ -221,11 +224,30 @@ class Router:
         )
 
     def match(self, path: str) -> tuple[Route, dict[str, str]] | None:
-        for route in self.routes:
+        # Routes are tried in the order they were added, but only those whose literal
+        # first segment (the mount: sys, auth, secret, transit) is the path's own.
+        if self._by_mount_count != len(self.routes):
+            self._index_routes()
+        candidates = self._by_mount.get(path.split("/", 1)[0], self._unindexed)
+        for route in candidates:
             found = route.pattern.match(path)
             if found is not None:
                 return route, {k: v for k, v in found.groupdict().items() if v is not None}
         return None
+
+    def _index_routes(self) -> None:
+        by_mount: dict[str, list[Route]] = {}
+        unindexed: list[Route] = []
+        for route in self.routes:
+            head = re.match(r"[A-Za-z0-9_-]+/", route.pattern.pattern)
+            if head is None:
+                unindexed.append(route)
+            else:
+                by_mount.setdefault(head.group(0)[:-1], []).append(route)
+        # A route whose mount is not a plain literal could match any path: keep order.
+        for mount, routes in by_mount.items():
+            by_mount[mount] = [r for r in self.routes if r in routes or r in unindexed]
+        self._by_mount, self._unindexed, self._by_mount_count = by_mount, unindexed, len(self.routes)
 
     # --- the request path -------------------------------------------------------------
 

@@ -17,12 +17,10 @@ ledger, which key backend, which cell.
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from chalice.app import Chalice, Response
 
-from keycell.control_plane.router import Request, Router
+from keycell.control_plane.router import Router
+from keycell.functions.api import http
 from keycell.functions.wiring import router_from_environment
 
 MAX_DEPTH = 16
@@ -58,54 +56,21 @@ def route_for_depth(depth: int) -> str:
     return "/v1/" + "/".join(f"{{p{i}}}" for i in range(depth))
 
 
-def _token(headers: Any) -> str | None:
-    token = headers.get("x-vault-token")
-    if token:
-        return str(token)
-    authorization = headers.get("authorization") or ""
-    if authorization.lower().startswith("bearer "):
-        return str(authorization[7:].strip()) or None
-    return None
-
-
 def dispatch(**params: str) -> Response:
     current = app.current_request
     assert current is not None
-    path = "/".join(params[f"p{i}"] for i in range(len(params)))
-    data: dict[str, Any] = {}
-    raw = current.raw_body
-    if raw:
-        try:
-            parsed = json.loads(raw)
-        except ValueError:
-            return _json(400, {"errors": ["the request body is not valid JSON"]})
-        if not isinstance(parsed, dict):
-            return _json(400, {"errors": ["the request body must be a JSON object"]})
-        data = parsed
-    query = {k: v for k, v in (current.query_params or {}).items()}
-    headers = {k.lower(): v for k, v in current.headers.items()}
     identity = (current.context or {}).get("identity") or {}
-    request = Request(
-        method=current.method,
-        path=path,
-        data=data,
-        query=query,
-        headers=headers,
-        token=_token(headers),
-        remote_addr=str(identity.get("sourceIp") or ""),
+    status, headers, body = http.handle(
+        router(),
+        current.method,
+        "/".join(params[f"p{i}"] for i in range(len(params))),
+        {k.lower(): v for k, v in current.headers.items()},
+        dict(current.query_params or {}),
+        current.raw_body,
+        str(identity.get("sourceIp") or ""),
     )
-    response = router().handle(request)
-    if response.text is not None:
-        return Response(body=response.text, status_code=response.status, headers=dict(response.headers))
-    return _json(response.status, response.body, response.headers)
-
-
-def _json(status: int, body: dict[str, Any] | None, headers: dict[str, str] | None = None) -> Response:
-    out: dict[str, str | list[str]] = {"Cache-Control": "no-store", **(headers or {})}
-    if body is None:
-        return Response(body="", status_code=status, headers=out)
-    out["Content-Type"] = "application/json"
-    return Response(body=json.dumps(body, separators=(",", ":")), status_code=status, headers=out)
+    out: dict[str, str | list[str]] = dict(headers)
+    return Response(body=body.decode(), status_code=status, headers=out)
 
 
 for _depth in range(1, MAX_DEPTH + 1):

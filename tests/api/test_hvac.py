@@ -351,3 +351,25 @@ def test_errors_have_vaults_shape_and_codes(root: hvac.Client, dev_url: str) -> 
     assert call("GET", "no/such/engine")[0] == 404
     status, body = call("POST", "transit/encrypt/k1", b'{"plaintext": "%%%"}')
     assert status == 400 and b"%%%" not in body
+
+
+def test_the_list_method_survives_a_request_line_split_across_packets(
+    root: hvac.Client, dev_url: str
+) -> None:
+    import socket
+
+    root.secrets.kv.v2.create_or_update_secret(unique("listed/item"), secret={"k": "v"})
+    host, port = dev_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"LI")
+        time.sleep(0.05)
+        sock.sendall(
+            b"ST /v1/secret/metadata/ HTTP/1.1\r\nHost: x\r\nX-Vault-Token: " + ROOT.encode() + b"\r\n\r\n"
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer or b'"keys"' not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200") and b'"keys"' in answer
