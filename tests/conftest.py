@@ -20,6 +20,7 @@ from keycell.adapters.ledgers.dynamodb import DynamoLedger
 from keycell.adapters.ledgers.sqlite import SqliteLedger
 from keycell.control_plane.ledger import Ledger
 from keycell.testing.cells import Cell, open_cell
+from keycell.testing.clock import ManualClock
 from keycell.testing.moto_server import FAKE_AWS_ENV, MotoServer
 from keycell.testing.softhsm import SoftHsmToken, create_token
 
@@ -101,3 +102,9 @@ def cell(ledger: Ledger) -> Cell:
     """An initialized, unsealed cell (Shamir 3/2) over `ledger`: its barrier is the
     plaintext view engines use."""
     return open_cell(ledger)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """A clock the test moves by hand, for engines that take `clock=`."""
+    return ManualClock()

@@ -7,7 +7,6 @@ what failed without echoing the JWT.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import jwt
@@ -20,17 +19,10 @@ from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDen
 from keycell.control_plane.revocations import RevocationSet
 from keycell.control_plane.tokens import TokenStore
 from keycell.testing.cells import Cell
+from keycell.testing.clock import ManualClock
 
 ISSUER = "https://issuer.example.org"
 AUDIENCE = "keycell"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +40,12 @@ def public_pem(signing_key: ec.EllipticCurvePrivateKey) -> str:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def tokens(cell: Cell, clock: FakeClock) -> TokenStore:
+def tokens(cell: Cell, clock: ManualClock) -> TokenStore:
     return TokenStore(cell.barrier, RevocationSet(cell.barrier, "test-cell", clock=clock), clock=clock)
 
 
 @pytest.fixture
-def auth(cell: Cell, tokens: TokenStore, clock: FakeClock, public_pem: str) -> JwtAuth:
+def auth(cell: Cell, tokens: TokenStore, clock: ManualClock, public_pem: str) -> JwtAuth:
     method = JwtAuth(cell.barrier, tokens, clock=clock)
     method.write_config({"jwt_validation_pubkeys": [public_pem], "bound_issuer": ISSUER})
     method.write_role(
@@ -76,7 +63,7 @@ def auth(cell: Cell, tokens: TokenStore, clock: FakeClock, public_pem: str) -> J
     return method
 
 
-def claims(clock: FakeClock, **overrides: Any) -> dict[str, Any]:
+def claims(clock: ManualClock, **overrides: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "iss": ISSUER,
         "aud": AUDIENCE,
@@ -103,7 +90,7 @@ def refused(auth: JwtAuth, role: str, token: str, match: str) -> None:
 
 
 def test_login_with_a_valid_es256_jwt_returns_a_working_token(
-    auth: JwtAuth, tokens: TokenStore, clock: FakeClock, signing_key: ec.EllipticCurvePrivateKey
+    auth: JwtAuth, tokens: TokenStore, clock: ManualClock, signing_key: ec.EllipticCurvePrivateKey
 ) -> None:
     token, entry, block = auth.login("payments", sign(signing_key, claims(clock)))
     assert tokens.lookup(token).accessor == entry.accessor
@@ -119,7 +106,7 @@ def test_login_with_a_valid_es256_jwt_returns_a_working_token(
 
 
 def test_a_login_token_renews_only_up_to_the_roles_max_ttl(
-    auth: JwtAuth, tokens: TokenStore, clock: FakeClock, signing_key: ec.EllipticCurvePrivateKey
+    auth: JwtAuth, tokens: TokenStore, clock: ManualClock, signing_key: ec.EllipticCurvePrivateKey
 ) -> None:
     token, _, _ = auth.login("payments", sign(signing_key, claims(clock)))
     clock.now += 3000
@@ -127,70 +114,70 @@ def test_a_login_token_renews_only_up_to_the_roles_max_ttl(
 
 
 def test_an_expired_jwt_is_refused(
-    auth: JwtAuth, clock: FakeClock, signing_key: ec.EllipticCurvePrivateKey
+    auth: JwtAuth, clock: ManualClock, signing_key: ec.EllipticCurvePrivateKey
 ) -> None:
     stale = claims(clock, iat=int(clock()) - 7200, nbf=int(clock()) - 7200, exp=int(clock()) - 3600)
     refused(auth, "payments", sign(signing_key, stale), "expired")
 
 
 def test_a_jwt_without_expiry_is_refused(
-    auth: JwtAuth, clock: FakeClock, signing_key: ec.EllipticCurvePrivateKey
+    auth: JwtAuth, clock: ManualClock, signing_key: ec.EllipticCurvePrivateKey
 ) -> None:
     refused(auth, "payments", sign(signing_key, claims(clock, exp=None)), "expiry")
 
 
 def test_a_jwt_not_valid_yet_is_refused(
-    auth: JwtAuth, clock: FakeClock, signing_key: ec.EllipticCurvePrivateKey
+    auth: JwtAuth, clock: ManualClock, signing_key: ec.EllipticCurvePrivateKey
 ) -> None:
     later = claims(clock, nbf=int(clock()) + 3600, exp=int(clock()) + 7200)
     refused(auth, "payments", sign(signing_key, later), "not valid yet")
 
 
 def test_a_wrong_audience_is_refused(
-    auth: JwtAuth, clock: FakeClock, signing_key: ec.EllipticCurvePrivateKey
+    auth: JwtAuth, clock: ManualClock, signing_key: ec.EllipticCurvePrivateKey
 ) -> None:
     refused(auth, "payments", sign(signing_key, claims(clock, aud=["someone-else"])), "audience")
 
 
 def test_a_wrong_issuer_is_refused(
-    auth: JwtAuth, clock: FakeClock, signing_key: ec.EllipticCurvePrivateKey
+    auth: JwtAuth, clock: ManualClock, signing_key: ec.EllipticCurvePrivateKey
 ) -> None:
     refused(auth, "payments", sign(signing_key, claims(clock, iss="https://evil.example")), "issuer")
 
 
-def test_a_bad_signature_is_refused(auth: JwtAuth, clock: FakeClock) -> None:
+def test_a_bad_signature_is_refused(auth: JwtAuth, clock: ManualClock) -> None:
     impostor = ec.generate_private_key(ec.SECP256R1())
     refused(auth, "payments", sign(impostor, claims(clock)), "signature")
 
 
 def test_a_tampered_payload_is_refused(
-    auth: JwtAuth, clock: FakeClock, signing_key: ec.EllipticCurvePrivateKey
+    auth: JwtAuth, clock: ManualClock, signing_key: ec.EllipticCurvePrivateKey
 ) -> None:
     header, _, signature = sign(signing_key, claims(clock)).split(".")
     forged = jwt.utils.base64url_encode(json.dumps(claims(clock, team="payments", sub="root")).encode())
     refused(auth, "payments", f"{header}.{forged.decode()}.{signature}", "signature")
 
 
-def test_unsigned_and_hmac_jwts_are_refused(auth: JwtAuth, clock: FakeClock) -> None:
+def test_unsigned_and_hmac_jwts_are_refused(auth: JwtAuth, clock: ManualClock) -> None:
     unsigned = jwt.encode(claims(clock), None, algorithm="none")  # type: ignore[arg-type]
     refused(auth, "payments", unsigned, "algorithm")
     refused(auth, "payments", jwt.encode(claims(clock), "x" * 32, algorithm="HS256"), "algorithm")
 
 
 def test_an_unknown_role_is_refused(
-    auth: JwtAuth, clock: FakeClock, signing_key: ec.EllipticCurvePrivateKey
+    auth: JwtAuth, clock: ManualClock, signing_key: ec.EllipticCurvePrivateKey
 ) -> None:
     refused(auth, "nobody", sign(signing_key, claims(clock)), "could not be found")
 
 
 def test_a_missing_bound_claim_is_refused(
-    auth: JwtAuth, clock: FakeClock, signing_key: ec.EllipticCurvePrivateKey
+    auth: JwtAuth, clock: ManualClock, signing_key: ec.EllipticCurvePrivateKey
 ) -> None:
     refused(auth, "payments", sign(signing_key, claims(clock, team=None)), 'claim "team" is missing')
 
 
 def test_a_mismatched_bound_claim_is_refused(
-    auth: JwtAuth, clock: FakeClock, signing_key: ec.EllipticCurvePrivateKey
+    auth: JwtAuth, clock: ManualClock, signing_key: ec.EllipticCurvePrivateKey
 ) -> None:
     refused(auth, "payments", sign(signing_key, claims(clock, team="billing")), 'claim "team" does not match')
 
@@ -200,7 +187,7 @@ def test_malformed_jwts_are_refused(auth: JwtAuth) -> None:
 
 
 def test_a_bound_subject_must_match(
-    auth: JwtAuth, clock: FakeClock, signing_key: ec.EllipticCurvePrivateKey
+    auth: JwtAuth, clock: ManualClock, signing_key: ec.EllipticCurvePrivateKey
 ) -> None:
     auth.write_role("api", {"bound_subject": "spiffe://example.org/api", "bound_audiences": AUDIENCE})
     refused(auth, "api", sign(signing_key, claims(clock)), "subject")
@@ -208,7 +195,7 @@ def test_a_bound_subject_must_match(
     assert token.startswith("kc.")
 
 
-def test_jwks_keys_are_chosen_by_kid(cell: Cell, tokens: TokenStore, clock: FakeClock) -> None:
+def test_jwks_keys_are_chosen_by_kid(cell: Cell, tokens: TokenStore, clock: ManualClock) -> None:
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key()))
     method = JwtAuth(cell.barrier, tokens, clock=clock)

@@ -5,7 +5,6 @@ barrier on both ledgers, with each value sealed in its own envelope."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,36 +19,19 @@ from keycell.control_plane.keys import IntegrityError, KeySpec
 from keycell.control_plane.kv import MAX_SECRET_BYTES, KvV2
 from keycell.control_plane.ledger import Key, Kind, Ledger, iter_prefix
 from keycell.testing.cells import Cell, open_cell
+from keycell.testing.clock import ManualClock
 
 PLAINTEXT = "correct-horse-battery-staple-7f3a"
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-def make_kv(cell: Cell, clock: Clock) -> KvV2:
+def make_kv(cell: Cell, clock: ManualClock) -> KvV2:
     backend = SoftwareKeyBackend()
     backend.create_key("cell-kek", KeySpec.AES_256)
     return KvV2(cell.barrier, Envelopes("us-east-1", backend, "cell-kek"), clock=clock)
 
 
 @pytest.fixture
-def kv(cell: Cell, clock: Clock) -> KvV2:
+def kv(cell: Cell, clock: ManualClock) -> KvV2:
     """The engine over a cell on each ledger."""
     return make_kv(cell, clock)
 
@@ -62,7 +44,7 @@ def cell_ledger(tmp_path: Path) -> Iterator[Ledger]:
 
 
 @pytest.fixture
-def sqlite_kv(cell_ledger: Ledger, clock: Clock) -> KvV2:
+def sqlite_kv(cell_ledger: Ledger, clock: ManualClock) -> KvV2:
     """The engine over a sqlite cell only: for input checks that fail before storage is
     touched, and for long histories (the ledgers share their limits and conformance
     suite, so repeating these on DynamoDB would prove nothing more, only slower)."""
@@ -319,7 +301,7 @@ def test_destroy_removes_the_sealed_value_from_storage(kv: KvV2, cell: Cell) -> 
     assert kv.read("app/db")["data"] == {"a": 2}
 
 
-def test_delete_version_after_makes_versions_read_as_deleted(kv: KvV2, clock: Clock) -> None:
+def test_delete_version_after_makes_versions_read_as_deleted(kv: KvV2, clock: ManualClock) -> None:
     kv.write_config(delete_version_after="1m")
     written = kv.write("app/db", {"a": 1})
     assert written["deletion_time"] != ""
@@ -330,7 +312,7 @@ def test_delete_version_after_makes_versions_read_as_deleted(kv: KvV2, clock: Cl
     assert expired.value.data is not None and expired.value.data["metadata"]["version"] == 1
 
 
-def test_the_smaller_delete_version_after_of_mount_and_secret_wins(kv: KvV2, clock: Clock) -> None:
+def test_the_smaller_delete_version_after_of_mount_and_secret_wins(kv: KvV2, clock: ManualClock) -> None:
     kv.write_config(delete_version_after=3600)
     kv.write_metadata("app/db", delete_version_after="30s")
     kv.write("app/db", {"a": 1})

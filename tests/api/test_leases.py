@@ -21,17 +21,7 @@ from keycell.control_plane.leases import INDEX_PREFIX, Lease, Leases, validate_l
 from keycell.control_plane.ledger import Key, Kind, iter_prefix, now
 from keycell.control_plane.revocations import RevocationSet
 from keycell.testing.cells import Cell
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from keycell.testing.clock import ManualClock
 
 
 class Recorder:
@@ -48,22 +38,17 @@ class Recorder:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def revoker() -> Recorder:
     return Recorder()
 
 
 @pytest.fixture
-def revocations(cell: Cell, clock: FakeClock) -> RevocationSet:
+def revocations(cell: Cell, clock: ManualClock) -> RevocationSet:
     return RevocationSet(cell.barrier, "cell-a", clock=clock)
 
 
 @pytest.fixture
-def leases(cell: Cell, revocations: RevocationSet, clock: FakeClock, revoker: Recorder) -> Leases:
+def leases(cell: Cell, revocations: RevocationSet, clock: ManualClock, revoker: Recorder) -> Leases:
     manager = Leases(cell.barrier, revocations, clock=clock, max_ttl=24 * 3600)
     manager.register_revoker("token", revoker)
     return manager
@@ -100,7 +85,7 @@ def test_a_listing_may_name_the_root() -> None:
 # --- register and lookup --------------------------------------------------------------
 
 
-def test_register_issues_a_lease_under_the_prefix(leases: Leases, clock: FakeClock) -> None:
+def test_register_issues_a_lease_under_the_prefix(leases: Leases, clock: ManualClock) -> None:
     lease = issue(leases)
     assert lease.lease_id.startswith("auth/jwt/login/")
     assert len(lease.lease_id) > len("auth/jwt/login/") + 16
@@ -108,13 +93,13 @@ def test_register_issues_a_lease_under_the_prefix(leases: Leases, clock: FakeClo
     assert issue(leases).lease_id != lease.lease_id
 
 
-def test_register_caps_the_ttl_at_the_max_ttl(leases: Leases, clock: FakeClock) -> None:
+def test_register_caps_the_ttl_at_the_max_ttl(leases: Leases, clock: ManualClock) -> None:
     lease = issue(leases, ttl=7200, max_ttl=600)
     assert lease.expire_time == clock.now + 600
     assert issue(leases, ttl=10 * 24 * 3600).expire_time == clock.now + 24 * 3600  # manager's cap
 
 
-def test_lookup_answers_vault_fields(leases: Leases, clock: FakeClock) -> None:
+def test_lookup_answers_vault_fields(leases: Leases, clock: ManualClock) -> None:
     lease = issue(leases)
     found = leases.lookup(lease.lease_id)
     assert set(found) == {"id", "issue_time", "expire_time", "last_renewal_time", "renewable", "ttl"}
@@ -133,7 +118,7 @@ def test_lookup_of_an_unknown_lease_is_invalid(leases: Leases) -> None:
         leases.lookup("auth/jwt/login/nothing-here")
 
 
-def test_lookup_of_an_expired_lease_is_invalid(leases: Leases, clock: FakeClock) -> None:
+def test_lookup_of_an_expired_lease_is_invalid(leases: Leases, clock: ManualClock) -> None:
     lease = issue(leases, ttl=60)
     clock.advance(61)
     with pytest.raises(InvalidRequest, match="invalid lease"):
@@ -158,7 +143,7 @@ def test_list_of_the_root_hides_the_expiry_index(leases: Leases) -> None:
     assert leases.list("") == {"keys": ["auth/", "database/"]}
 
 
-def test_list_leaves_out_expired_leases(leases: Leases, clock: FakeClock) -> None:
+def test_list_leaves_out_expired_leases(leases: Leases, clock: ManualClock) -> None:
     issue(leases, "auth/jwt/login", ttl=60)
     live = issue(leases, "auth/jwt/login", ttl=3600)
     clock.advance(120)
@@ -168,7 +153,7 @@ def test_list_leaves_out_expired_leases(leases: Leases, clock: FakeClock) -> Non
 # --- renew ----------------------------------------------------------------------------
 
 
-def test_renew_extends_from_now_by_the_increment(leases: Leases, clock: FakeClock) -> None:
+def test_renew_extends_from_now_by_the_increment(leases: Leases, clock: ManualClock) -> None:
     lease = issue(leases, ttl=600)
     clock.advance(300)
     renewed = leases.renew(lease.lease_id, 1800)
@@ -178,13 +163,13 @@ def test_renew_extends_from_now_by_the_increment(leases: Leases, clock: FakeCloc
     assert datetime.fromisoformat(found["last_renewal_time"]).timestamp() == pytest.approx(clock.now)
 
 
-def test_renew_without_an_increment_grants_the_original_ttl(leases: Leases, clock: FakeClock) -> None:
+def test_renew_without_an_increment_grants_the_original_ttl(leases: Leases, clock: ManualClock) -> None:
     lease = issue(leases, ttl=600)
     clock.advance(500)
     assert leases.renew(lease.lease_id)["lease_duration"] == 600
 
 
-def test_renew_is_capped_by_the_max_ttl_with_a_warning(leases: Leases, clock: FakeClock) -> None:
+def test_renew_is_capped_by_the_max_ttl_with_a_warning(leases: Leases, clock: ManualClock) -> None:
     lease = issue(leases, ttl=600, max_ttl=1000)
     clock.advance(400)
     renewed = leases.renew(lease.lease_id, 3600)
@@ -199,7 +184,7 @@ def test_renew_of_a_non_renewable_lease_is_refused(leases: Leases) -> None:
         leases.renew(lease.lease_id, 60)
 
 
-def test_renew_of_an_expired_lease_is_refused(leases: Leases, clock: FakeClock) -> None:
+def test_renew_of_an_expired_lease_is_refused(leases: Leases, clock: ManualClock) -> None:
     lease = issue(leases, ttl=60)
     clock.advance(61)
     with pytest.raises(InvalidRequest, match="lease not found or lease is not renewable"):
@@ -341,7 +326,7 @@ def test_revoke_prefix_pages_through_many_leases(leases: Leases, revoker: Record
 
 
 def test_tidy_revokes_expired_leases_and_leaves_live_ones(
-    leases: Leases, clock: FakeClock, revoker: Recorder, cell: Cell
+    leases: Leases, clock: ManualClock, revoker: Recorder, cell: Cell
 ) -> None:
     expired = [issue(leases, ttl=60), issue(leases, ttl=120)]
     live = issue(leases, ttl=3600)
@@ -354,7 +339,7 @@ def test_tidy_revokes_expired_leases_and_leaves_live_ones(
 
 
 def test_tidy_takes_the_oldest_first_up_to_the_limit(
-    leases: Leases, clock: FakeClock, revoker: Recorder
+    leases: Leases, clock: ManualClock, revoker: Recorder
 ) -> None:
     oldest = issue(leases, ttl=60)
     issue(leases, ttl=120)
@@ -363,7 +348,7 @@ def test_tidy_takes_the_oldest_first_up_to_the_limit(
     assert revoker.revoked == [oldest.lease_id]
 
 
-def test_tidy_does_not_revoke_a_renewed_lease(leases: Leases, clock: FakeClock, revoker: Recorder) -> None:
+def test_tidy_does_not_revoke_a_renewed_lease(leases: Leases, clock: ManualClock, revoker: Recorder) -> None:
     lease = issue(leases, ttl=60)
     leases.renew(lease.lease_id, 3600)
     clock.advance(120)
@@ -372,7 +357,7 @@ def test_tidy_does_not_revoke_a_renewed_lease(leases: Leases, clock: FakeClock, 
 
 
 def test_tidy_retries_a_lease_whose_revoker_failed(
-    leases: Leases, clock: FakeClock, revoker: Recorder
+    leases: Leases, clock: ManualClock, revoker: Recorder
 ) -> None:
     lease = issue(leases, ttl=60)
     revoker.fail_for.add(lease.lease_id)
@@ -384,7 +369,7 @@ def test_tidy_retries_a_lease_whose_revoker_failed(
 
 
 def test_tidy_finds_leases_the_ledger_already_hides(
-    leases: Leases, clock: FakeClock, revoker: Recorder, cell: Cell
+    leases: Leases, clock: ManualClock, revoker: Recorder, cell: Cell
 ) -> None:
     lease = issue(leases, ttl=1)
     expires_at = cell.ledger.get(Key(Kind.LEASE, lease.lease_id)).expires_at  # type: ignore[union-attr]

@@ -8,7 +8,6 @@ ledger would hide the records only at real expiry).
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -18,31 +17,16 @@ from keycell.control_plane.revocations import RevocationSet
 from keycell.control_plane.seal import token_path
 from keycell.control_plane.tokens import DEFAULT_TTL, TokenEntry, TokenStore
 from keycell.testing.cells import Cell
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from keycell.testing.clock import ManualClock
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def revocations(cell: Cell, clock: FakeClock) -> RevocationSet:
+def revocations(cell: Cell, clock: ManualClock) -> RevocationSet:
     return RevocationSet(cell.barrier, "test-cell", clock=clock)
 
 
 @pytest.fixture
-def store(cell: Cell, revocations: RevocationSet, clock: FakeClock) -> TokenStore:
+def store(cell: Cell, revocations: RevocationSet, clock: ManualClock) -> TokenStore:
     return TokenStore(cell.barrier, revocations, clock=clock, default_ttl=3600, max_ttl=4 * 3600)
 
 
@@ -90,7 +74,7 @@ def test_lookup_data_has_vaults_fields(store: TokenStore, root: tuple[str, Token
 
 
 def test_default_ttl_applies_when_none_is_given(
-    cell: Cell, revocations: RevocationSet, clock: FakeClock
+    cell: Cell, revocations: RevocationSet, clock: ManualClock
 ) -> None:
     store = TokenStore(cell.barrier, revocations, clock=clock)
     _, entry = store.create(None, policies=["app"])
@@ -148,7 +132,7 @@ def test_orphans_need_root_or_sudo_but_create_orphan_needs_neither(store: TokenS
     assert sudo_orphan.orphan and endpoint_orphan.orphan and endpoint_orphan.parent == ""
 
 
-def test_expired_tokens_are_refused(store: TokenStore, clock: FakeClock) -> None:
+def test_expired_tokens_are_refused(store: TokenStore, clock: ManualClock) -> None:
     token, _ = store.create(None, policies=["app"], ttl=60)
     store.lookup(token)
     clock.advance(61)
@@ -196,7 +180,7 @@ def test_children_die_with_their_parent(
     store.lookup(root[0])  # the root is untouched
 
 
-def test_children_die_when_their_parent_expires(store: TokenStore, clock: FakeClock) -> None:
+def test_children_die_when_their_parent_expires(store: TokenStore, clock: ManualClock) -> None:
     _, parent = store.create(None, policies=["app"], ttl=60)
     child_token, _ = store.create(parent, ttl=3600)
     clock.advance(61)
@@ -250,7 +234,7 @@ def test_a_revoked_parent_cannot_get_new_children(store: TokenStore) -> None:
         store.create(parent)
 
 
-def test_renew_extends_by_the_increment(store: TokenStore, clock: FakeClock) -> None:
+def test_renew_extends_by_the_increment(store: TokenStore, clock: ManualClock) -> None:
     token, _ = store.create(None, policies=["app"], ttl=600)
     clock.advance(300)
     renewed = store.renew(token, "20m")
@@ -258,7 +242,7 @@ def test_renew_extends_by_the_increment(store: TokenStore, clock: FakeClock) -> 
     assert store.lookup_data(store.lookup(token))["last_renewal_time"] == int(clock())
 
 
-def test_renew_caps_at_the_max_ttl_counted_from_creation(store: TokenStore, clock: FakeClock) -> None:
+def test_renew_caps_at_the_max_ttl_counted_from_creation(store: TokenStore, clock: ManualClock) -> None:
     token, _ = store.create(None, policies=["app"], ttl=3600)
     for _ in range(3):
         clock.advance(3000)
@@ -267,13 +251,15 @@ def test_renew_caps_at_the_max_ttl_counted_from_creation(store: TokenStore, cloc
     assert renewed.ttl(clock()) == 4 * 3600 - 9000  # the 4h max, counted from creation
 
 
-def test_renew_caps_at_the_explicit_max_ttl(store: TokenStore, clock: FakeClock) -> None:
+def test_renew_caps_at_the_explicit_max_ttl(store: TokenStore, clock: ManualClock) -> None:
     token, _ = store.create(None, policies=["app"], ttl=600, explicit_max_ttl=900)
     clock.advance(500)
     assert store.renew(token, 3600).ttl(clock()) == 400
 
 
-def test_renew_past_the_max_ttl_is_refused_and_the_token_expires(store: TokenStore, clock: FakeClock) -> None:
+def test_renew_past_the_max_ttl_is_refused_and_the_token_expires(
+    store: TokenStore, clock: ManualClock
+) -> None:
     token, _ = store.create(None, policies=["app"], ttl=600, explicit_max_ttl=600)
     clock.advance(600)
     with pytest.raises(PermissionDenied):
@@ -289,7 +275,7 @@ def test_non_renewable_tokens_cannot_be_renewed(store: TokenStore, root: tuple[s
 
 
 def test_periodic_tokens_renew_to_their_period_indefinitely(
-    store: TokenStore, clock: FakeClock, root: tuple[str, TokenEntry]
+    store: TokenStore, clock: ManualClock, root: tuple[str, TokenEntry]
 ) -> None:
     token, entry = store.create(root[1], policies=["app"], period="1h")
     assert entry.creation_ttl == 3600

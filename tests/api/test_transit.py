@@ -28,6 +28,7 @@ from keycell.control_plane.keys import (
 from keycell.control_plane.ledger import Key, Kind
 from keycell.control_plane.transit import BACKEND_PREFIX, MAX_NAME_CHARS, Transit
 from keycell.testing.cells import Cell, open_cell
+from keycell.testing.clock import ManualClock
 from keycell.testing.key_backends import pkcs11_backend
 from keycell.testing.softhsm import SoftHsmToken
 
@@ -44,26 +45,18 @@ def unb64(text: str) -> bytes:
     return base64.b64decode(text)
 
 
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def backend() -> SoftwareKeyBackend:
     return SoftwareKeyBackend()
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> ManualClock:
+    return ManualClock(1_700_000_000.0)  # creation times the tests can state exactly
 
 
 @pytest.fixture
-def transit(cell: Cell, backend: SoftwareKeyBackend, clock: Clock) -> Transit:
+def transit(cell: Cell, backend: SoftwareKeyBackend, clock: ManualClock) -> Transit:
     """On both ledgers: for behaviour that reads and writes key records."""
     return Transit(cell.barrier, backend, clock=clock)
 
@@ -76,7 +69,7 @@ def sqlite_cell(tmp_path: Path) -> Iterator[Cell]:
 
 
 @pytest.fixture
-def local(sqlite_cell: Cell, backend: SoftwareKeyBackend, clock: Clock) -> Transit:
+def local(sqlite_cell: Cell, backend: SoftwareKeyBackend, clock: ManualClock) -> Transit:
     """On one ledger: for input checks and cryptography, which no ledger changes."""
     return Transit(sqlite_cell.barrier, backend, clock=clock)
 
@@ -213,7 +206,7 @@ def test_editing_the_version_prefix_cannot_dodge_min_decryption_version(local: T
 
 
 def test_rotation_encrypts_under_the_new_version_and_old_ciphertexts_still_decrypt(
-    transit: Transit, clock: Clock
+    transit: Transit, clock: ManualClock
 ) -> None:
     old = transit.encrypt("orders", b64(SECRET))["ciphertext"]
     clock.now += 60
@@ -514,7 +507,7 @@ def test_read_key_answers_vaults_fields_for_a_symmetric_key(local: Transit) -> N
     json.dumps(key)  # the payload is plain JSON
 
 
-def test_read_key_publishes_each_version_of_an_asymmetric_key(local: Transit, clock: Clock) -> None:
+def test_read_key_publishes_each_version_of_an_asymmetric_key(local: Transit, clock: ManualClock) -> None:
     local.create_key("signer", "ecdsa-p256")
     clock.now += 1
     local.rotate("signer")

@@ -20,6 +20,7 @@ from keycell.control_plane.ledger import Key, Kind, iter_prefix, now
 from keycell.control_plane.seal import token_path
 from keycell.control_plane.wrapping import Wrapping, is_wrapping_token, parse_duration
 from keycell.testing.cells import Cell
+from keycell.testing.clock import ManualClock
 
 RESPONSE: dict[str, Any] = {
     "request_id": "",
@@ -31,24 +32,8 @@ RESPONSE: dict[str, Any] = {
 INVALID = "wrapping token is not valid or does not exist"
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def wrapping(cell: Cell, clock: FakeClock) -> Wrapping:
+def wrapping(cell: Cell, clock: ManualClock) -> Wrapping:
     return Wrapping(cell.barrier, clock=clock)
 
 
@@ -104,7 +89,7 @@ def test_is_wrapping_token_checks_the_shape_only() -> None:
 # --- wrap and unwrap ------------------------------------------------------------------
 
 
-def test_wrap_answers_vault_wrap_info(wrapping: Wrapping, clock: FakeClock) -> None:
+def test_wrap_answers_vault_wrap_info(wrapping: Wrapping, clock: ManualClock) -> None:
     info = wrap(wrapping)
     assert set(info) == {"token", "accessor", "ttl", "creation_time", "creation_path", "wrapped_accessor"}
     assert is_wrapping_token(info["token"])
@@ -216,7 +201,7 @@ def test_rewrap_invalidates_the_old_token_and_keeps_the_response(wrapping: Wrapp
     assert wrapping.unwrap(new["token"]) == RESPONSE
 
 
-def test_rewrap_restarts_the_ttl(wrapping: Wrapping, clock: FakeClock) -> None:
+def test_rewrap_restarts_the_ttl(wrapping: Wrapping, clock: ManualClock) -> None:
     old = wrap(wrapping, 60)
     clock.advance(50)
     new = wrapping.rewrap(old["token"])
@@ -227,7 +212,7 @@ def test_rewrap_restarts_the_ttl(wrapping: Wrapping, clock: FakeClock) -> None:
 # --- expiry ---------------------------------------------------------------------------
 
 
-def test_an_expired_token_is_refused_by_the_engine_clock(wrapping: Wrapping, clock: FakeClock) -> None:
+def test_an_expired_token_is_refused_by_the_engine_clock(wrapping: Wrapping, clock: ManualClock) -> None:
     token = wrap(wrapping, 60)["token"]
     clock.advance(60)
     for use in (wrapping.unwrap, wrapping.lookup, wrapping.rewrap):
