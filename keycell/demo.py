@@ -9,7 +9,11 @@ Today it shows one cell's storage stack:
    wrong combination, unseals with a quorum, stores secrets envelope-encrypted under
    a key-encryption key in a SoftHSM2 token (the software backend, with a loud
    warning, where SoftHSM2 is absent), keeps no plaintext in its file, and refuses
-   every read once sealed.
+   every read once sealed;
+3. the regional API: a self-hosted cell (`keycell server`, two workers) is
+   initialized and unsealed over HTTP with Vault's API, a secret is written and
+   read, a token limited by an ACL policy is refused outside it, a response-wrapped
+   read unwraps exactly once, and a revoked token is refused at once.
 
 It exits non-zero if any promise is broken. The three-cell breach runbook replaces
 this as the regional API, relay and rotation land.
@@ -17,12 +21,16 @@ this as the regional API, relay and rotation land.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import secrets
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -113,6 +121,7 @@ def run_demo(console: Console, *, workdir: str | None, writers: int, increments:
     )
     ledger.close()
     checks.extend(_seal_and_barrier(console, folder))
+    checks.extend(_regional_api(console, folder))
 
     table = Table(title="promises")
     table.add_column("check")
@@ -203,4 +212,81 @@ def _seal_and_barrier(console: Console, folder: Path) -> list[tuple[str, bool, s
             sealed_refused, message = True, str(exc)
         checks.append(("sealed cell refuses reads", sealed_refused and len(envelopes.cache) == 0, message))
     ledger.close()
+    return checks
+
+
+def _vault(
+    url: str, method: str, path: str, body: dict[str, object] | None = None, token: str = ""
+) -> tuple[int, dict[str, Any]]:
+    """One call to the regional API, as any Vault client makes it."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{url}/v1/{path}", data=data, method=method)  # noqa: S310 - loopback
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("X-Vault-Token", token)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - loopback
+            raw = answer.read()
+            return answer.status, json.loads(raw) if raw else {}
+    except urllib.error.HTTPError as error:
+        raw = error.read()
+        return error.code, json.loads(raw) if raw else {}
+
+
+def _regional_api(console: Console, folder: Path) -> list[tuple[str, bool, str]]:
+    from keycell.testing.processes import ServerProcess
+
+    console.rule("[bold]regional API (Vault's HTTP API), self-hosted")
+    checks: list[tuple[str, bool, str]] = []
+    data_dir = folder / "api-cell"
+    server = ServerProcess(
+        "keycell",
+        ["server", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--workers", "2"],
+        what="keycell server",
+    )
+    url = f"http://127.0.0.1:{server.start()}"
+    try:
+        console.print(f"keycell server at {url} (2 workers)")
+        _, init = _vault(url, "PUT", "sys/init", {"secret_shares": 5, "secret_threshold": 3})
+        for key in init["keys"][:3]:
+            _, status = _vault(url, "PUT", "sys/unseal", {"key": key})
+        root = init["root_token"]
+        checks.append(("init and unseal over HTTP", status.get("sealed") is False, "3 of 5 shares"))
+
+        code, _ = _vault(url, "POST", "secret/data/payments/db", {"data": {"password": "pw-demo"}}, root)
+        code_read, read = _vault(url, "GET", "secret/data/payments/db", token=root)
+        ok = code == 200 and read.get("data", {}).get("data") == {"password": "pw-demo"}
+        checks.append(("KV v2 write and read", ok, f"HTTP {code}/{code_read}"))
+
+        _vault(
+            url,
+            "PUT",
+            "sys/policies/acl/payments-read",
+            {"policy": 'path "secret/data/payments/*" { capabilities = ["read"] }'},
+            root,
+        )
+        _, created = _vault(
+            url, "POST", "auth/token/create", {"policies": ["payments-read"], "ttl": "1h"}, root
+        )
+        reader = created["auth"]["client_token"]
+        allowed, _ = _vault(url, "GET", "secret/data/payments/db", token=reader)
+        denied, _ = _vault(url, "POST", "secret/data/payments/db", {"data": {"password": "x"}}, reader)
+        checks.append(("ACL policy", allowed == 200 and denied == 403, f"read {allowed}, write {denied}"))
+
+        request = urllib.request.Request(f"{url}/v1/secret/data/payments/db", method="GET")  # noqa: S310
+        request.add_header("X-Vault-Token", root)
+        request.add_header("X-Vault-Wrap-TTL", "60s")
+        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - loopback
+            wrapped = json.loads(answer.read())["wrap_info"]["token"]
+        first, _ = _vault(url, "POST", "sys/wrapping/unwrap", {"token": wrapped})
+        second, _ = _vault(url, "POST", "sys/wrapping/unwrap", {"token": wrapped})
+        checks.append(
+            ("response wrapping is single-use", first == 200 and second == 400, f"{first}, then {second}")
+        )
+
+        _vault(url, "POST", "auth/token/revoke", {"token": reader}, root)
+        after, _ = _vault(url, "GET", "secret/data/payments/db", token=reader)
+        checks.append(("revoked token refused", after == 403, f"HTTP {after}"))
+    finally:
+        server.stop()
     return checks
