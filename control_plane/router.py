@@ -197,6 +197,9 @@ class Router:
         self._unindexed: list[Route] = []
         self._by_mount_count = -1
         self.observers: list[Callable[[Request, Route | None, int, float], None]] = []
+        # control_plane.audit.Auditor (None: not audited): `before` once the caller is
+        # known and before the handler runs, `after` with the response.
+        self.auditor: Any = None
 
     def add(
         self,
@@ -255,6 +258,8 @@ class Router:
         started = time.perf_counter()
         request_id = str(uuid.uuid4())
         matched: Route | None = None
+        ctx: Context | None = None
+        auditor = self.auditor
         try:
             request.path = request.path.strip("/")
             found = self.match(request.path)
@@ -269,6 +274,8 @@ class Router:
             self.services.ensure_unsealed()  # HSM seal mode: a fresh process opens the barrier itself
             if matched.authenticated:
                 self._authenticate(ctx, matched, operation)
+            if auditor is not None:
+                auditor.before(ctx, request_id)  # fail closed: raises Unavailable (503)
             result = handler(ctx)
             response = self._shape(request_id, request, matched, result)
         except RequestError as exc:
@@ -289,6 +296,8 @@ class Router:
             log.exception("internal error on %s %s (%s)", request.method, request.path, type(exc).__name__)
             response = self._error(request_id, 500, "internal error")
         elapsed = time.perf_counter() - started
+        if auditor is not None:
+            response = auditor.after(request_id, request, ctx, response, elapsed)
         for observe in self.observers:
             observe(request, matched, response.status, elapsed)
         return response

@@ -9,6 +9,12 @@ Environment (all optional):
                         set by `keycell server` for its workers: they share unseal state
   KEYCELL_SOFTWARE_KEYS for the software backend: a ledger URL where its keys persist; unset keeps
                         them inside the cell's own barrier (sealed with the cell)
+  KEYCELL_AUDIT_FILE    append the audit trail to this file (`keycell server --dev`: <data dir>/audit.log)
+  KEYCELL_AUDIT_STDOUT  1: the audit trail as JSON lines on standard output (Lambda: CloudWatch Logs)
+  KEYCELL_AUDIT_S3      BUCKET/PREFIX: one object per batch, under object lock (bucket made with it)
+  KEYCELL_AUDIT_S3_RETENTION_DAYS  object lock retention (default 365, COMPLIANCE mode)
+  KEYCELL_AUDIT_FAIL_OPEN  1: serve when no audit sink accepts an entry (default: refuse, 503)
+  KEYCELL_AUDIT         off: no audit trail even when a sink is configured
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 from collections.abc import Callable
 
 from keycell.adapters.ledgers import default_ledger_url, open_ledger
+from keycell.control_plane.audit import Auditor, AuditSink, FileSink, StdoutSink
 from keycell.control_plane.barrier import Barrier
 from keycell.control_plane.keys import KeyBackend
 from keycell.control_plane.router import Router
@@ -54,5 +61,41 @@ def services_from_environment(env: dict[str, str] | None = None) -> CellServices
     return CellServices(ledger, key_backend_from_environment(env), config, boot=boot)
 
 
+def audit_sinks_from_environment(env: dict[str, str]) -> list[AuditSink]:
+    sinks: list[AuditSink] = []
+    if env.get("KEYCELL_AUDIT", "").lower() in ("off", "0", "false"):
+        return sinks
+    if env.get("KEYCELL_AUDIT_FILE"):
+        sinks.append(FileSink(env["KEYCELL_AUDIT_FILE"]))
+    if env.get("KEYCELL_AUDIT_STDOUT") == "1":
+        sinks.append(StdoutSink())
+    if env.get("KEYCELL_AUDIT_S3"):
+        from keycell.adapters.audit.s3 import S3Sink
+
+        bucket, _, prefix = env["KEYCELL_AUDIT_S3"].partition("/")
+        days = int(env.get("KEYCELL_AUDIT_S3_RETENTION_DAYS", "365"))
+        sinks.append(S3Sink(bucket, prefix, retention_days=days))
+    return sinks
+
+
+def auditor_from_environment(services: CellServices, env: dict[str, str] | None = None) -> Auditor | None:
+    """The cell's auditor, or None when no audit sink is configured."""
+    env = dict(os.environ if env is None else env)
+    sinks = audit_sinks_from_environment(env)
+    if not sinks:
+        return None
+    return Auditor(
+        services.ledger,
+        services.barrier,
+        services.config.cell_id,
+        sinks,
+        fail_open=env.get("KEYCELL_AUDIT_FAIL_OPEN") == "1",
+        clock=services.clock,
+    )
+
+
 def router_from_environment(env: dict[str, str] | None = None) -> Router:
-    return build_router(services_from_environment(env))
+    services = services_from_environment(env)
+    router = build_router(services)
+    router.auditor = auditor_from_environment(services, env)
+    return router

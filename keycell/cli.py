@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 ledger_app = typer.Typer(help="Inspect a cell's conditional-write ledger.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
+audit_app = typer.Typer(help="Check and merge audit trails.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 
 console = Console()
 errors = Console(stderr=True)
@@ -136,6 +138,53 @@ def ledger_scan(
     typer.echo(json.dumps({"cursor": page.cursor}))
 
 
+AuditFiles = Annotated[list[str], typer.Argument(help="Audit files (JSON lines), one or more.")]
+
+
+@audit_app.command("verify")
+def audit_verify(files: AuditFiles) -> None:
+    """Check the hash chain: exit 1 naming FILE:LINE of the first modified, deleted,
+    inserted or reordered entry. A cell's chain may span several files (one per process)."""
+    from keycell.control_plane.audit import verify_files
+
+    try:
+        entries, problems = verify_files(files)
+    except OSError as exc:
+        raise _fail(f"cannot read {exc.filename}: {exc.strerror}") from None
+    if problems:
+        for problem in problems:
+            typer.echo(f"FAIL {problem}")
+        raise typer.Exit(1)
+    cells = sorted({str(e.entry["cell"]) for e in entries})
+    typer.echo(f"OK {len(entries)} entries, chain intact (cells: {', '.join(cells) or 'none'})")
+
+
+@audit_app.command("merge")
+def audit_merge(
+    files: AuditFiles,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Write here (default: stdout).")
+    ] = None,
+) -> None:
+    """Merge several cells' (or processes') audit files into one timeline ordered by
+    hybrid logical clock, verifying every input chain; exit 1 when one is broken."""
+    from keycell.control_plane.audit import encode_line, merge
+
+    try:
+        timeline, problems = merge(files)
+    except OSError as exc:
+        raise _fail(f"cannot read {exc.filename}: {exc.strerror}") from None
+    for problem in problems:
+        errors.print(f"FAIL {problem}", markup=False, highlight=False)
+    data = b"".join(encode_line(entry) for entry in timeline)
+    if output:
+        with open(output, "wb") as handle:
+            handle.write(data)
+    else:
+        typer.echo(data.decode(), nl=False)
+    raise typer.Exit(1 if problems else 0)
+
+
 @app.command()
 def demo(
     workdir: Annotated[
@@ -176,6 +225,7 @@ def server(
     if dev:
         folder = data_dir or tempfile.mkdtemp(prefix="keycell-dev-")
         os.environ.update(dev_environment(folder))
+        os.environ.setdefault("KEYCELL_AUDIT_FILE", os.path.join(folder, "audit.log"))
         from keycell.functions.wiring import services_from_environment
 
         services = services_from_environment()

@@ -1,0 +1,163 @@
+"""Audit trail cost: KV v2 read throughput of `keycell server --dev` with auditing on
+(the dev default: a file in its data folder, hash chain head in the ledger) against
+the same server with auditing off (KEYCELL_AUDIT=off), in the same run, rounds
+interleaved; the ratio audited / unaudited (target >= 0.8).
+
+    python -m bench.audit [--quick] [--load python|wrk] [--workers N]
+
+Load: bench.api's generators (`--load python`, the default here, or wrk when installed).
+Each audited request writes two chained entries (request, response); a worker handles
+requests one at a time, so each entry is one conditional write of the chain head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+from bench.api import (
+    KEYCELL_TOKEN,
+    READ_PATH,
+    BenchError,
+    ensure_wrk,
+    prepare,
+    run_python_load,
+    run_wrk,
+    wrk_version,
+)
+from bench.common import machine
+from keycell.testing.processes import ServerProcess
+
+RATIO_TARGET = 0.8
+
+
+@contextlib.contextmanager
+def server(workers: int, *, audited: bool) -> Iterator[tuple[int, str]]:
+    with tempfile.TemporaryDirectory(prefix="keycell-bench-audit-") as folder:
+        env = (
+            {"KEYCELL_AUDIT_FILE": os.path.join(folder, "audit.log")} if audited else {"KEYCELL_AUDIT": "off"}
+        )
+        process = ServerProcess(
+            "keycell",
+            [
+                "server",
+                "--dev",
+                "--dev-root-token",
+                KEYCELL_TOKEN,
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                str(workers),
+                "--data-dir",
+                folder,
+            ],
+            what="keycell server --dev",
+            env=env,
+        )
+        port = process.start()
+        try:
+            yield port, os.path.join(folder, "audit.log")
+        finally:
+            process.stop()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    wrk = ensure_wrk() if args.load == "wrk" else ""
+
+    def measure(port: int) -> dict[str, Any]:
+        if args.load == "wrk":
+            return run_wrk(
+                wrk,
+                port,
+                "GET",
+                KEYCELL_TOKEN,
+                seconds=args.duration,
+                threads=2,
+                connections=args.connections,
+            )
+        return run_python_load(
+            port,
+            "GET",
+            KEYCELL_TOKEN,
+            seconds=args.duration,
+            connections=args.connections,
+            max_requests=args.max_requests,
+        )
+
+    samples: dict[str, list[dict[str, Any]]] = {"audited": [], "unaudited": []}
+    with contextlib.ExitStack() as stack:
+        on, audit_file = stack.enter_context(server(args.workers, audited=True))
+        off, _ = stack.enter_context(server(args.workers, audited=False))
+        for port in (on, off):
+            prepare(port, KEYCELL_TOKEN)
+            measure(port)  # warm-up: routers built, caches filled
+        for _ in range(args.rounds):
+            samples["audited"].append(measure(on))
+            samples["unaudited"].append(measure(off))
+        with open(audit_file, "rb") as handle:
+            audit_lines = sum(1 for _ in handle)
+    figures = {
+        name: {
+            "requests_per_s": round(statistics.median(s["requests_per_s"] for s in runs), 1),
+            "requests_per_s_rounds": [round(s["requests_per_s"], 1) for s in runs],
+            "p50_ms": round(statistics.median(s["p50_ms"] for s in runs), 3),
+            "p99_ms": round(statistics.median(s["p99_ms"] for s in runs), 3),
+            "requests": sum(s["requests"] for s in runs),
+            "errors": sum(s["errors"] for s in runs),
+        }
+        for name, runs in samples.items()
+    }
+    unaudited = figures["unaudited"]["requests_per_s"]
+    ratio = round(figures["audited"]["requests_per_s"] / unaudited, 3) if unaudited else None
+    return {
+        "benchmark": "audit",
+        "machine": machine(),
+        "load": {
+            "generator": wrk_version(wrk)
+            if args.load == "wrk"
+            else "python (http.client keep-alive threads)",
+            "connections": args.connections,
+            "seconds_per_run": args.duration,
+            "rounds": args.rounds,
+            "request": f"GET {READ_PATH}",
+            "workers": args.workers,
+        },
+        "kv_v2_read": figures,
+        "audit_lines_written": audit_lines,
+        "ratio_audited_to_unaudited": ratio,
+        "target": {"ratio_min": RATIO_TARGET, "met": ratio is not None and ratio >= RATIO_TARGET},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description="audit trail: audited vs unaudited KV read throughput")
+    parser.add_argument("--quick", action="store_true", help="one short round")
+    parser.add_argument("--load", choices=["wrk", "python"], default="python", help="load generator")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per run (default 5)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
+    parser.add_argument("--connections", type=int, default=None, help="connections (default 16)")
+    parser.add_argument("--workers", type=int, default=2, help="keycell server worker processes")
+    parser.add_argument("--max-requests", type=int, default=None, help="python load: requests per run cap")
+    args = parser.parse_args(argv)
+    args.duration = args.duration or (1.0 if args.quick else 5.0)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.connections = args.connections or (8 if args.quick else 16)
+    args.max_requests = args.max_requests or (2_000 if args.quick else 500_000)
+    try:
+        report = run(args)
+    except BenchError as exc:
+        print(f"bench.audit: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""bench/audit.py at test size, as a user runs it (`python -m bench.audit --quick`): a
+complete JSON report; the figures are for `make bench`, not for assertions here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_run_prints_a_complete_report() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.audit", "--quick", "--duration", "0.5", "--max-requests", "500"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["benchmark"] == "audit"
+    for name in ("audited", "unaudited"):
+        figures = report["kv_v2_read"][name]
+        assert figures["requests"] > 0 and figures["errors"] == 0 and figures["requests_per_s"] > 0
+    assert report["audit_lines_written"] >= 2 * report["kv_v2_read"]["audited"]["requests"]
+    assert isinstance(report["ratio_audited_to_unaudited"], float)
+    assert report["target"]["ratio_min"] == 0.8
