@@ -9,7 +9,7 @@ Environment (all optional):
                         set by `keycell server` for its workers: they share unseal state
   KEYCELL_SOFTWARE_KEYS for the software backend: a ledger URL where its keys persist; unset keeps
                         them inside the cell's own barrier (sealed with the cell)
-  KEYCELL_AUDIT_FILE    append the audit trail to this file (`keycell server --dev`: <data dir>/audit.log)
+  KEYCELL_AUDIT_FILE    append the audit trail to this file (no audit device by default, as in Vault)
   KEYCELL_AUDIT_STDOUT  1: the audit trail as JSON lines on standard output (Lambda: CloudWatch Logs)
   KEYCELL_AUDIT_S3      BUCKET/PREFIX: one object per batch, under object lock (bucket made with it)
   KEYCELL_AUDIT_S3_RETENTION_DAYS  object lock retention (default 365, COMPLIANCE mode)

@@ -225,7 +225,6 @@ def server(
     if dev:
         folder = data_dir or tempfile.mkdtemp(prefix="keycell-dev-")
         os.environ.update(dev_environment(folder))
-        os.environ.setdefault("KEYCELL_AUDIT_FILE", os.path.join(folder, "audit.log"))
         from keycell.functions.wiring import services_from_environment
 
         services = services_from_environment()

@@ -37,6 +37,7 @@ def test_no_secret_in_plaintext_anywhere(tmp_path: Path) -> None:
             str(tmp_path),
         ],
         what="keycell server --dev",
+        env={"KEYCELL_AUDIT_FILE": str(tmp_path / "audit.log")},
     )
     url = f"http://127.0.0.1:{server.start()}"
     secrets: list[str] = list(CANARIES)
