@@ -14,6 +14,9 @@ initialized and unsealed before the workers start, like `vault server -dev`.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import os
 import socket
 import sys
@@ -24,11 +27,30 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
+from keycell.control_plane.admission import AdmissionConfig, AdmissionGate, classify
+from keycell.control_plane.errors import PermissionDenied, RequestError
+from keycell.control_plane.ledger import Kind, iter_prefix
 from keycell.functions.api import http
 from keycell.functions.api.app import MAX_DEPTH, router
 from keycell.testing.processes import announce_ready
 
+log = logging.getLogger("keycell.server")
 _NOT_FOUND = b'{"errors":["unsupported path"]}'
+_SHED = (
+    b'{"errors":["the cell is overloaded and is shedding new requests first; retry after the '
+    b"Retry-After header's seconds (revocations and renewals are served first)\"]}"
+)
+EVENTS_PATH = "/v1/sys/events/revocations"
+_gate: AdmissionGate | None = None
+
+
+def gate() -> AdmissionGate:
+    """This worker's in-flight window (admission control), configured from the environment."""
+    global _gate
+    if _gate is None:
+        config = AdmissionConfig.from_env()
+        _gate = AdmissionGate(config.max_inflight, config.max_queue)
+    return _gate
 
 
 async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -42,15 +64,200 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 return
     if scope["type"] != "http":
         return
+    if scope["path"] == EVENTS_PATH and scope["method"].upper() == "GET":
+        await revocation_stream(scope, receive, send)
+        return
     body = b""
     more = True
     while more:
         message = await receive()
         body += message.get("body", b"")
         more = message.get("more_body", False)
-    status, headers, payload = handle_http(scope, body)
+    admission = gate()
+    if not await admission.enter(classify(scope["method"], scope["path"][4:])):
+        headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
+        await send({"type": "http.response.start", "status": 429, "headers": headers})
+        await send({"type": "http.response.body", "body": _SHED})
+        return
+    try:
+        status, headers, payload = handle_http(scope, body)
+    finally:
+        admission.leave()
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
+
+
+# --- revocation events (server-sent events) ---------------------------------------------------
+
+
+class RevocationFeed:
+    """This worker's view of new revocations: one poller for every subscriber, scanning
+    the cell's revocation set every `interval` seconds and handing each subject not
+    seen before to every subscriber's queue. (The relay will push instead of this
+    poll.) A subscriber that falls `queue_size` events behind is disconnected; its
+    client reconnects and re-checks what it holds."""
+
+    def __init__(self, interval: float = 0.1, queue_size: int = 10_000) -> None:
+        self.interval = interval
+        self.queue_size = queue_size
+        self.subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
+        self._known: set[str] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def _scan(self) -> list[dict[str, Any]]:
+        services = router().services
+        fresh: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for item in iter_prefix(services.barrier, Kind.REVOCATION, page_size=1000):
+            subject = item.key.path
+            seen.add(subject)
+            if self._known is not None and subject not in self._known:
+                try:
+                    record = json.loads(item.value)
+                except ValueError:
+                    record = {}
+                fresh.append(
+                    {
+                        "subject": subject,
+                        "origin_cell": record.get("origin_cell", ""),
+                        "revoked_at": record.get("revoked_at"),
+                    }
+                )
+        self._known = seen
+        return fresh
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
+        if self._known is None:
+            self._scan()  # the baseline: only revocations after this are news
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(self.queue_size)
+        self.subscribers.add(queue)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._poll())
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
+        self.subscribers.discard(queue)
+
+    async def _poll(self) -> None:
+        while self.subscribers:
+            await asyncio.sleep(self.interval)
+            try:
+                fresh = self._scan()
+            except Exception as exc:  # sealed or the ledger is down: try again next tick
+                log.debug("revocation scan failed: %s", type(exc).__name__)
+                continue
+            for queue in list(self.subscribers):
+                for event in fresh:
+                    try:
+                        queue.put_nowait(event)
+                    except asyncio.QueueFull:
+                        self.subscribers.discard(queue)
+                        queue.get_nowait()  # make room for the end-of-stream marker
+                        queue.put_nowait(None)
+                        break
+        self._known = None
+
+
+_feed = RevocationFeed()
+
+
+def _json_error(status: int, message: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    body = json.dumps({"errors": [message]}).encode()
+    return status, [(b"content-type", b"application/json"), (b"cache-control", b"no-store")], body
+
+
+def _authorize_events(
+    scope: dict[str, Any],
+) -> tuple[int, list[tuple[bytes, bytes]], bytes] | tuple[str, bool, set[str]]:
+    """(own accessor, may see every revocation, lease ids asked for), or an error reply."""
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope.get("headers", [])}
+    token = http.token_from(headers)
+    if not token:
+        return _json_error(403, "permission denied: no token; send X-Vault-Token")
+    services = router().services
+    try:
+        services.ensure_unsealed()
+        if services.barrier.sealed:
+            return _json_error(503, "Vault is sealed")
+        entry = services.tokens.use(token)
+        acl = services.policies.acl_for(entry.policies)
+    except PermissionDenied:
+        return _json_error(403, "permission denied")
+    except RequestError as exc:
+        return _json_error(exc.status, exc.message)
+    query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+    leases = {f"lease:{lease}" for lease in query.get("leases", "").split(",") if lease}
+    return entry.accessor, bool(acl.allows("sys/events/revocations", "read")), leases
+
+
+def _sse(event: str, data: dict[str, Any], event_id: int | None = None) -> bytes:
+    head = f"event: {event}\n" + (f"id: {event_id}\n" if event_id is not None else "")
+    return (head + "data: " + json.dumps(data, separators=(",", ":")) + "\n\n").encode()
+
+
+async def revocation_stream(scope: dict[str, Any], receive: Any, send: Any, heartbeat: float = 15.0) -> None:
+    """GET /v1/sys/events/revocations: a server-sent event per new revocation.
+
+    Any valid token may subscribe. A token whose policy grants `read` on
+    sys/events/revocations sees every revocation; any other sees its own token's
+    (`token:<accessor>`) and those of the leases it names in `?leases=id1,id2`.
+    The stream opens with `event: ready`; after the subscriber's own token is
+    revoked it sends that event and closes."""
+    decided = _authorize_events(scope)
+    if isinstance(decided[0], int):
+        status, headers, payload = decided
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+        return
+    accessor, everything, leases = decided
+    own = f"token:{accessor}"
+    queue = _feed.subscribe()
+    headers = [
+        (b"content-type", b"text/event-stream"),
+        (b"cache-control", b"no-store"),
+        (b"x-accel-buffering", b"no"),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send(
+        {"type": "http.response.body", "body": _sse("ready", {"accessor": accessor}), "more_body": True}
+    )
+    disconnected = asyncio.ensure_future(_wait_disconnect(receive))
+    sent = 0
+    try:
+        while not disconnected.done():
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait(
+                {getter, disconnected}, timeout=heartbeat, return_when="FIRST_COMPLETED"
+            )
+            if getter not in done:
+                getter.cancel()
+                if not done:
+                    await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+                continue
+            event = getter.result()
+            if event is None:
+                break  # fell behind: the client reconnects
+            subject = event["subject"]
+            if everything or subject == own or subject in leases:
+                sent += 1
+                await send(
+                    {"type": "http.response.body", "body": _sse("revocation", event, sent), "more_body": True}
+                )
+            if subject == own:
+                break
+        await send({"type": "http.response.body", "body": b""})
+    except OSError:
+        pass
+    finally:
+        _feed.unsubscribe(queue)
+        disconnected.cancel()
+
+
+async def _wait_disconnect(receive: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def handle_http(scope: dict[str, Any], body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

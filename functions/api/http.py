@@ -7,7 +7,24 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from keycell.control_plane.admission import AdmissionConfig, RateLimits, classify, identity_of
 from keycell.control_plane.router import Request, Response, Router
+
+_limits: RateLimits | None = None
+
+
+def rate_limits() -> RateLimits:
+    """This process's admission limits, configured from the environment on first use."""
+    global _limits
+    if _limits is None:
+        _limits = RateLimits(AdmissionConfig.from_env())
+    return _limits
+
+
+def rate_limited(retry_after: float, message: str) -> tuple[int, dict[str, str], bytes]:
+    """Vault's 429: `{"errors": [...]}` and `Retry-After` in whole seconds (at least 1)."""
+    headers = {"Retry-After": str(max(1, int(retry_after + 0.999)))}
+    return encode(Response(429, {"errors": [message]}, headers))
 
 
 def token_from(headers: Mapping[str, str]) -> str | None:
@@ -29,8 +46,15 @@ def handle(
     query: Mapping[str, str],
     body: bytes | str | None,
     remote_addr: str = "",
+    limits: RateLimits | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """One request (path below /v1/, header names lower-case) to status, headers, body."""
+    """One request (path below /v1/, header names lower-case) to status, headers, body.
+    Admission control (`limits`, default: this process's, from the environment) runs
+    first: past a rate limit the answer is 429 with `Retry-After`."""
+    token = token_from(headers)
+    refused = (limits or rate_limits()).check(classify(method, path), identity_of(token, remote_addr))
+    if refused is not None:
+        return rate_limited(refused.retry_after, refused.message)
     data: dict[str, Any] = {}
     if body:
         try:
@@ -46,7 +70,7 @@ def handle(
         data=data,
         query=query,
         headers=headers,
-        token=token_from(headers),
+        token=token,
         remote_addr=remote_addr,
     )
     return encode(router.handle(request))
