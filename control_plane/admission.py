@@ -169,10 +169,10 @@ class RateLimits:
 class AdmissionGate:
     """Bounded in-flight requests with a bounded priority queue, for one asyncio loop.
 
-    `enter()` always yields once, so that requests arriving together (one event-loop
-    tick: a burst on many connections) are admitted in priority order, not arrival
-    order. When more than `max_queue` wait, the least important, newest waiter is
-    shed (`enter()` answers False): the caller answers 429.
+    A request finding a free slot and nobody waiting is admitted at once (the common
+    case: no cost on the hot path). Once the window is full, requests wait in priority
+    order, not arrival order. When more than `max_queue` wait, the least important,
+    newest waiter is shed (`enter()` answers False): the caller answers 429.
     """
 
     def __init__(self, max_inflight: int, max_queue: int) -> None:
@@ -189,6 +189,9 @@ class AdmissionGate:
         return len(self._waiting)
 
     async def enter(self, priority: Priority) -> bool:
+        if not self._waiting and not self._scheduled and self.inflight < self.max_inflight:
+            self.inflight += 1
+            return True
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
         heapq.heappush(self._waiting, (int(priority), next(self._seq), future))
