@@ -52,3 +52,26 @@ def interleaved(
         name: {figure: round(statistics.median(s[figure] for s in runs_), 1) for figure in runs_[0]}
         for name, runs_ in samples.items()
     }
+
+
+def run_report(module: str, *args: str, timeout: float = 300.0) -> dict[str, Any]:
+    """Run `python -m module args...` as a user would, in its own process, from the
+    repository root, and return the JSON report it prints (the tests run every
+    benchmark this way, small)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"{module} failed:\n{done.stderr[-3000:]}")
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report

@@ -5,26 +5,16 @@ process). Each must print a complete JSON report; the figures themselves are for
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
+
+from bench.common import run_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_bench(module: str, *args: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report: dict[str, Any] = json.loads(done.stdout)
+    report = run_report(module, *args)
     assert report["machine"]["cores"] >= 1
     return report
 

@@ -6,7 +6,6 @@ the figures themselves are for `make bench`, not for assertions here."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -15,21 +14,13 @@ from pathlib import Path
 import pytest
 
 from bench.api import WRITE_KEYS_PER_THREAD, _lua_script, importtime_ms
+from bench.common import run_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_quick_run_against_keycell_prints_a_complete_report() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.api", "--quick", "--targets", "keycell", "--load", "python"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    report = run_report("bench.api", "--quick", "--targets", "keycell", "--load", "python", timeout=240)
     assert report["benchmark"] == "api"
     assert report["machine"]["cores"] >= 1
     assert report["load"]["generator"].startswith("python")

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from keycell.client.errors import InvalidRequest, KeycellError, NotFound, PermissionDenied
 from keycell.client.model import Credential
@@ -108,8 +109,8 @@ class _Callbacks:
             self.on_stop(stop.reason, stop.error)
 
 
-class LifetimeWatcher:
-    """Renew `credential` through a blocking `Client` in a daemon thread."""
+class _WatcherBase:
+    """What both watchers are made of: the client, the renewal plan, the callbacks."""
 
     def __init__(
         self,
@@ -129,6 +130,13 @@ class LifetimeWatcher:
         )
         self.increment = increment
         self.callbacks = _Callbacks(on_renew, on_error, on_stop)
+
+
+class LifetimeWatcher(_WatcherBase):
+    """Renew `credential` through a blocking `Client` in a daemon thread."""
+
+    def __init__(self, client: object, credential: Credential, **options: Any) -> None:
+        super().__init__(client, credential, **options)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -183,27 +191,11 @@ class LifetimeWatcher:
         self.callbacks.stop(step)
 
 
-class AsyncLifetimeWatcher:
+class AsyncLifetimeWatcher(_WatcherBase):
     """Renew `credential` through an `AsyncClient` in an asyncio task."""
 
-    def __init__(
-        self,
-        client: object,
-        credential: Credential,
-        *,
-        window: RenewalWindow | None = None,
-        retry: RetryPolicy | None = None,
-        increment: int | None = None,
-        on_renew: OnRenew | None = None,
-        on_error: OnError | None = None,
-        on_stop: OnStop | None = None,
-    ) -> None:
-        self.client = client
-        self.plan = RenewalPlan(
-            credential, window or RenewalWindow(), retry or RetryPolicy(base=0.5, cap=30.0)
-        )
-        self.increment = increment
-        self.callbacks = _Callbacks(on_renew, on_error, on_stop)
+    def __init__(self, client: object, credential: Credential, **options: Any) -> None:
+        super().__init__(client, credential, **options)
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._revoked = False

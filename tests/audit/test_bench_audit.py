@@ -3,25 +3,15 @@ complete JSON report; the figures are for `make bench`, not for assertions here.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
+
+from bench.common import run_report
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_quick_run_prints_a_complete_report() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.audit", "--quick", "--duration", "0.5", "--max-requests", "500"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    report = run_report("bench.audit", "--quick", "--duration", "0.5", "--max-requests", "500", timeout=120)
     assert report["benchmark"] == "audit"
     for name in ("audited", "unaudited"):
         figures = report["kv_v2_read"][name]
