@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -35,6 +36,8 @@ from keycell.functions.api.app import MAX_DEPTH, router
 from keycell.testing.processes import announce_ready
 
 log = logging.getLogger("keycell.server")
+# Request threads per worker when auditing: enough to batch audit commits.
+AUDIT_THREADS = 16
 _NOT_FOUND = b'{"errors":["unsupported path"]}'
 _SHED = (
     b'{"errors":["the cell is overloaded and is shedding new requests first; retry after the '
@@ -42,6 +45,16 @@ _SHED = (
 )
 EVENTS_PATH = "/v1/sys/events/revocations"
 _gate: AdmissionGate | None = None
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _audit_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=AUDIT_THREADS, thread_name_prefix="keycell-request")
+    return _pool
 
 
 def gate() -> AdmissionGate:
@@ -80,7 +93,14 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": _SHED})
         return
     try:
-        status, headers, payload = handle_http(scope, body)
+        if router().auditor is None:
+            status, headers, payload = handle_http(scope, body)
+        else:
+            # With an audit trail each request waits for its entries' chain commit (an
+            # fsync'd conditional write). On threads, concurrent requests share one
+            # commit (group commit) instead of queueing behind each other's fsync.
+            loop = asyncio.get_running_loop()
+            status, headers, payload = await loop.run_in_executor(_audit_pool(), handle_http, scope, body)
     finally:
         admission.leave()
     await send({"type": "http.response.start", "status": status, "headers": headers})
