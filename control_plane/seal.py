@@ -346,18 +346,14 @@ class Seal:
             self.open_with_root(root)
             return self._status_locked(config)
 
-    def open_with_root(self, root: bytearray) -> None:
-        """Open the barrier with a root key (rebuilt from shares here, or published by
-        another worker of this server); zeroizes `root`."""
-        if self.sharing is not None:
-            try:
-                keyring_check = self.ledger.get(KEYRING_KEY, consistent=True)
-                if keyring_check is not None:
-                    self._decrypt_or(root, keyring_check.value, "x").zeroize()
-                    self.sharing.publish_root(root)
-            except UnsealError:
-                pass  # _open_with below reports it
-        self._open_with(root, "the shares do not rebuild this cell's root key; unseal progress was reset")
+    def open_with_root(self, root: bytearray, *, publish: bool = True) -> None:
+        """Open the barrier with a root key rebuilt from shares (`publish`: share it with
+        the other workers of this server) or published by another worker; zeroizes it."""
+        self._open_with(
+            root,
+            "the shares do not rebuild this cell's root key; unseal progress was reset",
+            publish=publish,
+        )
 
     def _load_shared_progress(self, config: SealConfig) -> int:
         """With sharing: make this process's collector the shared one; its ledger version."""
@@ -498,6 +494,8 @@ class Seal:
                 raise SealError("the seal changed during rekey (another rekey?); start again") from None
             if config.mode is SealMode.SHAMIR and not self.barrier.sealed:
                 self.barrier.replace_root(fresh)
+                if self.sharing is not None:
+                    self.sharing.publish_root(fresh)  # the other workers' next opening needs it
         finally:
             zeroize(old)
             zeroize(fresh)
@@ -518,12 +516,14 @@ class Seal:
             True, self.barrier.sealed, config.mode, config.shares, config.threshold, progress, nonce
         )
 
-    def _open_with(self, root: bytearray, failure: str) -> None:
+    def _open_with(self, root: bytearray, failure: str, *, publish: bool = False) -> None:
         try:
             stored = self.ledger.get(KEYRING_KEY, consistent=True)
             if stored is None:
                 raise NotInitializedError()
             keyring = self._decrypt_or(root, stored.value, failure)
+            if publish and self.sharing is not None:
+                self.sharing.publish_root(root)  # only a root that opened the keyring
             self.barrier.open(root, keyring)
         finally:
             zeroize(root)
@@ -546,7 +546,7 @@ class Seal:
     @staticmethod
     def _check_split(shares: int, threshold: int) -> None:
         try:
-            shamir.split(b"\x00", shares, threshold)
+            shamir.check_parameters(shares, threshold)
         except (shamir.ShamirError, TypeError) as exc:
             raise ShareError(
                 f"cannot split into {shares!r} shares with threshold {threshold!r}: {exc}"

@@ -121,10 +121,10 @@ class CellServices:
                 root = sharing.load_root()
                 if root is not None:
                     try:
-                        self.seal.open_with_root(root)
+                        self.seal.open_with_root(root, publish=False)
                         self.after_unseal()
                     except UnsealError:
-                        pass
+                        pass  # a stale root from before a rekey: stay sealed, as the record says nothing valid
             elif not sharing.root_published():
                 self.barrier.close_barrier()
             return

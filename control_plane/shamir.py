@@ -54,6 +54,7 @@ __all__ = [
     "ShareFormat",
     "ShareLengthMismatchError",
     "TooFewSharesError",
+    "check_parameters",
     "combine",
     "decode_share",
     "encode_share",
@@ -192,6 +193,11 @@ def _check_parameters(parts: int, threshold: int) -> None:
         raise InvalidParametersError(
             f"threshold ({threshold}) cannot exceed parts ({parts}); lower the threshold or raise parts"
         )
+
+
+def check_parameters(parts: object, threshold: object) -> None:
+    """Raise as `split` would for these parts and threshold, without splitting."""
+    _check_parameters(_require_int(parts, "parts"), _require_int(threshold, "threshold"))
 
 
 def split(secret: bytes | bytearray, parts: int, threshold: int) -> list[bytes]:

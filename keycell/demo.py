@@ -234,16 +234,12 @@ def _vault(
 
 
 def _regional_api(console: Console, folder: Path) -> list[tuple[str, bool, str]]:
-    from keycell.testing.processes import ServerProcess
+    from keycell.testing.processes import keycell_server
 
     console.rule("[bold]regional API (Vault's HTTP API), self-hosted")
     checks: list[tuple[str, bool, str]] = []
     data_dir = folder / "api-cell"
-    server = ServerProcess(
-        "keycell",
-        ["server", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--workers", "2"],
-        what="keycell server",
-    )
+    server = keycell_server(data_dir, workers=2)
     url = f"http://127.0.0.1:{server.start()}"
     try:
         console.print(f"keycell server at {url} (2 workers)")

@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keycell.testing.processes import ServerProcess
+from keycell.testing.processes import keycell_server
 
 ROOT = "kc.dev-root-token-for-tests"
 
@@ -23,22 +23,7 @@ ROOT = "kc.dev-root-token-for-tests"
 @pytest.fixture(scope="module")
 def dev_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("dev-server")
-    server = ServerProcess(
-        "keycell",
-        [
-            "server",
-            "--dev",
-            "--dev-root-token",
-            ROOT,
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--data-dir",
-            str(folder),
-        ],
-        what="keycell server --dev",
-    )
+    server = keycell_server(folder, dev_root_token=ROOT, workers=2)
     port = server.start()
     try:
         yield f"http://127.0.0.1:{port}"
@@ -59,11 +44,7 @@ def unique(prefix: str) -> str:
 
 
 def test_init_unseal_seal_through_hvac(tmp_path: Path) -> None:
-    server = ServerProcess(
-        "keycell",
-        ["server", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:0", "--workers", "2"],
-        what="keycell server",
-    )
+    server = keycell_server(tmp_path, workers=2)
     port = server.start()
     try:
         client = hvac.Client(url=f"http://127.0.0.1:{port}")
@@ -99,11 +80,7 @@ def worker_of(url: str, token: str) -> str:
 
 
 def test_workers_of_a_shamir_server_share_unseal_and_seal(tmp_path: Path) -> None:
-    server = ServerProcess(
-        "keycell",
-        ["server", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:0", "--workers", "2"],
-        what="keycell server",
-    )
+    server = keycell_server(tmp_path, workers=2)
     url = f"http://127.0.0.1:{server.start()}"
     try:
         init = hvac.Client(url=url).sys.initialize(secret_shares=3, secret_threshold=2)

@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from unittest.mock import Mock
 
 import pytest
 import requests
@@ -38,10 +37,13 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from keycell.control_plane.router import Operation
+from keycell.adapters.keys.software import SoftwareKeyBackend
+from keycell.adapters.ledgers.sqlite import SqliteLedger
+from keycell.control_plane.router import Operation, Router
 from keycell.control_plane.routes import build_router
 from keycell.control_plane.routes.openapi import documented_operations
-from keycell.testing.processes import ServerProcess
+from keycell.control_plane.services import CellServices
+from keycell.testing.processes import keycell_server
 
 ROOT = "kc.dev-root-token-for-schemathesis"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -61,17 +63,9 @@ SEAL_LIFECYCLE = {
 }
 
 
-def _server(args: list[str], folder: Path) -> ServerProcess:
-    return ServerProcess(
-        "keycell",
-        ["server", *args, "--listen", "127.0.0.1:0", "--workers", "1", "--data-dir", str(folder)],
-        what="keycell server",
-    )
-
-
 @pytest.fixture(scope="module")
 def dev_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = _server(["--dev", "--dev-root-token", ROOT], tmp_path_factory.mktemp("openapi-dev"))
+    server = keycell_server(tmp_path_factory.mktemp("openapi-dev"), dev_root_token=ROOT, workers=1)
     port = server.start()
     try:
         yield f"http://127.0.0.1:{port}"
@@ -104,12 +98,18 @@ class SealedServer:
 
 @pytest.fixture(scope="module")
 def sealed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SealedServer]:
-    server = _server([], tmp_path_factory.mktemp("openapi-sealed"))
+    server = keycell_server(tmp_path_factory.mktemp("openapi-sealed"), workers=1)
     port = server.start()
     try:
         yield SealedServer(f"http://127.0.0.1:{port}")
     finally:
         server.stop()
+
+
+def route_table(folder: Path) -> Router:
+    """The route table of a real cell (SQLite ledger, software keys) in `folder`."""
+    ledger = SqliteLedger(folder / "cell.db")
+    return build_router(CellServices(ledger, lambda barrier: SoftwareKeyBackend(store=barrier)))
 
 
 def _label(operation: Any) -> tuple[str, str]:
@@ -175,7 +175,9 @@ def _fuzz_mode(
     run()
 
 
-def test_every_operation_passes_schemathesis(dev_url: str, sealed_server: SealedServer) -> None:
+def test_every_operation_passes_schemathesis(
+    dev_url: str, sealed_server: SealedServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     started = time.monotonic()
     schema = schemathesis.openapi.from_url(dev_url + SPEC_PATH, timeout=30)
     operations = _operations(schema)
@@ -186,7 +188,7 @@ def test_every_operation_passes_schemathesis(dev_url: str, sealed_server: Sealed
     operations += [op for op in same if _label(op) == ("GET", "/sys/openapi")]
     expected = sum(
         len(documented_operations(route)) * (1 + len(route.doc.more_paths))
-        for route in build_router(Mock()).routes
+        for route in route_table(tmp_path_factory.mktemp("routes")).routes
         if route.doc is not None
     )
     assert len(operations) == expected
@@ -227,7 +229,7 @@ def test_every_operation_passes_schemathesis(dev_url: str, sealed_server: Sealed
     assert time.monotonic() - started < 180
 
 
-def test_spec_is_valid_openapi_31_and_documents_every_route(dev_url: str) -> None:
+def test_spec_is_valid_openapi_31_and_documents_every_route(dev_url: str, tmp_path: Path) -> None:
     reply = requests.get(dev_url + SPEC_PATH, timeout=15)  # no token: the spec is public
     assert reply.status_code == 200
     spec = reply.json()
@@ -236,7 +238,7 @@ def test_spec_is_valid_openapi_31_and_documents_every_route(dev_url: str) -> Non
     schema.validate()  # against the OpenAPI 3.1 meta-schema
     operations = _operations(schema)  # every operation loads (no invalid schema inside)
 
-    router = build_router(Mock())
+    router = route_table(tmp_path)
     undocumented = [route.pattern.pattern for route in router.routes if route.doc is None]
     assert undocumented == []
     documented = {_label(op) for op in operations}

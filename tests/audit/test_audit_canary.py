@@ -15,29 +15,15 @@ import hvac.exceptions
 import pytest
 
 from keycell.control_plane.audit import verify_files
-from keycell.testing.processes import ServerProcess
+from keycell.testing.processes import keycell_server
 
 ROOT = "kc.audit-canary-root-token"
 CANARIES = ["canary-password-4f1e9a", "canary-api-key-77c2d0", "canary-transit-plain-a91b3c"]
 
 
 def test_no_secret_in_plaintext_anywhere(tmp_path: Path) -> None:
-    server = ServerProcess(
-        "keycell",
-        [
-            "server",
-            "--dev",
-            "--dev-root-token",
-            ROOT,
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--data-dir",
-            str(tmp_path),
-        ],
-        what="keycell server --dev",
-        env={"KEYCELL_AUDIT_FILE": str(tmp_path / "audit.log")},
+    server = keycell_server(
+        tmp_path, dev_root_token=ROOT, workers=2, env={"KEYCELL_AUDIT_FILE": str(tmp_path / "audit.log")}
     )
     url = f"http://127.0.0.1:{server.start()}"
     secrets: list[str] = list(CANARIES)

@@ -9,21 +9,13 @@ from collections.abc import Iterator
 import pytest
 
 from keycell.client import Client
-from keycell.testing.processes import ServerProcess
+from keycell.testing.processes import ServerProcess, keycell_server
 
 ROOT = "kc.client-tests-root-token"
 
 
 def dev_server(folder: str, *, workers: int = 2, env: dict[str, str] | None = None) -> ServerProcess:
-    return ServerProcess(
-        "keycell",
-        [
-            *("server", "--dev", "--dev-root-token", ROOT, "--listen", "127.0.0.1:0"),
-            *("--workers", str(workers), "--data-dir", folder),
-        ],
-        what="keycell server --dev",
-        env=env,
-    )
+    return keycell_server(folder, dev_root_token=ROOT, workers=workers, env=env)
 
 
 @pytest.fixture(scope="session")
