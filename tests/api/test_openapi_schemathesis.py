@@ -70,7 +70,10 @@ def dev_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
+        log = server.log_tail(20000)
         server.stop()
+        if "Traceback" in log:  # a 5xx's cause, shown with the failure
+            print(log)
 
 
 class SealedServer:

@@ -63,12 +63,18 @@ def test_watcher_renews_inside_the_window(root: Client, cell_url: str) -> None:
         if len(renewed_at) == 2:
             watcher.stop()
 
+    stopped: list[tuple[str, object]] = []
+
+    def on_stop(reason: str, error: object) -> None:
+        stopped.append((reason, error))
+        done.set()
+
     watcher = LifetimeWatcher(
-        client, credential, window=RenewalWindow(0.5, 0.8), on_renew=on_renew, on_stop=lambda r, e: done.set()
+        client, credential, window=RenewalWindow(0.5, 0.8), on_renew=on_renew, on_stop=on_stop
     )
     watcher.start()
     assert done.wait(10)
-    assert len(renewed_at) == 2
+    assert len(renewed_at) == 2, f"stopped after {len(renewed_at)} renewals: {stopped}"
     first = renewed_at[0] - credential.obtained_at
     assert 4 * 0.5 - 0.05 <= first <= 4 * 0.8 + 0.5
     assert watcher.credential.ttl > 0 and watcher.stop_reason == "stopped"
