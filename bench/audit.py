@@ -1,13 +1,14 @@
-"""Audit trail cost: KV v2 read throughput of `keycell server --dev` with auditing on
-(the dev default: a file in its data folder, hash chain head in the ledger) against
-the same server with auditing off (KEYCELL_AUDIT=off), in the same run, rounds
-interleaved; the ratio audited / unaudited (target >= 0.8).
+"""Audit trail cost: KV v2 throughput of `keycell server --dev` with auditing on (a
+file, each worker's chain head in the ledger) against the same server with auditing
+off (KEYCELL_AUDIT=off), in the same run, rounds interleaved; the ratio audited /
+unaudited for reads (target >= 0.8) and, reported beside it, for writes.
 
     python -m bench.audit [--quick] [--load python|wrk] [--workers N]
 
 Load: bench.api's generators (`--load python`, the default here, or wrk when installed).
-Each audited request writes two chained entries (request, response); a worker handles
-requests one at a time, so each entry is one conditional write of the chain head.
+An audited read writes one entry (with the answer); an audited write two (the request
+entry before the engine runs, the response entry after). Each worker group-commits the
+entries of its requests in flight: one conditional write of its chain head per batch.
 """
 
 from __future__ import annotations
@@ -55,12 +56,12 @@ def server(workers: int, *, audited: bool) -> Iterator[tuple[int, str]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     wrk = ensure_wrk() if args.load == "wrk" else ""
 
-    def measure(port: int) -> dict[str, Any]:
+    def measure(port: int, method: str = "GET") -> dict[str, Any]:
         if args.load == "wrk":
             return run_wrk(
                 wrk,
                 port,
-                "GET",
+                method,
                 KEYCELL_TOKEN,
                 seconds=args.duration,
                 threads=2,
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         return run_python_load(
             port,
-            "GET",
+            method,
             KEYCELL_TOKEN,
             seconds=args.duration,
             connections=args.connections,
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     samples: dict[str, list[dict[str, Any]]] = {"audited": [], "unaudited": []}
+    writes: dict[str, list[dict[str, Any]]] = {"audited": [], "unaudited": []}
     with contextlib.ExitStack() as stack:
         on, audit_file = stack.enter_context(server(args.workers, audited=True))
         off, _ = stack.enter_context(server(args.workers, audited=False))
@@ -85,21 +87,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.rounds):
             samples["audited"].append(measure(on))
             samples["unaudited"].append(measure(off))
+            writes["audited"].append(measure(on, "POST"))
+            writes["unaudited"].append(measure(off, "POST"))
         with open(audit_file, "rb") as handle:
             audit_lines = sum(1 for _ in handle)
-    figures = {
-        name: {
-            "requests_per_s": round(statistics.median(s["requests_per_s"] for s in runs), 1),
-            "requests_per_s_rounds": [round(s["requests_per_s"], 1) for s in runs],
-            "p50_ms": round(statistics.median(s["p50_ms"] for s in runs), 3),
-            "p99_ms": round(statistics.median(s["p99_ms"] for s in runs), 3),
-            "requests": sum(s["requests"] for s in runs),
-            "errors": sum(s["errors"] for s in runs),
-        }
-        for name, runs in samples.items()
-    }
-    unaudited = figures["unaudited"]["requests_per_s"]
-    ratio = round(figures["audited"]["requests_per_s"] / unaudited, 3) if unaudited else None
+    figures = summarize(samples)
+    write_figures = summarize(writes)
+    ratio = _ratio(figures)
     return {
         "benchmark": "audit",
         "machine": machine(),
@@ -110,13 +104,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "connections": args.connections,
             "seconds_per_run": args.duration,
             "rounds": args.rounds,
-            "request": f"GET {READ_PATH}",
+            "requests": [f"GET {READ_PATH}", "POST (KV v2 writes, rotating keys)"],
             "workers": args.workers,
         },
         "kv_v2_read": figures,
+        "kv_v2_write": write_figures,
         "audit_lines_written": audit_lines,
         "ratio_audited_to_unaudited": ratio,
+        "write_ratio_audited_to_unaudited": _ratio(write_figures),
         "target": {"ratio_min": RATIO_TARGET, "met": ratio is not None and ratio >= RATIO_TARGET},
+    }
+
+
+def _ratio(figures: dict[str, dict[str, Any]]) -> float | None:
+    unaudited = figures["unaudited"]["requests_per_s"]
+    return round(figures["audited"]["requests_per_s"] / unaudited, 3) if unaudited else None
+
+
+def summarize(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    return {
+        name: {
+            "requests_per_s": round(statistics.median(s["requests_per_s"] for s in runs), 1),
+            "requests_per_s_rounds": [round(s["requests_per_s"], 1) for s in runs],
+            "p50_ms": round(statistics.median(s["p50_ms"] for s in runs), 3),
+            "p99_ms": round(statistics.median(s["p99_ms"] for s in runs), 3),
+            "requests": sum(s["requests"] for s in runs),
+            "errors": sum(s["errors"] for s in runs),
+        }
+        for name, runs in samples.items()
     }
 
 

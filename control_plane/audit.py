@@ -1,16 +1,20 @@
 """The audit trail: every request and response as a tamper-evident JSON line.
 
-Entries. Two per HTTP request, as Vault's audit devices write them: a `request` entry,
-committed *before* the handler runs (after authentication, so it names the caller),
-and a `response` entry once the answer is known, self-contained (request fields,
-identity, outcome, latency). A request refused before its handler (404, 403, sealed)
-has only the response entry. Non-HTTP events (relay-applied revocations, rotation
-steps) are `event` entries written through `Auditor.record`. Every entry holds:
+Entries. A `response` entry once the answer is known, self-contained (request fields,
+identity, outcome, latency): one line per request. A request that may change
+something is also recorded *before* its handler runs (a `request` entry, after
+authentication, so it names the caller): fail-closed must never execute a change it
+could not record. Reads on routes that change nothing (`Route.pure_reads`: KV
+reads and lists) skip it, since an answer that cannot be recorded is withheld; a
+read that issues something (dynamic credentials, a lease) does not. A request
+refused before its handler (404, 403, sealed) has only the response entry.
+Non-HTTP events (relay-applied revocations, rotation steps) are `event` entries
+written through `Auditor.record`. Every entry holds:
 
-    seq, prev, hash      its place in the cell's chain (see below)
-    hlc                  [physical ms, logical counter]; with `cell` the merge order
+    seq, prev, hash      its place in its writer's chain (see below)
+    hlc                  [physical ms, logical counter]; with cell, writer the merge order
     time                 RFC 3339 UTC with microseconds, when the entry was made
-    cell, type           the cell id; request | response | event
+    cell, writer, type   the cell id; the writing process's chain; request | response | event
     request              id, operation, method, path, remote_addr, data, query, client_token
     auth                 the caller: accessor, display_name, policies, token path
     response             status, errors, body (for response entries); latency_ms
@@ -26,20 +30,24 @@ cell is sealed the key cannot be read: sensitive values are then written as
 `redacted:sealed` (unseal shares sent to sys/unseal are never written in the clear).
 `sys/audit-hash/:device` computes the digest of a value an operator knows.
 
-Chain. Each entry's `hash` is the SHA-256 of its canonical JSON (sorted keys, no
-`hash` field) and `prev` is the previous entry's hash. The head (seq, hash, HLC) is
-one ledger item (Kind.AUDIT_HEAD, path: the cell id, outside the barrier so sealed
-requests are chained too), advanced by a conditional write. Group commit: the
-entries of concurrent requests in one process queue up; one thread at a time (the
-leader) takes up to `max_batch` of them, chains them from the head, advances the
-head with one `put_if` and writes the batch to the sinks, while the next batch
-gathers; a lost race (another process advanced the head) re-reads the head and
-re-chains. A batch's latency is bounded by one commit plus an optional `linger`.
-Sinks that can (a file shared by several workers) are locked across the commit and
-the write, so a shared file holds the chain in order.
+Chains. Each writing process (a server worker, a function instance, a relay) keeps
+its own chain in the cell, named by a writer id (`p<pid>-<random>`). Each entry's
+`hash` is the SHA-256 of its canonical JSON (sorted keys, no `hash` field) and `prev`
+is the previous entry's hash in that chain. The chain's head (seq, hash, HLC) is one
+ledger item (Kind.AUDIT_HEAD, path `<cell>/<writer>`, outside the barrier so sealed
+requests are chained too), advanced by a conditional write, so two processes that
+claim one writer id cannot fork it (a lost race re-reads the head and re-chains).
+One chain per process is what lets a cell's workers commit side by side: with one
+chain per cell they took turns on its head, and lost most of those races.
+Group commit: the entries of concurrent requests in one process go out as one batch,
+one `put_if` of the head, one write to each sink (threads: `Chain.append`; an event
+loop: `AsyncCommitter`). A shared file is locked for each batch's write only.
+`verify` checks every chain in the files; with the ledger (`keycell audit verify
+--ledger`) it also checks each chain ends at its head (a cut-off tail, a dropped
+chain).
 
-Fail closed (default): when no sink accepts an entry, `before` raises `Unavailable`
-(503) and the handler never runs; a response whose entry no sink took is replaced
+Fail closed (default): when no sink accepts a request entry, the request is refused
+(503, `Auditor.refuse`) and the handler never runs; a response whose entry no sink took is replaced
 by a 503. Fail open logs a warning and serves. The entries a failed batch held stay
 in the chain (the head was advanced), so `verify` reports them as a gap: the
 record that something happened that no sink kept.
@@ -47,23 +55,26 @@ record that something happened that no sink kept.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
-import hmac
 import json
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any, Protocol
 
 from keycell.control_plane.errors import Unavailable
-from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, LedgerError
+from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, LedgerError, iter_prefix
+from keycell.control_plane.router import Response
 
 log = logging.getLogger("keycell.audit")
 
@@ -103,6 +114,15 @@ class AuditUnavailable(Exception):
 # --- canonical form and hashing ---------------------------------------------------------------
 
 
+def head_key(cell: str, writer: str) -> Key:
+    return Key(Kind.AUDIT_HEAD, f"{cell}/{writer}")
+
+
+def chain_of(entry: Mapping[str, Any]) -> tuple[str, str]:
+    """The chain an entry belongs to: its cell and writer."""
+    return str(entry.get("cell")), str(entry.get("writer", ""))
+
+
 def canonical(entry: Mapping[str, Any]) -> bytes:
     """The bytes an entry's hash covers: sorted keys, compact, without `hash`."""
     body = {k: v for k, v in entry.items() if k != "hash"}
@@ -117,8 +137,24 @@ def encode_line(entry: Mapping[str, Any]) -> bytes:
     return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
+def line_with_hash(body: bytes, digest: str) -> bytes:
+    """An entry's JSON line from its canonical bytes (`body`, hashed once): the `hash`
+    field first, then the canonical fields, so the entry is encoded only once."""
+    return b'{"hash":"' + digest.encode() + b'",' + body[1:] + b"\n"
+
+
+_second: tuple[int, str] = (-1, "")
+
+
 def rfc3339(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """RFC 3339 UTC with microseconds; the date and time of day are formatted once a
+    second (strftime costs more than the rest of an entry's fields together)."""
+    global _second
+    whole = int(epoch // 1)
+    cached = _second
+    if cached[0] != whole:
+        cached = _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{cached[1]}.{int((epoch - whole) * 1_000_000):06d}Z"
 
 
 class Hasher:
@@ -126,11 +162,23 @@ class Hasher:
 
     def __init__(self, key: bytes | None) -> None:
         self._key = key
+        # RFC 2104 with the padded key's SHA-256 states computed once: each digest is
+        # then two state copies (a third of `hmac.digest`'s cost, per value).
+        self._inner: Any = None
+        self._outer: Any = None
+        if key is not None:
+            padded = (hashlib.sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
+            self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
+            self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
 
     def digest(self, value: str) -> str:
-        if self._key is None:
+        if self._inner is None:
             return REDACTED_SEALED
-        return HMAC_PREFIX + hmac.new(self._key, value.encode(), hashlib.sha256).hexdigest()
+        inner = self._inner.copy()
+        inner.update(value.encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return HMAC_PREFIX + str(outer.hexdigest())
 
     def redact(self, value: Any, plain: frozenset[str] = frozenset()) -> Any:
         """Every string and number below `value` as a digest; keys stay readable;
@@ -146,7 +194,9 @@ class Hasher:
             return value
         if isinstance(value, str):
             return self.digest(value)
-        if isinstance(value, int | float):
+        if isinstance(value, int):
+            return self.digest(str(value))  # what json.dumps writes for an int
+        if isinstance(value, float):
             return self.digest(json.dumps(value))
         return self.digest(str(value))
 
@@ -175,6 +225,7 @@ class AuditKey:
     def __init__(self, barrier: Any) -> None:
         self.barrier = barrier
         self._key: bytes | None = None
+        self._hasher: Hasher | None = None
         self._lock = threading.Lock()
         on_seal = getattr(barrier, "on_seal", None)
         if on_seal is not None:
@@ -182,15 +233,16 @@ class AuditKey:
 
     def forget(self) -> None:
         self._key = None
+        self._hasher = None
 
     def hasher(self) -> Hasher:
         """A hasher with the key, or one that redacts when the cell is sealed."""
-        key = self._key
-        if key is None:
+        hasher = self._hasher
+        if hasher is None:
             if getattr(self.barrier, "sealed", False):
                 return Hasher(None)
-            key = self.load()
-        return Hasher(key)
+            hasher = self._hasher = Hasher(self.load())
+        return hasher
 
     def load(self) -> bytes:
         with self._lock:
@@ -216,7 +268,7 @@ class AuditSink(Protocol):
         ...
 
     def lock(self) -> contextlib.AbstractContextManager[object]:
-        """Held across the head's advance and the write (a shared file stays in order)."""
+        """Held across the write of one batch (processes sharing a file never interleave)."""
         ...
 
     def close(self) -> None: ...
@@ -224,7 +276,7 @@ class AuditSink(Protocol):
 
 class FileSink:
     """Appends to a file (O_APPEND, one write per batch); several processes may share
-    it: an exclusive flock is held across each batch's commit and write."""
+    it: an exclusive flock is held across each batch's write."""
 
     def __init__(self, path: str, *, fsync: bool = False) -> None:
         self.name = "file"
@@ -303,9 +355,15 @@ class ChainStats:
     sizes: list[int] = field(default_factory=list)
 
 
+def new_writer_id() -> str:
+    """A chain's writer: this process (pid, for the operator) and a random suffix (pids
+    are reused across restarts and hosts)."""
+    return f"p{os.getpid()}-{secrets.token_hex(4)}"
+
+
 class Chain:
-    """The cell's hash chain: `append` blocks until the entry is chained, the head
-    advanced and a sink took it; it returns the finished entry."""
+    """One writer's hash chain in the cell: `append` blocks until the entry is chained,
+    the head advanced and a sink took it; it returns the finished entry."""
 
     def __init__(
         self,
@@ -313,22 +371,27 @@ class Chain:
         cell: str,
         sinks: Sequence[AuditSink],
         *,
+        writer: str | None = None,
         max_batch: int = MAX_BATCH,
         linger: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.ledger = ledger
         self.cell = cell
+        self.writer = writer or new_writer_id()
+        if "/" in self.writer:
+            raise ValueError("an audit writer id has no '/'")
         self.sinks = list(sinks)
         self.max_batch = max(1, max_batch)
         self.linger = linger
         self.clock = clock
-        self.key = Key(Kind.AUDIT_HEAD, cell)
+        self.key = head_key(cell, self.writer)
         self.stats = ChainStats()
         self._head: Head | None = None
         self._cond = threading.Condition(threading.Lock())
         self._pending: list[_Slot] = []
         self._committing = False
+        self._commit_lock = threading.Lock()
 
     def append(self, record: dict[str, Any]) -> dict[str, Any]:
         slot = _Slot(record)
@@ -357,37 +420,41 @@ class Chain:
 
     def _commit(self, batch: list[_Slot]) -> None:
         try:
-            with contextlib.ExitStack() as locks:
-                for sink in self.sinks:
-                    locks.enter_context(sink.lock())
-                entries = self._advance([s.record for s in batch])
-                lines = b"".join(encode_line(e) for e in entries)
-                accepted = 0
-                for sink in self.sinks:
-                    try:
-                        sink.write(lines, entries)
-                        accepted += 1
-                    except Exception as exc:  # a sink is a dependency: report by type, go on
-                        log.warning("audit sink %s refused a batch: %s", sink.name, type(exc).__name__)
-            if not accepted:
-                raise AuditUnavailable("no audit sink accepted the entry")
+            entries = self.commit_records([s.record for s in batch])
         except AuditUnavailable as exc:
             for s in batch:
                 s.error = exc
-        except (LedgerError, OSError) as exc:
-            log.warning("audit chain head could not be advanced: %s", type(exc).__name__)
-            error = AuditUnavailable("the audit chain head could not be advanced in the ledger")
-            for s in batch:
-                s.error = error
         else:
             for s, e in zip(batch, entries, strict=True):
                 s.entry = e
-            self.stats.batches += 1
-            self.stats.entries += len(batch)
-            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         finally:
             for s in batch:
                 s.done = True
+
+    def commit_records(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Chain `records` from the head, advance the head (one conditional write) and
+        hand the batch to the sinks; the chained entries, or AuditUnavailable. One
+        batch at a time per process (the head is cached between batches)."""
+        with self._commit_lock:
+            try:
+                entries, lines = self._advance(records)
+            except (LedgerError, OSError) as exc:
+                log.warning("audit chain head could not be advanced: %s", type(exc).__name__)
+                raise AuditUnavailable("the audit chain head could not be advanced in the ledger") from None
+            accepted = 0
+            for sink in self.sinks:
+                try:
+                    with sink.lock():
+                        sink.write(lines, entries)
+                    accepted += 1
+                except Exception as exc:  # a sink is a dependency: report by type, go on
+                    log.warning("audit sink %s refused a batch: %s", sink.name, type(exc).__name__)
+            if not accepted:
+                raise AuditUnavailable("no audit sink accepted the entry")
+            self.stats.batches += 1
+            self.stats.entries += len(entries)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(entries))
+            return entries
 
     def _read_head(self) -> Head:
         item = self.ledger.get(self.key, consistent=True)
@@ -396,10 +463,10 @@ class Chain:
         raw = json.loads(item.value)
         return Head(int(raw["seq"]), str(raw["hash"]), int(raw["ms"]), int(raw["logical"]), item.version)
 
-    def _advance(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _advance(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bytes]:
         while True:
             head = self._head or self._read_head()
-            entries, new = self._link(head, records)
+            entries, lines, new = self._link(head, records)
             body = {"seq": new.seq, "hash": new.hash, "ms": new.ms, "logical": new.logical}
             try:
                 stored = self.ledger.put_if(self.key, json.dumps(body, sort_keys=True).encode(), head.version)
@@ -412,22 +479,32 @@ class Chain:
                 raise
             new.version = stored.version
             self._head = new
-            return entries
+            return entries, lines
 
-    def _link(self, head: Head, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Head]:
+    def _link(self, head: Head, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bytes, Head]:
         now_ms = int(self.clock() * 1000)
         seq, prev, ms, logical = head.seq, head.hash, head.ms, head.logical
         entries: list[dict[str, Any]] = []
+        lines: list[bytes] = []
         for record in records:
             if now_ms > ms:
                 ms, logical = now_ms, 0
             else:
                 logical += 1
             seq += 1
-            entry = {**record, "cell": self.cell, "seq": seq, "prev": prev, "hlc": [ms, logical]}
-            entry["hash"] = prev = entry_hash(entry)
+            entry = {
+                **record,
+                "cell": self.cell,
+                "writer": self.writer,
+                "seq": seq,
+                "prev": prev,
+                "hlc": [ms, logical],
+            }
+            body = canonical(entry)
+            entry["hash"] = prev = HASH_PREFIX + hashlib.sha256(body).hexdigest()
+            lines.append(line_with_hash(body, prev))
             entries.append(entry)
-        return entries, Head(seq, prev, ms, logical)
+        return entries, b"".join(lines), Head(seq, prev, ms, logical)
 
     def close(self) -> None:
         for sink in self.sinks:
@@ -448,6 +525,7 @@ class Auditor:
         sinks: Sequence[AuditSink],
         *,
         fail_open: bool = False,
+        writer: str | None = None,
         max_batch: int = MAX_BATCH,
         linger: float = 0.0,
         clock: Callable[[], float] = time.time,
@@ -458,7 +536,9 @@ class Auditor:
         self.fail_open = fail_open
         self.clock = clock
         self.key = AuditKey(barrier)
-        self.chain = Chain(ledger, cell, sinks, max_batch=max_batch, linger=linger, clock=clock)
+        self.chain = Chain(
+            ledger, cell, sinks, writer=writer, max_batch=max_batch, linger=linger, clock=clock
+        )
 
     @property
     def devices(self) -> list[str]:
@@ -469,24 +549,20 @@ class Auditor:
 
     # --- HTTP ---------------------------------------------------------------------------------
 
-    def before(self, ctx: Any, request_id: str) -> None:
-        """The request entry, before the handler runs; raises Unavailable (503) when
-        no sink took it and the auditor fails closed."""
+    def request_record(self, ctx: Any, request_id: str) -> dict[str, Any]:
+        """The request entry, committed before the handler runs."""
         hasher = self.key.hasher()
-        record = {
+        return {
             "type": "request",
             "time": rfc3339(self.clock()),
             "request": self._request(hasher, ctx.request, request_id),
             "auth": self._identity(ctx.entry),
         }
-        if not self._append(record):
-            raise Unavailable(
-                "audit: no audit device accepted the request's entry; the request was refused and not executed"
-            )
 
-    def after(self, request_id: str, request: Any, ctx: Any, response: Any, elapsed: float) -> Any:
-        """The response entry; returns `response`, or a 503 in its place when no sink
-        took the entry and the auditor fails closed."""
+    def response_record(
+        self, request_id: str, request: Any, ctx: Any, response: Any, elapsed: float
+    ) -> dict[str, Any]:
+        """The response entry: self-contained (request, identity, outcome, latency)."""
         hasher = self.key.hasher()
         body = response.body if isinstance(response.body, Mapping) else None
         outcome: dict[str, Any] = {"status": response.status}
@@ -497,7 +573,7 @@ class Auditor:
             rest = {k: v for k, v in body.items() if k != "errors"}
             if rest:
                 outcome["body"] = hasher.redact_body(rest)
-        record = {
+        return {
             "type": "response",
             "time": rfc3339(self.clock()),
             "request": self._request(hasher, request, request_id),
@@ -505,12 +581,44 @@ class Auditor:
             "response": outcome,
             "latency_ms": round(elapsed * 1000, 3),
         }
-        if self._append(record):
-            return response
-        return type(response)(
+
+    @staticmethod
+    def refuse() -> None:
+        """Fail closed before the handler: the request is refused, not executed."""
+        raise Unavailable(
+            "audit: no audit device accepted the request's entry; the request was refused and not executed"
+        )
+
+    @staticmethod
+    def withheld() -> Any:
+        """Fail closed after the handler: the response is replaced by a 503."""
+        return Response(
             503,
             {"errors": ["audit: no audit device accepted the response's entry; the response is withheld"]},
         )
+
+    def commit(self, record: dict[str, Any]) -> bool:
+        """Chain one entry on this thread (with the entries of other threads: group
+        commit). False when no sink took it and the auditor fails closed."""
+        try:
+            self.chain.append(record)
+        except AuditUnavailable:
+            return self._failed()
+        return True
+
+    def commit_many(self, records: list[dict[str, Any]]) -> list[bool]:
+        """Chain a batch at once (the AsyncCommitter's thread)."""
+        try:
+            self.chain.commit_records(records)
+        except AuditUnavailable:
+            return [self._failed()] * len(records)
+        return [True] * len(records)
+
+    def _failed(self) -> bool:
+        if self.fail_open:
+            log.warning("audit: an entry was not recorded; serving anyway (fail-open)")
+            return True
+        return False
 
     # --- anything else --------------------------------------------------------------------------
 
@@ -537,16 +645,6 @@ class Auditor:
         self.chain.close()
 
     # --- helpers ------------------------------------------------------------------------------------
-
-    def _append(self, record: dict[str, Any]) -> bool:
-        try:
-            self.chain.append(record)
-        except AuditUnavailable:
-            if self.fail_open:
-                log.warning("audit: an entry was not recorded; serving anyway (fail-open)")
-                return True
-            return False
-        return True
 
     @staticmethod
     def _request(hasher: Hasher, request: Any, request_id: str) -> dict[str, Any]:
@@ -579,6 +677,57 @@ class Auditor:
             "token_path": entry.path,
             "entity_id": entry.entity_id,
         }
+
+
+class AsyncCommitter:
+    """Audit commits for a server's event loop. Requests run on the loop as they do
+    unaudited; each audit record waits on a future while one thread commits: the
+    first record starts a commit at once, and every record that arrives meanwhile
+    goes into the next batch (group commit with no thread per request). Results come
+    back to the loop once per batch."""
+
+    def __init__(self, auditor: Auditor, *, max_batch: int = MAX_BATCH) -> None:
+        self.auditor = auditor
+        self.max_batch = max(1, max_batch)
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[bool]]] = []
+        self._busy = False
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keycell-audit")
+
+    async def commit(self, record: dict[str, Any]) -> bool:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._pending.append((record, future))
+        if not self._busy:
+            self._start(loop)
+        return await future
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch = self._pending[: self.max_batch]
+        del self._pending[: self.max_batch]
+        self._busy = True
+        work = loop.run_in_executor(self._thread, self.auditor.commit_many, [r for r, _ in batch])
+        work.add_done_callback(lambda done: self._finish(loop, batch, done))
+
+    def _finish(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[dict[str, Any], asyncio.Future[bool]]],
+        done: asyncio.Future[list[bool]],
+    ) -> None:
+        self._busy = False
+        try:
+            results = done.result()
+        except Exception as exc:  # a bug in a sink or the chain: fail as configured, never hang
+            log.error("audit commit failed: %s", type(exc).__name__)
+            results = [self.auditor.fail_open] * len(batch)
+        for (_, future), ok in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(ok)
+        if self._pending:
+            self._start(loop)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
 
 
 # --- reading files back: verify and merge -------------------------------------------------------
@@ -637,13 +786,13 @@ def check_file(path: str) -> tuple[list[Loaded], list[Problem]]:
         else:
             good.append(loaded)
     # The same sequence number twice: the entry the next one links to is genuine.
-    links = {(str(x.entry["cell"]), int(x.entry["seq"]) - 1): x.entry.get("prev") for x in good}
-    by_seq: dict[tuple[str, int], list[Loaded]] = {}
+    links = {(*chain_of(x.entry), int(x.entry["seq"]) - 1): x.entry.get("prev") for x in good}
+    by_seq: dict[tuple[str, str, int], list[Loaded]] = {}
     for loaded in good:
-        by_seq.setdefault((str(loaded.entry["cell"]), int(loaded.entry["seq"])), []).append(loaded)
+        by_seq.setdefault((*chain_of(loaded.entry), int(loaded.entry["seq"])), []).append(loaded)
     unique: list[Loaded] = []
     for loaded in good:
-        ident = (str(loaded.entry["cell"]), int(loaded.entry["seq"]))
+        ident = (*chain_of(loaded.entry), int(loaded.entry["seq"]))
         group = by_seq[ident]
         if len(group) == 1:
             unique.append(loaded)
@@ -653,13 +802,13 @@ def check_file(path: str) -> tuple[list[Loaded], list[Problem]]:
             unique.append(loaded)
         else:
             problems.append(
-                Problem(path, loaded.line, f"sequence {ident[1]} appears twice: an entry was inserted")
+                Problem(path, loaded.line, f"sequence {ident[2]} appears twice: an entry was inserted")
             )
     # Order: the first line whose entry is not where sequence order puts it.
-    by_cell: dict[str, list[Loaded]] = {}
+    by_chain: dict[tuple[str, str], list[Loaded]] = {}
     for loaded in unique:
-        by_cell.setdefault(str(loaded.entry["cell"]), []).append(loaded)
-    for cell_entries in by_cell.values():
+        by_chain.setdefault(chain_of(loaded.entry), []).append(loaded)
+    for cell_entries in by_chain.values():
         ordered = sorted(cell_entries, key=lambda x: int(x.entry["seq"]))
         for actual, expected in zip(cell_entries, ordered, strict=True):
             if actual is not expected:
@@ -676,14 +825,15 @@ def check_file(path: str) -> tuple[list[Loaded], list[Problem]]:
 
 
 def check_merged(entries: Iterable[Loaded]) -> list[Problem]:
-    """Across files, per cell: sequence numbers complete (no gap), the same number never
-    with two contents (a fork), and each entry's `prev` the hash of the one before.
-    The first entry of a cell is the anchor (a rotated file need not start at 1)."""
+    """Across files, per chain (cell and writer): sequence numbers complete (no gap),
+    the same number never with two contents (a fork), and each entry's `prev` the hash
+    of the one before. The first entry of a chain is the anchor (a rotated file need
+    not start at 1)."""
     problems: list[Problem] = []
-    by_cell: dict[str, list[Loaded]] = {}
+    by_chain: dict[tuple[str, str], list[Loaded]] = {}
     for loaded in entries:
-        by_cell.setdefault(str(loaded.entry.get("cell")), []).append(loaded)
-    for cell_entries in by_cell.values():
+        by_chain.setdefault(chain_of(loaded.entry), []).append(loaded)
+    for cell_entries in by_chain.values():
         cell_entries.sort(key=lambda x: int(x.entry["seq"]))
         before: Loaded | None = None
         for after in cell_entries:
@@ -726,20 +876,52 @@ def verify_files(paths: Sequence[str]) -> tuple[list[Loaded], list[Problem]]:
     return everything, problems
 
 
-def merge_order(entry: Mapping[str, Any]) -> tuple[int, int, str, int]:
-    """Hybrid logical clock order: physical ms, logical counter, cell id, then seq."""
+def check_heads(entries: Iterable[Loaded], ledger: Ledger, cell: str | None = None) -> list[Problem]:
+    """Against the cell's ledger: every chain head recorded there (for `cell`, or every
+    cell) must be the last entry the files hold for that chain. This finds what the
+    files alone cannot show: a chain cut short at its end, or a writer's whole chain
+    dropped."""
+    last: dict[tuple[str, str], Loaded] = {}
+    for loaded in entries:
+        ident = chain_of(loaded.entry)
+        if ident not in last or int(loaded.entry["seq"]) > int(last[ident].entry["seq"]):
+            last[ident] = loaded
+    problems: list[Problem] = []
+    prefix = f"{cell}/" if cell else ""
+    for item in iter_prefix(ledger, Kind.AUDIT_HEAD, prefix):
+        head_cell, _, writer = item.key.path.rpartition("/")
+        head = json.loads(item.value)
+        seen = last.get((head_cell, writer))
+        name = f"chain {head_cell}/{writer}"
+        if seen is None:
+            problems.append(
+                Problem("ledger", 0, f"{name}: its entries 1-{head['seq']} are missing (deleted)")
+            )
+        elif int(seen.entry["seq"]) < int(head["seq"]):
+            missing = f"{int(seen.entry['seq']) + 1}-{head['seq']}"
+            problems.append(
+                Problem(seen.file, seen.line, f"{name} ends early: entries {missing} are missing (cut off)")
+            )
+        elif int(seen.entry["seq"]) > int(head["seq"]) or seen.entry["hash"] != head["hash"]:
+            problems.append(Problem(seen.file, seen.line, f"{name}: the last entry is not the ledger's head"))
+    return problems
+
+
+def merge_order(entry: Mapping[str, Any]) -> tuple[int, int, str, str, int]:
+    """Hybrid logical clock order: physical ms, logical counter, cell, writer, then seq."""
     hlc = entry.get("hlc") or [0, 0]
-    return int(hlc[0]), int(hlc[1]), str(entry.get("cell", "")), int(entry.get("seq", 0))
+    cell, writer = chain_of(entry)
+    return int(hlc[0]), int(hlc[1]), cell, writer, int(entry.get("seq", 0))
 
 
 def merge(paths: Sequence[str]) -> tuple[list[dict[str, Any]], list[Problem]]:
     """One timeline across cells (and across a cell's per-process files), by HLC;
     every input chain is verified on the way."""
     loaded, problems = verify_files(paths)
-    seen: set[tuple[str, int]] = set()
+    seen: set[tuple[str, str, int]] = set()
     timeline: list[dict[str, Any]] = []
     for item in loaded:
-        ident = (str(item.entry["cell"]), int(item.entry["seq"]))
+        ident = (*chain_of(item.entry), int(item.entry["seq"]))
         if ident not in seen:  # the same entry may reach two sinks
             seen.add(ident)
             timeline.append(item.entry)

@@ -23,7 +23,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -53,6 +53,7 @@ class Operation(StrEnum):
 # POST and PUT are "create or update": the ACL accepts either capability unless the
 # route says which (Vault decides by whether the path exists).
 _WRITE = (Operation.CREATE, Operation.UPDATE)
+_READS = (Operation.READ, Operation.LIST)
 
 
 @dataclass
@@ -184,6 +185,9 @@ class Route:
     # For POST/PUT, which capability to require: None accepts create or update.
     write_capability: Callable[[Context], Operation] | None = None
     doc: RouteDoc | None = None  # for sys/openapi
+    # READ and LIST here change nothing (no lease, no credential, no counter): one
+    # audit entry after the answer suffices, as an unrecorded answer is withheld.
+    pure_reads: bool = False
 
 
 class Router:
@@ -212,6 +216,7 @@ class Router:
         family: str = "",
         write_capability: Callable[[Context], Operation] | None = None,
         doc: RouteDoc | None = None,
+        pure_reads: bool = False,
     ) -> None:
         self.routes.append(
             Route(
@@ -223,6 +228,7 @@ class Router:
                 family or pattern.split("/")[0],
                 write_capability,
                 doc,
+                pure_reads,
             )
         )
 
@@ -255,6 +261,35 @@ class Router:
     # --- the request path -------------------------------------------------------------
 
     def handle(self, request: Request) -> Response:
+        """One request, start to finish; audit entries are committed on this thread."""
+        steps = self.steps(request)
+        try:
+            record = next(steps)
+            while True:
+                record = steps.send(self.auditor.commit(record))
+        except StopIteration as done:
+            response: Response = done.value
+            return response
+
+    async def handle_async(
+        self, request: Request, commit: Callable[[dict[str, Any]], Awaitable[bool]]
+    ) -> Response:
+        """The same request path for an event loop: `commit` (an audit.AsyncCommitter's)
+        chains each audit entry off the loop, in a batch with the entries of every other
+        request in flight; the engine work runs on the loop, as it does unaudited."""
+        steps = self.steps(request)
+        try:
+            record = next(steps)
+            while True:
+                record = steps.send(await commit(record))
+        except StopIteration as done:
+            response: Response = done.value
+            return response
+
+    def steps(self, request: Request) -> Generator[dict[str, Any], bool, Response]:
+        """The request path as steps: with an auditor, it yields each audit record (the
+        request entry, before the handler runs; the response entry, at the end) and
+        takes back whether the entry was committed (or may be skipped: fail-open)."""
         started = time.perf_counter()
         request_id = str(uuid.uuid4())
         matched: Route | None = None
@@ -274,8 +309,12 @@ class Router:
             self.services.ensure_unsealed()  # HSM seal mode: a fresh process opens the barrier itself
             if matched.authenticated:
                 self._authenticate(ctx, matched, operation)
-            if auditor is not None:
-                auditor.before(ctx, request_id)  # fail closed: raises Unavailable (503)
+            if (
+                auditor is not None
+                and not (matched.pure_reads and operation in _READS)
+                and not (yield auditor.request_record(ctx, request_id))
+            ):
+                auditor.refuse()  # fail closed: raises Unavailable (503), the handler never runs
             result = handler(ctx)
             response = self._shape(request_id, request, matched, result)
         except RequestError as exc:
@@ -296,8 +335,10 @@ class Router:
             log.exception("internal error on %s %s (%s)", request.method, request.path, type(exc).__name__)
             response = self._error(request_id, 500, "internal error")
         elapsed = time.perf_counter() - started
-        if auditor is not None:
-            response = auditor.after(request_id, request, ctx, response, elapsed)
+        if auditor is not None and not (
+            yield auditor.response_record(request_id, request, ctx, response, elapsed)
+        ):
+            response = auditor.withheld()
         for observe in self.observers:
             observe(request, matched, response.status, elapsed)
         return response

@@ -142,15 +142,31 @@ AuditFiles = Annotated[list[str], typer.Argument(help="Audit files (JSON lines),
 
 
 @audit_app.command("verify")
-def audit_verify(files: AuditFiles) -> None:
-    """Check the hash chain: exit 1 naming FILE:LINE of the first modified, deleted,
-    inserted or reordered entry. A cell's chain may span several files (one per process)."""
-    from keycell.control_plane.audit import verify_files
+def audit_verify(
+    files: AuditFiles,
+    ledger: Annotated[
+        str | None,
+        typer.Option(
+            "--ledger",
+            help="Also check the files end at the chain heads in this cell's ledger (finds cut-off tails).",
+            show_default=False,
+        ),
+    ] = None,
+    cell: Annotated[
+        str | None, typer.Option("--cell", help="With --ledger: only this cell's chains.")
+    ] = None,
+) -> None:
+    """Check the hash chains: exit 1 naming FILE:LINE of every modified, deleted,
+    inserted or reordered entry. A cell has one chain per writing process; they may
+    share a file or not."""
+    from keycell.control_plane.audit import check_heads, verify_files
 
     try:
         entries, problems = verify_files(files)
     except OSError as exc:
         raise _fail(f"cannot read {exc.filename}: {exc.strerror}") from None
+    if ledger is not None:
+        problems.extend(check_heads(entries, _open(ledger), cell))
     if problems:
         for problem in problems:
             typer.echo(f"FAIL {problem}")

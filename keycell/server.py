@@ -20,7 +20,6 @@ import logging
 import os
 import socket
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -29,15 +28,15 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
 from keycell.control_plane.admission import AdmissionConfig, AdmissionGate, classify
+from keycell.control_plane.audit import AsyncCommitter
 from keycell.control_plane.errors import PermissionDenied, RequestError
 from keycell.control_plane.ledger import Kind, iter_prefix
+from keycell.control_plane.router import Request
 from keycell.functions.api import http
 from keycell.functions.api.app import MAX_DEPTH, router
 from keycell.testing.processes import announce_ready
 
 log = logging.getLogger("keycell.server")
-# Request threads per worker when auditing: enough to batch audit commits.
-AUDIT_THREADS = 16
 _NOT_FOUND = b'{"errors":["unsupported path"]}'
 _SHED = (
     b'{"errors":["the cell is overloaded and is shedding new requests first; retry after the '
@@ -45,16 +44,6 @@ _SHED = (
 )
 EVENTS_PATH = "/v1/sys/events/revocations"
 _gate: AdmissionGate | None = None
-
-
-_pool: ThreadPoolExecutor | None = None
-
-
-def _audit_pool() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=AUDIT_THREADS, thread_name_prefix="keycell-request")
-    return _pool
 
 
 def gate() -> AdmissionGate:
@@ -97,10 +86,9 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             status, headers, payload = handle_http(scope, body)
         else:
             # With an audit trail each request waits for its entries' chain commit (an
-            # fsync'd conditional write). On threads, concurrent requests share one
-            # commit (group commit) instead of queueing behind each other's fsync.
-            loop = asyncio.get_running_loop()
-            status, headers, payload = await loop.run_in_executor(_audit_pool(), handle_http, scope, body)
+            # fsync'd conditional write) without holding the loop: the requests in
+            # flight share one commit (audit.AsyncCommitter).
+            status, headers, payload = await handle_http_async(scope, body)
     finally:
         admission.leave()
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -280,8 +268,12 @@ async def _wait_disconnect(receive: Any) -> None:
             return
 
 
-def handle_http(scope: dict[str, Any], body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """One request to the router, through the same translation the Chalice handler uses."""
+_Reply = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+def _to_request(scope: dict[str, Any], body: bytes) -> Request | _Reply:
+    """The router's request from the ASGI scope, through the same translation the
+    Chalice handler uses, or the early reply (404, 400, 429)."""
     method = scope["method"].upper()
     query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
     if method == "LIST":
@@ -295,8 +287,38 @@ def handle_http(scope: dict[str, Any], body: bytes) -> tuple[int, list[tuple[byt
         return 404, [(b"content-type", b"application/json")], _NOT_FOUND
     headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope.get("headers", [])}
     client = scope.get("client") or ("", 0)
-    status, out, payload = http.handle(router(), method, "/".join(segments), headers, query, body, client[0])
+    prepared = http.to_request(method, "/".join(segments), headers, query, body, client[0])
+    if isinstance(prepared, Request):
+        return prepared
+    return _reply(prepared)
+
+
+def _reply(reply: tuple[int, dict[str, str], bytes]) -> _Reply:
+    status, out, payload = reply
     return status, [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in out.items()], payload
+
+
+def handle_http(scope: dict[str, Any], body: bytes) -> _Reply:
+    """One request to the router (audit entries committed on this thread)."""
+    prepared = _to_request(scope, body)
+    if not isinstance(prepared, Request):
+        return prepared
+    return _reply(http.encode(router().handle(prepared)))
+
+
+_committer: AsyncCommitter | None = None
+
+
+async def handle_http_async(scope: dict[str, Any], body: bytes) -> _Reply:
+    """One request on the event loop, its audit entries group-committed off the loop."""
+    global _committer
+    prepared = _to_request(scope, body)
+    if not isinstance(prepared, Request):
+        return prepared
+    current = router()
+    if _committer is None or _committer.auditor is not current.auditor:
+        _committer = AsyncCommitter(current.auditor)
+    return _reply(http.encode(await current.handle_async(prepared, _committer.commit)))
 
 
 class VaultHttpProtocol(HttpToolsProtocol):

@@ -1,7 +1,7 @@
 """The S3 audit sink: each batch of entries one object, under S3 Object Lock.
 
-Objects are named `PREFIX/CELL/<first seq>-<last seq>.jsonl` (zero-padded, so a
-listing is in chain order) and written with a retention date (COMPLIANCE mode by
+Objects are named `PREFIX/CELL/WRITER/<first seq>-<last seq>.jsonl` (zero-padded, so
+a listing is in chain order) and written with a retention date (COMPLIANCE mode by
 default: nobody, root included, can overwrite or delete them before it passes). The
 bucket must have been created with object lock enabled; `check_bucket` says so
 clearly when it was not.
@@ -51,7 +51,7 @@ class S3Sink:
 
     def object_key(self, entries: Sequence[Mapping[str, Any]]) -> str:
         first, last = entries[0], entries[-1]
-        name = f"{first['cell']}/{int(first['seq']):020d}-{int(last['seq']):020d}.jsonl"
+        name = f"{first['cell']}/{first['writer']}/{int(first['seq']):020d}-{int(last['seq']):020d}.jsonl"
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def write(self, lines: bytes, entries: Sequence[Mapping[str, Any]]) -> None:

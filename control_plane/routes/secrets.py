@@ -113,6 +113,7 @@ def register_kv(router: Router, kv: Any, mount: str) -> None:
         rf"{mount}/config",
         {Operation.READ: read_config, Operation.UPDATE: write_config},
         family="kv",
+        pure_reads=True,
         doc=RouteDoc(
             f"/{mount}/config",
             "KV v2 mount settings.",
@@ -133,6 +134,7 @@ def register_kv(router: Router, kv: Any, mount: str) -> None:
             Operation.DELETE: delete_latest,
         },
         family="kv",
+        pure_reads=True,
         write_capability=data_exists,
         doc=kv_doc(
             "data",
@@ -167,6 +169,7 @@ def register_kv(router: Router, kv: Any, mount: str) -> None:
         rf"{mount}/delete/{path}",
         {Operation.UPDATE: delete_versions},
         family="kv",
+        pure_reads=True,
         doc=kv_doc(
             "delete",
             "Soft-delete versions.",
@@ -177,6 +180,7 @@ def register_kv(router: Router, kv: Any, mount: str) -> None:
         rf"{mount}/undelete/{path}",
         {Operation.UPDATE: undelete_versions},
         family="kv",
+        pure_reads=True,
         doc=kv_doc(
             "undelete",
             "Undelete versions.",
@@ -187,6 +191,7 @@ def register_kv(router: Router, kv: Any, mount: str) -> None:
         rf"{mount}/destroy/{path}",
         {Operation.UPDATE: destroy_versions},
         family="kv",
+        pure_reads=True,
         doc=kv_doc(
             "destroy",
             "Destroy versions for good.",
@@ -197,6 +202,7 @@ def register_kv(router: Router, kv: Any, mount: str) -> None:
         rf"{mount}/metadata/?",
         {Operation.LIST: list_metadata},
         family="kv",
+        pure_reads=True,
         doc=RouteDoc(
             f"/{mount}/metadata",
             "Top-level secrets.",
@@ -213,6 +219,7 @@ def register_kv(router: Router, kv: Any, mount: str) -> None:
             Operation.LIST: list_metadata,
         },
         family="kv",
+        pure_reads=True,
         doc=kv_doc(
             "metadata",
             "A KV v2 secret's metadata and settings.",

@@ -48,9 +48,26 @@ def handle(
     remote_addr: str = "",
     limits: RateLimits | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """One request (path below /v1/, header names lower-case) to status, headers, body.
-    Admission control (`limits`, default: this process's, from the environment) runs
-    first: past a rate limit the answer is 429 with `Retry-After`."""
+    """One request (path below /v1/, header names lower-case) to status, headers, body."""
+    prepared = to_request(method, path, headers, query, body, remote_addr, limits)
+    if isinstance(prepared, Request):
+        return encode(router.handle(prepared))
+    return prepared
+
+
+def to_request(
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+    query: Mapping[str, str],
+    body: bytes | str | None,
+    remote_addr: str = "",
+    limits: RateLimits | None = None,
+) -> Request | tuple[int, dict[str, str], bytes]:
+    """The router's request, or the reply that answers it first: admission control
+    (`limits`, default: this process's, from the environment) runs first, so past a
+    rate limit the answer is 429 with `Retry-After`; a body that is not a JSON object
+    is a 400."""
     token = token_from(headers)
     refused = (limits or rate_limits()).check(classify(method, path), identity_of(token, remote_addr))
     if refused is not None:
@@ -64,7 +81,7 @@ def handle(
         if not isinstance(parsed, dict):
             return encode(Response(400, {"errors": ["the request body must be a JSON object"]}))
         data = parsed
-    request = Request(
+    return Request(
         method=method,
         path=path,
         data=data,
@@ -73,7 +90,6 @@ def handle(
         token=token,
         remote_addr=remote_addr,
     )
-    return encode(router.handle(request))
 
 
 def encode(response: Response) -> tuple[int, dict[str, str], bytes]:

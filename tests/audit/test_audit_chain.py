@@ -22,10 +22,9 @@ from keycell.control_plane.audit import (
     FileSink,
     encode_line,
     entry_hash,
+    head_key,
     merge,
-    verify_files,
 )
-from keycell.control_plane.ledger import Key, Kind
 from tests.audit.conftest import CELL, ROOT, call, open_router
 
 CANARY = "canary-value-6b1d0e"
@@ -43,15 +42,20 @@ def audited(tmp_path: Path) -> tuple[Any, Path]:
 
 def test_request_and_response_entries_carry_who_what_and_hmacs(audited: tuple[Any, Path]) -> None:
     router, log = audited
-    assert call(router, "POST", "secret/data/app/db", {"data": {"password": CANARY}}).status == 200
+    write = call(router, "POST", "secret/data/app/db", {"data": {"password": CANARY}})
+    assert write.status == 200
     read = call(router, "GET", "secret/data/app/db")
     assert read.status == 200
     entries = lines(log)
     text = log.read_text()
     assert CANARY not in text and ROOT not in text
-    request, response = entries[-2], entries[-1]
-    assert request["type"] == "request" and response["type"] == "response"
-    assert request["request"]["id"] == response["request"]["id"] == read.body["request_id"]  # type: ignore[index]
+    # A write is recorded before it runs (request entry) and after (response entry);
+    # a KV read changes nothing, so its one self-contained entry comes with the answer.
+    request, written, response = entries[-3:]
+    assert [request["type"], written["type"], response["type"]] == ["request", "response", "response"]
+    assert request["request"]["id"] == written["request"]["id"] == write.body["request_id"]  # type: ignore[index]
+    assert response["request"]["id"] == read.body["request_id"]  # type: ignore[index]
+    assert sum(e["request"]["id"] == response["request"]["id"] for e in entries) == 1
     assert response["request"]["path"] == "secret/data/app/db"
     assert response["request"]["operation"] == "read"
     assert response["response"]["status"] == 200
@@ -61,14 +65,15 @@ def test_request_and_response_entries_carry_who_what_and_hmacs(audited: tuple[An
     assert response["request"]["client_token"].startswith(HMAC_PREFIX)
     digest = router.auditor.audit_hash(CANARY)
     assert response["response"]["body"]["data"]["data"]["password"] == digest
-    assert entries[-4]["request"]["data"]["data"]["password"] == digest  # the write's request entry
+    assert request["request"]["data"]["data"]["password"] == digest  # the write's request entry
     # The chain: consecutive, linked, each hash over the entry's own content.
     for before, after in itertools.pairwise(entries):
         assert after["seq"] == before["seq"] + 1 and after["prev"] == before["hash"]
         assert after["hlc"] > before["hlc"]
     assert all(e["hash"] == entry_hash(e) for e in entries)
     # The head in the ledger is the last entry.
-    head = json.loads(router.services.ledger.get(Key(Kind.AUDIT_HEAD, CELL)).value)
+    assert len({e["writer"] for e in entries}) == 1  # one process: one chain
+    head = json.loads(router.services.ledger.get(head_key(CELL, entries[-1]["writer"])).value)
     assert (head["seq"], head["hash"]) == (entries[-1]["seq"], entries[-1]["hash"])
 
 
@@ -156,8 +161,8 @@ def rewrite(path: Path, entries: list[str]) -> None:
     path.write_text("".join(line if line.endswith("\n") else line + "\n" for line in entries))
 
 
-def verify(*paths: Path) -> tuple[int, str]:
-    result = CliRunner().invoke(app, ["audit", "verify", *map(str, paths)])
+def verify(*args: Path | str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["audit", "verify", *map(str, args)])
     return result.exit_code, result.output
 
 
@@ -217,33 +222,79 @@ def test_reordered_entries_are_named(trail: Path) -> None:
 # --- two writers, one ledger ----------------------------------------------------------------------
 
 
-def test_two_cell_processes_on_one_ledger_keep_one_chain(tmp_path: Path) -> None:
-    """Two CellServices on one sqlite ledger (as two server workers), each with its own
-    file, four threads each: the files merge into one chain, gap-free and unforked, and
-    concurrent requests in one process shared commits."""
-    first = open_router(tmp_path, tmp_path / "a.log")
-    second = open_router(tmp_path, tmp_path / "b.log", init=False)
-    per_thread = 40
-
+def _hammer(routers: list[Any], per_thread: int) -> None:
     def load(router: Any, n: int) -> None:
         for i in range(per_thread):
             assert call(router, "POST", f"secret/data/two/{n}-{i % 4}", {"data": {"v": str(i)}}).status == 200
 
-    threads = [threading.Thread(target=load, args=(r, n)) for n, r in enumerate([first, second] * 4)]
+    threads = [threading.Thread(target=load, args=(r, n)) for n, r in enumerate(routers * 4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    _, problems = verify_files([str(tmp_path / "a.log"), str(tmp_path / "b.log")])
+
+
+def test_two_cell_processes_keep_a_chain_each_in_one_file(tmp_path: Path) -> None:
+    """Two CellServices on one sqlite ledger (as two server workers) appending to one
+    file, four threads each: a chain per writer, each gap-free and linked, each ending
+    at its head in the ledger; concurrent requests in one process shared commits."""
+    trail = tmp_path / "audit.log"
+    first = open_router(tmp_path, trail)
+    second = open_router(tmp_path, trail, init=False)
+    per_thread = 40
+    _hammer([first, second], per_thread)
+    timeline, problems = merge([str(trail)])
     assert problems == []
-    timeline, problems = merge([str(tmp_path / "a.log"), str(tmp_path / "b.log")])
-    assert problems == []
-    seqs = [e["seq"] for e in timeline]
-    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
-    assert len(timeline) >= 8 * per_thread * 2
+    chains: dict[str, list[int]] = {}
+    for entry in timeline:
+        chains.setdefault(entry["writer"], []).append(entry["seq"])
+    assert set(chains) == {first.auditor.chain.writer, second.auditor.chain.writer}
+    for seqs in chains.values():
+        assert sorted(seqs) == list(range(1, len(seqs) + 1))
+    assert len(timeline) == 8 * per_thread * 2
     stats = [first.auditor.chain.stats, second.auditor.chain.stats]
     assert sum(s.entries for s in stats) == len(timeline)
+    assert sum(s.conflicts for s in stats) == 0  # no writer waits for another's head
     assert max(s.largest_batch for s in stats) > 1  # group commit happened
+    ledger = f"sqlite://{tmp_path / 'cell.db'}"
+    assert verify(trail)[0] == 0
+    assert verify(trail, "--ledger", ledger)[0] == 0
+
+
+def test_the_ledger_heads_find_a_cut_off_tail_and_a_dropped_chain(tmp_path: Path) -> None:
+    trail = tmp_path / "audit.log"
+    first = open_router(tmp_path, trail)
+    second = open_router(tmp_path, trail, init=False)
+    _hammer([first, second], 3)
+    ledger = f"sqlite://{tmp_path / 'cell.db'}"
+    raw = trail.read_text().splitlines()
+    rewrite(trail, raw[:-1])  # the last entry cut off: the file alone still verifies
+    assert verify(trail)[0] == 0
+    code, output = verify(trail, "--ledger", ledger)
+    assert code == 1 and "ends early" in output and "cut off" in output
+    gone = second.auditor.chain.writer
+    rewrite(trail, [line for line in raw if json.loads(line)["writer"] != gone])
+    assert verify(trail)[0] == 0
+    code, output = verify(trail, "--ledger", ledger)
+    assert code == 1 and f"chain {CELL}/{gone}" in output and "missing" in output
+
+
+def test_two_processes_sharing_one_writer_id_cannot_fork_it(tmp_path: Path) -> None:
+    """Two processes that claim the same writer (a misconfiguration, or a function
+    instance restarted under its old id) race on one head: the conditional write makes
+    them take turns, and their two files merge into one gap-free chain."""
+    first = open_router(tmp_path, None)
+    second = open_router(tmp_path, None, init=False)
+    for router, name in ((first, "a.log"), (second, "b.log")):
+        services = router.services
+        router.auditor = Auditor(
+            services.ledger, services.barrier, CELL, [FileSink(str(tmp_path / name))], writer="shared"
+        )
+    _hammer([first, second], 20)
+    timeline, problems = merge([str(tmp_path / "a.log"), str(tmp_path / "b.log")])
+    assert problems == []
+    assert [e["seq"] for e in timeline] == list(range(1, len(timeline) + 1))
+    assert {e["writer"] for e in timeline} == {"shared"}
     # The CLI agrees; a file alone has gaps, which only the other file fills.
     assert verify(tmp_path / "a.log", tmp_path / "b.log")[0] == 0
     assert verify(tmp_path / "a.log")[0] == 1
@@ -269,10 +320,11 @@ def test_merge_orders_cells_by_hybrid_logical_clock(tmp_path: Path) -> None:
     assert keys == sorted(keys)
     assert {e["cell"] for e in merged} == {"eu-1", "us-1"}
     raw = logs[1].read_text().splitlines()
-    del raw[2]
+    assert len(raw) == 3  # one entry per read: a read changes nothing, so no request entry
+    del raw[1]
     rewrite(logs[1], raw)
     result = CliRunner().invoke(app, ["audit", "merge", *map(str, logs), "--output", str(out)])
-    assert result.exit_code == 1
+    assert result.exit_code == 1 and "missing" in result.output
 
 
 def test_file_sink_appends_whole_batches(tmp_path: Path) -> None:
