@@ -49,6 +49,10 @@ def server(workers: int, *, audited: bool) -> Iterator[tuple[int, str]]:
         port = process.start()
         try:
             yield port, os.path.join(folder, "audit.log")
+        except Exception:
+            # Say what the server saw: a dropped connection is only explained there.
+            print(f"server log (audited={audited}):\n{process.log_tail()}", file=sys.stderr)
+            raise
         finally:
             process.stop()
 

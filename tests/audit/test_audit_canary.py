@@ -14,7 +14,8 @@ import hvac
 import hvac.exceptions
 import pytest
 
-from keycell.control_plane.audit import verify_files
+from keycell.adapters.ledgers.sqlite import SqliteLedger
+from keycell.control_plane.audit import check_heads, verify_files
 from keycell.testing.processes import keycell_server
 
 ROOT = "kc.audit-canary-root-token"
@@ -73,5 +74,10 @@ def test_no_secret_in_plaintext_anywhere(tmp_path: Path) -> None:
     assert ROOT not in audit and ROOT not in metrics  # dev mode prints it once at startup, as Vault's does
     entries, problems = verify_files([str(tmp_path / "audit.log")])
     assert problems == []
+    ledger = SqliteLedger(tmp_path / "cell.db")
+    try:  # every worker's chain ends where its head in the ledger says
+        assert check_heads(entries, ledger) == []
+    finally:
+        ledger.close()
     paths = {json.dumps(e.entry["request"]["path"]) for e in entries}
     assert '"secret/data/canary/db"' in paths and '"transit/encrypt/canary-key"' in paths

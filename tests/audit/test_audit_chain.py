@@ -3,6 +3,8 @@ commit, fail-closed, and `keycell audit verify` naming the first tampered line."
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -20,6 +22,7 @@ from keycell.control_plane.audit import (
     Auditor,
     AuditUnavailable,
     FileSink,
+    Hasher,
     encode_line,
     entry_hash,
     head_key,
@@ -75,6 +78,16 @@ def test_request_and_response_entries_carry_who_what_and_hmacs(audited: tuple[An
     assert len({e["writer"] for e in entries}) == 1  # one process: one chain
     head = json.loads(router.services.ledger.get(head_key(CELL, entries[-1]["writer"])).value)
     assert (head["seq"], head["hash"]) == (entries[-1]["seq"], entries[-1]["hash"])
+
+
+@pytest.mark.parametrize("key_bytes", [1, 32, 64, 65, 200])
+def test_the_hasher_is_hmac_sha256(key_bytes: int) -> None:
+    key = bytes(range(256))[:key_bytes]
+    hasher = Hasher(key)
+    for value in ["", CANARY, "é" * 300]:
+        expected = hmac.new(key, value.encode(), hashlib.sha256).hexdigest()
+        assert hasher.digest(value) == HMAC_PREFIX + expected
+    assert Hasher(None).digest(CANARY) == "redacted:sealed"
 
 
 def test_audit_hash_route_matches_the_trail(audited: tuple[Any, Path]) -> None:
