@@ -5,16 +5,18 @@ instant, against a real self-hosted cell (`keycell server --dev`, two workers).
 
 Simulated in one process: each client's renewal time comes from the real scheduling
 code (keycell.client.watcher.RenewalPlan with the default 50-80% window); a bounded
-pool of threads then sends a bounded sample of those renewals as real HTTP requests
-through keycell.client.Client (its client token bucket and jittered retries that
-honour Retry-After), time-compressed, so the server's behaviour under the herd is
-real while the run stays short.
+pool of threads then sends every one of those renewals (`--quick`: a sample) as a
+real HTTP request through keycell.client.Client (its client token bucket and
+jittered retries that honour Retry-After), time-compressed, so the server's
+behaviour under the herd is real while the run stays short.
 
 Figures:
-- peak-to-mean request rate in 1 s buckets over the renewal window (50-80% of the
-  TTL, the seconds in which every client must renew), without splay (every client
-  renews at the same point of its TTL, as a naive client does) and with splay;
-  target <= 1.25 with;
+- peak-to-mean request rate in 1 s buckets (simulated seconds) over the renewal
+  window (50-80% of the TTL, the seconds in which every client must renew), without
+  splay (every client renews at the same point of its TTL, as a naive client does)
+  and with splay and buckets: measured from the instants the requests were actually
+  sent (`real_requests.*.sent_peak_to_mean`; the headline figure) and, beside it,
+  from the plan alone; target <= 1.25 with;
 - authentication requests saved by the wrapped-token cache over a fleet that
   restarts several times within one credential lifetime (real requests, real cache
   files; auth is a wrapped `auth/token/create`, the path a JWT login takes through
@@ -66,12 +68,18 @@ def renewal_times(clients: int, *, splay: bool, seed: int) -> list[float]:
     return times
 
 
-def peak_to_mean(times: list[float], window: tuple[float, float]) -> dict[str, float]:
+def peak_to_mean(times: list[float], window: tuple[float, float], *, scale: float = 1.0) -> dict[str, float]:
+    """Requests per 1 s bucket (simulated seconds): the busiest against the mean over
+    the renewal window. `scale` turns a sample's counts into the fleet's."""
     buckets = Counter(int(t) for t in times)
     seconds = window[1] - window[0]
     mean = len(times) / seconds
     peak = max(buckets.values())
-    return {"peak_per_s": peak, "mean_per_s": round(mean, 1), "peak_to_mean": round(peak / mean, 3)}
+    return {
+        "peak_per_s": round(peak * scale, 1),
+        "mean_per_s": round(mean * scale, 1),
+        "peak_to_mean": round(peak / mean, 3),
+    }
 
 
 def start_server(folder: str) -> ServerProcess:
@@ -92,7 +100,13 @@ class Tally:
 
 
 def replay(
-    url: str, tokens: list[Credential], times: list[float], *, compress: float, pool: int
+    url: str,
+    tokens: list[Credential],
+    times: list[float],
+    *,
+    window: tuple[float, float],
+    compress: float,
+    pool: int,
 ) -> dict[str, Any]:
     """Send one renewal per scheduled time (simulated seconds / `compress` = real
     seconds from now) through a bounded pool; count the answers."""
@@ -100,6 +114,7 @@ def replay(
     start = time.monotonic() + 0.2
     order = sorted(times)
     local = threading.local()
+    sent: list[float] = []  # when each request actually left (list.append is atomic)
 
     def one(i: int, at: float) -> None:
         client = getattr(local, "client", None)
@@ -110,6 +125,7 @@ def replay(
         delay = start + (at - order[0]) / compress - time.monotonic()
         if delay > 0:
             time.sleep(delay)
+        sent.append(time.monotonic())
         credential = tokens[i % len(tokens)]
         try:
             client.renew(credential)
@@ -121,8 +137,10 @@ def replay(
     with ThreadPoolExecutor(pool) as executor:
         list(executor.map(one, range(len(order)), order))
     elapsed = time.monotonic() - began
+    simulated = [order[0] + (t - start) * compress for t in sent]
     return {
         "requests": len(order),
+        "sent_peak_to_mean": peak_to_mean(simulated, window, scale=len(times) / len(order)),
         "seconds": round(elapsed, 2),
         "statuses": {str(k): v for k, v in sorted(tally.statuses.items())},
         "server_5xx": sum(v for k, v in tally.statuses.items() if k >= 500),
@@ -163,7 +181,7 @@ def wrapped_cache_savings(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     clients = args.clients or (2000 if quick else 10_000)
-    real = min(clients, 400 if quick else 3000)
+    real = min(clients, 400) if quick else clients
     window = (0.5 * TTL, 0.8 * TTL)
     naive = renewal_times(clients, splay=False, seed=1)
     splayed = renewal_times(clients, splay=True, seed=2)
@@ -173,8 +191,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "clients": clients,
         "ttl_s": TTL,
         "renewal_window_s": list(window),
-        "without_splay": peak_to_mean(naive, window),
-        "with_splay_and_buckets": peak_to_mean(splayed, window),
+        "planned": {
+            "without_splay": peak_to_mean(naive, window),
+            "with_splay_and_buckets": peak_to_mean(splayed, window),
+        },
         "target_peak_to_mean_with": 1.25,
     }
     with tempfile.TemporaryDirectory(prefix="keycell-herd-") as folder:
@@ -187,13 +207,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for _ in range(min(real, 100 if quick else 300))
             ]
             sample = random.Random(3)
-            compress = (window[1] - window[0]) / (2.0 if quick else 8.0)
+            # The real window: long enough that the splayed herd stays well inside what
+            # the server (and this one client process) can carry, about 500 renewals/s.
+            compress = (window[1] - window[0]) / (2.0 if quick else max(8.0, real / 500))
             herd = {
-                "sampled_requests": real,
+                "sent_requests": real,
                 "time_compression": round(compress, 2),
-                "without_splay": replay(url, tokens, sample.sample(naive, real), compress=compress, pool=32),
+                "without_splay": replay(
+                    url, tokens, sample.sample(naive, real), window=window, compress=compress, pool=32
+                ),
                 "with_splay_and_buckets": replay(
-                    url, tokens, sample.sample(splayed, real), compress=compress, pool=32
+                    url, tokens, sample.sample(splayed, real), window=window, compress=compress, pool=32
                 ),
             }
             herd["server_5xx"] = (
@@ -206,8 +230,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             server.stop()
     report["server_5xx"] = report["real_requests"]["server_5xx"]
+    report["peak_to_mean"] = {
+        name: report["real_requests"][name]["sent_peak_to_mean"]["peak_to_mean"]
+        for name in ("without_splay", "with_splay_and_buckets")
+    }
     report["meets_targets"] = (
-        report["with_splay_and_buckets"]["peak_to_mean"] <= 1.25
+        report["peak_to_mean"]["with_splay_and_buckets"] <= 1.25
         and report["wrapped_token_cache"]["saved_fraction"] >= 0.8
         and report["server_5xx"] == 0
     )
