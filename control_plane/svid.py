@@ -28,8 +28,10 @@ State is one record in the ledger (through the barrier), `Kind.CONFIG`
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import hashlib
+import itertools
 import json
 import re
 import time
@@ -128,7 +130,9 @@ class SpiffeId:
 
 def check_trust_domain(name: object) -> str:
     if not isinstance(name, str) or not _TRUST_DOMAIN.fullmatch(name):
-        raise InvalidRequest("a trust domain is lower-case letters, digits, '.', '-' and '_' (e.g. example.org)")
+        raise InvalidRequest(
+            "a trust domain is lower-case letters, digits, '.', '-' and '_' (e.g. example.org)"
+        )
     return name
 
 
@@ -285,16 +289,25 @@ class AuthoritySet:
         keys: list[dict[str, Any]] = [
             {
                 "use": "x509-svid",
-                **_public_jwk(self.root.public_key().public_bytes(
-                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-                )),
+                **_public_jwk(
+                    self.root.public_key().public_bytes(
+                        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                    )
+                ),
                 "x5c": [base64.b64encode(self.root.public_bytes(serialization.Encoding.DER)).decode()],
             }
         ]
         for a in self.authorities:
             if a.state in (AuthorityState.PREPARED, AuthorityState.REVOKED):
                 continue  # a prepared key is published once it is active; see prepare()
-            keys.append({"use": "jwt-svid", "kid": a.jwt_kid, "alg": a.jwt_alg, **_public_jwk(a.jwt_public_pem.encode())})
+            keys.append(
+                {
+                    "use": "jwt-svid",
+                    "kid": a.jwt_kid,
+                    "alg": a.jwt_alg,
+                    **_public_jwk(a.jwt_public_pem.encode()),
+                }
+            )
         return {"keys": keys, "spiffe_sequence": self.sequence, "spiffe_refresh_hint": REFRESH_HINT}
 
     def jwks_bytes(self) -> bytes:
@@ -394,10 +407,9 @@ class IdentityCA:
         state = AuthoritySet(domain, root_key, root.public_bytes(serialization.Encoding.PEM).decode(), 1, ())
         first = self._new_authority(state, "a1", AuthorityState.ACTIVE)
         state = AuthoritySet(domain, root_key, state.root_pem, 1, (first,))
-        try:
+        # Another process may have set the trust domain up first; its keys win.
+        with contextlib.suppress(ConflictError):
             put_json_if(self.ledger, AUTHORITIES_KEY, state.to_record(), 0)
-        except ConflictError:
-            pass  # another process set the trust domain up first; its keys win
         loaded = self._load()
         assert loaded is not None
         return loaded[0]
@@ -409,7 +421,9 @@ class IdentityCA:
             assert found is not None
             state, version = found
             new = change(state)
-            new = AuthoritySet(new.trust_domain, new.root_key, new.root_pem, state.sequence + 1, new.authorities)
+            new = AuthoritySet(
+                new.trust_domain, new.root_key, new.root_pem, state.sequence + 1, new.authorities
+            )
             try:
                 put_json_if(self.ledger, AUTHORITIES_KEY, new.to_record(), version)
                 return new
@@ -480,10 +494,8 @@ class IdentityCA:
     # --- keys and CA certificates ---------------------------------------------------------
 
     def _create_key(self, name: str) -> None:
-        try:
+        with contextlib.suppress(KeyExistsError):
             self.keys.create_key(name, KeySpec.EC_P256)
-        except KeyExistsError:
-            pass
 
     def _sign_cert(self, builder: x509.CertificateBuilder, key_name: str) -> x509.Certificate:
         draft = builder.sign(_dummy_key(), hashes.SHA256())
@@ -512,7 +524,8 @@ class IdentityCA:
             .add_extension(_ca_key_usage(), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)  # type: ignore[arg-type]
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{domain}")]), critical=False
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{domain}")]),
+                critical=False,
             )
         )
         return self._sign_cert(builder, key_name)
@@ -534,7 +547,8 @@ class IdentityCA:
                     [
                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Keycell"),
                         x509.NameAttribute(
-                            NameOID.COMMON_NAME, f"{state.trust_domain} {self.cell_id} intermediate {authority_id}"
+                            NameOID.COMMON_NAME,
+                            f"{state.trust_domain} {self.cell_id} intermediate {authority_id}",
                         ),
                     ]
                 )
@@ -552,7 +566,9 @@ class IdentityCA:
                 critical=False,
             )
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{state.trust_domain}")]),
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(f"spiffe://{state.trust_domain}")]
+                ),
                 critical=False,
             )
         )
@@ -614,7 +630,9 @@ class IdentityCA:
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                 critical=False,
             )
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(sid))]), critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(sid))]), critical=False
+            )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(intermediate.public_key()),  # type: ignore[arg-type]
                 critical=False,
@@ -717,7 +735,9 @@ def validate_jwt_svid(
     if not isinstance(alg, str) or alg.lower() == "none":
         raise JwtSvidError('the JWT-SVID is unsigned (alg "none" is refused)')
     if alg.startswith("HS"):
-        raise JwtSvidError(f"the JWT-SVID uses a symmetric algorithm ({alg}); only asymmetric signatures are accepted")
+        raise JwtSvidError(
+            f"the JWT-SVID uses a symmetric algorithm ({alg}); only asymmetric signatures are accepted"
+        )
     if alg not in JWT_SVID_ALGS:
         raise JwtSvidError("the JWT-SVID's algorithm is not one the JWT-SVID specification allows")
     missing = JWT_HEADER_FIELDS - set(header)
@@ -725,7 +745,9 @@ def validate_jwt_svid(
         raise JwtSvidError(f"the JWT-SVID's header lacks {', '.join(sorted(missing))}")
     extra = set(header) - JWT_HEADER_FIELDS
     if extra:
-        raise JwtSvidError(f"the JWT-SVID's header has unexpected field(s): {', '.join(sorted(map(str, extra)))[:100]}")
+        raise JwtSvidError(
+            f"the JWT-SVID's header has unexpected field(s): {', '.join(sorted(map(str, extra)))[:100]}"
+        )
     if header["typ"] not in ("JWT", "JOSE"):
         raise JwtSvidError('the JWT-SVID\'s typ must be "JWT" or "JOSE"')
     kid = header["kid"]
@@ -740,7 +762,9 @@ def validate_jwt_svid(
         if isinstance(public, ec.EllipticCurvePublicKey):
             if len(signature) != 64:
                 raise InvalidSignature
-            der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+            der = encode_dss_signature(
+                int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+            )
             public.verify(der, signing_input, ec.ECDSA(hashes.SHA256()))
         elif isinstance(public, rsa.RSAPublicKey):
             public.verify(signature, signing_input, padding.PKCS1v15(), hashes.SHA256())
@@ -815,12 +839,14 @@ def verify_x509_svid(
     except x509.ExtensionNotFound:
         raise X509SvidError("the X.509-SVID has no key usage") from None
     if not usage.critical or not usage.value.digital_signature or usage.value.key_cert_sign:
-        raise X509SvidError("the X.509-SVID's key usage must be critical, with digitalSignature and no keyCertSign")
+        raise X509SvidError(
+            "the X.509-SVID's key usage must be critical, with digitalSignature and no keyCertSign"
+        )
     when = datetime.datetime.fromtimestamp(now, datetime.UTC)
     for cert in chain:
         if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
             raise X509SvidError("a certificate in the X.509-SVID chain is expired or not yet valid")
-    for child, parent in zip(chain, chain[1:], strict=False):
+    for child, parent in itertools.pairwise(chain):
         _check_issued(child, parent)
     top = chain[-1]
     for root in roots:

@@ -3,6 +3,7 @@
 Environment (all optional):
   KEYCELL_LEDGER        ledger URL (sqlite:///PATH.db, dynamodb://TABLE?region=...); default: the user's data folder
   KEYCELL_CELL          this cell's id (default "local")
+  KEYCELL_TRUST_DOMAIN  the SPIFFE trust domain (default "example.org")
   KEYCELL_KEY_BACKEND   software | pkcs11 (KEYCELL_PKCS11_MODULE/_TOKEN/_PIN) | aws-kms
   KEYCELL_SEAL          shamir (default) | hsm (auto-unseal through the key backend)
   KEYCELL_BOOT_KEY, KEYCELL_BOOT_ID
@@ -19,6 +20,7 @@ Environment (all optional):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 
@@ -55,6 +57,7 @@ def services_from_environment(env: dict[str, str] | None = None) -> CellServices
     env = dict(os.environ if env is None else env)
     ledger = open_ledger(env.get("KEYCELL_LEDGER") or default_ledger_url())
     config = CellConfig(cell_id=env.get("KEYCELL_CELL", "local"), hsm_seal=env.get("KEYCELL_SEAL") == "hsm")
+    config = dataclasses.replace(config, trust_domain=env.get("KEYCELL_TRUST_DOMAIN", config.trust_domain))
     boot = None
     if env.get("KEYCELL_BOOT_KEY") and env.get("KEYCELL_BOOT_ID"):
         boot = (bytes.fromhex(env["KEYCELL_BOOT_KEY"]), env["KEYCELL_BOOT_ID"])

@@ -8,7 +8,7 @@ from keycell.control_plane.router import Router
 
 
 def build_router(services: Any) -> Router:
-    from keycell.control_plane.routes import audit, auth, metrics, openapi, secrets, system
+    from keycell.control_plane.routes import audit, auth, identity, metrics, openapi, secrets, system
     from keycell.control_plane.routes import sys as seal_routes
 
     router = Router(services, clock=services.clock)
@@ -18,5 +18,6 @@ def build_router(services: Any) -> Router:
     secrets.register(router, services)
     metrics.register(router, services)
     audit.register(router, services)
+    identity.register(router, services)
     openapi.register(router, services)  # last: documents every route above
     return router
