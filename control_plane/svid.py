@@ -712,8 +712,54 @@ def validate_jwt_svid(
     now: float,
     is_revoked: Callable[[str], bool] = lambda _: False,
 ) -> JwtSvidClaims:
-    """Check a JWT-SVID against this trust domain's bundle, or raise JwtSvidError naming
-    the check that failed. Never echoes the token."""
+    """Check a JWT-SVID against this trust domain's authorities (see `validate_jwt_svid_with`)."""
+    keys = {
+        kid: serialization.load_pem_public_key(a.jwt_public_pem.encode())
+        for kid, a in state.jwt_keys().items()
+    }
+    return validate_jwt_svid_with(
+        token, audience, trust_domain=state.trust_domain, keys=keys, now=now, is_revoked=is_revoked
+    )
+
+
+def jwks_keys(jwks: Mapping[str, Any]) -> dict[str, Any]:
+    """kid -> public key, from a JWKS (the `jwt-svid` keys of a bundle)."""
+    out: dict[str, Any] = {}
+    for jwk in jwks.get("keys", []):
+        if not isinstance(jwk, Mapping) or jwk.get("use", "jwt-svid") != "jwt-svid" or not jwk.get("kid"):
+            continue
+        public = _jwk_public_key(jwk)
+        if public is not None:
+            out[str(jwk["kid"])] = public
+    return out
+
+
+def _jwk_public_key(jwk: Mapping[str, Any]) -> Any:
+    try:
+        if jwk.get("kty") == "EC" and jwk.get("crv") == "P-256":
+            x = int.from_bytes(b64url_decode(jwk["x"]), "big")
+            y = int.from_bytes(b64url_decode(jwk["y"]), "big")
+            return ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
+        if jwk.get("kty") == "RSA":
+            n = int.from_bytes(b64url_decode(jwk["n"]), "big")
+            e = int.from_bytes(b64url_decode(jwk["e"]), "big")
+            return rsa.RSAPublicNumbers(e, n).public_key()
+    except (KeyError, ValueError, TypeError):
+        return None
+    return None
+
+
+def validate_jwt_svid_with(
+    token: object,
+    audience: str,
+    *,
+    trust_domain: str,
+    keys: Mapping[str, Any],
+    now: float,
+    is_revoked: Callable[[str], bool] = lambda _: False,
+) -> JwtSvidClaims:
+    """Check a JWT-SVID against a trust domain's JWT keys (kid -> public key), or raise
+    JwtSvidError naming the check that failed. Never echoes the token."""
     if not isinstance(token, str) or not token:
         raise JwtSvidError("missing JWT-SVID")
     if len(token) > 16 * 1024:
@@ -751,12 +797,17 @@ def validate_jwt_svid(
     if header["typ"] not in ("JWT", "JOSE"):
         raise JwtSvidError('the JWT-SVID\'s typ must be "JWT" or "JOSE"')
     kid = header["kid"]
-    authority = state.jwt_keys().get(kid) if isinstance(kid, str) else None
-    if authority is None:
+    public = keys.get(kid) if isinstance(kid, str) else None
+    if public is None:
         raise JwtSvidError("the JWT-SVID's kid names no key in the trust domain's bundle")
-    if alg != authority.jwt_alg:
-        raise JwtSvidError(f"the JWT-SVID's algorithm does not match its key (expected {authority.jwt_alg})")
-    public = serialization.load_pem_public_key(authority.jwt_public_pem.encode())
+    if (alg.startswith("ES") and not isinstance(public, ec.EllipticCurvePublicKey)) or (
+        alg[:2] in ("RS", "PS") and not isinstance(public, rsa.RSAPublicKey)
+    ):
+        raise JwtSvidError("the JWT-SVID's algorithm does not match its key's type")
+    if alg not in ("ES256", "RS256"):
+        raise JwtSvidError(
+            f"the JWT-SVID's algorithm {alg} is not one this trust domain signs with (ES256, RS256)"
+        )
     signing_input = f"{parts[0]}.{parts[1]}".encode()
     try:
         if isinstance(public, ec.EllipticCurvePublicKey):
@@ -778,8 +829,8 @@ def validate_jwt_svid(
         sid = SpiffeId.parse(sub)
     except SvidError:
         raise JwtSvidError("the JWT-SVID's sub is not a SPIFFE ID") from None
-    if not sid.member_of(state.trust_domain):
-        raise JwtSvidError(f"the JWT-SVID belongs to a foreign trust domain (not {state.trust_domain})")
+    if not sid.member_of(trust_domain):
+        raise JwtSvidError(f"the JWT-SVID belongs to a foreign trust domain (not {trust_domain})")
     aud = claims.get("aud")
     audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else None
     if not audiences:

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from keycell import __version__
+from keycell import __version__, cli_identity
 from keycell.adapters.ledgers import LedgerURLError, default_ledger_url, open_ledger
 from keycell.control_plane.ledger import Key, Kind, LedgerError, iter_prefix
 
@@ -25,6 +25,8 @@ ledger_app = typer.Typer(help="Inspect a cell's conditional-write ledger.", no_a
 app.add_typer(ledger_app, name="ledger")
 audit_app = typer.Typer(help="Check and merge audit trails.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+app.add_typer(cli_identity.entry_app, name="entry")  # workload identity (issue 6)
+app.command("agent")(cli_identity.agent)
 
 console = Console()
 errors = Console(stderr=True)
