@@ -27,8 +27,8 @@ from keycell.agent.agent import Agent
 from keycell.agent.peercred import PeerCred, PeerRelay
 from keycell.agent.workload import AttestationError, UnixAttestor
 from keycell.client.errors import KeycellError
-from keycell.testing.processes import announce_ready
 from keycell.control_plane.svid import JwtSvidError
+from keycell.testing.processes import announce_ready
 
 log = logging.getLogger("keycell.agent")
 
