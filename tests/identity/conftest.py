@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from keycell.adapters.ledgers.sqlite import SqliteLedger
 from keycell.client import Client
+from keycell.testing.cells import Cell, open_cell
 from keycell.testing.processes import ServerProcess, keycell_server
 
 ROOT = "kc.identity-root-token"
@@ -74,3 +76,18 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     finally:
         admin.close()
         server.stop()
+
+
+@pytest.fixture
+def adapter() -> str:
+    """The identity tests exercise signing and validation, not the ledger: sqlite only
+    (the ledger conformance suite covers every adapter)."""
+    return "sqlite"
+
+
+@pytest.fixture
+def other_cell(tmp_path: Path) -> Iterator[Cell]:
+    """A second, unrelated cell (another trust domain's or a stranger's keys)."""
+    ledger = SqliteLedger(tmp_path / "other.db")
+    yield open_cell(ledger)
+    ledger.close()
