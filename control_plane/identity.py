@@ -25,6 +25,7 @@ attestor configuration at `Kind.CONFIG` "identity/config".
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -164,11 +165,13 @@ class Identity:
         revocations: RevocationSet,
         *,
         clock: Callable[[], float] = time.time,
+        tokens: Any = None,
     ) -> None:
         self.ledger = ledger
         self.ca = ca
         self.revocations = revocations
         self.clock = clock
+        self.tokens = tokens  # control_plane.tokens.TokenStore: revoking an identity revokes its logins
 
     @property
     def trust_domain(self) -> str:
@@ -593,7 +596,25 @@ class Identity:
                 "give spiffe_id, or svid (a JWT-SVID's jti or an X.509-SVID's serial in hex)"
             )
         self.revocations.revoke(subject, reason="identity revoke")
+        if self.tokens is not None:
+            for item in list(
+                iter_prefix(self.ledger, Kind.IDENTITY_ENTRY, f"login/{subject}/", page_size=500)
+            ):
+                self.tokens.revoke_accessor(item.key.path.rsplit("/", 1)[1])
         return subject
+
+    def record_login(self, svid: JwtSvidClaims, token: Any) -> None:
+        """Remember that `token` (a TokenEntry) was issued for this JWT-SVID, under its SPIFFE
+        ID and its jti, so that revoking either revokes the token too."""
+        expires = int(token.expire_time) if token.expire_time is not None else None
+        subjects = [f"spiffe:{svid.spiffe_id}"]
+        jti = svid.claims.get("jti")
+        if isinstance(jti, str) and re.fullmatch(r"[0-9a-f]{1,64}", jti):
+            subjects.append(f"svid:{jti}")
+        for subject in subjects:
+            key = Key(Kind.IDENTITY_ENTRY, f"login/{subject}/{token.accessor}")
+            with contextlib.suppress(ConflictError):
+                put_json_if(self.ledger, key, {"accessor": token.accessor}, 0, expires_at=expires)
 
 
 def selectors_match(entry_selectors: Iterable[str], workload_selectors: Iterable[str]) -> bool:

@@ -94,7 +94,9 @@ class CellServices:
             ),
             self.revocations,
             clock=clock,
+            tokens=self.tokens,
         )
+        self.jwt.spiffe = self.identity  # auth/jwt/login accepts the trust domain's JWT-SVIDs
 
     def register_token_lease(self, path: str, token: str, entry: TokenEntry) -> str:
         """Tokens issued by an auth endpoint are leases under its path, as in Vault, so
