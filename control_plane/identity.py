@@ -320,7 +320,7 @@ class Identity:
         put_json_if(
             self.ledger,
             Key(Kind.IDENTITY_ENTRY, f"join-token/{digest}"),
-            {"agent_id": agent_id},
+            {"agent_id": agent_id, "expires_at": int(self.clock()) + seconds},
             0,
             expires_at=int(self.clock()) + seconds,
         )
@@ -371,7 +371,10 @@ class Identity:
             self.ledger.delete_if(key, item.version)  # one use: whoever deletes it first wins
         except ConflictError:
             raise PermissionDenied("the join token is unknown, expired or already used") from None
-        agent_id = str(json.loads(item.value)["agent_id"])
+        record = json.loads(item.value)
+        if self.clock() >= record["expires_at"]:
+            raise PermissionDenied("the join token is unknown, expired or already used")
+        agent_id = str(record["agent_id"])
         return AttestedAgent(agent_id, "join_token", (f"join_token:{digest[:32]}",), self.clock())
 
     def _attest_aws_iid(self, document: object, signature: object) -> AttestedAgent:
