@@ -298,8 +298,8 @@ class AuthoritySet:
             }
         ]
         for a in self.authorities:
-            if a.state in (AuthorityState.PREPARED, AuthorityState.REVOKED):
-                continue  # a prepared key is published once it is active; see prepare()
+            if a.state is AuthorityState.REVOKED:
+                continue  # a prepared key is published ahead of use, so every verifier has it in time
             keys.append(
                 {
                     "use": "jwt-svid",

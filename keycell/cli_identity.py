@@ -89,7 +89,7 @@ def entry_list(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List registration entries."""
-    data = _call(_client(address, token), "GET", "identity/entries")["data"]
+    data = _call(_client(address, token), "LIST", "identity/entries")["data"]
     if as_json:
         typer.echo(json.dumps(data["entries"]))
         return

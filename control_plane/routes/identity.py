@@ -84,14 +84,13 @@ def register(router: Router, services: Any) -> None:
 
     router.add(
         r"identity/entries/?",
-        {Operation.LIST: entries_list, Operation.READ: entries_list, Operation.UPDATE: entries_create},
+        {Operation.LIST: entries_list, Operation.UPDATE: entries_create},
         family="identity",
         doc=RouteDoc(
             "/identity/entries",
             "SPIFFE registration entries.",
             operations={
                 Operation.LIST: OperationDoc("List registration entries", responses=ok(KEYS)),
-                Operation.READ: OperationDoc("List registration entries", responses=ok(KEYS)),
                 Operation.UPDATE: OperationDoc(
                     "Create a registration entry", body=_ENTRY_BODY, body_required=True, responses=ok(_ENTRY)
                 ),
@@ -243,14 +242,13 @@ def register(router: Router, services: Any) -> None:
 
     router.add(
         r"identity/authorities/?",
-        {Operation.READ: authorities_list, Operation.LIST: authorities_list},
+        {Operation.READ: authorities_list},
         family="identity",
         doc=RouteDoc(
             "/identity/authorities",
             "The trust domain's signing authorities and their states.",
             operations={
                 Operation.READ: OperationDoc("List authorities", responses=ok(KEYS)),
-                Operation.LIST: OperationDoc("List authorities", responses=ok(KEYS)),
             },
         ),
     )
@@ -351,7 +349,7 @@ def register(router: Router, services: Any) -> None:
 
     router.add(
         r"identity/agent/sync",
-        {Operation.READ: agent_sync, Operation.UPDATE: agent_sync},
+        {Operation.READ: agent_sync},
         family="identity",
         wrappable=False,
         doc=RouteDoc(
@@ -359,7 +357,6 @@ def register(router: Router, services: Any) -> None:
             "An attested agent's entries, bundle, authorities and revocations.",
             operations={
                 Operation.READ: OperationDoc("Sync an agent", responses=ok(ANY_OBJECT)),
-                Operation.UPDATE: OperationDoc("Sync an agent", responses=ok(ANY_OBJECT)),
             },
         ),
     )

@@ -140,7 +140,7 @@ def test_a_jwt_svid_needs_an_audience(deployment: Deployment) -> None:
 
 def test_a_caller_with_no_entry_is_permission_denied(deployment: Deployment) -> None:
     # Deleting the entry leaves this process with nothing: the agent drops it at its next sync.
-    entries = deployment.admin.request("GET", "identity/entries")["data"]["entries"]
+    entries = deployment.admin.request("LIST", "identity/entries")["data"]["entries"]
     entry = next(e for e in entries if e["id"] == deployment.entry_id)
     deployment.admin.request("DELETE", f"identity/entries/{entry['id']}")
     try:
