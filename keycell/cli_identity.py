@@ -139,6 +139,10 @@ def agent(
         ),
     ] = "",
     sync_interval: Annotated[float, typer.Option(help="Seconds between syncs with the regional API.")] = 5.0,
+    kubelet: Annotated[
+        str,
+        typer.Option("--kubelet", help="The node's kubelet (its /pods endpoint) for k8s workload selectors."),
+    ] = "",
 ) -> None:
     """Run the node agent: attest this node, then serve the SPIFFE Workload API."""
     from keycell.agent.server import run, socket_path
@@ -158,7 +162,7 @@ def agent(
         raise typer.Exit(2) from None
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
-        run(socket, address, attestation, sync_interval=sync_interval)
+        run(socket, address, attestation, sync_interval=sync_interval, kubelet_url=kubelet)
     except KeycellError as exc:
         errors.print(f"[bold red]error:[/] node attestation failed: {exc}")
         raise typer.Exit(1) from None

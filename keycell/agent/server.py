@@ -24,6 +24,7 @@ from google.protobuf import struct_pb2
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from keycell.agent.agent import Agent
+from keycell.agent.k8s import K8sAttestor
 from keycell.agent.peercred import PeerCred, PeerRelay
 from keycell.agent.workload import AttestationError, UnixAttestor
 from keycell.client.errors import KeycellError
@@ -52,10 +53,13 @@ def socket_path(address: str) -> str:
 
 
 class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
-    def __init__(self, agent: Agent, relay: PeerRelay, attestor: UnixAttestor) -> None:
+    def __init__(
+        self, agent: Agent, relay: PeerRelay, attestor: UnixAttestor, k8s: K8sAttestor | None = None
+    ) -> None:
         self.agent = agent
         self.relay = relay
         self.attestor = attestor
+        self.k8s = k8s
 
     # --- who is calling ------------------------------------------------------------------
 
@@ -76,6 +80,9 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             )
         try:
             selectors = self.attestor.attest(peer)
+            if self.k8s is not None:
+                selectors += self.k8s.attest(peer.pid)
+                self.attestor._same_process(peer)  # the cgroup read was still the caller's
         except AttestationError as exc:
             self._abort(context, grpc.StatusCode.PERMISSION_DENIED, f"workload attestation failed: {exc}")
         return peer, selectors
@@ -193,9 +200,16 @@ class AgentServer:
     """The agent and its Workload API, started and stopped together."""
 
     def __init__(
-        self, socket: str, api_url: str, attestation: Mapping[str, Any], *, sync_interval: float = 5.0
+        self,
+        socket: str,
+        api_url: str,
+        attestation: Mapping[str, Any],
+        *,
+        sync_interval: float = 5.0,
+        kubelet_url: str = "",
     ) -> None:
         self.socket_path = socket_path(socket)
+        self.k8s = K8sAttestor(kubelet_url) if kubelet_url else None
         self.agent = Agent(api_url, attestation, sync_interval=sync_interval)
         self.grpc: grpc.Server | None = None
         self.relay: PeerRelay | None = None
@@ -207,7 +221,7 @@ class AgentServer:
         port = self.port = self.grpc.add_insecure_port("127.0.0.1:0")
         self.relay = PeerRelay(self.socket_path, port)
         workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(  # type: ignore[no-untyped-call]
-            WorkloadApi(self.agent, self.relay, UnixAttestor()), self.grpc
+            WorkloadApi(self.agent, self.relay, UnixAttestor(), self.k8s), self.grpc
         )
         self.grpc.start()
         self.relay.start()
@@ -220,9 +234,16 @@ class AgentServer:
             self.grpc.stop(grace=0.5)
 
 
-def run(socket: str, api_url: str, attestation: Mapping[str, Any], *, sync_interval: float = 5.0) -> None:
+def run(
+    socket: str,
+    api_url: str,
+    attestation: Mapping[str, Any],
+    *,
+    sync_interval: float = 5.0,
+    kubelet_url: str = "",
+) -> None:
     """`keycell agent`: serve until SIGTERM or SIGINT."""
-    server = AgentServer(socket, api_url, attestation, sync_interval=sync_interval)
+    server = AgentServer(socket, api_url, attestation, sync_interval=sync_interval, kubelet_url=kubelet_url)
     server.start()
     log.warning("serving the Workload API on %s as %s", server.socket_path, server.agent.agent_id)
     announce_ready(server.port)  # the one way a Keycell process says it is up (keycell.testing.processes)
