@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import hmac
 import json
 import re
 import secrets
@@ -42,6 +43,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from keycell.control_plane import tpm
 from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
 from keycell.control_plane.revocations import RevocationSet
@@ -192,7 +194,7 @@ class Identity:
         """aws_iid: {"cert_pem"}; k8s_psat: {"clusters": {name: {"jwks", "audience"}}}."""
         if not isinstance(data, Mapping):
             raise InvalidRequest("the identity config is a JSON object")
-        unknown = set(data) - {"aws_iid", "k8s_psat"}
+        unknown = set(data) - {"aws_iid", "k8s_psat", "tpm"}
         if unknown:
             raise InvalidRequest(
                 f"unknown identity config field(s): {', '.join(sorted(map(str, unknown)))[:200]}"
@@ -229,6 +231,14 @@ class Identity:
                     raise InvalidRequest(f"k8s_psat cluster {name}: audience is a string")
                 out[name] = {"jwks": dict(cluster["jwks"]), "audience": audience}
             record["k8s_psat"] = {"clusters": out}
+        tpm_config = data.get("tpm")
+        if tpm_config is not None:
+            hashes_ = tpm_config.get("ek_hashes") if isinstance(tpm_config, Mapping) else None
+            if not isinstance(hashes_, list) or not all(
+                isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes_
+            ):
+                raise InvalidRequest('tpm is {"ek_hashes": ["<sha256 hex of an EK public key>", ...]}')
+            record["tpm"] = {"ek_hashes": sorted(set(hashes_))}
         for _ in range(8):
             found = self.ledger.get(CONFIG_KEY, consistent=True)
             try:
@@ -338,9 +348,9 @@ class Identity:
         elif method == "k8s_psat":
             agent = self._attest_k8s_psat(data.get("cluster"), data.get("token"))
         elif method == "tpm":
-            raise InvalidRequest("TPM node attestation is not available in this build")
+            agent = self._attest_tpm(data.get("challenge_id"), data.get("secret"))
         else:
-            raise InvalidRequest("method is join_token, aws_iid or k8s_psat")
+            raise InvalidRequest("method is join_token, aws_iid, k8s_psat or tpm")
         if self.revocations.is_revoked(f"spiffe:{agent.agent_id}"):
             raise PermissionDenied("this agent's SPIFFE ID has been revoked")
         record = {"agent_id": agent.agent_id, "method": agent.method, "selectors": list(agent.selectors)}
@@ -376,6 +386,65 @@ class Identity:
             raise PermissionDenied("the join token is unknown, expired or already used")
         agent_id = str(record["agent_id"])
         return AttestedAgent(agent_id, "join_token", (f"join_token:{digest[:32]}",), self.clock())
+
+    def tpm_challenge(self, data: Mapping[str, Any]) -> dict[str, str]:
+        """First step of TPM attestation: a secret only the TPM holding both keys can read."""
+        registered = (self._config().get("tpm") or {}).get("ek_hashes") or []
+        if not registered:
+            raise PermissionDenied("TPM attestation is not configured")
+        try:
+            ek = tpm.parse_public(base64.b64decode(str(data.get("ek_public", "")), validate=True))
+            ak = tpm.parse_public(base64.b64decode(str(data.get("ak_public", "")), validate=True))
+            tpm.check_endorsement_key(ek)
+            tpm.check_attestation_key(ak)
+        except (tpm.TpmError, ValueError) as exc:
+            raise InvalidRequest(f"TPM public areas: {exc}") from None
+        if ek.key_hash not in registered:
+            raise PermissionDenied("this TPM's endorsement key is not registered")
+        secret = secrets.token_bytes(32)
+        blob, encrypted = tpm.make_credential(ek, ak.name, secret)
+        challenge_id = str(uuid.uuid4())
+        now = int(self.clock())
+        put_json_if(
+            self.ledger,
+            Key(Kind.IDENTITY_ENTRY, f"tpm-challenge/{challenge_id}"),
+            {"ek_hash": ek.key_hash, "secret": secret.hex(), "expires_at": now + 60},
+            0,
+            expires_at=now + 60,
+        )
+        return {
+            "challenge_id": challenge_id,
+            "credential_blob": base64.b64encode(blob).decode(),
+            "encrypted_secret": base64.b64encode(encrypted).decode(),
+        }
+
+    def _attest_tpm(self, challenge_id: object, secret: object) -> AttestedAgent:
+        if (
+            not isinstance(challenge_id, str)
+            or not _ENTRY_ID.fullmatch(challenge_id)
+            or not isinstance(secret, str)
+        ):
+            raise PermissionDenied("give the challenge_id and the secret the TPM recovered")
+        key = Key(Kind.IDENTITY_ENTRY, f"tpm-challenge/{challenge_id}")
+        item = self.ledger.get(key, consistent=True)
+        if item is None:
+            raise PermissionDenied("the TPM challenge is unknown, expired or already answered")
+        try:
+            self.ledger.delete_if(key, item.version)  # one answer per challenge
+        except ConflictError:
+            raise PermissionDenied("the TPM challenge is unknown, expired or already answered") from None
+        record = json.loads(item.value)
+        try:
+            answer = base64.b64decode(secret, validate=True)
+        except ValueError:
+            answer = b""
+        if self.clock() >= record["expires_at"] or not hmac.compare_digest(
+            answer, bytes.fromhex(record["secret"])
+        ):
+            raise PermissionDenied("the TPM did not recover the challenge's secret")
+        ek_hash = str(record["ek_hash"])
+        agent_id = f"spiffe://{self.trust_domain}/keycell/agent/tpm/{ek_hash}"
+        return AttestedAgent(agent_id, "tpm", (f"tpm:ek_hash:{ek_hash}",), self.clock())
 
     def _attest_aws_iid(self, document: object, signature: object) -> AttestedAgent:
         config = self._config().get("aws_iid")

@@ -131,6 +131,9 @@ def agent(
         str,
         typer.Option("--join-token", envvar="KEYCELL_JOIN_TOKEN", help="Attest with a one-time join token."),
     ] = "",
+    tpm: Annotated[
+        str, typer.Option("--tpm", help="Attest with this TPM (a TCTI, e.g. swtpm:host=127.0.0.1,port=2321).")
+    ] = "",
     attestation_file: Annotated[
         str,
         typer.Option(
@@ -149,11 +152,13 @@ def agent(
 
     if join_token:
         attestation: dict[str, Any] = {"method": "join_token", "token": join_token}
+    elif tpm:
+        attestation = {"method": "tpm", "tcti": tpm}
     elif attestation_file:
         with open(attestation_file) as f:
             attestation = json.load(f)
     else:
-        errors.print("[bold red]error:[/] give --join-token or --attestation FILE")
+        errors.print("[bold red]error:[/] give --join-token, --tpm TCTI or --attestation FILE")
         raise typer.Exit(2)
     try:
         path = socket_path(socket)

@@ -125,7 +125,7 @@ def register(router: Router, services: Any) -> None:
             operations={
                 Operation.UPDATE: OperationDoc(
                     "Configure node attestors",
-                    body=obj({"aws_iid": ANY_OBJECT, "k8s_psat": ANY_OBJECT}),
+                    body=obj({"aws_iid": ANY_OBJECT, "k8s_psat": ANY_OBJECT, "tpm": ANY_OBJECT}),
                     body_required=True,
                     responses=NO_CONTENT,
                 )
@@ -184,11 +184,47 @@ def register(router: Router, services: Any) -> None:
                 Operation.UPDATE: OperationDoc(
                     "Attest a node",
                     body=obj(
-                        {"method": STR, "token": STR, "document": STR, "signature": STR, "cluster": STR},
+                        {
+                            "method": STR,
+                            "token": STR,
+                            "document": STR,
+                            "signature": STR,
+                            "cluster": STR,
+                            "challenge_id": STR,
+                            "secret": STR,
+                        },
                         ("method",),
                     ),
                     body_required=True,
                     responses=AUTH_RESPONSE,
+                )
+            },
+        ),
+    )
+
+    def tpm_challenge(ctx: Context) -> dict[str, Any]:
+        return identity.tpm_challenge(ctx.data)  # type: ignore[no-any-return]
+
+    router.add(
+        r"identity/attest/tpm-challenge",
+        {Operation.UPDATE: tpm_challenge},
+        authenticated=False,
+        wrappable=False,
+        family="identity",
+        doc=RouteDoc(
+            "/identity/attest/tpm-challenge",
+            "TPM attestation, first step: a credential only the TPM holding both keys can activate.",
+            operations={
+                Operation.UPDATE: OperationDoc(
+                    "Ask for a TPM credential-activation challenge",
+                    body=obj({"ek_public": STR, "ak_public": STR}, ("ek_public", "ak_public")),
+                    body_required=True,
+                    responses=ok(
+                        obj(
+                            {"challenge_id": STR, "credential_blob": STR, "encrypted_secret": STR},
+                            ("challenge_id", "credential_blob", "encrypted_secret"),
+                        )
+                    ),
                 )
             },
         ),

@@ -100,11 +100,19 @@ class Agent:
 
     # --- lifecycle ----------------------------------------------------------------------
 
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.client.run(Call("POST", path, lambda b: b or {}, body, authenticated=False), retry=False)
+
     def attest(self) -> None:
-        body = self.client.run(
-            Call("POST", "identity/attest", lambda b: b or {}, self.attestation, authenticated=False),
-            retry=False,
-        )
+        evidence = self.attestation
+        if evidence.get("method") == "tpm" and "tcti" in evidence:
+            from keycell.agent.tpm import tpm_attestation
+
+            evidence = tpm_attestation(
+                str(evidence["tcti"]),
+                lambda areas: self._post("identity/attest/tpm-challenge", areas)["data"],
+            )
+        body = self._post("identity/attest", evidence)
         self.client.token = body["auth"]["client_token"]
         self.agent_id = body["data"]["agent_id"]
         log.info("attested as %s", self.agent_id)
