@@ -61,7 +61,10 @@ from keycell.control_plane.svid import (
 
 CONFIG_KEY = Key(Kind.CONFIG, "identity/config")
 AGENT_POLICY = "keycell-identity-agent"
-AGENT_POLICY_TEXT = 'path "identity/agent/*" {\n  capabilities = ["create", "update", "read"]\n}\n'
+AGENT_POLICY_TEXT = (
+    'path "identity/agent/*" {\n  capabilities = ["create", "update", "read"]\n}\n'
+    'path "auth/token/renew-self" {\n  capabilities = ["update"]\n}\n'
+)
 AGENT_TOKEN_TTL = 24 * 3600
 JOIN_TOKEN_DEFAULT_TTL = 600
 MAX_SELECTORS = 32

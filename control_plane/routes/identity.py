@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from keycell.control_plane.errors import InvalidRequest, PermissionDenied
+from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
 from keycell.control_plane.identity import AGENT_POLICY, AGENT_POLICY_TEXT, AGENT_TOKEN_TTL, AttestedAgent
 from keycell.control_plane.router import Context, Operation, OperationDoc, Result, RouteDoc, Router
 from keycell.control_plane.routes.openapi import (
@@ -157,7 +157,11 @@ def register(router: Router, services: Any) -> None:
 
     def attest(ctx: Context) -> Result:
         agent = identity.attest(ctx.data)
-        if services.policies.get(AGENT_POLICY) is None:
+        try:
+            current = services.policies.read(AGENT_POLICY)["policy"]
+        except NotFound:
+            current = None
+        if current != AGENT_POLICY_TEXT:
             services.policies.write(AGENT_POLICY, AGENT_POLICY_TEXT)
         token, entry = services.tokens.create(
             None,

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from keycell.client import Client
-from keycell.client.errors import KeycellError
+from keycell.client.errors import KeycellError, PermissionDenied
 from keycell.client.model import Call
 from keycell.control_plane.svid import JwtSvidClaims, jwks_keys, validate_jwt_svid_with
 
@@ -97,6 +97,7 @@ class Agent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.issued = 0  # X.509-SVIDs obtained, for tests and figures
+        self._token_renew_at = float("inf")
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -114,6 +115,7 @@ class Agent:
             )
         body = self._post("identity/attest", evidence)
         self.client.token = body["auth"]["client_token"]
+        self._token_renew_at = self.clock() + float(body["auth"]["lease_duration"]) / 2
         self.agent_id = body["data"]["agent_id"]
         log.info("attested as %s", self.agent_id)
 
@@ -136,6 +138,7 @@ class Agent:
             if self._stop.wait(wait):
                 return
             try:
+                self._keep_token()
                 self.sync()
             except KeycellError as exc:
                 log.warning(
@@ -143,6 +146,19 @@ class Agent:
                 )
             except Exception:
                 log.exception("agent sync failed")
+
+    def _keep_token(self) -> None:
+        """Renew the agent's token at half its lifetime; when it is gone (expired, revoked),
+        attest again where the evidence can be shown again (not a one-time join token)."""
+        if self.clock() < self._token_renew_at:
+            return
+        try:
+            auth = self.client.request("POST", "auth/token/renew-self", {})["auth"]
+            self._token_renew_at = self.clock() + float(auth["lease_duration"]) / 2
+        except PermissionDenied:
+            if self.attestation.get("method") == "join_token":
+                raise
+            self.attest()
 
     # --- syncing and issuing --------------------------------------------------------------
 

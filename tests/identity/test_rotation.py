@@ -5,6 +5,7 @@ from the bundle so its JWT-SVIDs no longer validate."""
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from spiffe import WorkloadApiClient
 from spiffe.spiffe_id.spiffe_id import TrustDomain
 from spiffe.workloadapi.errors import ValidateJwtSvidError
 
+from keycell.agent.agent import Agent, renewal_time
+from keycell.testing.clock import ManualClock
 from tests.identity.conftest import TRUST_DOMAIN, Deployment, this_process_selectors
 
 LONG_LIVED = f"spiffe://{TRUST_DOMAIN}/workload/long-lived"
@@ -96,3 +99,24 @@ def test_tainting_an_authority_reissues_what_it_signed_and_revoking_it_drops_its
         assert [(a["id"], a["state"]) for a in states] == [("a1", "revoked"), ("a2", "active")]
     finally:
         client.close()
+
+
+def test_renewal_happens_at_half_life_within_ten_percent() -> None:
+    rng = random.Random(1)
+    times = [renewal_time(1000.0, 1000.0 + 3600, rng) for _ in range(2000)]
+    assert all(1000 + 1620 <= t <= 1000 + 1980 for t in times)  # 1800 s +/- 10%
+    assert max(times) - min(times) > 300  # and it is spread, not a fixed point
+
+
+def test_the_agent_renews_its_own_token_at_half_life(deployment: Deployment) -> None:
+    joined = deployment.admin.request("POST", "identity/join-token", {})["data"]
+    clock = ManualClock()
+    agent = Agent(deployment.url, {"method": "join_token", "token": joined["token"]}, clock=clock)
+    agent.attest()
+    first_token = agent.client.token
+    due = agent._token_renew_at
+    clock.advance(due - clock() + 1)
+    agent._keep_token()
+    assert agent.client.token == first_token  # renewed, not replaced
+    assert agent._token_renew_at > due
+    agent.client.close()
