@@ -189,11 +189,6 @@ def test_a_service_account_token_from_another_signer_is_refused(identity: Identi
         identity.attest({"method": "k8s_psat", "cluster": "prod", "token": _psat(other)})
 
 
-def test_tpm_attestation_is_refused_as_unavailable(identity: Identity) -> None:
-    with pytest.raises(InvalidRequest, match="TPM"):
-        identity.attest({"method": "tpm"})
-
-
 # --- entries and what an agent may have signed ----------------------------------------------------
 
 
