@@ -773,7 +773,7 @@ def validate_jwt_svid_with(
         header = json.loads(b64url_decode(parts[0]))
         claims = json.loads(b64url_decode(parts[1]))
         signature = b64url_decode(parts[2])
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
         raise JwtSvidError("the JWT-SVID is malformed (a part is not base64url JSON)") from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise JwtSvidError("the JWT-SVID's header and payload must be JSON objects")

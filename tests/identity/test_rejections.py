@@ -254,3 +254,8 @@ def test_the_private_keys_stay_in_the_key_backend(ca: IdentityCA) -> None:
     text = json.dumps(state.bundle())
     assert '"d"' not in text and "PRIVATE" not in text
     assert serialization.load_pem_public_key(state.active.jwt_public_pem.encode())
+
+
+def test_a_deeply_nested_header_is_malformed_not_a_crash(ca: IdentityCA, clock: ManualClock) -> None:
+    nested = b64url(b"[" * 2500 + b"]" * 2500)  # deeper than the JSON parser recurses, under the size cap
+    refused(ca, clock, f"{nested}.{nested}.AAAA", "malformed")
