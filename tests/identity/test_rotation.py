@@ -120,3 +120,21 @@ def test_the_agent_renews_its_own_token_at_half_life(deployment: Deployment) -> 
     assert agent.client.token == first_token  # renewed, not replaced
     assert agent._token_renew_at > due
     agent.client.close()
+
+
+def test_the_bundle_is_a_spiffe_jwks_served_without_a_token(deployment: Deployment) -> None:
+    import requests
+
+    reply = requests.get(f"{deployment.url}/v1/identity/bundle", timeout=15)
+    assert reply.status_code == 200
+    bundle = reply.json()
+    assert isinstance(bundle["spiffe_sequence"], int) and bundle["spiffe_sequence"] >= 1
+    assert bundle["spiffe_refresh_hint"] > 0
+    uses = {key["use"] for key in bundle["keys"]}
+    assert uses == {"x509-svid", "jwt-svid"}
+    for key in bundle["keys"]:
+        assert "d" not in key  # public material only
+        if key["use"] == "x509-svid":
+            assert len(key["x5c"]) == 1
+        else:
+            assert key["kid"] and key["alg"] == "ES256"
