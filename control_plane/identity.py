@@ -177,6 +177,9 @@ class Identity:
         self.revocations = revocations
         self.clock = clock
         self.tokens = tokens  # control_plane.tokens.TokenStore: revoking an identity revokes its logins
+        # (region, instance id) -> the instance's tags, for aws_iid:tag: selectors
+        # (adapters.identity.aws_ec2.Ec2InstanceTags, set by the wiring); None: no tag selectors.
+        self.instance_tags: Callable[[str, str], Mapping[str, str]] | None = None
 
     @property
     def trust_domain(self) -> str:
@@ -482,11 +485,9 @@ class Identity:
         for name in ("availabilityZone", "instanceType", "imageId"):
             if isinstance(doc.get(name), str) and re.fullmatch(r"[A-Za-z0-9._-]{1,64}", doc[name]):
                 selectors.append(f"aws_iid:{name.lower()}:{doc[name]}")
-        tags = doc.get("tags")  # present only where the document was enriched by the node's tag reader
-        if isinstance(tags, Mapping):
-            for k, v in tags.items():
-                if isinstance(k, str) and isinstance(v, str):
-                    selectors.append(f"aws_iid:tag:{k}:{v}")
+        if self.instance_tags is not None:  # the document carries no tags: EC2 is asked
+            for k, v in sorted(self.instance_tags(region, instance).items()):
+                selectors.append(f"aws_iid:tag:{k}:{v}")
         agent_id = f"spiffe://{self.trust_domain}/keycell/agent/aws_iid/{account}/{region}/{instance}"
         return AttestedAgent(agent_id, "aws_iid", tuple(sorted(selectors)), self.clock())
 

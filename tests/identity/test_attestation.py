@@ -11,6 +11,7 @@ import datetime
 import json
 import time
 
+import boto3
 import jwt
 import pytest
 from cryptography import x509
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from keycell.adapters.identity.aws_ec2 import Ec2InstanceTags
 from keycell.adapters.keys.software import SoftwareKeyBackend
 from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
 from keycell.control_plane.identity import Identity, server_id
@@ -102,11 +104,31 @@ def _iid(key: rsa.RSAPrivateKey, **extra: object) -> dict[str, str]:
 def test_an_aws_instance_identity_document_attests_with_selectors(identity: Identity) -> None:
     key, cert = _signer()
     identity.write_config({"aws_iid": {"cert_pem": cert}})
-    agent = identity.attest(_iid(key, tags={"role": "web"}))
+    agent = identity.attest(_iid(key))
     assert agent.agent_id == f"spiffe://{TD}/keycell/agent/aws_iid/123456789012/eu-west-1/i-0abc123"
-    assert {"aws_iid:account:123456789012", "aws_iid:region:eu-west-1", "aws_iid:tag:role:web"} <= set(
-        agent.selectors
-    )
+    assert {
+        "aws_iid:account:123456789012",
+        "aws_iid:region:eu-west-1",
+        "aws_iid:instance_id:i-0abc123",
+    } <= set(agent.selectors)
+    assert not any(s.startswith("aws_iid:tag:") for s in agent.selectors)  # no tag reader configured
+
+
+def test_instance_tags_are_read_from_ec2(identity: Identity, aws_endpoint: str) -> None:
+    ec2 = boto3.client("ec2", region_name="eu-west-1", endpoint_url=aws_endpoint)
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    instance = ec2.run_instances(
+        ImageId=image,
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "role", "Value": "web"}]}],
+    )["Instances"][0]["InstanceId"]
+    key, cert = _signer()
+    identity.write_config({"aws_iid": {"cert_pem": cert}})
+    identity.instance_tags = Ec2InstanceTags(endpoint_url=aws_endpoint)
+    agent = identity.attest(_iid(key, instanceId=instance))
+    assert "aws_iid:tag:role:web" in agent.selectors
+    assert f"aws_iid:instance_id:{instance}" in agent.selectors
 
 
 def test_an_instance_identity_document_signed_by_another_key_is_refused(identity: Identity) -> None:
