@@ -267,56 +267,46 @@ def register(router: Router, services: Any) -> None:
         }
 
     def authority_action(ctx: Context) -> dict[str, Any]:
-        action = ctx.params["action"]
+        action = ctx.data.get("action")
         ca = identity.ca
         if action == "prepare":
             a = ca.prepare()
         elif action == "activate":
             a = ca.activate()
-        else:
-            target = ctx.params.get("id") or ""
-            if not target:
-                raise InvalidRequest(f"{action} names an authority: identity/authorities/{action}/<id>")
+        elif action in ("taint", "revoke"):
+            target = ctx.data.get("authority")
+            if not isinstance(target, str) or not target:
+                raise InvalidRequest(
+                    f'{action} names an authority: {{"action": "{action}", "authority": "a1"}}'
+                )
             a = ca.taint(target) if action == "taint" else ca.revoke(target)
+        else:
+            raise InvalidRequest("action is prepare, activate, taint or revoke")
         return {"id": a.id, "state": a.state.value}
 
     router.add(
         r"identity/authorities/?",
-        {Operation.READ: authorities_list},
+        {Operation.READ: authorities_list, Operation.UPDATE: authority_action},
         family="identity",
         doc=RouteDoc(
             "/identity/authorities",
-            "The trust domain's signing authorities and their states.",
+            "The trust domain's signing authorities: list them, or move one through "
+            "prepared -> active -> old -> tainted -> revoked.",
             operations={
                 Operation.READ: OperationDoc("List authorities", responses=ok(KEYS)),
+                Operation.UPDATE: OperationDoc(
+                    "Prepare, activate, taint or revoke an authority",
+                    body=obj(
+                        {
+                            "action": {"type": "string", "enum": ["prepare", "activate", "taint", "revoke"]},
+                            "authority": STR,
+                        },
+                        ("action",),
+                    ),
+                    body_required=True,
+                    responses=ok(obj({"id": STR, "state": STR}, ("id", "state"))),
+                ),
             },
-        ),
-    )
-    authority_doc = OperationDoc(
-        "Change an authority's state", responses=ok(obj({"id": STR, "state": STR}, ("id", "state")))
-    )
-    router.add(
-        r"identity/authorities/(?P<action>prepare|activate)",
-        {Operation.UPDATE: authority_action},
-        family="identity",
-        doc=RouteDoc(
-            "/identity/authorities/{action}",
-            "Prepare a new authority, or activate the prepared one.",
-            params={"action": "prepare or activate"},
-            param_schemas={"action": {"type": "string", "enum": ["prepare", "activate"]}},
-            operations={Operation.UPDATE: authority_doc},
-        ),
-    )
-    router.add(
-        r"identity/authorities/(?P<action>taint|revoke)/(?P<id>[^/]+)",
-        {Operation.UPDATE: authority_action},
-        family="identity",
-        doc=RouteDoc(
-            "/identity/authorities/{action}/{id}",
-            "Taint an old authority (its SVIDs are re-issued) or revoke a tainted one.",
-            params={"action": "taint or revoke", "id": "The authority's id (a1, a2, ...)."},
-            param_schemas={"action": {"type": "string", "enum": ["taint", "revoke"]}},
-            operations={Operation.UPDATE: authority_doc},
         ),
     )
 

@@ -74,12 +74,12 @@ def test_tainting_an_authority_reissues_what_it_signed_and_revoking_it_drops_its
 
         handler = client.stream_x509_contexts(on_update, lambda e: None, retry_connect=False)
         try:
-            admin.request("POST", "identity/authorities/prepare")
+            admin.request("POST", "identity/authorities", {"action": "prepare"})
             eventually(
                 lambda: len(jwt_kids(client)) == len(kids_before) + 1, "the prepared key in the bundle"
             )
-            admin.request("POST", "identity/authorities/activate")
-            admin.request("POST", "identity/authorities/taint/a1")
+            admin.request("POST", "identity/authorities", {"action": "activate"})
+            admin.request("POST", "identity/authorities", {"action": "taint", "authority": "a1"})
             assert updated.wait(15), f"no re-issued SVID after the taint; streamed {streamed}"
         finally:
             handler.cancel()
@@ -88,7 +88,7 @@ def test_tainting_an_authority_reissues_what_it_signed_and_revoking_it_drops_its
 
         # The old authority's JWT-SVID still validates until the authority is revoked.
         client.validate_jwt_svid(old_jwt.token, "rotation")
-        admin.request("POST", "identity/authorities/revoke/a1")
+        admin.request("POST", "identity/authorities", {"action": "revoke", "authority": "a1"})
         eventually(lambda: len(jwt_kids(client)) == len(kids_before), "a1's key to leave the bundle")
         try:
             client.validate_jwt_svid(old_jwt.token, "rotation")
