@@ -32,7 +32,7 @@ system-deps:
 	@bash .ci/system-deps.sh
 
 test: setup system-deps
-	$(RUN) pytest
+	$(RUN) --group tpm pytest
 
 lint: setup
 	$(RUN) ruff check .

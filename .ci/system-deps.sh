@@ -3,12 +3,16 @@
 #   softhsm2    - the PKCS#11 token the key-custody tests run against
 #   postgresql  - the database whose credentials the rotation tests manage
 #   wrk         - with --bench only: the HTTP load generator of bench/api.py
+#   swtpm, libtss2-dev - the software TPM and the TSS headers tpm2-pytss builds against
+#                 (TPM node attestation tests)
 # As root it installs them with apt-get; otherwise it names what to install and fails.
 set -euo pipefail
 
 missing=()
 [[ -e /usr/lib/softhsm/libsofthsm2.so ]] && command -v softhsm2-util >/dev/null || missing+=(softhsm2)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+command -v swtpm >/dev/null || missing+=(swtpm)
+pkg-config --exists tss2-esys 2>/dev/null || missing+=(libtss2-dev pkg-config)
 if [[ ${1:-} == "--bench" ]]; then
     command -v wrk >/dev/null || missing+=(wrk)
 fi

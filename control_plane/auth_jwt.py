@@ -32,6 +32,14 @@ bound_subject when set; every bound claim matches; the user claim is present. Th
 token is an orphan created at "auth/jwt/login" with display name "jwt-<user claim>"
 and metadata {"role": role}.
 
+JWT-SVIDs (issue 6): with `spiffe_trust_domain: true` in the config, a JWT whose `kid`
+is one of the cell's own JWT-SVID keys is checked as a JWT-SVID (svid.validate_jwt_svid:
+header, signature, trust domain, audience against the role's bound_audiences, expiry,
+revocation of its SPIFFE ID or of the SVID itself), and a role's `bound_spiffe_ids`
+(patterns where `*` matches within one path segment) must match its `sub`. The token
+carries {"spiffe_id": ...} in its metadata and is recorded against the SPIFFE ID and
+the SVID, so revoking either revokes the tokens they logged in (identity.revoke).
+
 Storage: the config at `Kind.CONFIG` "auth/jwt/config", roles at `Kind.AUTH_ROLE`
 "jwt/<name>", both through the barrier.
 """
@@ -131,6 +139,7 @@ _ROLE_FIELDS = (
     "expiration_leeway",
     "not_before_leeway",
     "clock_skew_leeway",
+    "bound_spiffe_ids",
 )
 
 
@@ -223,6 +232,12 @@ def _claim(claims: Mapping[str, Any], name: str) -> object:
     return current
 
 
+def _spiffe_match(pattern: str, spiffe_id: str) -> bool:
+    """`*` matches any characters within one path segment; everything else literally."""
+    regex = "[^/]*".join(re.escape(part) for part in pattern.split("*"))
+    return re.fullmatch(regex, spiffe_id) is not None
+
+
 def _scalar_text(value: object) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -238,6 +253,9 @@ class JwtAuth:
         self.ledger = ledger
         self.tokens = tokens
         self.clock = clock
+        # The cell's workload identity service (control_plane.identity.Identity), set by
+        # CellServices: the keys that sign JWT-SVIDs, and where logins are recorded.
+        self.spiffe: Any = None
 
     # --- config ------------------------------------------------------------------------
 
@@ -251,7 +269,14 @@ class JwtAuth:
                     f"{name} is not supported by Keycell, which fetches no keys: "
                     "give jwt_validation_pubkeys or jwks instead"
                 )
-        known = {"jwt_validation_pubkeys", "jwks", "bound_issuer", "jwt_supported_algs", "default_role"}
+        known = {
+            "jwt_validation_pubkeys",
+            "jwks",
+            "bound_issuer",
+            "jwt_supported_algs",
+            "default_role",
+            "spiffe_trust_domain",
+        }
         unknown = set(data) - known - set(_UNSUPPORTED_CONFIG)
         if unknown:
             raise InvalidRequest(f"unknown config field(s): {', '.join(sorted(map(str, unknown)))[:200]}")
@@ -261,7 +286,12 @@ class JwtAuth:
         for pem in pems:
             _load_pem(pem)
         jwks = _jwks(data.get("jwks"))
-        if not pems and jwks is None:
+        spiffe = data.get("spiffe_trust_domain", False)
+        if not isinstance(spiffe, bool):
+            raise InvalidRequest("spiffe_trust_domain must be a boolean")
+        if spiffe and self.spiffe is None:
+            raise InvalidRequest("this cell has no SPIFFE trust domain")
+        if not pems and jwks is None and not spiffe:
             raise InvalidRequest("give the keys that sign JWTs: jwt_validation_pubkeys and/or jwks")
         algs = _string_list(data.get("jwt_supported_algs"), "jwt_supported_algs")
         bad = [a for a in algs if a not in SUPPORTED_ALGS]
@@ -279,6 +309,7 @@ class JwtAuth:
             "bound_issuer": _string(data.get("bound_issuer"), "bound_issuer"),
             "jwt_supported_algs": algs,
             "default_role": default_role,
+            "spiffe_trust_domain": spiffe,
         }
         self._put(CONFIG_KEY, record)
 
@@ -302,6 +333,7 @@ class JwtAuth:
             "oidc_response_mode": "",
             "oidc_response_types": [],
             "provider_config": {},
+            "spiffe_trust_domain": bool(config.get("spiffe_trust_domain", False)),
         }
 
     def _config(self) -> dict[str, Any] | None:
@@ -382,6 +414,14 @@ class JwtAuth:
         for field in ("expiration_leeway", "not_before_leeway", "clock_skew_leeway"):
             if has(field):
                 role[field] = _leeway(data[field], field)
+        if has("bound_spiffe_ids"):
+            patterns = _string_list(data["bound_spiffe_ids"], "bound_spiffe_ids")
+            for pattern in patterns:
+                if not pattern.startswith("spiffe://") or len(pattern) > 2048:
+                    raise InvalidRequest(
+                        "bound_spiffe_ids are SPIFFE ID patterns: spiffe://TD/path, '*' in a segment"
+                    )
+            role["bound_spiffe_ids"] = patterns
 
         defaults: dict[str, Any] = {
             "bound_audiences": [],
@@ -398,12 +438,22 @@ class JwtAuth:
             "expiration_leeway": 0,
             "not_before_leeway": 0,
             "clock_skew_leeway": 0,
+            "bound_spiffe_ids": [],
         }
         for field, value in defaults.items():
             role.setdefault(field, value)
         if 0 < role["token_max_ttl"] < role["token_ttl"]:
             raise InvalidRequest("token_ttl cannot be greater than token_max_ttl")
-        if not (role["bound_audiences"] or role["bound_subject"] or role["bound_claims"]):
+        if role["bound_spiffe_ids"] and not role["bound_audiences"]:
+            raise InvalidRequest(
+                "a role with bound_spiffe_ids needs bound_audiences: a JWT-SVID's aud is required"
+            )
+        if not (
+            role["bound_audiences"]
+            or role["bound_subject"]
+            or role["bound_claims"]
+            or role["bound_spiffe_ids"]
+        ):
             raise InvalidRequest(
                 "must have at least one bound constraint when creating/updating a role "
                 "(bound_audiences, bound_subject or bound_claims)"
@@ -468,6 +518,7 @@ class JwtAuth:
             "verbose_oidc_logging": False,
             "max_age": 0,
             "user_claim_json_pointer": False,
+            "bound_spiffe_ids": list(role.get("bound_spiffe_ids", [])),
         }
 
     def delete_role(self, name: str) -> None:
@@ -520,6 +571,11 @@ class JwtAuth:
         settings = self._role(role_name)
         if settings is None:
             raise PermissionDenied(f'role "{role_name}" could not be found')
+        svid = self._jwt_svid(config, settings, jwt_text)
+        if svid is not None:
+            return self._login_svid(role_name, settings, svid)
+        if settings.get("bound_spiffe_ids"):
+            raise PermissionDenied("this role accepts JWT-SVIDs of the cell's trust domain only")
         claims = self._verified_claims(config, jwt_text)
         self._check_claims(config, settings, claims)
 
@@ -539,6 +595,57 @@ class JwtAuth:
             meta={"role": role_name},
             path=LOGIN_PATH,
         )
+        return token, entry, self.tokens.auth_data(token, entry)
+
+    def _jwt_svid(self, config: Mapping[str, Any], role: Mapping[str, Any], jwt_text: object) -> Any:
+        """The checked JWT-SVID when `jwt_text` is one of this trust domain's (its kid names
+        a JWT-SVID key), None when it is some other JWT."""
+        if not config.get("spiffe_trust_domain") or self.spiffe is None or not isinstance(jwt_text, str):
+            return None
+        try:
+            kid = jwt.get_unverified_header(jwt_text).get("kid")
+        except (jwt.PyJWTError, ValueError, TypeError):
+            return None
+        state = self.spiffe.ca.authorities()
+        if not isinstance(kid, str) or kid not in state.jwt_keys():
+            return None
+        from keycell.control_plane.svid import JwtSvidError  # the identity core imports this module's peers
+
+        audiences = role["bound_audiences"]
+        if not audiences:
+            raise PermissionDenied("a JWT-SVID needs a role with bound_audiences")
+        last = "the JWT-SVID's audience (aud) does not match the role's bound_audiences"
+        for audience in audiences:
+            try:
+                return self.spiffe.validate_jwt(jwt_text, audience)
+            except JwtSvidError as exc:
+                last = str(exc)
+                if "audience" not in last:
+                    break
+        raise PermissionDenied(last)
+
+    def _login_svid(
+        self, role_name: str, settings: Mapping[str, Any], svid: Any
+    ) -> tuple[str, TokenEntry, dict[str, Any]]:
+        patterns = settings.get("bound_spiffe_ids") or []
+        if patterns and not any(_spiffe_match(p, svid.spiffe_id) for p in patterns):
+            raise PermissionDenied("the JWT-SVID's SPIFFE ID does not match the role's bound_spiffe_ids")
+        if settings["bound_subject"] and svid.spiffe_id != settings["bound_subject"]:
+            raise PermissionDenied("the JWT's subject (sub) does not match the role's bound_subject")
+        token, entry = self.tokens.create(
+            None,
+            policies=settings["token_policies"],
+            ttl=settings["token_ttl"],
+            max_ttl=settings["token_max_ttl"],
+            explicit_max_ttl=settings["token_explicit_max_ttl"],
+            period=settings["token_period"],
+            no_default_policy=settings["token_no_default_policy"],
+            num_uses=settings["token_num_uses"],
+            display_name=f"jwt-{svid.spiffe_id[:200]}",
+            meta={"role": role_name, "spiffe_id": svid.spiffe_id},
+            path=LOGIN_PATH,
+        )
+        self.spiffe.record_login(svid, entry)
         return token, entry, self.tokens.auth_data(token, entry)
 
     def _verified_claims(self, config: Mapping[str, Any], jwt_text: object) -> dict[str, Any]:

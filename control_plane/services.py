@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from keycell.control_plane.auth_jwt import JwtAuth
 from keycell.control_plane.barrier import Barrier
 from keycell.control_plane.envelope import DataKeyCache, Envelopes
+from keycell.control_plane.identity import Identity
 from keycell.control_plane.keys import KeyBackend, KeySpec, UnknownKeyError
 from keycell.control_plane.kv import KvV2
 from keycell.control_plane.leases import Leases
@@ -27,6 +28,7 @@ from keycell.control_plane.ledger import Ledger
 from keycell.control_plane.policy import PolicyStore
 from keycell.control_plane.revocations import RevocationSet
 from keycell.control_plane.seal import Seal, UnsealError
+from keycell.control_plane.svid import IdentityCA
 from keycell.control_plane.tokens import TokenEntry, TokenStore
 from keycell.control_plane.transit import Transit
 from keycell.control_plane.unseal_sharing import SharedUnseal
@@ -41,6 +43,7 @@ class CellConfig:
     kek: str = "cell-kek"
     hsm_seal: bool = False  # auto-unseal through the key backend; shares become recovery shares
     cluster_name: str = "keycell"
+    trust_domain: str = "example.org"  # the SPIFFE trust domain (one per deployment)
 
 
 class CellServices:
@@ -80,6 +83,20 @@ class CellServices:
             "token", lambda lease: self.tokens.revoke_accessor(lease.revoker_data["accessor"])
         )
         self.wrapping = Wrapping(self.barrier, clock=clock)
+        self.identity = Identity(
+            self.barrier,
+            IdentityCA(
+                self.barrier,
+                self.key_backend,
+                cell_id=config.cell_id,
+                trust_domain=config.trust_domain,
+                clock=clock,
+            ),
+            self.revocations,
+            clock=clock,
+            tokens=self.tokens,
+        )
+        self.jwt.spiffe = self.identity  # auth/jwt/login accepts the trust domain's JWT-SVIDs
 
     def register_token_lease(self, path: str, token: str, entry: TokenEntry) -> str:
         """Tokens issued by an auth endpoint are leases under its path, as in Vault, so

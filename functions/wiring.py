@@ -3,6 +3,8 @@
 Environment (all optional):
   KEYCELL_LEDGER        ledger URL (sqlite:///PATH.db, dynamodb://TABLE?region=...); default: the user's data folder
   KEYCELL_CELL          this cell's id (default "local")
+  KEYCELL_TRUST_DOMAIN  the SPIFFE trust domain (default "example.org")
+  KEYCELL_AWS_IID_TAGS  ec2: AWS instance identity attestation adds aws_iid:tag: selectors read from EC2
   KEYCELL_KEY_BACKEND   software | pkcs11 (KEYCELL_PKCS11_MODULE/_TOKEN/_PIN) | aws-kms
   KEYCELL_SEAL          shamir (default) | hsm (auto-unseal through the key backend)
   KEYCELL_BOOT_KEY, KEYCELL_BOOT_ID
@@ -19,6 +21,7 @@ Environment (all optional):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 
@@ -55,10 +58,16 @@ def services_from_environment(env: dict[str, str] | None = None) -> CellServices
     env = dict(os.environ if env is None else env)
     ledger = open_ledger(env.get("KEYCELL_LEDGER") or default_ledger_url())
     config = CellConfig(cell_id=env.get("KEYCELL_CELL", "local"), hsm_seal=env.get("KEYCELL_SEAL") == "hsm")
+    config = dataclasses.replace(config, trust_domain=env.get("KEYCELL_TRUST_DOMAIN", config.trust_domain))
     boot = None
     if env.get("KEYCELL_BOOT_KEY") and env.get("KEYCELL_BOOT_ID"):
         boot = (bytes.fromhex(env["KEYCELL_BOOT_KEY"]), env["KEYCELL_BOOT_ID"])
-    return CellServices(ledger, key_backend_from_environment(env), config, boot=boot)
+    services = CellServices(ledger, key_backend_from_environment(env), config, boot=boot)
+    if env.get("KEYCELL_AWS_IID_TAGS") == "ec2":
+        from keycell.adapters.identity.aws_ec2 import Ec2InstanceTags
+
+        services.identity.instance_tags = Ec2InstanceTags(endpoint_url=env.get("AWS_ENDPOINT_URL") or None)
+    return services
 
 
 def audit_sinks_from_environment(env: dict[str, str]) -> list[AuditSink]:

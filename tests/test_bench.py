@@ -37,3 +37,14 @@ def test_keys_benchmark_reports_every_backend_and_the_pkcs11_ratio() -> None:
     assert set(report["backends"]) == {"software", "pkcs11", "cloudhsm", "aws_kms", "azure_mhsm", "gcp_kms"}
     assert all(f > 0 for figures in report["backends"].values() for f in figures.values())
     assert set(report["pkcs11_adapter_to_raw"]["ratio"]) == {"wrap_unwrap_per_s", "ecdsa_sign_per_s"}
+
+
+def test_identity_benchmark_reports_issuance_per_backend_and_the_renewal_spread() -> None:
+    report = run_bench("bench.identity", "--ops", "20", "--workloads", "600", "--periods", "6")
+    assert set(report["issuance"]) == {"software", "pkcs11_softhsm2"}
+    assert all(f > 0 for figures in report["issuance"].values() for f in figures.values())
+    spread = report["renewal_spread"]["peak_to_mean"]
+    assert set(spread) == {"staggered", "waves", "cold_start"}
+    # Without jitter a cold start never spreads: every renewal lands in one bucket.
+    assert spread["cold_start"]["without_jitter"]["last_period"] == 30.0
+    assert spread["cold_start"]["with_jitter"]["last_period"] < 30.0

@@ -10,6 +10,7 @@ from keycell.control_plane.router import Router
 def build_router(services: Any) -> Router:
     from keycell.control_plane.routes import audit, auth, metrics, openapi, secrets, system
     from keycell.control_plane.routes import sys as seal_routes
+    from keycell.control_plane.routes.identity import register as register_identity
 
     router = Router(services, clock=services.clock)
     seal_routes.register(router, services)
@@ -18,5 +19,6 @@ def build_router(services: Any) -> Router:
     secrets.register(router, services)
     metrics.register(router, services)
     audit.register(router, services)
+    register_identity(router, services)
     openapi.register(router, services)  # last: documents every route above
     return router

@@ -1,0 +1,1 @@
+"""Identity adapters: what node attestation asks of a cloud (instance tags)."""

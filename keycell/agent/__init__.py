@@ -1,0 +1,1 @@
+"""`keycell agent`: the node agent serving the SPIFFE Workload API on a unix socket."""
