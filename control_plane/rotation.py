@@ -299,26 +299,39 @@ class Rotator:
 
     def rotate(self, name: str, token: str | None = None) -> RotationResult:
         """Every remaining step of one rotation. With no token, a rotation in flight is
-        finished (that is the rotation) or a new one starts under a random token."""
-        state = self.store.state(name)
-        resumed: str | None = None
+        finished (that is the rotation) or a new one starts under a random token. A
+        rotation in flight under another token is finished first; racing workers
+        help each other finish rather than fail."""
         if token is not None:
             token = validate_token(token)
-            if token in state.finished_tokens and state.in_flight != token:
-                return RotationResult(name, token, "already-done")
-        if state.in_flight is not None and state.in_flight != token:
-            resumed = state.in_flight
-            self._run_from(name, state.in_flight, state.progress)
-            if token is None:
-                return RotationResult(name, resumed, "resumed", resumed)
+        resumed: str | None = None
+        for _ in range(_ATTEMPTS):
             state = self.store.state(name)
-            if token in state.finished_tokens:
+            if token is not None and token in state.finished_tokens and state.in_flight != token:
                 return RotationResult(name, token, "already-done", resumed)
-        if token is None:
-            token = new_token()
-        progress = state.progress if state.in_flight == token else None
-        self._run_from(name, token, progress)
-        return RotationResult(name, token, "rotated", resumed)
+            if state.in_flight is not None and state.in_flight != token:
+                resumed = state.in_flight
+                try:
+                    self._run_from(name, state.in_flight, state.progress)
+                except RotationError as exc:
+                    if isinstance(exc, TargetError):
+                        raise
+                    continue  # another worker moved it on meanwhile: look again
+                if token is None:
+                    return RotationResult(name, resumed, "resumed", resumed)
+                continue
+            if token is None:
+                token = new_token()
+            progress = state.progress if state.in_flight == token else None
+            try:
+                self._run_from(name, token, progress)
+            except RotationInProgress:
+                continue  # another token got in first: finish it, then ours
+            except RotationError as exc:
+                if isinstance(exc, TargetError) or token not in self.store.state(name).finished_tokens:
+                    raise
+            return RotationResult(name, token, "rotated", resumed)
+        raise Unavailable(f"secret {name!r} kept changing during rotation; retry with the same token")
 
     def _run_from(self, name: str, token: str, progress: str | None) -> None:
         start = 0 if progress is None else _PROGRESS_ORDER.index(progress) + 1
