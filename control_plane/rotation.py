@@ -177,7 +177,11 @@ class SecretState:
     revoked: tuple[str, ...] = ()
 
     def stage_of(self, version: str) -> Stage | None:
-        for stage, vid in ((Stage.CURRENT, self.current), (Stage.PENDING, self.pending), (Stage.PREVIOUS, self.previous)):
+        for stage, vid in (
+            (Stage.CURRENT, self.current),
+            (Stage.PENDING, self.pending),
+            (Stage.PREVIOUS, self.previous),
+        ):
             if vid == version:
                 return stage
         return None
@@ -369,7 +373,11 @@ class Rotator:
     def revoke(self, name: str, stage: Stage) -> None:
         """Make the credential at `stage` stop working on the target now."""
         state = self.store.state(name)
-        version = {Stage.CURRENT: state.current, Stage.PREVIOUS: state.previous, Stage.PENDING: state.pending}[stage]
+        version = {
+            Stage.CURRENT: state.current,
+            Stage.PREVIOUS: state.previous,
+            Stage.PENDING: state.pending,
+        }[stage]
         if version is None:
             raise InvalidRequest(f"secret {name!r} has no {stage.value} version")
         value = self.store.value(name, version)
@@ -555,7 +563,9 @@ class LedgerVersionStore:
         for item in iter_prefix(self.ledger, Kind.ROTATION, prefix, page_size=500):
             yield self._to_state(json.loads(item.value))
 
-    def configure(self, name: str, *, interval: int | None = None, params: Mapping[str, Any] | None = None) -> None:
+    def configure(
+        self, name: str, *, interval: int | None = None, params: Mapping[str, Any] | None = None
+    ) -> None:
         def change(record: dict[str, Any]) -> list[Op] | None:
             if interval is not None:
                 record["interval"] = int(interval)
@@ -686,7 +696,9 @@ def plan_due(states: Sequence[SecretState], now: float, window: float = 60.0) ->
         if state.next_due is None or state.next_due > now:
             continue
         minute = state.next_due - state.next_due % 60
-        slots.append(Slot(state.name, state.next_due, max(state.next_due, minute + splay_offset(state.name, window))))
+        slots.append(
+            Slot(state.name, state.next_due, max(state.next_due, minute + splay_offset(state.name, window)))
+        )
     return sorted(slots, key=lambda s: (s.at, s.name))
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from keycell.control_plane.auth_jwt import JwtAuth
 from keycell.control_plane.barrier import Barrier
+from keycell.control_plane.database import DatabaseEngine
 from keycell.control_plane.envelope import DataKeyCache, Envelopes
 from keycell.control_plane.keys import KeyBackend, KeySpec, UnknownKeyError
 from keycell.control_plane.kv import KvV2
@@ -26,6 +27,7 @@ from keycell.control_plane.leases import Leases
 from keycell.control_plane.ledger import Ledger
 from keycell.control_plane.policy import PolicyStore
 from keycell.control_plane.revocations import RevocationSet
+from keycell.control_plane.rotation import LedgerVersionStore, Rotator
 from keycell.control_plane.seal import Seal, UnsealError
 from keycell.control_plane.tokens import TokenEntry, TokenStore
 from keycell.control_plane.transit import Transit
@@ -80,6 +82,11 @@ class CellServices:
             "token", lambda lease: self.tokens.revoke_accessor(lease.revoker_data["accessor"])
         )
         self.wrapping = Wrapping(self.barrier, clock=clock)
+        # Rotation and dynamic database credentials: targets and database plugins are
+        # adapters, registered by functions/ (wiring) on `rotator.targets` / `database`.
+        self.database = DatabaseEngine(self.barrier, self.leases, clock=clock)
+        self.rotation_store = LedgerVersionStore(self.barrier, self.envelopes, clock=clock)
+        self.rotator = Rotator(self.rotation_store, {})
 
     def register_token_lease(self, path: str, token: str, entry: TokenEntry) -> str:
         """Tokens issued by an auth endpoint are leases under its path, as in Vault, so

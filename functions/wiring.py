@@ -58,7 +58,11 @@ def services_from_environment(env: dict[str, str] | None = None) -> CellServices
     boot = None
     if env.get("KEYCELL_BOOT_KEY") and env.get("KEYCELL_BOOT_ID"):
         boot = (bytes.fromhex(env["KEYCELL_BOOT_KEY"]), env["KEYCELL_BOOT_ID"])
-    return CellServices(ledger, key_backend_from_environment(env), config, boot=boot)
+    services = CellServices(ledger, key_backend_from_environment(env), config, boot=boot)
+    from keycell.functions.rotation.wiring import install
+
+    install(services, env)  # credential targets and database plugins
+    return services
 
 
 def audit_sinks_from_environment(env: dict[str, str]) -> list[AuditSink]:

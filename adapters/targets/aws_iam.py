@@ -65,7 +65,11 @@ class AwsIamTarget:
             made = self.iam.create_access_key(UserName=user)["AccessKey"]
         except (ClientError, BotoCoreError) as exc:
             raise _error(f"making an access key for {user!r}", exc) from None
-        return {"user": user, "access_key_id": made["AccessKeyId"], "secret_access_key": made["SecretAccessKey"]}
+        return {
+            "user": user,
+            "access_key_id": made["AccessKeyId"],
+            "secret_access_key": made["SecretAccessKey"],
+        }
 
     def apply(self, params: Mapping[str, Any], pending: Value, current: Value | None) -> None:
         self._set_status(str(pending["user"]), str(pending["access_key_id"]), "Active")

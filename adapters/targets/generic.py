@@ -30,7 +30,9 @@ def _classes(params: Mapping[str, Any]) -> list[str]:
     ]
     classes = ["".join(c for c in chars if c not in exclude) for on, chars in wanted if on]
     if not classes or any(not c for c in classes):
-        raise TargetError("the password policy leaves a character class empty; enable another or exclude less")
+        raise TargetError(
+            "the password policy leaves a character class empty; enable another or exclude less"
+        )
     return classes
 
 

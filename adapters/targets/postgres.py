@@ -145,7 +145,13 @@ class PostgresTarget:
         user = str(pending["username"])
         try:
             with psycopg.connect(
-                user_dsn(self.host, self.port, str(pending.get("dbname", self.dbname)), user, str(pending["password"]))
+                user_dsn(
+                    self.host,
+                    self.port,
+                    str(pending.get("dbname", self.dbname)),
+                    user,
+                    str(pending["password"]),
+                )
             ) as conn:
                 row = conn.execute("SELECT current_user").fetchone()
         except psycopg.Error as exc:
@@ -205,8 +211,13 @@ class PostgresPlugin:
             raise _error("running the role's statements", exc) from None
 
     def terminate_sessions(self, username: str) -> None:
+        """No new logins for `username`, and its sessions ended (before it is dropped:
+        a dropped role's sessions no longer carry its name)."""
         try:
             with self.pool.connection() as conn:
+                exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (username,)).fetchone()
+                if exists:
+                    conn.execute(sql.SQL("ALTER ROLE {} WITH NOLOGIN").format(sql.Identifier(username)))
                 terminate_sessions(conn, username)
         except psycopg.Error as exc:
             raise _error("ending the user's sessions", exc) from None

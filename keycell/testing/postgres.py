@@ -16,6 +16,7 @@ superuser's DSN, then serves until interrupted).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import secrets
@@ -114,7 +115,19 @@ class PostgresServer:
                 ]
             )
             try:
-                self._run("pg_ctl", "start", "-D", str(data), "-w", "-t", "60", "-l", str(self.folder / "server.log"), "-o", options)
+                self._run(
+                    "pg_ctl",
+                    "start",
+                    "-D",
+                    str(data),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-l",
+                    str(self.folder / "server.log"),
+                    "-o",
+                    options,
+                )
                 break
             except RuntimeError:
                 if attempt == 2:
@@ -127,10 +140,8 @@ class PostgresServer:
             return
         data = self.folder / "data"
         if (data / "postmaster.pid").exists():
-            try:
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):  # nothing else to do
                 self._run("pg_ctl", "stop", "-D", str(data), "-m", "immediate", "-w", timeout=30)
-            except (RuntimeError, subprocess.TimeoutExpired):
-                pass  # leave the folder; nothing else to do
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder = None
 

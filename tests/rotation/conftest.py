@@ -16,13 +16,13 @@ import psycopg
 import pytest
 
 from keycell.adapters.keys.software import SoftwareKeyBackend
+from keycell.adapters.ledgers.sqlite import SqliteLedger
 from keycell.adapters.targets.aws_iam import AwsIamTarget
 from keycell.adapters.targets.generic import GenericTarget, conforms
 from keycell.adapters.targets.postgres import PostgresTarget, user_dsn
 from keycell.control_plane.envelope import Envelopes
 from keycell.control_plane.keys import KeySpec
 from keycell.control_plane.rotation import CredentialTarget, LedgerVersionStore, Value
-from keycell.adapters.ledgers.sqlite import SqliteLedger
 from keycell.testing.cells import Cell, open_cell
 from keycell.testing.postgres import PostgresServer
 

@@ -145,7 +145,9 @@ def test_steps_out_of_order_are_refused(store: LedgerVersionStore) -> None:
         rotator.rotate("nope")
 
 
-def test_concurrent_rotations_lose_nothing_and_one_current_holds_throughout(store: LedgerVersionStore) -> None:
+def test_concurrent_rotations_lose_nothing_and_one_current_holds_throughout(
+    store: LedgerVersionStore,
+) -> None:
     rotator = Rotator(store, {"generic": GenericTarget()})
     rotator.enroll(store, "svc", target="generic", params={})
     stop = threading.Event()
@@ -201,7 +203,9 @@ def test_postgres_alternates_users_and_never_breaks_the_active_connection(
     rotator = Rotator(store, {"postgres": pg_target})
     rotator.enroll(store, base, target="postgres", params={"username": base, "grants": [f"{base}_rw"]})
     first = store.value(base, store.state(base).current or "")
-    live = psycopg.connect(user_dsn(first["host"], first["port"], first["dbname"], first["username"], first["password"]))
+    live = psycopg.connect(
+        user_dsn(first["host"], first["port"], first["dbname"], first["username"], first["password"])
+    )
     users = [first["username"]]
     for _ in range(3):
         rotator.rotate(base)
@@ -210,8 +214,17 @@ def test_postgres_alternates_users_and_never_breaks_the_active_connection(
         users.append(current["username"])
         assert pg_login_works(current) and pg_login_works(previous)
         assert live.execute("SELECT 1").fetchone() == (1,)  # the open session is untouched
-        with psycopg.connect(user_dsn(current["host"], current["port"], current["dbname"], current["username"], current["password"])) as c:
-            roles = {r[0] for r in c.execute("SELECT b.rolname FROM pg_auth_members m JOIN pg_roles b ON b.oid = m.roleid JOIN pg_roles u ON u.oid = m.member WHERE u.rolname = current_user")}
+        with psycopg.connect(
+            user_dsn(
+                current["host"], current["port"], current["dbname"], current["username"], current["password"]
+            )
+        ) as c:
+            roles = {
+                r[0]
+                for r in c.execute(
+                    "SELECT b.rolname FROM pg_auth_members m JOIN pg_roles b ON b.oid = m.roleid JOIN pg_roles u ON u.oid = m.member WHERE u.rolname = current_user"
+                )
+            }
             assert f"{base}_rw" in roles  # the idle user got the grants
     live.close()
     assert users == [base, f"{base}_clone", base, f"{base}_clone"]
@@ -228,7 +241,11 @@ def test_revoking_the_previous_postgres_credentials_stops_them_and_ends_sessions
     rotator.rotate(base)
     state = store.state(base)
     previous = store.value(base, state.previous or "")
-    session = psycopg.connect(user_dsn(previous["host"], previous["port"], previous["dbname"], previous["username"], previous["password"]))
+    session = psycopg.connect(
+        user_dsn(
+            previous["host"], previous["port"], previous["dbname"], previous["username"], previous["password"]
+        )
+    )
     rotator.revoke(base, Stage.PREVIOUS)
     assert not pg_login_works(previous)
     with pytest.raises(psycopg.OperationalError):
@@ -288,4 +305,6 @@ def test_rotations_due_in_the_same_minute_spread_across_the_window(store: Ledger
     clock.advance(30)
     last = sweep(rotator, store, clock(), window=60, prefix="due/")
     assert sorted(first.rotated + last.rotated) == names
-    assert all(s.rotations == 1 and s.next_due == pytest.approx(s.last_rotated + 3600) for s in store.states("due/"))
+    assert all(
+        s.rotations == 1 and s.next_due == pytest.approx(s.last_rotated + 3600) for s in store.states("due/")
+    )
