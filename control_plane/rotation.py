@@ -188,7 +188,9 @@ class SecretState:
 
 
 class VersionStore(Protocol):
-    """Where a secret's versions and stage labels live."""
+    """Where a secret's versions and stage labels live. A store whose `supersedes_pending`
+    is true lets a new token replace an abandoned pending version (Secrets Manager
+    decides which rotation is in flight); the ledger store refuses instead."""
 
     def state(self, name: str) -> SecretState:
         """Raises NotFound for an unknown secret."""
@@ -264,7 +266,11 @@ class Rotator:
         if step is Step.CREATE:
             if state.current == token or token in state.finished_tokens or state.pending == token:
                 return
-            if state.pending is not None and state.pending != token:
+            if (
+                state.pending is not None
+                and state.pending != token
+                and not getattr(self.store, "supersedes_pending", False)
+            ):
                 raise RotationInProgress(
                     f"secret {name!r} has another rotation pending; finish it (or let it be retried) first"
                 )

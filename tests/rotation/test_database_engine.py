@@ -76,16 +76,22 @@ class FlakyPlugin:
 
 
 @pytest.fixture
-def engine(sqlite_cell: Cell, postgres: PostgresServer) -> Iterator[tuple[DatabaseEngine, ManualClock, list[FlakyPlugin]]]:
+def engine(
+    sqlite_cell: Cell, postgres: PostgresServer
+) -> Iterator[tuple[DatabaseEngine, ManualClock, list[FlakyPlugin]]]:
     clock = ManualClock()
-    leases = Leases(sqlite_cell.barrier, RevocationSet(sqlite_cell.barrier, "local", clock=clock), clock=clock)
+    leases = Leases(
+        sqlite_cell.barrier, RevocationSet(sqlite_cell.barrier, "local", clock=clock), clock=clock
+    )
     made: list[FlakyPlugin] = []
 
     def factory(config: Mapping[str, Any]) -> FlakyPlugin:
         made.append(FlakyPlugin(PostgresPlugin(config)))
         return made[-1]
 
-    db = DatabaseEngine(sqlite_cell.barrier, leases, clock=clock, plugins={"postgresql-database-plugin": factory})
+    db = DatabaseEngine(
+        sqlite_cell.barrier, leases, clock=clock, plugins={"postgresql-database-plugin": factory}
+    )
     db.write_config(
         "pg",
         {
@@ -96,13 +102,15 @@ def engine(sqlite_cell: Cell, postgres: PostgresServer) -> Iterator[tuple[Databa
             "allowed_roles": ["app"],
         },
     )
-    db.write_role("app", {"db_name": "pg", "creation_statements": CREATE, "default_ttl": "1h", "max_ttl": "4h"})
+    db.write_role(
+        "app", {"db_name": "pg", "creation_statements": CREATE, "default_ttl": "1h", "max_ttl": "4h"}
+    )
     yield db, clock, made
     db.close()
 
 
 def test_creds_make_a_user_valid_until_the_lease_expires(engine: Any, postgres: PostgresServer) -> None:
-    db, clock, _ = engine
+    db, _, _ = engine
     creds, lease = db.creds("app")
     assert lease.lease_id.startswith("database/creds/app/")
     assert can_login(postgres, creds)
@@ -166,7 +174,9 @@ def test_bad_roles_and_unknown_names_are_refused_and_write_nothing(engine: Any) 
     with pytest.raises(InvalidRequest):
         db.write_role("bad", {"db_name": "pg"})
     with pytest.raises(InvalidRequest):
-        db.write_role("bad", {"db_name": "pg", "creation_statements": CREATE, "default_ttl": "5h", "max_ttl": "1h"})
+        db.write_role(
+            "bad", {"db_name": "pg", "creation_statements": CREATE, "default_ttl": "5h", "max_ttl": "1h"}
+        )
     with pytest.raises(NotFound):
         db.read_role("bad")
     with pytest.raises(NotFound):
@@ -210,7 +220,9 @@ def server_url(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServe
         server.stop()
 
 
-def test_hvac_generates_renews_and_revokes_database_credentials(server_url: str, postgres: PostgresServer) -> None:
+def test_hvac_generates_renews_and_revokes_database_credentials(
+    server_url: str, postgres: PostgresServer
+) -> None:
     client = hvac.Client(url=server_url, token=ROOT)
     client.secrets.database.configure(
         name="pg",
