@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ["bench.ledger", "bench.barrier", "bench.keys", "bench.api", "bench.audit", "bench.herd", "bench.rotation"]
+BENCHMARKS = [
+    "bench.ledger",
+    "bench.barrier",
+    "bench.keys",
+    "bench.api",
+    "bench.audit",
+    "bench.herd",
+    "bench.rotation",
+]
 
 
 def main() -> None:

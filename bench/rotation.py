@@ -56,11 +56,18 @@ def generic(count: int, max_seconds: float) -> dict[str, Any]:
         elapsed = time.perf_counter() - started
         ones = sum(1 for s in store.states("bulk/") if s.rotations == 1)
         ledger.close()
-    return {"secrets": count, "rotated": done, "rotated_per_s": round(done / elapsed, 1), "exactly_once": ones == done}
+    return {
+        "secrets": count,
+        "rotated": done,
+        "rotated_per_s": round(done / elapsed, 1),
+        "exactly_once": ones == done,
+    }
 
 
 def login(value: dict[str, Any]) -> None:
-    with psycopg.connect(user_dsn(value["host"], value["port"], value["dbname"], value["username"], value["password"])) as conn:
+    with psycopg.connect(
+        user_dsn(value["host"], value["port"], value["dbname"], value["username"], value["password"])
+    ) as conn:
         conn.execute("SELECT 1")
 
 
@@ -149,7 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     report: dict[str, Any] = {"machine": machine()}
     report["generic_sqlite"] = generic(args.secrets, args.max_seconds)
-    with PostgresServer(max_connections=max(100, args.clients * 2 + 20)) as pg, tempfile.TemporaryDirectory() as folder:
+    with (
+        PostgresServer(max_connections=max(100, args.clients * 2 + 20)) as pg,
+        tempfile.TemporaryDirectory() as folder,
+    ):
         report["postgres_breach"] = breach(pg, args.roles, args.clients, args.max_seconds, Path(folder))
     print(json.dumps(report, indent=2))
 

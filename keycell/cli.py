@@ -25,6 +25,7 @@ ledger_app = typer.Typer(help="Inspect a cell's conditional-write ledger.", no_a
 app.add_typer(ledger_app, name="ledger")
 audit_app = typer.Typer(help="Check and merge audit trails.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+app.command("rotate")(__import__("keycell.cli_rotation", fromlist=["rotate"]).rotate)
 
 console = Console()
 errors = Console(stderr=True)

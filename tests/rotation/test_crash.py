@@ -43,14 +43,16 @@ def test_killed_at_random_points_200_rotations_finish_exactly_once(tmp_path: Pat
     caught_in_flight: set[str] = set()  # the step progress found in flight after each kill
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # noqa: S603
+        worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             out, err = worker.communicate(timeout=rng.uniform(0.6, 1.6))  # the interpreter starts in ~0.5 s
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.communicate()
             kills += 1
-            caught_in_flight |= {s.progress or "none" for s in services.rotation_store.states("crash/") if s.in_flight}
+            caught_in_flight |= {
+                s.progress or "none" for s in services.rotation_store.states("crash/") if s.in_flight
+            }
             continue
         assert worker.returncode == 0, err.decode()[-2000:]
         assert out.strip() == b"DONE"
@@ -63,7 +65,9 @@ def test_killed_at_random_points_200_rotations_finish_exactly_once(tmp_path: Pat
         assert state.rotations == 1, name  # none lost, none duplicated
         assert state.current == f"{RUN}-{index}" and state.previous == initial[name]
         assert state.pending is None and state.in_flight is None
-        versions = [i.key.path for i in iter_prefix(services.ledger, Kind.SECRET_VERSION, f"rotation/{name}#")]
+        versions = [
+            i.key.path for i in iter_prefix(services.ledger, Kind.SECRET_VERSION, f"rotation/{name}#")
+        ]
         assert len(versions) == 2
         assert services.rotation_store.value(name, state.current)["password"]
     # Kills landed inside rotations (between steps), not only between them.
