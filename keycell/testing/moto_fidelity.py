@@ -49,7 +49,7 @@ def make_secretsmanager_read_awscurrent() -> None:
     ) -> tuple[str, str]:
         result = moto_update(self, secret_id, version_stage, remove_from_version_id, move_to_version_id)
         if version_stage == "AWSCURRENT" and move_to_version_id:
-            self.secrets[secret_id].set_default_version_id(move_to_version_id)
+            self.secrets[secret_id].set_default_version_id(move_to_version_id)  # type: ignore[union-attr]
         return result
 
     SecretsManagerBackend.update_secret_version_stage = update_secret_version_stage  # type: ignore[method-assign]
