@@ -94,6 +94,14 @@ def _statements(data: Mapping[str, Any], field: str) -> list[str]:
     raise InvalidRequest(f"{field!r} must be a string or a list of strings")
 
 
+def _open_connections(value: object) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise InvalidRequest("max_open_connections is an integer from 1 to 64")
+    return value
+
+
 def _check_name(name: object, what: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidRequest(f"a {what} name is 1-128 letters, digits, '_', '.' or '-'")
@@ -156,7 +164,7 @@ class DatabaseEngine:
             "username": str(data.get("username", "")),
             "password": str(data.get("password", "")),
             "allowed_roles": allowed,
-            "max_open_connections": int(data.get("max_open_connections", 4)),
+            "max_open_connections": _open_connections(data.get("max_open_connections", 4)),
         }
         verify = data.get("verify_connection", True)
         if verify is True or verify in ("true", "1"):

@@ -107,10 +107,17 @@ class RotationError(RequestError):
 
 
 class TargetError(RotationError):
-    """The target refused or failed (unreachable, the new credential did not work).
-    Messages never carry credential values."""
+    """The target refused or failed (unreachable, the new credential did not work): a
+    dependency, hence 503. Messages never carry credential values."""
 
-    status = 502
+    status = 503
+
+
+class TargetParamsError(RotationError):
+    """A secret's params do not suit its target (a missing user name, an impossible
+    password policy): the client's input, hence 400."""
+
+    status = 400
 
 
 class RotationInProgress(RotationError):
@@ -416,6 +423,12 @@ def validate_token(token: object) -> str:
     return token
 
 
+def check_prefix(prefix: object) -> str:
+    if not isinstance(prefix, str) or len(prefix.encode()) > 512 or (prefix and not prefix.isprintable()):
+        raise InvalidRequest("a name prefix is a string of at most 512 printable bytes")
+    return prefix
+
+
 def validate_name(name: object) -> str:
     if not isinstance(name, str) or not name:
         raise InvalidRequest("a rotated secret needs a name")
@@ -562,10 +575,12 @@ class LedgerVersionStore:
         return value
 
     def names(self, prefix: str = "") -> Iterator[str]:
+        check_prefix(prefix)
         for item in iter_prefix(self.ledger, Kind.ROTATION, prefix, page_size=500):
             yield item.key.path
 
     def states(self, prefix: str = "") -> Iterator[SecretState]:
+        check_prefix(prefix)
         for item in iter_prefix(self.ledger, Kind.ROTATION, prefix, page_size=500):
             yield self._to_state(json.loads(item.value))
 

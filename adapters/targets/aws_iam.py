@@ -21,7 +21,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
-from keycell.control_plane.rotation import TargetError, Value
+from keycell.control_plane.rotation import TargetError, TargetParamsError, Value
 
 
 def _error(what: str, exc: BaseException) -> TargetError:
@@ -44,7 +44,7 @@ class AwsIamTarget:
     def _user(params: Mapping[str, Any]) -> str:
         user = params.get("user")
         if not isinstance(user, str) or not user:
-            raise TargetError("an aws_iam secret needs params.user (the IAM user name)")
+            raise TargetParamsError("an aws_iam secret needs params.user (the IAM user name)")
         return user
 
     def keys(self, user: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ import string
 from collections.abc import Mapping
 from typing import Any
 
-from keycell.control_plane.rotation import TargetError, Value
+from keycell.control_plane.rotation import TargetError, TargetParamsError, Value
 
 SYMBOLS = "!#$%&()*+,-.:;<=>?@[]^_{|}~"
 MIN_LENGTH, MAX_LENGTH = 8, 4096
@@ -39,7 +39,9 @@ def _classes(params: Mapping[str, Any]) -> list[str]:
 def _length(params: Mapping[str, Any]) -> int:
     length = params.get("length", 32)
     if isinstance(length, bool) or not isinstance(length, int) or not MIN_LENGTH <= length <= MAX_LENGTH:
-        raise TargetError(f"the password policy's length is an integer from {MIN_LENGTH} to {MAX_LENGTH}")
+        raise TargetParamsError(
+            f"the password policy's length is an integer from {MIN_LENGTH} to {MAX_LENGTH}"
+        )
     return length
 
 
@@ -47,7 +49,7 @@ def generate_password(params: Mapping[str, Any]) -> str:
     classes = _classes(params)
     length = _length(params)
     if length < len(classes):
-        raise TargetError("the password is shorter than the number of required character classes")
+        raise TargetParamsError("the password is shorter than the number of required character classes")
     alphabet = "".join(classes)
     chars = [secrets.choice(c) for c in classes]
     chars += [secrets.choice(alphabet) for _ in range(length - len(chars))]

@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 
 from keycell.adapters.targets.generic import generate_password
-from keycell.control_plane.rotation import TargetError, Value
+from keycell.control_plane.rotation import TargetError, TargetParamsError, Value
 
 CLONE_SUFFIX = "_clone"
 PASSWORD_POLICY = {"length": 32, "lower": True, "upper": True, "digits": True, "symbols": False}
@@ -97,7 +97,7 @@ class PostgresTarget:
     def _users(params: Mapping[str, Any]) -> tuple[str, str]:
         base = params.get("username")
         if not isinstance(base, str) or not base or len(base) > 63 - len(CLONE_SUFFIX):
-            raise TargetError("a postgres secret needs params.username, at most 57 characters")
+            raise TargetParamsError("a postgres secret needs params.username, at most 57 characters")
         return base, base + CLONE_SUFFIX
 
     def generate(self, params: Mapping[str, Any], current: Value | None, previous: Value | None) -> Value:
@@ -193,13 +193,16 @@ class PostgresPlugin:
             raise ValueError("connection_url is required")
         url = url.replace("{{username}}", quote(str(config.get("username", "")), safe=""))
         url = url.replace("{{password}}", quote(str(config.get("password", "")), safe=""))
-        self.pool = ConnectionPool(url, size=int(config.get("max_open_connections", 4)))
+        size = config.get("max_open_connections", 4)
+        self.pool = ConnectionPool(
+            url, size=size if isinstance(size, int) and 1 <= size <= 64 else 4, connect_timeout=5
+        )
 
     def verify(self) -> None:
         try:
             with self.pool.connection() as conn:
                 conn.execute("SELECT 1")
-        except psycopg.Error as exc:
+        except Exception as exc:  # a malformed URL fails in libpq's parser, not only as psycopg.Error
             raise _error("connecting to the database", exc) from None
 
     def execute(self, statements: Sequence[str]) -> None:

@@ -6,8 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 from keycell.control_plane.errors import InvalidRequest
+from keycell.control_plane.ledger import InvalidItemError, InvalidKeyError
 from keycell.control_plane.rotation import Stage, sweep, validate_name
-from keycell.control_plane.router import Context, Operation, OperationDoc, Result, RouteDoc, Router, field_int
+from keycell.control_plane.router import (
+    Context,
+    Handler,
+    Operation,
+    OperationDoc,
+    Result,
+    RouteDoc,
+    Router,
+    field_int,
+)
 from keycell.control_plane.routes.openapi import (
     ANY_OBJECT,
     DURATION,
@@ -27,6 +37,23 @@ _SPANS = {"name": "A rotated secret's name; it may span several segments (`team/
 def register(router: Router, services: Any) -> None:
     register_database(router, services)
     register_rotation(router, services)
+
+
+def _add(router: Router, pattern: str, handlers: dict[Operation, Handler], **options: Any) -> None:
+    router.add(pattern, {op: _client_errors(h) for op, h in handlers.items()}, **options)
+
+
+def _client_errors(handler: Handler) -> Handler:
+    """Ledger refusals a request can cause (an unprintable name, a value too large) are
+    the client's: 400, nothing written."""
+
+    def wrapped(ctx: Context) -> Any:
+        try:
+            return handler(ctx)
+        except (InvalidKeyError, InvalidItemError) as exc:
+            raise InvalidRequest(f"refused: {exc}") from None
+
+    return wrapped
 
 
 def _doc(
@@ -76,7 +103,8 @@ def register_database(router: Router, services: Any) -> None:
         },
         ("db_name", "creation_statements"),
     )
-    router.add(
+    _add(
+        router,
         rf"database/config/{name}",
         {
             Operation.UPDATE: write_config,
@@ -98,7 +126,8 @@ def register_database(router: Router, services: Any) -> None:
             },
         ),
     )
-    router.add(
+    _add(
+        router,
         r"database/config/?",
         {Operation.LIST: lambda ctx: db.list("config")},
         family="database",
@@ -108,7 +137,8 @@ def register_database(router: Router, services: Any) -> None:
             operations={Operation.LIST: OperationDoc("List connections", responses=ok(KEYS))},
         ),
     )
-    router.add(
+    _add(
+        router,
         rf"database/roles/{name}",
         {
             Operation.UPDATE: write_role,
@@ -128,7 +158,8 @@ def register_database(router: Router, services: Any) -> None:
             },
         ),
     )
-    router.add(
+    _add(
+        router,
         r"database/roles/?",
         {Operation.LIST: lambda ctx: db.list("roles")},
         family="database",
@@ -138,7 +169,8 @@ def register_database(router: Router, services: Any) -> None:
             operations={Operation.LIST: OperationDoc("List roles", responses=ok(KEYS))},
         ),
     )
-    router.add(
+    _add(
+        router,
         rf"database/creds/{name}",
         {Operation.READ: creds},
         family="database",
@@ -153,7 +185,8 @@ def register_database(router: Router, services: Any) -> None:
             },
         ),
     )
-    router.add(
+    _add(
+        router,
         r"database/status",
         {Operation.READ: lambda ctx: db.status()},
         family="database",
@@ -237,7 +270,8 @@ def register_rotation(router: Router, services: Any) -> None:
         return sweep(rotator, store, services.clock(), window=window, prefix=prefix, limit=limit).to_dict()
 
     name = r"(?P<name>.+)"
-    router.add(
+    _add(
+        router,
         rf"rotation/secrets/{name}",
         {
             Operation.UPDATE: enrol,
@@ -264,7 +298,8 @@ def register_rotation(router: Router, services: Any) -> None:
             _SPANS,
         ),
     )
-    router.add(
+    _add(
+        router,
         rf"rotation/creds/{name}",
         {Operation.READ: creds},
         family="rotation",
@@ -279,7 +314,8 @@ def register_rotation(router: Router, services: Any) -> None:
             _SPANS,
         ),
     )
-    router.add(
+    _add(
+        router,
         rf"rotation/rotate/{name}",
         {Operation.UPDATE: rotate},
         family="rotation",
@@ -296,7 +332,8 @@ def register_rotation(router: Router, services: Any) -> None:
             _SPANS,
         ),
     )
-    router.add(
+    _add(
+        router,
         rf"rotation/revoke/{name}",
         {Operation.UPDATE: revoke},
         family="rotation",
@@ -311,7 +348,8 @@ def register_rotation(router: Router, services: Any) -> None:
             _SPANS,
         ),
     )
-    router.add(
+    _add(
+        router,
         r"rotation/sweep",
         {Operation.UPDATE: run_sweep},
         family="rotation",
