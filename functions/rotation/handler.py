@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keycell.adapters.events import NORMALISERS
+from keycell.control_plane.errors import RequestError
 from keycell.control_plane.events import IGNORE, ROTATE, STEP, SWEEP, VALIDATE, RawEvent, normalise
 from keycell.control_plane.rotation import Rotator, sweep
 
@@ -50,7 +51,16 @@ class RotationContext:
 
 
 def handle(raw: RawEvent, ctx: RotationContext) -> dict[str, Any]:
-    """Raises EventError (unknown / malformed) and the state machine's errors."""
+    """Raises EventError (unknown / malformed) and the state machine's errors, each
+    logged here by type (the event itself is logged by the normaliser)."""
+    try:
+        return _handle(raw, ctx)
+    except RequestError as exc:
+        log.warning("rotation event failed: %s: %s", type(exc).__name__, exc.message)
+        raise
+
+
+def _handle(raw: RawEvent, ctx: RotationContext) -> dict[str, Any]:
     services = ctx.services
     services.ensure_unsealed()
     results: list[dict[str, Any]] = []

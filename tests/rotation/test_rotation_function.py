@@ -195,3 +195,26 @@ def test_an_eventbridge_schedule_sweeps_what_is_due(client: Client, services: Ce
     rotation_app.context().window = 0  # no splay: everything due runs now
     reply = invoke(client, event)
     assert reply.payload["results"][0]["rotated"] == ["due/a"]
+
+
+def test_the_function_configures_itself_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from keycell.functions.wiring import services_from_environment
+
+    monkeypatch.setenv("KEYCELL_LEDGER", f"sqlite://{tmp_path}/cell.db")
+    monkeypatch.setenv("KEYCELL_KEY_BACKEND", "software")
+    monkeypatch.setenv("KEYCELL_SOFTWARE_KEYS", f"sqlite://{tmp_path}/keys.db")
+    monkeypatch.setenv("KEYCELL_SEAL", "hsm")
+    first = services_from_environment()
+    first.seal.init(1, 1)  # HSM seal: every process of the cell unseals itself
+    first.after_unseal()
+    first.rotator.enroll(first.rotation_store, "env/one", target="generic", params={})
+    first.ledger.close()
+    rotation_app.configure(None)
+    try:
+        with Client(rotation_app.app) as test_client:
+            event = {"version": "0", "id": "e-env", "detail-type": "Keycell Rotation Requested", "source": "ops", "detail": {"secret": "env/one"}}
+            reply = test_client.lambda_.invoke("rotate", event)
+            assert reply.payload["results"][0]["outcome"] == "rotated"
+            assert set(rotation_app.context().services.rotator.targets) >= {"generic"}
+    finally:
+        rotation_app.configure(None)
