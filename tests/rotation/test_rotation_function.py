@@ -197,7 +197,9 @@ def test_an_eventbridge_schedule_sweeps_what_is_due(client: Client, services: Ce
     assert reply.payload["results"][0]["rotated"] == ["due/a"]
 
 
-def test_the_function_configures_itself_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_function_configures_itself_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from keycell.functions.wiring import services_from_environment
 
     monkeypatch.setenv("KEYCELL_LEDGER", f"sqlite://{tmp_path}/cell.db")
@@ -212,7 +214,13 @@ def test_the_function_configures_itself_from_the_environment(tmp_path: Path, mon
     rotation_app.configure(None)
     try:
         with Client(rotation_app.app) as test_client:
-            event = {"version": "0", "id": "e-env", "detail-type": "Keycell Rotation Requested", "source": "ops", "detail": {"secret": "env/one"}}
+            event = {
+                "version": "0",
+                "id": "e-env",
+                "detail-type": "Keycell Rotation Requested",
+                "source": "ops",
+                "detail": {"secret": "env/one"},
+            }
             reply = test_client.lambda_.invoke("rotate", event)
             assert reply.payload["results"][0]["outcome"] == "rotated"
             assert set(rotation_app.context().services.rotator.targets) >= {"generic"}
