@@ -98,24 +98,26 @@ def test_the_same_request_token_rotates_once(store: LedgerVersionStore) -> None:
 
 @pytest.mark.parametrize("crash_after", [*STEPS])
 def test_a_crash_after_any_step_resumes_to_exactly_one_rotation(
-    store: LedgerVersionStore, crash_after: Step
+    any_store: LedgerVersionStore, crash_after: Step
 ) -> None:
     def crash(name: str, token: str, step: Step) -> None:
         if step is crash_after:
             raise Crash()
 
-    crashing = Rotator(store, {"generic": GenericTarget()}, on_step=crash)
-    crashing.enroll(store, "svc", target="generic", params={})
-    before = store.state("svc").current
+    crashing = Rotator(any_store, {"generic": GenericTarget()}, on_step=crash)
+    crashing.enroll(any_store, "svc", target="generic", params={})
+    before = any_store.state("svc").current
     with pytest.raises(Crash):
         crashing.rotate("svc", "tok-crash")
-    one_current(store, "svc")
-    resumed = Rotator(store, {"generic": GenericTarget()}).rotate("svc")  # no token: finish what is in flight
-    state = store.state("svc")
+    one_current(any_store, "svc")
+    resumed = Rotator(any_store, {"generic": GenericTarget()}).rotate(
+        "svc"
+    )  # no token: finish what is in flight
+    state = any_store.state("svc")
     assert resumed.token == "tok-crash"
     assert state.current == "tok-crash" and state.previous == before and state.in_flight is None
     assert state.rotations == 1
-    one_current(store, "svc")
+    one_current(any_store, "svc")
 
 
 def test_a_second_token_finishes_the_rotation_in_flight_first(store: LedgerVersionStore) -> None:
