@@ -87,6 +87,7 @@ def _handle(raw: RawEvent, ctx: RotationContext) -> dict[str, Any]:
             )
             outcome.update(report.to_dict())
             outcome["leases_tidied"] = services.leases.tidy_expired()
+            outcome["revocations_retried"] = services.database.retry_revocations()
         elif request.action == IGNORE:
             log.info("rotation event %s ignored: %s", request.event_id, request.detail.get("reason"))
             outcome.update(secret=request.secret, outcome="ignored", reason=request.detail.get("reason"))

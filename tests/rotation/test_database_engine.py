@@ -169,6 +169,24 @@ def test_failed_revocations_back_off_and_show_in_status(engine: Any, postgres: P
     assert db.status() == {"pending_revocations": 0, "revocation_failures": []}
 
 
+def test_the_schedule_retries_failed_revocations_once_their_backoff_passes(
+    engine: Any, postgres: PostgresServer
+) -> None:
+    db, clock, made = engine
+    creds, lease = db.creds("app")
+    made[-1].failures = 2
+    with pytest.raises(InvalidRequest):
+        db.leases.revoke(lease.lease_id)
+    assert db.retry_revocations() == {"revoked": 0, "still_failing": 0}  # inside the backoff
+    clock.advance(1.5)
+    assert db.retry_revocations() == {"revoked": 0, "still_failing": 1}  # the database is still down
+    assert db.status()["revocation_failures"][0]["attempts"] == 2
+    clock.advance(2.5)
+    assert db.retry_revocations() == {"revoked": 1, "still_failing": 0}
+    assert not role_exists(postgres, creds["username"])
+    assert db.leases.get(lease.lease_id) is None and db.status()["pending_revocations"] == 0
+
+
 def test_bad_roles_and_unknown_names_are_refused_and_write_nothing(engine: Any) -> None:
     db, _, _ = engine
     with pytest.raises(InvalidRequest):
