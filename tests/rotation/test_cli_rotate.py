@@ -70,3 +70,41 @@ def test_bulk_rotation_reports_and_resumes_without_rotating_twice(tmp_path: Path
         assert bad.exit_code != 0
     finally:
         server.stop()
+
+
+def test_a_bulk_run_killed_part_way_resumes_and_rotates_each_secret_once(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "cell").mkdir()
+    server = keycell_server(tmp_path / "cell", dev_root_token=ROOT, workers=2)
+    port = server.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        client = hvac.Client(url=url, token=ROOT)
+        names = [f"batch/{i:02d}" for i in range(30)]
+        for name in names:
+            client.write(f"rotation/secrets/{name}", target="generic")
+        state = tmp_path / "state.json"
+        command = [sys.executable, "-m", "keycell", "rotate", "--prefix", "batch/", "--concurrency", "2", "--json",
+                   "--address", url, "--token", ROOT, "--state-file", str(state)]  # fmt: skip
+        first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # noqa: S603
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done = len(json.loads(state.read_text())["done"]) if state.exists() else 0
+            if done >= 5:
+                break
+            time.sleep(0.02)
+        first.kill()
+        first.communicate()
+        done_before = len(json.loads(state.read_text())["done"])
+        assert 5 <= done_before < 30, "the run must be cut off part-way"
+        second = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)  # noqa: S603
+        assert second.returncode == 0, second.stderr[-2000:]
+        report = json.loads(second.stdout.strip().splitlines()[-1])
+        assert report["skipped_done_before"] == done_before
+        assert report["rotated_now"] == 30 - done_before
+        assert [client.read(f"rotation/secrets/{n}")["data"]["rotations"] for n in names] == [1] * 30
+    finally:
+        server.stop()
