@@ -89,7 +89,7 @@ def test_a_bulk_run_killed_part_way_resumes_and_rotates_each_secret_once(tmp_pat
         state = tmp_path / "state.json"
         command = [sys.executable, "-m", "keycell", "rotate", "--prefix", "batch/", "--concurrency", "2", "--json",
                    "--address", url, "--token", ROOT, "--state-file", str(state)]  # fmt: skip
-        first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # noqa: S603
+        first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             done = len(json.loads(state.read_text())["done"]) if state.exists() else 0
@@ -100,7 +100,7 @@ def test_a_bulk_run_killed_part_way_resumes_and_rotates_each_secret_once(tmp_pat
         first.communicate()
         done_before = len(json.loads(state.read_text())["done"])
         assert 5 <= done_before < 30, "the run must be cut off part-way"
-        second = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)  # noqa: S603
+        second = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
         assert second.returncode == 0, second.stderr[-2000:]
         report = json.loads(second.stdout.strip().splitlines()[-1])
         assert report["skipped_done_before"] == done_before
