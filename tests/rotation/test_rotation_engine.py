@@ -22,6 +22,7 @@ from keycell.control_plane.rotation import (
     Rotator,
     Stage,
     Step,
+    TargetError,
     Value,
     plan_due,
     splay_offset,
@@ -133,6 +134,34 @@ def test_a_second_token_finishes_the_rotation_in_flight_first(store: LedgerVersi
     state = store.state("svc")
     assert result.resumed_token == "tok-a" and state.current == "tok-b" and state.previous == "tok-a"
     assert state.rotations == 2
+
+
+class FailingOnceTarget(GenericTarget):
+    def __init__(self) -> None:
+        self.fail = False
+
+    def verify(self, params: Any, pending: Value) -> None:
+        if self.fail:
+            self.fail = False
+            raise TargetError("logging in with the new credential failed")
+        super().verify(params, pending)
+
+
+def test_a_target_failure_leaves_current_untouched_and_the_rotation_resumable(
+    store: LedgerVersionStore,
+) -> None:
+    target = FailingOnceTarget()
+    rotator = Rotator(store, {"generic": target})
+    rotator.enroll(store, "svc", target="generic", params={})
+    before = store.state("svc").current
+    target.fail = True  # the new credential does not work (yet)
+    with pytest.raises(TargetError):
+        rotator.rotate("svc", "tok-1")
+    state = store.state("svc")
+    assert state.current == before and state.pending == "tok-1" and state.progress == "set"
+    result = rotator.rotate("svc")  # the next attempt (a retried event, the schedule) resumes it
+    state = store.state("svc")
+    assert result.token == "tok-1" and state.current == "tok-1" and state.rotations == 1
 
 
 def test_steps_out_of_order_are_refused(store: LedgerVersionStore) -> None:

@@ -194,7 +194,11 @@ def test_an_eventbridge_schedule_sweeps_what_is_due(client: Client, services: Ce
     time.sleep(1.1)
     rotation_app.context().window = 0  # no splay: everything due runs now
     reply = invoke(client, event)
-    assert reply.payload["results"][0]["rotated"] == ["due/a"]
+    outcome = reply.payload["results"][0]
+    assert outcome["rotated"] == ["due/a"]
+    # The same schedule tidies expired leases and retries failed revocations.
+    assert outcome["leases_tidied"] == {"revoked": 0, "revoker_errors": 0}
+    assert outcome["revocations_retried"] == {"revoked": 0, "still_failing": 0}
 
 
 def test_the_function_configures_itself_from_the_environment(
