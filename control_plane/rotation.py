@@ -120,6 +120,11 @@ class TargetParamsError(RotationError):
     status = 400
 
 
+class NotPending(RotationError):
+    """The request token is not the pending version (a step out of order, or another
+    worker already finished this rotation)."""
+
+
 class RotationInProgress(RotationError):
     """A step arrived for a token other than the one in flight (Secrets Manager order)."""
 
@@ -199,6 +204,8 @@ class VersionStore(Protocol):
     is true lets a new token replace an abandoned pending version (Secrets Manager
     decides which rotation is in flight); the ledger store refuses instead."""
 
+    supersedes_pending: bool
+
     def state(self, name: str) -> SecretState:
         """Raises NotFound for an unknown secret."""
         ...
@@ -273,11 +280,7 @@ class Rotator:
         if step is Step.CREATE:
             if state.current == token or token in state.finished_tokens or state.pending == token:
                 return
-            if (
-                state.pending is not None
-                and state.pending != token
-                and not getattr(self.store, "supersedes_pending", False)
-            ):
+            if state.pending is not None and state.pending != token and not self.store.supersedes_pending:
                 raise RotationInProgress(
                     f"secret {name!r} has another rotation pending; finish it (or let it be retried) first"
                 )
@@ -301,7 +304,7 @@ class Rotator:
         else:
             if state.current != token:
                 if state.pending != token:
-                    raise RotationError(f"request token is not pending for secret {name!r}")
+                    raise NotPending(f"request token is not pending for secret {name!r}")
                 self.store.promote(name, token)
                 state = self.store.state(name)
             if self.on_step is not None:
@@ -330,9 +333,7 @@ class Rotator:
                 resumed = state.in_flight
                 try:
                     self._run_from(name, state.in_flight, state.progress)
-                except RotationError as exc:
-                    if isinstance(exc, TargetError):
-                        raise
+                except (NotPending, RotationInProgress):
                     continue  # another worker moved it on meanwhile: look again
                 if token is None:
                     return RotationResult(name, resumed, "resumed", resumed)
@@ -344,9 +345,9 @@ class Rotator:
                 self._run_from(name, token, progress)
             except RotationInProgress:
                 continue  # another token got in first: finish it, then ours
-            except RotationError as exc:
-                if isinstance(exc, TargetError) or token not in self.store.state(name).finished_tokens:
-                    raise
+            except NotPending:
+                if token not in self.store.state(name).finished_tokens:
+                    raise  # not a race another worker won: a real error
             return RotationResult(name, token, "rotated", resumed)
         raise Unavailable(f"secret {name!r} kept changing during rotation; retry with the same token")
 
@@ -405,7 +406,7 @@ class Rotator:
         if state.current == token:
             return None
         if state.pending != token:
-            raise RotationError(f"request token is not pending for secret {name!r}; run createSecret first")
+            raise NotPending(f"request token is not pending for secret {name!r}; run createSecret first")
         return self.store.value(name, token)
 
 
@@ -451,6 +452,7 @@ class LedgerVersionStore:
     one that drops it from PREVIOUS, so nothing is orphaned."""
 
     VERSION_PREFIX = "rotation/"
+    supersedes_pending = False
 
     def __init__(
         self, ledger: Ledger, envelopes: Envelopes, *, clock: Callable[[], float] = time.time
@@ -645,7 +647,7 @@ class LedgerVersionStore:
             if record.get("current") == token:
                 return None
             if record.get("pending") != token:
-                raise RotationError(f"request token is not pending for secret {name!r}")
+                raise NotPending(f"request token is not pending for secret {name!r}")
             ops: list[Op] = []
             dropped = record.get("previous")
             if dropped:
