@@ -19,7 +19,8 @@ import time
 from keycell.adapters.keys.software import SoftwareKeyBackend
 from keycell.adapters.ledgers.sqlite import SqliteLedger
 from keycell.adapters.targets.generic import GenericTarget
-from keycell.control_plane.rotation import Rotator, Step
+from keycell.adapters.targets.postgres import PostgresTarget
+from keycell.control_plane.rotation import CredentialTarget, Rotator, Step
 from keycell.control_plane.services import CellServices
 
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", required=True)
     parser.add_argument("--names", required=True)
     parser.add_argument("--step-delay-ms", type=float, default=0.0)
+    parser.add_argument("--postgres", default="", help="admin DSN: also rotate with the postgres target")
     args = parser.parse_args(argv)
     services = CellServices(SqliteLedger(args.db), lambda barrier: SoftwareKeyBackend(store=barrier))
     services.seal.unseal(args.share)
@@ -40,7 +42,11 @@ def main(argv: list[str] | None = None) -> None:
         if delay:
             time.sleep(random.uniform(0, delay))  # noqa: S311 - timing jitter, not a secret
 
-    rotator = Rotator(services.rotation_store, {"generic": GenericTarget()}, on_step=pause)
+    targets: dict[str, CredentialTarget] = {"generic": GenericTarget()}
+    if args.postgres:
+        targets["postgres"] = PostgresTarget(args.postgres, pool_size=1)
+    rotator = Rotator(services.rotation_store, targets, on_step=pause)
+    print("STARTED", flush=True)  # the crash test times its kill from here
     with open(args.names) as names:
         for index, name in enumerate(line.strip() for line in names):
             rotator.rotate(name, f"{args.run}-{index}")
