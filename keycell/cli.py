@@ -13,6 +13,7 @@ from rich.table import Table
 
 from keycell import __version__
 from keycell.adapters.ledgers import LedgerURLError, default_ledger_url, open_ledger
+from keycell.cli_rotation import rotate as rotate_command
 from keycell.control_plane.ledger import Key, Kind, LedgerError, iter_prefix
 
 app = typer.Typer(
@@ -25,7 +26,7 @@ ledger_app = typer.Typer(help="Inspect a cell's conditional-write ledger.", no_a
 app.add_typer(ledger_app, name="ledger")
 audit_app = typer.Typer(help="Check and merge audit trails.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
-app.command("rotate")(__import__("keycell.cli_rotation", fromlist=["rotate"]).rotate)
+app.command("rotate")(rotate_command)  # keycell/cli_rotation.py
 
 console = Console()
 errors = Console(stderr=True)
