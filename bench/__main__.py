@@ -12,6 +12,7 @@ BENCHMARKS = [
     "bench.audit",
     "bench.herd",
     "bench.identity",
+    "bench.rotation",
 ]
 
 

@@ -103,6 +103,9 @@ _ATTEMPTS = 8
 SUBJECT_PREFIX = "lease:"
 
 Revoker = Callable[["Lease"], None]
+# Called on renewal with the lease and its new expiry, before the renewal is stored:
+# extends what the lease stands for (a database role's VALID UNTIL).
+Renewer = Callable[["Lease", float], None]
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,7 @@ class Leases:
         self.clock = clock
         self.max_ttl = max_ttl
         self._revokers: dict[str, Revoker] = {}
+        self._renewers: dict[str, Renewer] = {}
 
     def register_revoker(self, name: str, fn: Revoker) -> None:
         """`fn(lease)` destroys what the lease stands for. It must be idempotent: after a
@@ -218,6 +222,13 @@ class Leases:
         if not isinstance(name, str) or not name:
             raise ValueError("a revoker needs a name")
         self._revokers[name] = fn
+
+    def register_renewer(self, name: str, fn: Renewer) -> None:
+        """`fn(lease, new_expire_time)` extends what a lease with revoker `name` stands
+        for. Idempotent; a failure fails the renewal and leaves the lease as it was."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("a renewer needs the name of its revoker")
+        self._renewers[name] = fn
 
     # --- issue ------------------------------------------------------------------------
 
@@ -334,6 +345,9 @@ class Leases:
                     f"TTL of {requested}s exceeded the lease's max TTL of {lease.max_ttl}s; "
                     f"the lease now expires in {int(expire - now)}s and can be renewed no further"
                 )
+            renewer = self._renewers.get(lease.revoker)
+            if renewer is not None:
+                renewer(lease, expire)
             renewed = replace(lease, expire_time=expire, last_renewal_time=now)
             record = encode_json(renewed.to_record())
             old_index = Key(Kind.LEASE, index_path(lease_id, lease.expire_time))

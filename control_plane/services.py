@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from keycell.control_plane.auth_jwt import JwtAuth
 from keycell.control_plane.barrier import Barrier
+from keycell.control_plane.database import DatabaseEngine
 from keycell.control_plane.envelope import DataKeyCache, Envelopes
 from keycell.control_plane.identity import Identity
 from keycell.control_plane.keys import KeyBackend, KeySpec, UnknownKeyError
@@ -27,6 +28,7 @@ from keycell.control_plane.leases import Leases
 from keycell.control_plane.ledger import Ledger
 from keycell.control_plane.policy import PolicyStore
 from keycell.control_plane.revocations import RevocationSet
+from keycell.control_plane.rotation import LedgerVersionStore, Rotator
 from keycell.control_plane.seal import Seal, UnsealError
 from keycell.control_plane.svid import IdentityCA
 from keycell.control_plane.tokens import TokenEntry, TokenStore
@@ -97,6 +99,11 @@ class CellServices:
             tokens=self.tokens,
         )
         self.jwt.spiffe = self.identity  # auth/jwt/login accepts the trust domain's JWT-SVIDs
+        # Rotation and dynamic database credentials: targets and database plugins are
+        # adapters, registered by functions/ (wiring) on `rotator.targets` / `database`.
+        self.database = DatabaseEngine(self.barrier, self.leases, clock=clock)
+        self.rotation_store = LedgerVersionStore(self.barrier, self.envelopes, clock=clock)
+        self.rotator = Rotator(self.rotation_store, {})
 
     def register_token_lease(self, path: str, token: str, entry: TokenEntry) -> str:
         """Tokens issued by an auth endpoint are leases under its path, as in Vault, so

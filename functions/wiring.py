@@ -67,6 +67,9 @@ def services_from_environment(env: dict[str, str] | None = None) -> CellServices
         from keycell.adapters.identity.aws_ec2 import Ec2InstanceTags
 
         services.identity.instance_tags = Ec2InstanceTags(endpoint_url=env.get("AWS_ENDPOINT_URL") or None)
+    from keycell.functions.rotation.wiring import install
+
+    install(services, env)  # credential targets and database plugins
     return services
 
 

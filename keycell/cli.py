@@ -14,6 +14,7 @@ from rich.table import Table
 from keycell import __version__
 from keycell.adapters.ledgers import LedgerURLError, default_ledger_url, open_ledger
 from keycell.cli_identity import agent, entry_app
+from keycell.cli_rotation import rotate as rotate_command
 from keycell.control_plane.ledger import Key, Kind, LedgerError, iter_prefix
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ audit_app = typer.Typer(help="Check and merge audit trails.", no_args_is_help=Tr
 app.add_typer(audit_app, name="audit")
 app.add_typer(entry_app, name="entry")  # workload identity (issue 6)
 app.command("agent")(agent)
+app.command("rotate")(rotate_command)  # keycell/cli_rotation.py
 
 console = Console()
 errors = Console(stderr=True)

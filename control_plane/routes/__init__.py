@@ -20,5 +20,8 @@ def build_router(services: Any) -> Router:
     metrics.register(router, services)
     audit.register(router, services)
     register_identity(router, services)
+    from keycell.control_plane.routes import database
+
+    database.register(router, services)  # database/ and rotation/
     openapi.register(router, services)  # last: documents every route above
     return router

@@ -17,6 +17,9 @@ Each correction names the documented behaviour it restores:
 - KMS, Verify: an invalid signature raises KMSInvalidSignatureException; moto
   answers SignatureValid=false.
 - KMS, Encrypt: a key whose usage is not ENCRYPT_DECRYPT is InvalidKeyUsageException.
+- Secrets Manager, GetSecretValue without a version reads the AWSCURRENT version;
+  after UpdateSecretVersionStage moved AWSCURRENT (how every rotation Lambda
+  finishes), moto keeps serving the old version.
 """
 
 from __future__ import annotations
@@ -29,6 +32,27 @@ from typing import Any
 def apply_all() -> None:
     count_binary_as_dynamodb_does()
     make_kms_honour_states_and_digests()
+    make_secretsmanager_read_awscurrent()
+
+
+def make_secretsmanager_read_awscurrent() -> None:
+    from moto.secretsmanager.models import SecretsManagerBackend
+
+    moto_update = SecretsManagerBackend.update_secret_version_stage
+
+    def update_secret_version_stage(
+        self: SecretsManagerBackend,
+        secret_id: str,
+        version_stage: str,
+        remove_from_version_id: str,
+        move_to_version_id: str,
+    ) -> tuple[str, str]:
+        result = moto_update(self, secret_id, version_stage, remove_from_version_id, move_to_version_id)
+        if version_stage == "AWSCURRENT" and move_to_version_id:
+            self.secrets[secret_id].set_default_version_id(move_to_version_id)  # type: ignore[union-attr]
+        return result
+
+    SecretsManagerBackend.update_secret_version_stage = update_secret_version_stage  # type: ignore[method-assign]
 
 
 def count_binary_as_dynamodb_does() -> None:

@@ -1,0 +1,367 @@
+"""The database secrets engine at database/ (Vault's paths: config, roles, creds) and
+the rotation engine at rotation/ (Keycell's own: enrol, read, rotate, revoke, sweep)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keycell.control_plane.errors import InvalidRequest
+from keycell.control_plane.ledger import InvalidItemError, InvalidKeyError
+from keycell.control_plane.rotation import Stage, sweep, validate_name
+from keycell.control_plane.router import (
+    Context,
+    Handler,
+    Operation,
+    OperationDoc,
+    Result,
+    RouteDoc,
+    Router,
+    field_int,
+)
+from keycell.control_plane.routes.openapi import (
+    ANY_OBJECT,
+    DURATION,
+    KEYS,
+    NO_CONTENT,
+    STR,
+    STR_LIST_OR_CSV,
+    obj,
+    ok,
+)
+from keycell.control_plane.wrapping import parse_duration
+
+_NAME = {"name": "A connection, role or secret name."}
+_SPANS = {"name": "A rotated secret's name; it may span several segments (`team/app/db`)."}
+
+
+def register(router: Router, services: Any) -> None:
+    register_database(router, services)
+    register_rotation(router, services)
+
+
+def _add(router: Router, pattern: str, handlers: dict[Operation, Handler], **options: Any) -> None:
+    router.add(pattern, {op: _client_errors(h) for op, h in handlers.items()}, **options)
+
+
+def _client_errors(handler: Handler) -> Handler:
+    """Ledger refusals a request can cause (an unprintable name, a value too large) are
+    the client's: 400, nothing written."""
+
+    def wrapped(ctx: Context) -> Any:
+        try:
+            return handler(ctx)
+        except (InvalidKeyError, InvalidItemError) as exc:
+            raise InvalidRequest(f"refused: {exc}") from None
+
+    return wrapped
+
+
+def _doc(
+    path: str, summary: str, ops: dict[Operation, OperationDoc], params: dict[str, str] | None = None
+) -> RouteDoc:
+    return RouteDoc(path, summary, params=params if params is not None else _NAME, operations=ops)
+
+
+def register_database(router: Router, services: Any) -> None:
+    db = services.database
+
+    def write_config(ctx: Context) -> None:
+        db.write_config(ctx.params["name"], ctx.data)
+
+    def write_role(ctx: Context) -> None:
+        db.write_role(ctx.params["name"], ctx.data)
+
+    def creds(ctx: Context) -> Result:
+        data, lease = db.creds(ctx.params["name"])
+        return Result(
+            data=data,
+            lease_id=lease.lease_id,
+            lease_duration=int(lease.expire_time - lease.issue_time),
+            renewable=lease.renewable,
+        )
+
+    name = r"(?P<name>[^/]+)"
+    config_body = obj(
+        {
+            "plugin_name": STR,
+            "connection_url": STR,
+            "username": STR,
+            "password": STR,
+            "allowed_roles": STR_LIST_OR_CSV,
+            "verify_connection": {"type": "boolean"},
+        },
+        ("plugin_name", "connection_url"),
+    )
+    role_body = obj(
+        {
+            "db_name": STR,
+            "creation_statements": STR_LIST_OR_CSV,
+            "revocation_statements": STR_LIST_OR_CSV,
+            "renew_statements": STR_LIST_OR_CSV,
+            "default_ttl": DURATION,
+            "max_ttl": DURATION,
+        },
+        ("db_name", "creation_statements"),
+    )
+    _add(
+        router,
+        rf"database/config/{name}",
+        {
+            Operation.UPDATE: write_config,
+            Operation.READ: lambda ctx: db.read_config(ctx.params["name"]),
+            Operation.DELETE: lambda ctx: db.delete_config(ctx.params["name"]),
+        },
+        family="database",
+        doc=_doc(
+            "/database/config/{name}",
+            "A database connection.",
+            {
+                Operation.UPDATE: OperationDoc(
+                    "Configure a connection", body=config_body, body_required=True, responses=NO_CONTENT
+                ),
+                Operation.READ: OperationDoc(
+                    "Read a connection (without its password)", responses=ok(ANY_OBJECT)
+                ),
+                Operation.DELETE: OperationDoc("Delete a connection", responses=NO_CONTENT),
+            },
+        ),
+    )
+    _add(
+        router,
+        r"database/config/?",
+        {Operation.LIST: lambda ctx: db.list("config")},
+        family="database",
+        doc=RouteDoc(
+            "/database/config",
+            "Connections.",
+            operations={Operation.LIST: OperationDoc("List connections", responses=ok(KEYS))},
+        ),
+    )
+    _add(
+        router,
+        rf"database/roles/{name}",
+        {
+            Operation.UPDATE: write_role,
+            Operation.READ: lambda ctx: db.read_role(ctx.params["name"]),
+            Operation.DELETE: lambda ctx: db.delete_role(ctx.params["name"]),
+        },
+        family="database",
+        doc=_doc(
+            "/database/roles/{name}",
+            "A role: the statements that make and drop a user.",
+            {
+                Operation.UPDATE: OperationDoc(
+                    "Write a role", body=role_body, body_required=True, responses=NO_CONTENT
+                ),
+                Operation.READ: OperationDoc("Read a role", responses=ok(ANY_OBJECT)),
+                Operation.DELETE: OperationDoc("Delete a role", responses=NO_CONTENT),
+            },
+        ),
+    )
+    _add(
+        router,
+        r"database/roles/?",
+        {Operation.LIST: lambda ctx: db.list("roles")},
+        family="database",
+        doc=RouteDoc(
+            "/database/roles",
+            "Roles.",
+            operations={Operation.LIST: OperationDoc("List roles", responses=ok(KEYS))},
+        ),
+    )
+    _add(
+        router,
+        rf"database/creds/{name}",
+        {Operation.READ: creds},
+        family="database",
+        wrappable=True,
+        doc=_doc(
+            "/database/creds/{name}",
+            "Dynamic credentials.",
+            {
+                Operation.READ: OperationDoc(
+                    "A new database user with a lease", responses=ok(obj({"username": STR, "password": STR}))
+                )
+            },
+        ),
+    )
+    _add(
+        router,
+        r"database/status",
+        {Operation.READ: lambda ctx: db.status()},
+        family="database",
+        doc=RouteDoc(
+            "/database/status",
+            "Revocations being retried.",
+            operations={
+                Operation.READ: OperationDoc(
+                    "Failed revocations and their next attempt", responses=ok(ANY_OBJECT)
+                )
+            },
+        ),
+    )
+
+
+def register_rotation(router: Router, services: Any) -> None:
+    store, rotator = services.rotation_store, services.rotator
+
+    def enrol(ctx: Context) -> dict[str, Any]:
+        d = ctx.data
+        target = d.get("target", "generic")
+        params = d.get("params") or {}
+        if not isinstance(target, str) or not isinstance(params, dict):
+            raise InvalidRequest("'target' is a string and 'params' an object")
+        interval = parse_duration(d.get("interval", 0) or 0)
+        created = rotator.enroll(store, ctx.params["name"], target=target, params=params, interval=interval)
+        return {"created": created}
+
+    def read(ctx: Context) -> dict[str, Any]:
+        s = store.state(ctx.params["name"])
+        return {
+            "target": s.target,
+            "params": s.params,
+            "current_version": s.current,
+            "previous_version": s.previous,
+            "pending_version": s.pending,
+            "in_flight": s.in_flight,
+            "progress": s.progress,
+            "rotations": s.rotations,
+            "interval": s.interval,
+            "next_due": s.next_due,
+            "last_rotated": s.last_rotated,
+            "revoked_versions": list(s.revoked),
+        }
+
+    def creds(ctx: Context) -> dict[str, Any]:
+        name = validate_name(ctx.params["name"])
+        stage = str(ctx.request.query.get("stage", "CURRENT")).upper()
+        if stage not in ("CURRENT", "PREVIOUS"):
+            raise InvalidRequest("stage is CURRENT or PREVIOUS")
+        s = store.state(name)
+        version = s.current if stage == "CURRENT" else s.previous
+        if version is None:
+            raise InvalidRequest(f"secret {name!r} has no {stage} version")
+        return {**store.value(name, version), "_version": version, "_stage": stage}
+
+    def rotate(ctx: Context) -> dict[str, Any]:
+        token = ctx.data.get("token")
+        return rotator.rotate(ctx.params["name"], token).to_dict()  # type: ignore[no-any-return]
+
+    def revoke(ctx: Context) -> None:
+        stage = ctx.data.get("stage", "PREVIOUS")
+        if stage not in ("CURRENT", "PREVIOUS", "PENDING"):
+            raise InvalidRequest("stage is CURRENT, PREVIOUS or PENDING")
+        rotator.revoke(ctx.params["name"], Stage(stage))
+
+    def list_names(ctx: Context) -> dict[str, Any]:
+        prefix = ctx.params.get("name", "")
+        return {"keys": list(store.names(prefix))}
+
+    def run_sweep(ctx: Context) -> dict[str, Any]:
+        window = field_int(ctx.data, "window", 60) or 0
+        if not 0 <= window <= 3600:
+            raise InvalidRequest("window is 0 to 3600 seconds")
+        limit = field_int(ctx.data, "limit", 1000) or 1
+        if not 1 <= limit <= 10000:
+            raise InvalidRequest("limit is 1 to 10000")
+        prefix = ctx.data.get("prefix", "")
+        if not isinstance(prefix, str):
+            raise InvalidRequest("prefix is a string")
+        return sweep(rotator, store, services.clock(), window=window, prefix=prefix, limit=limit).to_dict()
+
+    name = r"(?P<name>.+)"
+    _add(
+        router,
+        rf"rotation/secrets/{name}",
+        {
+            Operation.UPDATE: enrol,
+            Operation.READ: read,
+            Operation.DELETE: lambda ctx: store.delete(validate_name(ctx.params["name"])),
+            Operation.LIST: list_names,
+        },
+        family="rotation",
+        doc=_doc(
+            "/rotation/secrets/{name}",
+            "A rotated secret.",
+            {
+                Operation.UPDATE: OperationDoc(
+                    "Enrol a credential: generate, set and test its first value",
+                    body=obj({"target": STR, "params": ANY_OBJECT, "interval": DURATION}),
+                    responses=ok(obj({"created": {"type": "boolean"}})),
+                ),
+                Operation.READ: OperationDoc("Its stages and schedule (no values)", responses=ok(ANY_OBJECT)),
+                Operation.DELETE: OperationDoc(
+                    "Stop managing it (the target is untouched)", responses=NO_CONTENT
+                ),
+                Operation.LIST: OperationDoc("Names under a prefix", responses=ok(KEYS)),
+            },
+            _SPANS,
+        ),
+    )
+    _add(
+        router,
+        rf"rotation/creds/{name}",
+        {Operation.READ: creds},
+        family="rotation",
+        doc=_doc(
+            "/rotation/creds/{name}",
+            "The value a client should use now.",
+            {
+                Operation.READ: OperationDoc(
+                    "The CURRENT (or ?stage=PREVIOUS) value", query={"stage": STR}, responses=ok(ANY_OBJECT)
+                )
+            },
+            _SPANS,
+        ),
+    )
+    _add(
+        router,
+        rf"rotation/rotate/{name}",
+        {Operation.UPDATE: rotate},
+        family="rotation",
+        doc=_doc(
+            "/rotation/rotate/{name}",
+            "Rotate now.",
+            {
+                Operation.UPDATE: OperationDoc(
+                    "Run (or resume) a rotation; the same token rotates once",
+                    body=obj({"token": STR}),
+                    responses=ok(ANY_OBJECT),
+                )
+            },
+            _SPANS,
+        ),
+    )
+    _add(
+        router,
+        rf"rotation/revoke/{name}",
+        {Operation.UPDATE: revoke},
+        family="rotation",
+        doc=_doc(
+            "/rotation/revoke/{name}",
+            "Revoke a stage's credential on its target.",
+            {
+                Operation.UPDATE: OperationDoc(
+                    "Make it stop working now", body=obj({"stage": STR}), responses=NO_CONTENT
+                )
+            },
+            _SPANS,
+        ),
+    )
+    _add(
+        router,
+        r"rotation/sweep",
+        {Operation.UPDATE: run_sweep},
+        family="rotation",
+        doc=RouteDoc(
+            "/rotation/sweep",
+            "Rotate what is due, spread across a splay window.",
+            operations={
+                Operation.UPDATE: OperationDoc(
+                    "Rotate every due secret whose splay slot has come",
+                    body=obj({"window": {"type": "integer"}, "prefix": STR, "limit": {"type": "integer"}}),
+                    responses=ok(ANY_OBJECT),
+                )
+            },
+        ),
+    )

@@ -1,0 +1,1 @@
+"""The rotation function: cloud events in, the rotation state machine run."""
