@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 Cloud = Literal["aws", "azure", "gcp"]
-KeyCustody = Literal["kms", "cloudhsm"]
+KeyCustody = Literal["kms"]
 
 CLOUDS: tuple[Cloud, ...] = ("aws", "azure", "gcp")
-KEY_CUSTODIES: tuple[KeyCustody, ...] = ("kms", "cloudhsm")
+KEY_CUSTODIES: tuple[KeyCustody, ...] = ("kms",)
 
 # Resource names are built from these (table, bus, log group, service names), so they
 # keep to what every cloud accepts in a name: lowercase letters, digits, hyphens.
@@ -57,7 +57,6 @@ class Cell:
     region: str
     cidr: str
     key_custody: KeyCustody = "kms"
-    cloudhsm_cluster_id: str = ""
     api_rate_limit: float = 200.0
     api_burst: int = 400
     lambda_memory_mb: int = 1024
@@ -198,12 +197,6 @@ def _cell(values: Mapping[str, Any], where: str) -> Cell:
     custody = out.get("key_custody", "kms")
     if custody not in KEY_CUSTODIES:
         raise CellConfigError(f"{where} key_custody {custody!r}: one of {', '.join(KEY_CUSTODIES)}")
-    if custody == "cloudhsm" and not re.fullmatch(
-        r"cluster-[a-z2-7]{11}", out.get("cloudhsm_cluster_id", "")
-    ):
-        raise CellConfigError(
-            f"{where}: key_custody cloudhsm needs cloudhsm_cluster_id (cluster-xxxxxxxxxxx)"
-        )
     for key in ("rotation_handler", "revocation_handler"):
         if key in out and not _HANDLER.match(out[key]):
             raise CellConfigError(f"{where} {key} {out[key]!r}: a dotted path module.function")

@@ -13,8 +13,8 @@ stacks add no sizing of their own. A cell is:
 - the ledger: one DynamoDB table (hash key `kind`, range key `path`, TTL on
   `expires_at`, as `keycell.adapters.ledgers.dynamodb` expects) with point-in-time
   recovery, deletion protection and a customer-managed KMS key;
-- key custody: KMS (the `aws-kms` key backend creates its keys under `alias/keycell/`)
-  or, with `key_custody = "cloudhsm"`, a KMS custom key store over a CloudHSM cluster;
+- key custody: AWS KMS (the `aws-kms` key backend creates its keys under
+  `alias/keycell/`; the stack's own keys encrypt the table, logs and queues);
 - the relay: a long-lived ECS Fargate service behind a network load balancer, so the
   relays of other cells reach it at `relay.<cell>.<dns_zone>`;
 - one IAM role per function and per task, each allowed only its own table, keys, bus
@@ -221,18 +221,6 @@ class CellStack(cdk.Stack):
                 conditions={"StringEquals": {"aws:SourceAccount": self.account}},
             )
         )
-        self.custom_key_store: kms.CfnCustomKeyStore | None = None
-        if self.cell.key_custody == "cloudhsm":
-            # The trust anchor and the kmsuser password live outside the template:
-            # CloudFormation resolves them at deploy time, no value is ever written here.
-            self.custom_key_store = kms.CfnCustomKeyStore(
-                self,
-                "CloudHsmKeyStore",
-                custom_key_store_name=self._name("hsm"),
-                cloud_hsm_cluster_id=self.cell.cloudhsm_cluster_id,
-                trust_anchor_certificate=f"{{{{resolve:ssm:/{self.cells.name}/{self.cell.id}/cloudhsm-trust-anchor}}}}",
-                key_store_password=f"{{{{resolve:secretsmanager:{self.cells.name}/{self.cell.id}/cloudhsm-kmsuser}}}}",
-            )
 
     def _key_backend_statements(self, *, manage: bool) -> list[iam.PolicyStatement]:
         """The KMS actions of the `aws-kms` key backend, on Keycell's keys only: keys
@@ -342,8 +330,6 @@ class CellStack(cdk.Stack):
             "KEYCELL_EVENT_BUS": self.cells.event_bus_name(self.cell),
             "KEYCELL_RELAY": f"{self.cells.relay_host(self.cell)}:{self.cell.relay_port}",
         }
-        if self.custom_key_store is not None:
-            env["KEYCELL_KMS_CUSTOM_KEY_STORE"] = self.custom_key_store.ref
         return env
 
     # --- messaging -----------------------------------------------------------------
