@@ -190,8 +190,8 @@ def _cell(values: Mapping[str, Any], where: str) -> Cell:
     _region(out["region"], where)
     try:
         network = ipaddress.ip_network(out["cidr"])
-    except ValueError:
-        raise CellConfigError(f"{where} cidr {out['cidr']!r}: not an address range") from None
+    except ValueError as exc:
+        raise CellConfigError(f"{where} cidr {out['cidr']!r}: not an address range ({exc})") from None
     if not 16 <= network.prefixlen <= 20:
         raise CellConfigError(f"{where} cidr {out['cidr']}: a /16 to /20 leaves room for the subnets")
     custody = out.get("key_custody", "kms")
