@@ -60,3 +60,12 @@ localstack-test: setup
 	AWS_ENDPOINT_URL=http://127.0.0.1:4566 $(RUN) pytest $(LOCALSTACK_SUITES) \
 		-k "dynamodb or aws_kms or cloudhsm or s3 or localstack"; status=$$?; \
 		$(LOCALSTACK) down; exit $$status
+
+# Keycell and its dependencies, built for Lambda (x86_64, Python 3.11), into the Chalice
+# app's vendor/ folder: chalice.cdk ships it with every function of the AWS stacks.
+.PHONY: aws-vendor
+aws-vendor: setup
+	rm -rf functions/api/vendor dist/keycell-*.whl
+	$(UV) build --wheel --out-dir dist
+	$(UV) pip install --target functions/api/vendor --python-platform x86_64-manylinux_2_28 \
+		--python-version 3.11 dist/keycell-*.whl
