@@ -236,6 +236,12 @@ class CellStack(cdk.Stack):
                     resources=["*"],  # CreateKey has no resource; the tag condition bounds it
                     conditions={"Null": {"aws:RequestTag/keycell:name": "false"}},
                 ),
+                # CreateKey with Tags also needs TagResource, before the key carries any tag.
+                iam.PolicyStatement(
+                    actions=["kms:TagResource"],
+                    resources=[keys],
+                    conditions={"Null": {"aws:RequestTag/keycell:name": "false"}},
+                ),
                 iam.PolicyStatement(actions=KMS_MANAGE, resources=[keys], conditions=tagged),
                 iam.PolicyStatement(actions=KMS_ALIAS, resources=[aliases, keys]),
                 iam.PolicyStatement(actions=["kms:ListAliases", "kms:ListKeys"], resources=["*"]),
