@@ -25,6 +25,9 @@ ledger_app = typer.Typer(help="Inspect a cell's conditional-write ledger.", no_a
 app.add_typer(ledger_app, name="ledger")
 audit_app = typer.Typer(help="Check and merge audit trails.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+from keycell.cli_cells import cells_app  # noqa: E402
+
+app.add_typer(cells_app, name="cells")
 
 console = Console()
 errors = Console(stderr=True)

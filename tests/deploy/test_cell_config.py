@@ -3,11 +3,14 @@ the place named, before anything is synthesized or deployed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from keycell.cli import app
 from keycell.deployment import CellConfigError, load_cell_set, parse_cell_set
 
 
@@ -110,3 +113,22 @@ def test_a_missing_or_broken_file_says_so(tmp_path: Path) -> None:
     broken.write_text("[deployment\n")
     with pytest.raises(CellConfigError, match="not valid TOML"):
         load_cell_set(broken)
+
+
+def test_keycell_cells_show_prints_the_parsed_cell_set_as_json() -> None:
+    result = CliRunner().invoke(app, ["cells", "show", "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert [c["id"] for c in shown["cells"]] == ["eu", "us", "ap"]
+    assert shown["cells"][0]["rotation_schedules"][0]["expression"] == "rate(1 day)"
+
+
+def test_keycell_cells_show_exits_1_naming_the_mistake(tmp_path: Path) -> None:
+    broken = tmp_path / "cells.toml"
+    broken.write_text(
+        '[deployment]\nname="x"\ntrust_domain="t"\nhome_region="us-west-2"\ndns_zone="z.example"\n'
+        '[[cells]]\nid="w"\ncloud="aws"\nregion="us-west-2"\ncidr="10.9.0.0/16"\nrelais=3\n'
+    )
+    result = CliRunner().invoke(app, ["cells", "show", str(broken)])
+    assert result.exit_code == 1
+    assert "unknown key(s) relais" in result.output
