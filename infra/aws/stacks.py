@@ -29,6 +29,7 @@ whose `origin_cell` is itself, so forwarding never loops.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 from collections.abc import Iterator
@@ -502,6 +503,14 @@ class CellStack(cdk.Stack):
 
     def _function(self, construct_id: str, what: str, handler: str, role: iam.Role) -> lambda_.Function:
         name = self._name(what)
+        if not handler_importable(handler):
+            # The stack still synthesizes (the package is built separately), but a
+            # deploy would ship a function whose handler cannot be imported.
+            cdk.Annotations.of(self).add_warning_v2(
+                f"keycell:handler-missing:{what}",
+                f"{what} handler {handler!r} is not importable from this checkout; "
+                f"set {what}_handler in the cell set to the function's dotted path",
+            )
         role.add_to_policy(
             iam.PolicyStatement(actions=["sqs:SendMessage"], resources=[self.dead_letters.queue_arn])
         )
@@ -755,6 +764,16 @@ class CellStack(cdk.Stack):
                 record_name=self.cells.relay_host(cell),
                 target=route53.RecordTarget.from_alias(route53_targets.LoadBalancerTarget(self.relay_lb)),
             )
+
+
+def handler_importable(handler: str) -> bool:
+    """Does `package.module.function` name a function this checkout can import?"""
+    module_name, _, attribute = handler.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return False
+    return callable(getattr(module, attribute, None))
 
 
 @contextlib.contextmanager

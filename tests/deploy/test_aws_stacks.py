@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aws_cdk.assertions import Match, Template
+from aws_cdk.assertions import Annotations, Match, Template
 
 from infra.aws.assembly import Assembly, synthesize
+from infra.aws.stacks import handler_importable
 from keycell.control_plane.ledger import ATTR_EXPIRES_AT, ATTR_KIND, ATTR_PATH
 from keycell.deployment import Cell, load_cell_set, parse_cell_set
 
@@ -389,6 +390,38 @@ def test_a_lone_cell_is_sized_by_its_own_config_and_forwards_to_nobody(tmp_path:
         for r in resources(assembly, "kc-solo", "AWS::Events::Rule").values()
         if "detail" in r["Properties"].get("EventPattern", {})
     ]
+
+
+def test_a_handler_that_does_not_import_is_named_in_a_synth_warning(tmp_path: Path) -> None:
+    raw = {
+        "deployment": {
+            "name": "kc",
+            "trust_domain": "t.example",
+            "home_region": "eu-central-1",
+            "dns_zone": "kc.example",
+        },
+        "cells": [
+            {
+                "id": "solo",
+                "cloud": "aws",
+                "region": "eu-central-1",
+                "cidr": "10.40.0.0/16",
+                "rotation_handler": "keycell.functions.api.app.dispatch",  # exists: no warning
+                "revocation_handler": "keycell.functions.nowhere.handler",
+            }
+        ],
+    }
+    assembly = synthesize(parse_cell_set(raw), tmp_path)
+    warnings = Annotations.from_stack(assembly.stacks[0]).find_warning("*", Match.any_value())
+    texts = [str(w.entry.data) for w in warnings]
+    assert [t for t in texts if "keycell.functions.nowhere.handler" in t]
+    assert not [t for t in texts if "rotation handler" in t]
+
+
+def test_handler_importable_names_only_callables() -> None:
+    assert handler_importable("keycell.functions.api.app.dispatch")
+    assert not handler_importable("keycell.functions.api.app.MAX_DEPTH")
+    assert not handler_importable("keycell.functions.absent.app.handler")
 
 
 def test_the_cdk_app_reads_the_repositorys_cell_set() -> None:
