@@ -28,7 +28,8 @@ KEY_CUSTODIES: tuple[KeyCustody, ...] = ("kms",)
 # Resource names are built from these (table, bus, log group, service names), so they
 # keep to what every cloud accepts in a name: lowercase letters, digits, hyphens.
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
-_REGION = re.compile(r"^[a-z]{2,}(-[a-z0-9]+)+$")
+_REGION = re.compile(r"^[a-z]{2,}(-[a-z0-9]+)+$")  # AWS, GCP: eu-west-1, europe-west1
+_AZURE_REGION = re.compile(r"^[a-z][a-z0-9]{2,}$")  # westeurope, eastus2
 # EventBridge accepts rate(N unit) and six-field cron(...) expressions.
 _SCHEDULE = re.compile(r"^(rate\(\d+ (minute|minutes|hour|hours|day|days)\)|cron\((\S+ ){5}\S+\))$")
 _HANDLER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
@@ -105,6 +106,53 @@ class CellSet:
 
     def relay_host(self, cell: Cell) -> str:
         return f"relay.{cell.id}.{self.dns_zone}"
+
+
+def relay_peers(cells: CellSet, cell: Cell) -> list[str]:
+    """host:port of the relays of every other cell (the relay's seeds)."""
+    return [f"{cells.relay_host(c)}:{c.relay_port}" for c in cells.cells if c.id != cell.id]
+
+
+def arm_parameters(cells: CellSet, cell: Cell, **extra: Any) -> dict[str, Any]:
+    """The parameters file of `infra/azure/cell.json` for an Azure cell; `extra` supplies
+    what the cell set does not hold (hsmAdministrators, functionPackageUrl)."""
+    if cell.cloud != "azure":
+        raise CellConfigError(f"cell {cell.id} runs on {cell.cloud}, not azure")
+    values: dict[str, Any] = {
+        "deploymentName": cells.name,
+        "cellId": cell.id,
+        "location": cell.region,
+        "addressSpace": cell.cidr,
+        "relayImage": cell.relay_image,
+        "relays": cell.relays,
+        "relayPort": cell.relay_port,
+        "relayPeers": ",".join(relay_peers(cells, cell)),
+        "logRetentionDays": min(max(cell.log_retention_days, 30), 730),
+        **extra,
+    }
+    return {
+        "$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentParameters.json#",
+        "contentVersion": "1.0.0.0",
+        "parameters": {k: {"value": v} for k, v in values.items()},
+    }
+
+
+def terraform_variables(cells: CellSet, cell: Cell, **extra: Any) -> dict[str, Any]:
+    """Variables of the `infra/gcp` module for a GCP cell (a .tfvars.json); `extra`
+    supplies what the cell set does not hold (project, vpc_connector)."""
+    if cell.cloud != "gcp":
+        raise CellConfigError(f"cell {cell.id} runs on {cell.cloud}, not gcp")
+    return {
+        "deployment_name": cells.name,
+        "cell_id": cell.id,
+        "region": cell.region,
+        "image": cell.relay_image,
+        "relays": cell.relays,
+        "relay_port": cell.relay_port,
+        "relay_peers": relay_peers(cells, cell),
+        "api_max_instances": cell.api_reserved_concurrency,
+        **extra,
+    }
 
 
 def load_cell_set(path: str | os.PathLike[str] | None = None) -> CellSet:
@@ -187,7 +235,7 @@ def _cell(values: Mapping[str, Any], where: str) -> Cell:
         raise CellConfigError(f"{where} id: use 1-20 lowercase letters, digits, -")
     if out["cloud"] not in CLOUDS:
         raise CellConfigError(f"{where} cloud {out['cloud']!r}: one of {', '.join(CLOUDS)}")
-    _region(out["region"], where)
+    _region(out["region"], where, azure=out["cloud"] == "azure")
     try:
         network = ipaddress.ip_network(out["cidr"])
     except ValueError as exc:
@@ -263,7 +311,7 @@ def _text(table: Mapping[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _region(value: str, where: str) -> str:
-    if not _REGION.match(value):
+def _region(value: str, where: str, *, azure: bool = False) -> str:
+    if not (_AZURE_REGION if azure else _REGION).match(value):
         raise CellConfigError(f"{where}: region {value!r} does not look like a region name")
     return value

@@ -58,7 +58,7 @@ from chalice.cdk import Chalice
 from constructs import Construct
 
 from keycell.control_plane.ledger import ATTR_EXPIRES_AT, ATTR_KIND, ATTR_PATH
-from keycell.deployment import Cell, CellSet
+from keycell.deployment import Cell, CellSet, relay_peers
 
 REPO = Path(__file__).resolve().parents[2]
 API_SOURCE = REPO / "functions" / "api"
@@ -688,7 +688,7 @@ class CellStack(cdk.Stack):
                 operating_system_family=ecs.OperatingSystemFamily.LINUX,
             ),
         )
-        peers = [f"{self.cells.relay_host(c)}:{c.relay_port}" for c in self.cells.cells if c.id != cell.id]
+        peers = relay_peers(self.cells, cell)
         task.add_container(
             "relay",
             image=ecs.ContainerImage.from_registry(cell.relay_image),
