@@ -103,8 +103,12 @@ def test_keys_live_in_a_managed_hsm_non_exportable_and_rotating(arm: dict[str, A
     assert key["properties"]["attributes"]["exportable"] is False
     actions = [a["action"]["type"] for a in key["properties"]["rotationPolicy"]["lifetimeActions"]]
     assert "rotate" in actions
-    (grant,) = of_type(arm, "Microsoft.KeyVault/managedHSMs/providers/roleAssignments")
-    assert grant["properties"]["scope"] == "/keys"
+    grants = of_type(arm, "Microsoft.KeyVault/managedHSMs/providers/roleAssignments")
+    holders = {g["properties"]["principalId"].split("', variables('")[1].split("'")[0] for g in grants}
+    assert holders == {"functionAppName", "relayAppName"}
+    for grant in grants:
+        assert grant["properties"]["scope"] == "/keys"  # keys only, not the HSM's administration
+        assert grant["properties"]["roleDefinitionId"].endswith("variables('hsmCryptoUser'))]")
 
 
 def test_the_ledger_is_a_strongly_consistent_cosmos_container_keyed_by_kind_with_per_item_ttl(
