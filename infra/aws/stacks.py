@@ -163,7 +163,6 @@ class CellStack(cdk.Stack):
         super().__init__(scope, cell_stack_name(cells, cell), **kwargs)
         self.cells = cells
         self.cell = cell
-        self._name = lambda what: cells.resource_name(cell, what)
 
         self._keys()
         self._network()
@@ -174,6 +173,9 @@ class CellStack(cdk.Stack):
         self._revocation()
         self._forwarding()
         self._relay()
+
+    def _name(self, what: str) -> str:
+        return self.cells.resource_name(self.cell, what)
 
     # --- keys ----------------------------------------------------------------------
 
