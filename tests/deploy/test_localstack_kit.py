@@ -8,6 +8,7 @@ import importlib.util
 import json
 import sys
 import time
+import uuid
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -16,6 +17,7 @@ import boto3
 import pytest
 import yaml
 
+from infra.aws.assembly import Assembly
 from keycell.adapters.ledgers.dynamodb import DynamoLedger
 from keycell.control_plane.ledger import ATTR_EXPIRES_AT, ConflictError, Key, Kind
 from keycell.deployment import load_cell_set
@@ -150,3 +152,48 @@ def test_the_compose_file_pins_localstack_4_14_0_on_loopback_with_the_hook_mount
     for mount, source in mounts.items():
         assert source.exists(), mount
     assert (KIT / "ready.d" / "10-keycell.py").read_text().count("/opt/keycell/cells.toml") == 1
+
+
+def test_a_cell_configured_as_the_stack_configures_its_api_boots_on_the_provisioned_resources(
+    provisioned: dict[str, dict[str, str]],
+    aws_endpoint: str,
+    aws_assembly: Assembly,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The API function's environment, read from the synthesized template, run against
+    the emulator: DynamoDB ledger on the cell's table, AWS KMS auto-unseal."""
+    from keycell.functions.api import http
+    from keycell.functions.wiring import router_from_environment
+
+    template = aws_assembly.template("keycell-eu")
+    (function,) = [r for r in template["Resources"].values() if r["Type"] == "AWS::Serverless::Function"]
+    env: dict[str, str] = dict(function["Properties"]["Environment"]["Variables"])
+    assert env["KEYCELL_LEDGER"] == f"dynamodb://{provisioned['eu']['table']}?region=eu-west-1"
+    # A fresh copy of the cell's resources, so a long-lived emulator can run this again.
+    fresh = load_provision().provision_cell(
+        boto3.Session(), aws_endpoint, f"t{uuid.uuid4().hex[:8]}", {"id": "eu", "region": "eu-west-1"}
+    )
+    env["KEYCELL_LEDGER"] = f"dynamodb://{fresh['table']}?region=eu-west-1"
+    # What Lambda adds: the region; what the emulator needs: its endpoint.
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", aws_endpoint)
+    router = router_from_environment({**env, "AWS_REGION": "eu-west-1"})
+
+    def call(method: str, path: str, body: dict[str, Any] | None = None, token: str = "") -> dict[str, Any]:
+        headers = {"x-vault-token": token} if token else {}
+        status, _, out = http.handle(router, method, path, headers, {}, json.dumps(body) if body else None)
+        assert status in (200, 204), (path, status, out)
+        return json.loads(out) if out else {}
+
+    assert call("GET", "sys/seal-status")["initialized"] is False
+    root = call("POST", "sys/init", {"recovery_shares": 1, "recovery_threshold": 1})["root_token"]
+    status = call("GET", "sys/seal-status")
+    assert status["sealed"] is False and status["recovery_seal"] is True  # unsealed by KMS
+    call("POST", "secret/data/app/db", {"data": {"password": "kit-s3cret"}}, root)
+    read = call("GET", "secret/data/app/db", token=root)
+    assert read["data"]["data"] == {"password": "kit-s3cret"}
+    # The audit trail goes to standard output (CloudWatch Logs on Lambda), without the secret.
+    printed = capsys.readouterr().out
+    assert '"path":"secret/data/app/db"' in printed
+    assert "kit-s3cret" not in printed
