@@ -409,7 +409,7 @@ class CellStack(cdk.Stack):
         )
         self.api_logs = self._log_group("ApiFunctionLogs", f"/aws/lambda/{name}")
         self.access_logs = self._log_group("ApiAccessLogs", f"/{self.cells.name}/{self.cell.id}/api-access")
-        with _region_for_chalice(self.cell.region):
+        with _chalice_environment(self.cell.region):
             self.chalice = self._chalice()
         self._finish_api(name)
 
@@ -779,18 +779,18 @@ def handler_importable(handler: str) -> bool:
 
 
 @contextlib.contextmanager
-def _region_for_chalice(region: str) -> Iterator[None]:
-    """`chalice package` asks boto for a region (only to name service principals);
-    give it the cell's, whatever the shell says."""
-    saved = os.environ.get("AWS_DEFAULT_REGION")
+def _chalice_environment(region: str) -> Iterator[None]:
+    """Packaging runs with the cell's region (`chalice package` asks boto for one, only
+    to name service principals) and leaves the process environment as it found it:
+    loading the app, Chalice copies the stage's environment variables (the cell's
+    KEYCELL_LEDGER, KEYCELL_SEAL, ...) into `os.environ`."""
+    saved = dict(os.environ)
     os.environ["AWS_DEFAULT_REGION"] = region
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop("AWS_DEFAULT_REGION", None)
-        else:
-            os.environ["AWS_DEFAULT_REGION"] = saved
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def skip_checks(resource: cdk.CfnResource, **reasons: str) -> None:

@@ -427,3 +427,13 @@ def test_handler_importable_names_only_callables() -> None:
 def test_the_cdk_app_reads_the_repositorys_cell_set() -> None:
     cells = load_cell_set()
     assert [c.region for c in cells.on("aws")] == ["eu-west-1", "us-east-1", "ap-southeast-2"]
+
+
+def test_synthesizing_leaves_the_process_environment_as_it_was(tmp_path: Path) -> None:
+    """chalice.cdk loads the app with the stage's environment variables set; a cell's
+    KEYCELL_LEDGER or KEYCELL_SEAL must not leak into whatever runs next."""
+    import os
+
+    before = dict(os.environ)
+    synthesize(load_cell_set(), tmp_path)
+    assert dict(os.environ) == before
