@@ -58,7 +58,7 @@ LOCALSTACK_SUITES := tests/ledger tests/keys tests/audit/test_audit_s3.py tests/
 localstack-test: setup
 	$(LOCALSTACK) up -d --wait
 	AWS_ENDPOINT_URL=http://127.0.0.1:4566 $(RUN) pytest $(LOCALSTACK_SUITES) \
-		-k "dynamodb or aws_kms or cloudhsm or s3 or localstack"; status=$$?; \
+		-k "dynamodb or aws_kms or s3 or localstack"; status=$$?; \
 		$(LOCALSTACK) down; exit $$status
 
 # Keycell and its dependencies, built for Lambda (x86_64, Python 3.11), into the Chalice
