@@ -17,6 +17,7 @@ help:
 	@echo "make test    install what the tests need, then run the whole suite"
 	@echo "make lint    ruff, and mypy (strict on control_plane/)"
 	@echo "make bench   run the benchmarks in bench/, printing JSON"
+	@echo "make localstack-test   the AWS-backed suites against LocalStack (Docker)"
 
 $(CURDIR)/.tools/bin/uv:
 	python3 -m venv .tools
@@ -49,3 +50,22 @@ demo: setup
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
+
+# The AWS-backed suites against LocalStack 4.14.0 instead of moto (needs Docker).
+.PHONY: localstack-test
+LOCALSTACK := docker compose -f localstack/docker-compose.yml
+LOCALSTACK_SUITES := tests/ledger tests/keys tests/audit/test_audit_s3.py tests/deploy/test_localstack_kit.py
+localstack-test: setup
+	$(LOCALSTACK) up -d --wait
+	AWS_ENDPOINT_URL=http://127.0.0.1:4566 $(RUN) pytest $(LOCALSTACK_SUITES) \
+		-k "dynamodb or aws_kms or s3 or localstack"; status=$$?; \
+		$(LOCALSTACK) down; exit $$status
+
+# Keycell and its dependencies, built for Lambda (x86_64, Python 3.11), into the Chalice
+# app's vendor/ folder: chalice.cdk ships it with every function of the AWS stacks.
+.PHONY: aws-vendor
+aws-vendor: setup
+	rm -rf functions/api/vendor dist/keycell-*.whl
+	$(UV) build --wheel --out-dir dist
+	$(UV) pip install --target functions/api/vendor --python-platform x86_64-manylinux_2_28 \
+		--python-version 3.11 dist/keycell-*.whl

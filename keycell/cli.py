@@ -30,6 +30,9 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(entry_app, name="entry")  # workload identity (issue 6)
 app.command("agent")(agent)
 app.command("rotate")(rotate_command)  # keycell/cli_rotation.py
+from keycell.cli_cells import cells_app  # noqa: E402
+
+app.add_typer(cells_app, name="cells")
 
 console = Console()
 errors = Console(stderr=True)

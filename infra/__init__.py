@@ -1,0 +1,1 @@
+"""Infrastructure as code for Keycell's cells: `aws` (CDK), `azure` (ARM), `gcp` (Terraform)."""
