@@ -1,0 +1,74 @@
+"""What a relay does to its cell: apply heard revocations to the cell's ledger
+(idempotent conditional puts through the barrier, control_plane.revocations
+RevocationLog) and keep foreign cells' receipts.
+
+Ledger calls block, so each sink runs them on its own single thread: relays of one
+cell sharing a process share the sink, and the cell's SQLite file sees one writer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from keycell.control_plane.revocations import Receipt, RevocationLog, RevocationRecord, RevocationSet
+from keycell.control_plane.services import CellServices
+
+log = logging.getLogger("keycell.relay")
+
+
+class CellSink(Protocol):
+    cell: str
+    executor: ThreadPoolExecutor
+
+    def apply(self, rec: RevocationRecord) -> float: ...
+
+    def store_receipt(self, receipt: Receipt, rec: RevocationRecord | None) -> None: ...
+
+    def held(self) -> Iterator[tuple[RevocationRecord | None, Receipt]]: ...
+
+
+class LedgerSink:
+    """A cell's ledger as the relay sees it. Opening the barrier follows the cell's
+    seal: an HSM-sealed cell opens itself (`ensure_unsealed`); a cell still sealed
+    raises, and the relay keeps the revocation in memory and retries."""
+
+    def __init__(self, services: CellServices) -> None:
+        self.services = services
+        self.cell = services.config.cell_id
+        self.log = RevocationLog(services.revocations)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"relay-ledger-{self.cell}")
+
+    @classmethod
+    def for_ledger(cls, services: CellServices) -> LedgerSink:
+        return cls(services)
+
+    def _open(self) -> None:
+        if self.services.barrier.sealed:
+            self.services.ensure_unsealed()
+        if self.services.barrier.sealed:
+            raise RuntimeError(
+                f"cell {self.cell} is sealed; the relay applies revocations once it is unsealed"
+            )
+
+    def apply(self, rec: RevocationRecord) -> float:
+        self._open()
+        return self.log.apply(rec)
+
+    def store_receipt(self, receipt: Receipt, rec: RevocationRecord | None) -> None:
+        self._open()
+        self.log.store_receipt(receipt, rec)
+
+    def held(self) -> Iterator[tuple[RevocationRecord | None, Receipt]]:
+        self._open()
+        return self.log.held()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.services.ledger.close()
+
+
+def revocation_set(services: CellServices) -> RevocationSet:
+    return services.revocations
