@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from keycell.control_plane.revocations import Receipt, RevocationLog, RevocationRecord, RevocationSet
+from keycell.control_plane.ledger import Kind, iter_prefix
+from keycell.control_plane.revocations import Receipt, RevocationLog, RevocationRecord
 from keycell.control_plane.services import CellServices
 
 log = logging.getLogger("keycell.relay")
@@ -41,10 +42,6 @@ class LedgerSink:
         self.log = RevocationLog(services.revocations)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"relay-ledger-{self.cell}")
 
-    @classmethod
-    def for_ledger(cls, services: CellServices) -> LedgerSink:
-        return cls(services)
-
     def _open(self) -> None:
         if self.services.barrier.sealed:
             self.services.ensure_unsealed()
@@ -65,10 +62,11 @@ class LedgerSink:
         self._open()
         return self.log.held()
 
+    def subjects(self) -> set[str]:
+        """Every subject the cell's revocation set holds (a full scan: tests and benches)."""
+        self._open()
+        return {i.key.path for i in iter_prefix(self.services.barrier, Kind.REVOCATION, page_size=500)}
+
     def close(self) -> None:
         self.executor.shutdown(wait=True)
         self.services.ledger.close()
-
-
-def revocation_set(services: CellServices) -> RevocationSet:
-    return services.revocations

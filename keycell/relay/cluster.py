@@ -103,3 +103,29 @@ class Cluster:
             if not names <= seen:
                 return False
         return True
+
+
+def dev_cell_env(folder: str, cell: str) -> dict[str, str]:
+    """A throwaway cell's configuration (SQLite ledger, software keys in their own
+    file, auto-unsealed through them), as `keycell server --dev` makes one."""
+    import os
+
+    return {
+        "KEYCELL_LEDGER": f"sqlite://{os.path.join(folder, 'cell.db')}",
+        "KEYCELL_KEY_BACKEND": "software",
+        "KEYCELL_SOFTWARE_KEYS": f"sqlite://{os.path.join(folder, 'dev-keys.db')}",
+        "KEYCELL_SEAL": "hsm",
+        "KEYCELL_CELL": cell,
+    }
+
+
+def open_dev_cell(folder: str, cell: str):  # type: ignore[no-untyped-def]
+    """The services of a dev cell in `folder`, initialized on first use and unsealed."""
+    from keycell.functions.wiring import services_from_environment
+
+    services = services_from_environment(dev_cell_env(folder, cell))
+    if not services.seal.status().initialized:
+        services.seal.init(1, 1)
+        services.after_unseal()
+    services.ensure_unsealed()
+    return services

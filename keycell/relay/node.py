@@ -357,6 +357,7 @@ class Relay(pb_grpc.RelayServicer):
                     queue.put_nowait(pb.Applied(revocation=entry.revocation, relay=self.name, applied_at=at))
         self._subscribers.add(queue)
         try:
+            yield pb.Applied(relay=self.name)  # no revocation: "subscribed", so the client knows it is live
             while True:
                 item = await queue.get()
                 if item is None:
@@ -471,7 +472,13 @@ class Relay(pb_grpc.RelayServicer):
         self.rumors.put("m/" + member.name, pb.Rumor(alive=pb.Alive(member=self._member_msg(member))))
 
     def _member_msg(self, m: Member) -> pb.Member:
-        return pb.Member(name=m.name, addr=m.addr, cell=m.cell, incarnation=m.incarnation, state=pb.State.Name(int(m.state)))
+        return pb.Member(
+            name=m.name,
+            addr=m.addr,
+            cell=m.cell,
+            incarnation=m.incarnation,
+            state=pb.State.Name(int(m.state)),
+        )
 
     def _member_msgs(self) -> list[pb.Member]:
         assert self.table is not None
