@@ -13,6 +13,7 @@ Checks are a local ledger lookup: no network on the request path. The relay (iss
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
@@ -49,7 +50,17 @@ class RevocationSet:
         return True
 
     def is_revoked(self, subject: str) -> bool:
-        return self.ledger.get(Key(Kind.REVOCATION, subject), consistent=True) is not None
+        """`subject` is in the set; a lease also when a prefix revocation (`lease-prefix:`,
+        on whole path segments) covers its id."""
+        if self.ledger.get(Key(Kind.REVOCATION, subject), consistent=True) is not None:
+            return True
+        if subject.startswith("lease:"):
+            segments = subject[len("lease:") :].split("/")[:-1]
+            for i in range(1, len(segments) + 1):
+                covering = "lease-prefix:" + "/".join(segments[:i]) + "/"
+                if self.ledger.get(Key(Kind.REVOCATION, covering), consistent=True) is not None:
+                    return True
+        return False
 
     def get(self, subject: str) -> Revocation | None:
         found = get_json(self.ledger, Key(Kind.REVOCATION, subject))
@@ -149,7 +160,12 @@ class RevocationLog:
 
     def record(self, subject: str, *, reason: str, expires_at: int | None = None) -> RevocationRecord:
         rec = RevocationRecord(
-            new_revocation_id(), check_subject(subject), self.cell, self.revocations.clock(), reason, expires_at
+            new_revocation_id(),
+            check_subject(subject),
+            self.cell,
+            self.revocations.clock(),
+            reason,
+            expires_at,
         )
         self.apply(rec)
         return rec
@@ -165,12 +181,11 @@ class RevocationLog:
             "reason": rec.reason,
             "id": rec.id,
         }
-        try:
+        # A conflict: revoked already (maybe by another record for the same subject); still revoked.
+        with contextlib.suppress(ConflictError):
             put_json_if(
                 self.ledger, Key(Kind.REVOCATION, rec.subject), subject_record, 0, expires_at=rec.expires_at
             )
-        except ConflictError:
-            pass  # revoked already (maybe by another record for the same subject): still revoked
         applied = self.revocations.clock()
         receipt = {"cell": self.cell, "applied_at": applied, "revocation": rec.as_json()}
         try:

@@ -18,5 +18,8 @@ def build_router(services: Any) -> Router:
     secrets.register(router, services)
     metrics.register(router, services)
     audit.register(router, services)
+    from keycell.control_plane.routes import revocations
+
+    revocations.register(router, services)
     openapi.register(router, services)  # last: documents every route above
     return router
