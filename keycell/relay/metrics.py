@@ -28,9 +28,9 @@ def render(relays: Iterable[Relay]) -> str:
         "# HELP keycell_relay_suspicions_total Suspicions this relay started or joined.",
         "# TYPE keycell_relay_suspicions_total counter",
     ]
-    lines += [
-        f'keycell_relay_suspicions_total{{relay="{r.name}"}} {r.table.suspicions_started}' for r in relays
-    ]
+    for r in relays:
+        suspicions = r.table.suspicions_started if r.table is not None else 0
+        lines.append(f'keycell_relay_suspicions_total{{relay="{r.name}"}} {suspicions}')
     lines += [
         "# HELP keycell_relay_local_health Lifeguard local health multiplier (0 is healthy).",
         "# TYPE keycell_relay_local_health gauge",
