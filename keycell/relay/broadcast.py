@@ -62,30 +62,45 @@ class _Queued:
     key: str
     rumor: Any
     transmits: int = 0
+    lazy: bool = False
 
 
 class RumorQueue:
     """Rumours waiting to be piggybacked. Each goes out at most `limit` times, least
     sent first; a newer rumour about the same key (a member's name) replaces the
-    older one, as memberlist invalidates broadcasts about the same node."""
+    older one, as memberlist invalidates broadcasts about the same node. A rumour put
+    with `sent=k` was already pushed k times (the eager push counts against the
+    limit). A `lazy` rumour (a cell's receipt) only rides along: it never makes the
+    gossip loop send a message of its own."""
 
     def __init__(self) -> None:
         self._items: dict[str, _Queued] = {}
+        self._hot = 0
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, key: str, rumor: Any) -> None:
-        self._items[key] = _Queued(key, rumor)
+    def hot(self) -> bool:
+        return self._hot > 0
+
+    def put(self, key: str, rumor: Any, *, sent: int = 0, lazy: bool = False) -> None:
+        self._remove(key)
+        self._items[key] = _Queued(key, rumor, sent, lazy)
+        self._hot += not lazy
+
+    def _remove(self, key: str) -> None:
+        old = self._items.pop(key, None)
+        if old is not None and not old.lazy:
+            self._hot -= 1
 
     def take(self, count: int, limit: int) -> list[Any]:
         if not self._items:
             return []
-        chosen = sorted(self._items.values(), key=lambda q: q.transmits)[:count]
+        chosen = sorted(self._items.values(), key=lambda q: (q.lazy, q.transmits))[:count]
         out = []
         for q in chosen:
             q.transmits += 1
             out.append(q.rumor)
             if q.transmits >= limit:
-                del self._items[q.key]
+                self._remove(q.key)
         return out

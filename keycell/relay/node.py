@@ -495,12 +495,14 @@ class Relay(pb_grpc.RelayServicer):
         key = entry_key(entry)
         if not self.store.add(key, entry):
             return False
-        self.rumors.put(key, pb.Rumor(entry=entry))
         if entry.HasField("revocation"):
             self.counters["revocations_heard"] += 1
-            self._eager_push(entry, source_addr)
+            pushed = self._eager_push(entry, source_addr)
+            self.rumors.put(key, pb.Rumor(entry=entry), sent=pushed)
             self._apply(entry.revocation)
-        elif self.sink is not None and entry.receipt.cell != self.cell:
+            return True
+        self.rumors.put(key, pb.Rumor(entry=entry), lazy=True)
+        if self.sink is not None and entry.receipt.cell != self.cell:
             rev = self.store.entries.get("r/" + entry.receipt.id)
             receipt = Receipt(entry.receipt.id, entry.receipt.cell, entry.receipt.applied_at)
             loop = asyncio.get_running_loop()
@@ -518,11 +520,26 @@ class Relay(pb_grpc.RelayServicer):
         if not future.cancelled() and future.exception() is not None:
             log.warning("relay ledger write failed: %s", future.exception())
 
-    def _eager_push(self, entry: pb.Entry, source_addr: str) -> None:
+    def _eager_push(self, entry: pb.Entry, source_addr: str) -> int:
+        """Push a new revocation now to `eager_fanout` relays of this cell; the relay
+        that took it from the revoke call (no source) also pushes it to every cross
+        link of every other cell, which then spread it in their cells. Relays that
+        heard it from a peer leave other cells to the origin and to gossip, which
+        keeps one relay per other cell in every gossip round. Returns the sends made
+        (they count against the rumour's retransmit limit)."""
         rumor = pb.Rumor(entry=entry)
-        for addr in self._fanout(self.profile.eager_fanout, exclude=source_addr):
+        assert self.table is not None
+        own = [m.addr for m in self._own_cell() if m.addr != source_addr]
+        targets = self.rng.sample(own, min(self.profile.eager_fanout, len(own)))
+        if not source_addr:
+            if not self.cross:
+                self._refresh_cross()
+            for names in self.cross.values():
+                targets += [m.addr for n in names if (m := self.table.get(n)) is not None]
+        for addr in targets:
             self._send(addr, self._envelope(rumors=[rumor]), piggyback=False)
         self.counters["eager_pushes"] += 1
+        return len(targets)
 
     def _apply(self, msg: pb.Revocation) -> None:
         rid = msg.id
@@ -733,7 +750,7 @@ class Relay(pb_grpc.RelayServicer):
     async def _gossip_loop(self) -> None:
         while self.running:
             await asyncio.sleep(self.profile.gossip_interval)
-            if not len(self.rumors) or self.table is None:
+            if not self.rumors.hot() or self.table is None:
                 continue
             limit = self.profile.retransmit_limit(len(self.table.members))
             for addr in self._fanout(self.profile.gossip_nodes):

@@ -23,7 +23,8 @@ class Profile:
     indirect_checks: int
     suspicion_mult: int  # suspicion min timeout = mult * log10(n) * probe_interval (memberlist)
     suspicion_max_mult: int  # max timeout = this * min timeout (Lifeguard)
-    retransmit_mult: int  # a rumour is retransmitted mult * ceil(log10(n + 1)) times (memberlist)
+    # a rumour is sent mult * ceil(log10(n + 1)) times by each relay (memberlist), the eager push included
+    retransmit_mult: int
     gossip_interval: float
     gossip_nodes: int
     eager_fanout: int  # peers of this cell a new revocation is pushed to on receipt
@@ -57,12 +58,12 @@ LOCAL = Profile(
     indirect_checks=3,
     suspicion_mult=3,
     suspicion_max_mult=4,
-    retransmit_mult=3,
+    retransmit_mult=6,
     gossip_interval=0.02,
     gossip_nodes=3,
     eager_fanout=3,
     cross_links=2,
-    push_pull_interval=1.0,
+    push_pull_interval=0.5,
     reconnect_interval=0.5,
     awareness_max=8,
     backoff_base=0.05,
