@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from keycell.control_plane.errors import InvalidRequest
-from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
-from keycell.control_plane.storage import get_json, put_json_if
+from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, Put, iter_prefix
+from keycell.control_plane.storage import encode_json, get_json, put_json_if
 
 
 @dataclass(frozen=True)
@@ -181,15 +181,25 @@ class RevocationLog:
             "reason": rec.reason,
             "id": rec.id,
         }
-        # A conflict: revoked already (maybe by another record for the same subject); still revoked.
-        with contextlib.suppress(ConflictError):
-            put_json_if(
-                self.ledger, Key(Kind.REVOCATION, rec.subject), subject_record, 0, expires_at=rec.expires_at
-            )
         applied = self.revocations.clock()
         receipt = {"cell": self.cell, "applied_at": applied, "revocation": rec.as_json()}
+        subject_key = Key(Kind.REVOCATION, rec.subject)
+        receipt_key = _receipt_key(rec.id, self.cell)
+        try:  # both in one commit: the common case costs one fsync
+            self.ledger.transact(
+                [
+                    Put(subject_key, encode_json(subject_record), 0, rec.expires_at),
+                    Put(receipt_key, encode_json(receipt), 0, rec.expires_at),
+                ]
+            )
+            return applied
+        except ConflictError:
+            pass  # the subject was revoked already (maybe by another record), or the receipt is there
+        # Subject first, then the receipt: a receipt never claims a subject the set lacks.
+        with contextlib.suppress(ConflictError):
+            put_json_if(self.ledger, subject_key, subject_record, 0, expires_at=rec.expires_at)
         try:
-            put_json_if(self.ledger, _receipt_key(rec.id, self.cell), receipt, 0, expires_at=rec.expires_at)
+            put_json_if(self.ledger, receipt_key, receipt, 0, expires_at=rec.expires_at)
         except ConflictError:
             again = self.applied_at(rec.id, self.cell)
             return applied if again is None else again

@@ -2,8 +2,9 @@
 (idempotent conditional puts through the barrier, control_plane.revocations
 RevocationLog) and keep foreign cells' receipts.
 
-Ledger calls block, so each sink runs them on its own single thread: relays of one
-cell sharing a process share the sink, and the cell's SQLite file sees one writer.
+Ledger calls block, so each sink runs them off the event loop, on one thread for
+applies and one for other cells' receipts (so a receipt never delays an apply);
+relays of one cell sharing a process share the sink and its memory of what is done.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ log = logging.getLogger("keycell.relay")
 
 class CellSink(Protocol):
     cell: str
-    executor: ThreadPoolExecutor
+    executor: ThreadPoolExecutor  # applies: on the exposure window's path
+    background: ThreadPoolExecutor  # other cells' receipts: never queued ahead of an apply
 
     def apply(self, rec: RevocationRecord) -> float: ...
 
@@ -41,6 +43,9 @@ class LedgerSink:
         self.cell = services.config.cell_id
         self.log = RevocationLog(services.revocations)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"relay-ledger-{self.cell}")
+        self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"relay-receipts-{self.cell}")
+        self._applied: dict[str, float] = {}  # revocation id -> when this cell's ledger held it
+        self._receipts: set[tuple[str, str]] = set()  # (revocation id, cell) receipts kept
 
     def _open(self) -> None:
         if self.services.barrier.sealed:
@@ -51,12 +56,24 @@ class LedgerSink:
             )
 
     def apply(self, rec: RevocationRecord) -> float:
+        # Relays of this cell in this process share the sink: the first one writes,
+        # the others find it here without touching the ledger.
+        held = self._applied.get(rec.id)
+        if held is not None:
+            return held
         self._open()
-        return self.log.apply(rec)
+        at = self.log.apply(rec)
+        self._applied[rec.id] = at
+        return at
 
     def store_receipt(self, receipt: Receipt, rec: RevocationRecord | None) -> None:
+        key = (receipt.id, receipt.cell)
+        if key in self._receipts:
+            return
         self._open()
-        self.log.store_receipt(receipt, rec)
+        if self.log.applied_at(receipt.id, receipt.cell) is None:
+            self.log.store_receipt(receipt, rec)
+        self._receipts.add(key)
 
     def held(self) -> Iterator[tuple[RevocationRecord | None, Receipt]]:
         self._open()
@@ -69,4 +86,5 @@ class LedgerSink:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+        self.background.shutdown(wait=True)
         self.services.ledger.close()

@@ -507,7 +507,7 @@ class Relay(pb_grpc.RelayServicer):
             receipt = Receipt(entry.receipt.id, entry.receipt.cell, entry.receipt.applied_at)
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(
-                self.sink.executor,
+                self.sink.background,
                 self.sink.store_receipt,
                 receipt,
                 rev_from_pb(rev.revocation) if rev is not None else None,
