@@ -31,6 +31,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -175,8 +176,12 @@ def main(argv: list[str] | None = None) -> None:
         try:
             figures = asyncio.run(measure(root, addrs, args.revocations, args.interval, settle=30))
         finally:
+            died = [p for p in processes if p.exited() is not None]
+            for process in died:
+                sys.stderr.write(f"{process.what} exited with {process.exited()}:\n{process.log_tail()}\n")
             for process in processes:
                 process.stop()
+        figures["relay_processes_died"] = len(died)
     sizes = [int(s) for s in args.sim_sizes.split(",") if s]
     trials = 2 if args.quick else 5
     result = {

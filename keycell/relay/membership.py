@@ -5,8 +5,8 @@ Pure logic with an injected clock; the node turns its verdicts into messages.
 The rules (SWIM section 4.2, memberlist state.go):
 - `alive(inc)` overrides a member's state only with a higher incarnation (or for a
   member not known yet); only a member itself raises its incarnation, to refute;
-- `suspect(inc)` applies to an alive member at inc >= its own; about this relay, it
-  is refuted with alive(inc + 1);
+- `suspect(inc)` applies to an alive member at inc >= its own; about this relay at
+  its current incarnation, it is refuted with alive(inc + 1) (older ones are stale);
 - `dead(inc)` applies at inc >= its own; about this relay, it is refuted too, which
   is also how relays on both sides of a healed partition rejoin each other.
 """
@@ -106,6 +106,7 @@ class MemberTable:
         self._confirmations = confirmations
         self.suspicions_started = 0
         self.refutations = 0
+        self.version = 0  # bumped on every change (callers cache what they build from the table)
 
     # --- queries ---------------------------------------------------------------------
 
@@ -129,23 +130,29 @@ class MemberTable:
 
     def alive(self, name: str, addr: str, cell: str, incarnation: int) -> Verdict:
         if name == self.me.name:
-            if incarnation > self.me.incarnation or addr != self.me.addr:
+            if incarnation > self.me.incarnation or (
+                addr != self.me.addr and incarnation == self.me.incarnation
+            ):
                 return self._refute(incarnation)  # someone speaks for us: out-bid them
             return Verdict.IGNORED
         known = self.members.get(name)
         if known is None:
             self.members[name] = Member(name, addr, cell, incarnation, State.ALIVE, self.clock())
+            self.version += 1
             return Verdict.CHANGED
         if incarnation <= known.incarnation:
             return Verdict.IGNORED
         known.incarnation, known.addr, known.cell = incarnation, addr, cell
+        self.version += 1
         self._set(known, State.ALIVE)
         self.suspicions.pop(name, None)
         return Verdict.CHANGED
 
     def suspect(self, name: str, incarnation: int, source: str) -> Verdict:
         if name == self.me.name:
-            return self._refute(incarnation)
+            # Only a rumour about this incarnation (or a later one) needs an answer; an
+            # older one was refuted already and dies out on its own.
+            return self._refute(incarnation) if incarnation >= self.me.incarnation else Verdict.IGNORED
         known = self.members.get(name)
         if known is None or incarnation < known.incarnation or known.state == State.DEAD:
             return Verdict.IGNORED
@@ -155,6 +162,7 @@ class MemberTable:
                 return Verdict.CHANGED  # a confirmation: pass it on, it shortens others' timers
             return Verdict.IGNORED
         known.incarnation = incarnation
+        self.version += 1
         self._set(known, State.SUSPECT)
         low, high = self._timeouts(len(self.members))
         suspicion = Suspicion(incarnation, self.clock(), low, high, self._confirmations)
@@ -165,11 +173,12 @@ class MemberTable:
 
     def dead_(self, name: str, incarnation: int) -> Verdict:
         if name == self.me.name:
-            return self._refute(incarnation)
+            return self._refute(incarnation) if incarnation >= self.me.incarnation else Verdict.IGNORED
         known = self.members.get(name)
         if known is None or incarnation < known.incarnation or known.state == State.DEAD:
             return Verdict.IGNORED
         known.incarnation = incarnation
+        self.version += 1
         self._set(known, State.DEAD)
         self.suspicions.pop(name, None)
         return Verdict.CHANGED
@@ -190,9 +199,11 @@ class MemberTable:
     def _refute(self, incarnation: int) -> Verdict:
         self.me.incarnation = max(self.me.incarnation, incarnation) + 1
         self.refutations += 1
+        self.version += 1
         return Verdict.REFUTE
 
     def _set(self, member: Member, state: State) -> None:
         if member.state != state:
             member.state = state
             member.since = self.clock()
+            self.version += 1

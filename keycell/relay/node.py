@@ -13,6 +13,9 @@ none does. A failed stream is dropped and that peer is retried after an exponent
 backoff; a new outbound stream starts with a push-pull (digest and member table),
 which repairs whatever was missed while apart.
 
+Membership rumours ride on probes, acks and revocation gossip (SWIM's piggyback);
+only revocations make the gossip loop send messages of their own.
+
 Revocations: a new one is applied to the cell (LedgerSink, off the event loop),
 pushed at once to `eager_fanout` relays of this cell and one relay of every other
 cell, and queued for piggybacking (retransmit limit grows with log n). Once the
@@ -47,6 +50,9 @@ log = logging.getLogger("keycell.relay")
 LINK_QUEUE = 10_000  # envelopes waiting on one stream; beyond, new ones are dropped (as UDP would)
 ENTRIES_PER_ENVELOPE = 256  # anti-entropy sends missing entries in chunks
 EXPOSURE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Streams stay up for hours: clients ping every 10 s so a dead peer's stream fails
+# within 15 s even with nothing to send, and servers accept pings that often (gRPC's
+# server default would answer them with GOAWAY "too_many_pings", killing the stream).
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -54,6 +60,13 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.initial_reconnect_backoff_ms", 50),
     ("grpc.max_reconnect_backoff_ms", 1_000),
+]
+_SERVER_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
 ]
 
 
@@ -155,14 +168,15 @@ class Relay(pb_grpc.RelayServicer):
         self._tasks: list[asyncio.Task[Any]] = []
         self._subscribers: set[asyncio.Queue[pb.Applied | None]] = set()
         self._probe_order: list[str] = []
-        self._helping: set[asyncio.Task[None]] = set()  # indirect probes run for others
+        self._helping: set[asyncio.Task[None]] = set()
+        self._members_cache: tuple[int, list[pb.Member]] = (-1, [])  # indirect probes run for others
         self._pending: set[str] = set()  # revocation ids waiting for the sink (sealed cell, ledger down)
         self.running = False
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._server = grpc.aio.server(options=_CHANNEL_OPTIONS)
+        self._server = grpc.aio.server(options=_SERVER_OPTIONS)
         pb_grpc.add_RelayServicer_to_server(self, self._server)  # type: ignore[no-untyped-call]
         self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
         if not self.port:
@@ -290,6 +304,7 @@ class Relay(pb_grpc.RelayServicer):
                 self._receive(env, link)
         except grpc.aio.AioRpcError as exc:
             self.counters["stream_failures"] += 1
+            self.counters[f"stream_failures_{exc.code().name.lower()}"] += 1
             log.debug("%s: stream to %s failed: %s", self.name, link.addr, exc.code())
         except asyncio.CancelledError:
             pass
@@ -402,7 +417,7 @@ class Relay(pb_grpc.RelayServicer):
             self._on_keys(env, link)
         elif body == "sync":
             for member in env.sync.members:
-                self._on_member(member, env.sender_addr)
+                self._on_member(member, env.sender)
             if not env.sync.reply:
                 self._send(
                     env.sender_addr,
@@ -421,12 +436,12 @@ class Relay(pb_grpc.RelayServicer):
         elif kind == "dead":
             self._on_dead(rumor.dead.name, rumor.dead.incarnation)
 
-    def _on_member(self, member: pb.Member, source_addr: str) -> None:
+    def _on_member(self, member: pb.Member, source: str) -> None:
         if member.state == pb.ALIVE:
-            self._on_alive(member, source_addr)
+            self._on_alive(member, "")
         elif member.state == pb.SUSPECT:
-            self._on_alive(member, source_addr)  # learn of it first if unknown
-            self._on_suspect(member.name, member.incarnation, member.name)
+            self._on_alive(member, "")  # learn of it first if unknown
+            self._on_suspect(member.name, member.incarnation, source)
         else:
             if self.table is not None and self.table.get(member.name) is None and member.name != self.name:
                 self.table.alive(member.name, member.addr, member.cell, member.incarnation)
@@ -449,7 +464,9 @@ class Relay(pb_grpc.RelayServicer):
             self._refute()
         elif verdict == Verdict.CHANGED:
             self.rumors.put(
-                "m/" + name, pb.Rumor(suspect=pb.Suspect(name=name, incarnation=incarnation, source=source))
+                "m/" + name,
+                pb.Rumor(suspect=pb.Suspect(name=name, incarnation=incarnation, source=source)),
+                lazy=True,
             )
 
     def _on_dead(self, name: str, incarnation: int) -> None:
@@ -459,7 +476,9 @@ class Relay(pb_grpc.RelayServicer):
             self._refute()
         elif verdict == Verdict.CHANGED:
             self.rumors.put(
-                "m/" + name, pb.Rumor(dead=pb.Dead(name=name, incarnation=incarnation, source=self.name))
+                "m/" + name,
+                pb.Rumor(dead=pb.Dead(name=name, incarnation=incarnation, source=self.name)),
+                lazy=True,
             )
             self._drop_cross(name)
 
@@ -469,7 +488,9 @@ class Relay(pb_grpc.RelayServicer):
         self._queue_member(self.me)
 
     def _queue_member(self, member: Member) -> None:
-        self.rumors.put("m/" + member.name, pb.Rumor(alive=pb.Alive(member=self._member_msg(member))))
+        self.rumors.put(
+            "m/" + member.name, pb.Rumor(alive=pb.Alive(member=self._member_msg(member))), lazy=True
+        )
 
     def _member_msg(self, m: Member) -> pb.Member:
         return pb.Member(
@@ -481,8 +502,14 @@ class Relay(pb_grpc.RelayServicer):
         )
 
     def _member_msgs(self) -> list[pb.Member]:
+        """The member table as sent in a Sync, rebuilt only when the table changed."""
         assert self.table is not None
-        return [self._member_msg(m) for m in self.table.members.values()]
+        if self._members_cache[0] != self.table.version:
+            self._members_cache = (
+                self.table.version,
+                [self._member_msg(m) for m in self.table.members.values()],
+            )
+        return self._members_cache[1]
 
     # --- entries: revocations and receipts ---------------------------------------------
 
@@ -606,10 +633,14 @@ class Relay(pb_grpc.RelayServicer):
 
     # --- anti-entropy -------------------------------------------------------------------
 
-    def _push_pull(self, addr: str) -> None:
+    def _push_pull(self, addr: str, *, members: bool = True) -> None:
+        """Anti-entropy with one peer: the entry digest (the peer answers with the keys
+        of buckets that differ, then each side sends what the other lacks) and, with
+        `members`, the whole member table (answered with the peer's)."""
         self.counters["push_pulls"] += 1
         self._send(addr, self._envelope(digest=pb.Digest(buckets=self.store.digest)))
-        self._send(addr, self._envelope(sync=pb.Sync(members=self._member_msgs())))
+        if members:
+            self._send(addr, self._envelope(sync=pb.Sync(members=self._member_msgs())))
 
     def _on_digest(self, env: pb.Envelope, link: Link) -> None:
         differing = self.store.differing(env.digest.buckets)
@@ -771,6 +802,7 @@ class Relay(pb_grpc.RelayServicer):
                     pb.Rumor(
                         dead=pb.Dead(name=member.name, incarnation=member.incarnation, source=self.name)
                     ),
+                    lazy=True,
                 )
                 self._drop_cross(member.name)
 
@@ -778,16 +810,19 @@ class Relay(pb_grpc.RelayServicer):
         """Anti-entropy with one random peer per interval, a try at one dead member per
         reconnect interval (rejoin after a partition), and a retry of revocations the
         cell's ledger has not taken yet."""
-        last_push = last_rejoin = time.monotonic()
+        last_push = last_rejoin = last_sync = time.monotonic()
         while self.running:
             await asyncio.sleep(min(self.profile.push_pull_interval, self.profile.reconnect_interval) / 2)
             assert self.table is not None
             now = time.monotonic()
             if now - last_push >= self.profile.push_pull_interval * (0.5 + self.rng.random()):
                 last_push = now
+                members = now - last_sync >= self.profile.sync_interval
+                if members:
+                    last_sync = now
                 peers = self._probe_targets()
                 if peers:
-                    self._push_pull(self.rng.choice(peers).addr)
+                    self._push_pull(self.rng.choice(peers).addr, members=members)
                 elif self.seeds:
                     self._push_pull(self.rng.choice(self.seeds))
             if now - last_rejoin >= self.profile.reconnect_interval:
