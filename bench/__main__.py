@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ["bench.ledger", "bench.barrier", "bench.keys", "bench.api", "bench.audit", "bench.herd", "bench.revocation"]
+BENCHMARKS = [
+    "bench.ledger",
+    "bench.barrier",
+    "bench.keys",
+    "bench.api",
+    "bench.audit",
+    "bench.herd",
+    "bench.revocation",
+]
 
 
 def main() -> None:
