@@ -605,31 +605,39 @@ class Relay(pb_grpc.RelayServicer):
         if ledger_at is not None:
             self._learn(pb.Entry(receipt=pb.Receipt(id=msg.id, cell=self.cell, applied_at=ledger_at)), "")
 
-    async def _reload(self) -> None:
-        """What this cell's ledger already holds (a restarted relay starts from it)."""
+    async def _reload(self, *, spread: bool = False) -> None:
+        """What this cell's ledger holds: a restarted relay starts from it, and every
+        `sync_interval` a sweep spreads whatever the ledger has that this relay never
+        heard of (a revoke call whose hand-over to the relay failed)."""
         assert self.sink is not None
+        sink = self.sink
         loop = asyncio.get_running_loop()
         try:
-            held = await loop.run_in_executor(self.sink.executor, lambda: list(self.sink.held()))  # type: ignore[union-attr]
+            held = await loop.run_in_executor(sink.executor, lambda: list(sink.held()))
         except Exception as exc:
             log.warning("%s: could not read cell %s's revocations: %s", self.name, self.cell, exc)
             return
         for rec, receipt in held:
             if rec is not None and "r/" + rec.id not in self.store:
                 entry = pb.Entry(revocation=rev_to_pb(rec))
-                self.store.add("r/" + rec.id, entry)
-                if receipt.cell == self.cell:
-                    self.applied.setdefault(rec.id, receipt.applied_at)
+                if spread:
+                    self.counters["swept"] += 1
+                    self._learn(entry, "")
                 else:
-                    self._apply(entry.revocation)
+                    self.store.add("r/" + rec.id, entry)
+                    if receipt.cell == self.cell:
+                        self.applied.setdefault(rec.id, receipt.applied_at)
+                    else:
+                        self._apply(entry.revocation)
             key = f"a/{receipt.id}/{receipt.cell}"
             if key not in self.store:
-                self.store.add(
-                    key,
-                    pb.Entry(
-                        receipt=pb.Receipt(id=receipt.id, cell=receipt.cell, applied_at=receipt.applied_at)
-                    ),
+                found = pb.Entry(
+                    receipt=pb.Receipt(id=receipt.id, cell=receipt.cell, applied_at=receipt.applied_at)
                 )
+                if spread:
+                    self._learn(found, "")
+                else:
+                    self.store.add(key, found)
 
     # --- anti-entropy -------------------------------------------------------------------
 
@@ -808,9 +816,9 @@ class Relay(pb_grpc.RelayServicer):
 
     async def _push_pull_loop(self) -> None:
         """Anti-entropy with one random peer per interval, a try at one dead member per
-        reconnect interval (rejoin after a partition), and a retry of revocations the
-        cell's ledger has not taken yet."""
-        last_push = last_rejoin = last_sync = time.monotonic()
+        reconnect interval (rejoin after a partition), a sweep of the cell's ledger per
+        sync interval, and a retry of revocations the cell's ledger has not taken yet."""
+        last_push = last_rejoin = last_sync = last_sweep = time.monotonic()
         while self.running:
             await asyncio.sleep(min(self.profile.push_pull_interval, self.profile.reconnect_interval) / 2)
             assert self.table is not None
@@ -830,6 +838,9 @@ class Relay(pb_grpc.RelayServicer):
                 dead = [m for m in self.table.dead() if m.name != self.name]
                 if dead:
                     self._push_pull(self.rng.choice(dead).addr)
+            if self.sink is not None and now - last_sweep >= self.profile.sync_interval:
+                last_sweep = now
+                await self._reload(spread=True)
             for rid in list(self._pending):
                 entry = self.store.entries.get("r/" + rid)
                 if entry is not None:

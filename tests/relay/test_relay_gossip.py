@@ -167,3 +167,50 @@ def test_the_cells_api_processes_get_each_applied_revocation_pushed_over_grpc(si
             await cluster.stop()
 
     asyncio.run(scenario())
+
+
+def test_delayed_and_jittered_messages_still_deliver_every_revocation(sinks) -> None:
+    async def scenario() -> None:
+        cluster = Cluster(faults=Faults(loss=0.05, delay=0.005, jitter=0.02), sinks=sinks, seed=9)
+        await cluster.start({"a": 3, "b": 3, "c": 3})
+        try:
+            assert await cluster.wait_for(cluster.converged_members, 10)
+            revs = [revocation(f"lease:pki/issue/web/{i}", "c") for i in range(5)]
+            for rec in revs:
+                sinks["c"].log.apply(rec)
+                cluster.relays["c-0"].submit(rec)
+            assert await cluster.wait_for(lambda: all(everywhere(cluster, r.id) for r in revs), 10)
+        finally:
+            await cluster.stop()
+
+    asyncio.run(scenario())
+
+
+def test_relay_metrics_are_served_as_prometheus_text(sinks) -> None:
+    from keycell.relay.metrics import serve_metrics
+
+    async def scenario() -> None:
+        cluster = Cluster(sinks=sinks, seed=4)
+        await cluster.start({"a": 2, "b": 2})
+        server = await serve_metrics("127.0.0.1", 0, cluster.live)
+        try:
+            assert await cluster.wait_for(cluster.converged_members, 10)
+            rec = revocation("token:metrics", "a")
+            sinks["a"].log.apply(rec)
+            cluster.relays["a-0"].submit(rec)
+            assert await cluster.wait_for(lambda: everywhere(cluster, rec.id), 5)
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+            reply = (await reader.read()).decode()
+            writer.close()
+            assert reply.startswith("HTTP/1.0 200")
+            assert 'keycell_relay_members{relay="a-0",cell="a",state="alive"} 4' in reply
+            assert 'keycell_relay_revocations_applied_total{relay="b-1"} 1' in reply
+            assert 'keycell_relay_exposure_seconds_count{relay="b-0"} 1' in reply
+            assert "keycell_relay_suspicions_total" in reply and "keycell_relay_messages_total" in reply
+        finally:
+            server.close()
+            await cluster.stop()
+
+    asyncio.run(scenario())
