@@ -28,6 +28,8 @@ class CellSink(Protocol):
 
     def apply(self, rec: RevocationRecord) -> float: ...
 
+    def known(self, revocation_id: str) -> float | None: ...
+
     def store_receipt(self, receipt: Receipt, rec: RevocationRecord | None) -> None: ...
 
     def held(self) -> Iterator[tuple[RevocationRecord | None, Receipt]]: ...
@@ -65,6 +67,10 @@ class LedgerSink:
         at = self.log.apply(rec)
         self._applied[rec.id] = at
         return at
+
+    def known(self, revocation_id: str) -> float | None:
+        """When this cell's ledger took it, if a relay of this process saw that (no I/O)."""
+        return self._applied.get(revocation_id)
 
     def store_receipt(self, receipt: Receipt, rec: RevocationRecord | None) -> None:
         key = (receipt.id, receipt.cell)

@@ -156,6 +156,7 @@ class Relay(pb_grpc.RelayServicer):
         self.awareness = Awareness(profile.awareness_max)
         self.links: dict[str, Link] = {}
         self.applied: dict[str, float] = {}  # revocation id -> when this relay's cell ledger held it
+        self.heard: dict[str, float] = {}  # revocation id -> when this relay first heard of it
         self.cross: dict[str, list[str]] = {}  # other cell -> member names this relay links to
         self.counters: Counter[str] = Counter()
         self.exposure: list[float] = []  # seconds from revoke call to applied here, per revocation
@@ -524,6 +525,7 @@ class Relay(pb_grpc.RelayServicer):
             return False
         if entry.HasField("revocation"):
             self.counters["revocations_heard"] += 1
+            self.heard[entry.revocation.id] = time.time()
             pushed = self._eager_push(entry, source_addr)
             self.rumors.put(key, pb.Rumor(entry=entry), sent=pushed)
             self._apply(entry.revocation)
@@ -572,6 +574,10 @@ class Relay(pb_grpc.RelayServicer):
         rid = msg.id
         if self.sink is None:
             self._applied(msg, time.time())
+            return
+        held = self.sink.known(rid)
+        if held is not None:  # another relay of this process saw the ledger take it
+            self._applied(msg, time.time(), ledger_at=held)
             return
         self._pending.add(rid)
         rec = rev_from_pb(msg)
