@@ -38,7 +38,7 @@ def relay(
     count: Annotated[
         int, typer.Option(min=1, max=500, help="Relays in this process (one event loop; own port each).")
     ] = 1,
-    name: Annotated[str | None, typer.Option(help="Relay name (default CELL-PORT).")] = None,
+    name: Annotated[str | None, typer.Option(help="Relay name (default CELL@HOST:PORT).")] = None,
     dev_data_dir: Annotated[
         str | None,
         typer.Option(help="Follow the dev cell in this folder (`keycell server --dev --data-dir`)."),
@@ -94,7 +94,7 @@ def relay(
         relays: list[Relay] = []
         for i in range(count):
             relay = Relay(
-                name or "",
+                (f"{name}-{i}" if count > 1 else name) if name else "",
                 cell_id,
                 host=host,
                 port=port if i == 0 else 0,
@@ -103,8 +103,6 @@ def relay(
                 faults=faults,
                 seeds=seeds or [r.addr for r in relays[:2]],
             )
-            if not name or count > 1:
-                relay.name = f"{cell_id}-{os.getpid()}-{i}"
             await relay.start()
             relays.append(relay)
         metrics_server = None

@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 
+from keycell.control_plane.services import CellServices
 from keycell.relay.cell import CellSink
 from keycell.relay.faults import Faults
 from keycell.relay.node import Relay
@@ -119,7 +120,7 @@ def dev_cell_env(folder: str, cell: str) -> dict[str, str]:
     }
 
 
-def open_dev_cell(folder: str, cell: str):  # type: ignore[no-untyped-def]
+def open_dev_cell(folder: str, cell: str) -> CellServices:
     """The services of a dev cell in `folder`, initialized on first use and unsealed."""
     from keycell.functions.wiring import services_from_environment
 

@@ -184,6 +184,8 @@ class Relay(pb_grpc.RelayServicer):
             raise OSError(f"relay {self.name} could not listen on {self.host}")
         await self._server.start()
         self.addr = f"{self.host}:{self.port}"
+        if not self.name:  # named by address: a relay restarted on its port is the same member
+            self.name = f"{self.cell}@{self.addr}"
         me = Member(self.name, self.addr, self.cell, incarnation=int(time.time() * 1000) % 1_000_000_000)
         # The starting incarnation is a clock reading, so a restarted relay out-bids
         # whatever its previous life left in others' tables.
