@@ -13,6 +13,7 @@ BENCHMARKS = [
     "bench.herd",
     "bench.identity",
     "bench.rotation",
+    "bench.revocation",
 ]
 
 

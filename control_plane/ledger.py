@@ -72,6 +72,7 @@ class Kind(StrEnum):
     CUBBYHOLE = "cubbyhole"  # path: token hmac/key; response-wrapping and per-token storage
     TRANSIT_KEY = "transit-key"  # path: transit key name; value: its config (versions, min decryption)
     CONFIG = "config"  # path: engine/setting; small per-cell configuration
+    REVOCATION_RECEIPT = "revocation-receipt"  # path: revocation id/cell; value: when that cell applied it
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,12 +13,17 @@ Checks are a local ledger lookup: no network on the request path. The relay (iss
 
 from __future__ import annotations
 
+import contextlib
+import json
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger
-from keycell.control_plane.storage import get_json, put_json_if
+from keycell.control_plane.errors import InvalidRequest
+from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, Put, iter_prefix
+from keycell.control_plane.storage import encode_json, get_json, put_json_if
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,17 @@ class RevocationSet:
         return True
 
     def is_revoked(self, subject: str) -> bool:
-        return self.ledger.get(Key(Kind.REVOCATION, subject), consistent=True) is not None
+        """`subject` is in the set; a lease also when a prefix revocation (`lease-prefix:`,
+        on whole path segments) covers its id."""
+        if self.ledger.get(Key(Kind.REVOCATION, subject), consistent=True) is not None:
+            return True
+        if subject.startswith("lease:"):
+            segments = subject[len("lease:") :].split("/")[:-1]
+            for i in range(1, len(segments) + 1):
+                covering = "lease-prefix:" + "/".join(segments[:i]) + "/"
+                if self.ledger.get(Key(Kind.REVOCATION, covering), consistent=True) is not None:
+                    return True
+        return False
 
     def get(self, subject: str) -> Revocation | None:
         found = get_json(self.ledger, Key(Kind.REVOCATION, subject))
@@ -55,3 +70,177 @@ class RevocationSet:
         return Revocation(
             subject, str(record["origin_cell"]), float(record["revoked_at"]), str(record["reason"])
         )
+
+
+# --- revocation records and receipts (the relay's unit of gossip, issue 8) ----------------
+
+# What a revocation may name; anything else is refused before it reaches the ledger.
+SUBJECT_KINDS = ("token", "lease", "lease-prefix", "spiffe")
+MAX_SUBJECT_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class RevocationRecord:
+    """One revocation as the relay carries it: `id` is minted once, by the cell that
+    accepted the revoke call; `revoked_at` starts the exposure window."""
+
+    id: str
+    subject: str
+    origin_cell: str
+    revoked_at: float
+    reason: str
+    expires_at: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "subject": self.subject,
+            "origin_cell": self.origin_cell,
+            "revoked_at": self.revoked_at,
+            "reason": self.reason,
+            "expires_at": self.expires_at,
+        }
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> RevocationRecord:
+        expires = record.get("expires_at")
+        return cls(
+            str(record["id"]),
+            str(record["subject"]),
+            str(record["origin_cell"]),
+            float(record["revoked_at"]),
+            str(record.get("reason", "")),
+            int(expires) if expires else None,
+        )
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Cell `cell` holds revocation `id` in its ledger since `applied_at`."""
+
+    id: str
+    cell: str
+    applied_at: float
+
+
+def new_revocation_id() -> str:
+    return "rv_" + secrets.token_hex(12)
+
+
+def check_subject(subject: str) -> str:
+    """`kind:value` with a known kind, or InvalidRequest naming the accepted shapes."""
+    kind, sep, value = subject.partition(":")
+    if not sep or kind not in SUBJECT_KINDS or not value.strip():
+        raise InvalidRequest(
+            "a revocation subject is KIND:VALUE with KIND one of " + ", ".join(SUBJECT_KINDS)
+        )
+    if len(subject.encode()) > MAX_SUBJECT_BYTES:
+        raise InvalidRequest(f"a revocation subject is at most {MAX_SUBJECT_BYTES} bytes")
+    return subject
+
+
+def _receipt_key(revocation_id: str, cell: str) -> Key:
+    return Key(Kind.REVOCATION_RECEIPT, f"{revocation_id}/{cell}")
+
+
+class RevocationLog:
+    """Revocation records with their per-cell receipts, over the cell's barrier.
+
+    `record` is the revoke call's CP step: the subject enters this cell's revocation
+    set and this cell's receipt is written, before anything is gossiped. `apply` is
+    what a relay does with a record it heard: the same two conditional writes, each
+    a no-op when already there, so applying twice (or in two relays of one cell) is
+    harmless. Receipts of other cells arrive by gossip and are kept too, so any cell
+    answers `sys/revocations/:id` for every cell it has heard from."""
+
+    def __init__(self, revocations: RevocationSet) -> None:
+        self.revocations = revocations
+        self.ledger = revocations.ledger
+        self.cell = revocations.cell
+
+    def record(self, subject: str, *, reason: str, expires_at: int | None = None) -> RevocationRecord:
+        rec = RevocationRecord(
+            new_revocation_id(),
+            check_subject(subject),
+            self.cell,
+            self.revocations.clock(),
+            reason,
+            expires_at,
+        )
+        self.apply(rec)
+        return rec
+
+    def apply(self, rec: RevocationRecord) -> float:
+        """Make this cell's ledger hold `rec`; when it first did (this cell's receipt)."""
+        held = self.applied_at(rec.id, self.cell)
+        if held is not None:
+            return held
+        subject_record = {
+            "origin_cell": rec.origin_cell,
+            "revoked_at": rec.revoked_at,
+            "reason": rec.reason,
+            "id": rec.id,
+        }
+        applied = self.revocations.clock()
+        receipt = {"cell": self.cell, "applied_at": applied, "revocation": rec.as_json()}
+        subject_key = Key(Kind.REVOCATION, rec.subject)
+        receipt_key = _receipt_key(rec.id, self.cell)
+        try:  # both in one commit: the common case costs one fsync
+            self.ledger.transact(
+                [
+                    Put(subject_key, encode_json(subject_record), 0, rec.expires_at),
+                    Put(receipt_key, encode_json(receipt), 0, rec.expires_at),
+                ]
+            )
+            return applied
+        except ConflictError:
+            pass  # the subject was revoked already (maybe by another record), or the receipt is there
+        # Subject first, then the receipt: a receipt never claims a subject the set lacks.
+        with contextlib.suppress(ConflictError):
+            put_json_if(self.ledger, subject_key, subject_record, 0, expires_at=rec.expires_at)
+        try:
+            put_json_if(self.ledger, receipt_key, receipt, 0, expires_at=rec.expires_at)
+        except ConflictError:
+            again = self.applied_at(rec.id, self.cell)
+            return applied if again is None else again
+        return applied
+
+    def store_receipt(self, receipt: Receipt, rec: RevocationRecord | None = None) -> bool:
+        """Keep another cell's receipt; False if it was already kept."""
+        value: dict[str, Any] = {"cell": receipt.cell, "applied_at": receipt.applied_at}
+        if rec is not None:
+            value["revocation"] = rec.as_json()
+        try:
+            put_json_if(self.ledger, _receipt_key(receipt.id, receipt.cell), value, 0)
+        except ConflictError:
+            return False
+        return True
+
+    def applied_at(self, revocation_id: str, cell: str) -> float | None:
+        found = get_json(self.ledger, _receipt_key(revocation_id, cell))
+        return None if found is None else float(found[0]["applied_at"])
+
+    def describe(self, revocation_id: str) -> tuple[RevocationRecord, list[Receipt]] | None:
+        """The record and every receipt this cell holds for it, or None."""
+        rec: RevocationRecord | None = None
+        receipts: list[Receipt] = []
+        for item in iter_prefix(self.ledger, Kind.REVOCATION_RECEIPT, revocation_id + "/", page_size=100):
+            value = json.loads(item.value)
+            receipts.append(Receipt(revocation_id, str(value["cell"]), float(value["applied_at"])))
+            if rec is None and isinstance(value.get("revocation"), dict):
+                rec = RevocationRecord.from_json(value["revocation"])
+        if rec is None:
+            return None
+        return rec, sorted(receipts, key=lambda r: r.applied_at)
+
+    def held(self) -> Iterator[tuple[RevocationRecord | None, Receipt]]:
+        """Every receipt this cell holds (with its record when it carries one): what a
+        restarted relay reloads."""
+        for item in iter_prefix(self.ledger, Kind.REVOCATION_RECEIPT, page_size=500):
+            value = json.loads(item.value)
+            revocation_id = item.key.path.rsplit("/", 1)[0]
+            rec = value.get("revocation")
+            yield (
+                RevocationRecord.from_json(rec) if isinstance(rec, dict) else None,
+                Receipt(revocation_id, str(value["cell"]), float(value["applied_at"])),
+            )

@@ -17,6 +17,8 @@ Environment (all optional):
   KEYCELL_AUDIT_S3_RETENTION_DAYS  object lock retention (default 365, COMPLIANCE mode)
   KEYCELL_AUDIT_FAIL_OPEN  1: serve when no audit sink accepts an entry (default: refuse, 503)
   KEYCELL_AUDIT         off: no audit trail even when a sink is configured
+  KEYCELL_RELAY         HOST:PORT of the cell's local relay: revocations are handed to it
+                        (sys/revocations) and the server's revocation stream follows it
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ def services_from_environment(env: dict[str, str] | None = None) -> CellServices
     from keycell.functions.rotation.wiring import install
 
     install(services, env)  # credential targets and database plugins
+    if env.get("KEYCELL_RELAY"):
+        from keycell.relay.handoff import RelayHandoff
+
+        services.relay_handoff = RelayHandoff(env["KEYCELL_RELAY"])  # type: ignore[attr-defined]
     return services
 
 

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from keycell import __version__
+from keycell import __version__, cli_relay
 from keycell.adapters.ledgers import LedgerURLError, default_ledger_url, open_ledger
 from keycell.cli_identity import agent, entry_app
 from keycell.cli_rotation import rotate as rotate_command
@@ -276,3 +276,7 @@ def server(
             ledger.close()
             os.environ["KEYCELL_BOOT_KEY"], os.environ["KEYCELL_BOOT_ID"] = boot_key.hex(), boot_id
     serve(host, int(port_text), workers=workers)
+
+
+app.command("relay")(cli_relay.relay)
+app.command("revoke")(cli_relay.revoke)

@@ -99,11 +99,14 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 class RevocationFeed:
-    """This worker's view of new revocations: one poller for every subscriber, scanning
-    the cell's revocation set every `interval` seconds and handing each subject not
-    seen before to every subscriber's queue. (The relay will push instead of this
-    poll.) A subscriber that falls `queue_size` events behind is disconnected; its
-    client reconnects and re-checks what it holds."""
+    """This worker's view of new revocations, handed to every subscriber's queue.
+
+    With `KEYCELL_RELAY=HOST:PORT` (the cell's local relay) the relay pushes each
+    revocation once the cell's ledger holds it (`Relay.Subscribe`, a gRPC server
+    stream; keycell/relay/subscriber.py) and nothing polls. Without a relay, or while
+    its stream is down, one poller scans the cell's revocation set every `interval`
+    seconds for subjects not seen before. A subscriber that falls `queue_size` events
+    behind is disconnected; its client reconnects and re-checks what it holds."""
 
     def __init__(self, interval: float = 0.1, queue_size: int = 10_000) -> None:
         self.interval = interval
@@ -111,6 +114,40 @@ class RevocationFeed:
         self.subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
         self._known: set[str] | None = None
         self._task: asyncio.Task[None] | None = None
+        self.relay: Any = None  # the RelaySubscription, when KEYCELL_RELAY names a relay
+
+    def _follow_relay(self) -> None:
+        addr = os.environ.get("KEYCELL_RELAY")
+        if not addr or self.relay is not None:
+            return
+        from keycell.relay.subscriber import RelaySubscription
+
+        loop = asyncio.get_running_loop()
+
+        def pushed(event: Any) -> None:
+            record = {
+                "subject": event.subject,
+                "origin_cell": event.origin_cell,
+                "revoked_at": event.revoked_at,
+                "id": event.id,
+            }
+            loop.call_soon_threadsafe(self._publish, [record])
+
+        self.relay = RelaySubscription(addr, pushed).start()
+
+    def _publish(self, events: list[dict[str, Any]]) -> None:
+        if self._known is not None:
+            events = [e for e in events if e["subject"] not in self._known]
+            self._known.update(e["subject"] for e in events)
+        for queue in list(self.subscribers):
+            for event in events:
+                try:
+                    queue.put_nowait(event)
+                except asyncio.QueueFull:
+                    self.subscribers.discard(queue)
+                    queue.get_nowait()  # make room for the end-of-stream marker
+                    queue.put_nowait(None)
+                    break
 
     def _scan(self) -> list[dict[str, Any]]:
         services = router().services
@@ -129,12 +166,14 @@ class RevocationFeed:
                         "subject": subject,
                         "origin_cell": record.get("origin_cell", ""),
                         "revoked_at": record.get("revoked_at"),
+                        "id": record.get("id", ""),
                     }
                 )
-        self._known = seen
+        self._known = seen - {event["subject"] for event in fresh}  # _publish adds what it hands out
         return fresh
 
     def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
+        self._follow_relay()
         if self._known is None:
             self._scan()  # the baseline: only revocations after this are news
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(self.queue_size)
@@ -149,20 +188,14 @@ class RevocationFeed:
     async def _poll(self) -> None:
         while self.subscribers:
             await asyncio.sleep(self.interval)
+            if self.relay is not None and self.relay.connected:
+                continue  # the relay pushes; the scan is only the fallback
             try:
                 fresh = self._scan()
             except Exception as exc:  # sealed or the ledger is down: try again next tick
                 log.debug("revocation scan failed: %s", type(exc).__name__)
                 continue
-            for queue in list(self.subscribers):
-                for event in fresh:
-                    try:
-                        queue.put_nowait(event)
-                    except asyncio.QueueFull:
-                        self.subscribers.discard(queue)
-                        queue.get_nowait()  # make room for the end-of-stream marker
-                        queue.put_nowait(None)
-                        break
+            self._publish(fresh)
         self._known = None
 
 

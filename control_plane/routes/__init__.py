@@ -23,5 +23,8 @@ def build_router(services: Any) -> Router:
     from keycell.control_plane.routes import database
 
     database.register(router, services)  # database/ and rotation/
+    from keycell.control_plane.routes import revocations
+
+    revocations.register(router, services)
     openapi.register(router, services)  # last: documents every route above
     return router

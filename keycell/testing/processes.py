@@ -79,6 +79,10 @@ class ServerProcess:
         self.port = int(words[1])
         return self.port
 
+    def exited(self) -> int | None:
+        """The child's exit code if it has exited, else None."""
+        return None if self._process is None else self._process.poll()
+
     def log_tail(self, chars: int = 4000) -> str:
         if self._log is None:
             return ""

@@ -1,0 +1,106 @@
+"""What a relay spreads: the retransmit-limited rumour queue (memberlist's
+TransmitLimitedQueue) and the store of revocation entries with its digest.
+
+Entries are a grow-only map (key -> Entry): `r/<id>` for a revocation, `a/<id>/<cell>`
+for a cell's receipt. The digest for push-pull anti-entropy is per bucket: each
+bucket's hash is the XOR of its keys' 64-bit hashes, so adding an entry updates it
+in O(1) and two relays find the buckets they disagree on from 64 numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+BUCKETS = 64
+
+
+def key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+def bucket_of(key: str) -> int:
+    return key_hash(key) % BUCKETS
+
+
+class EntryStore:
+    def __init__(self) -> None:
+        self.entries: dict[str, Any] = {}
+        self.digest = [0] * BUCKETS
+        self._keys: list[set[str]] = [set() for _ in range(BUCKETS)]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, key: str, entry: Any) -> bool:
+        if key in self.entries:
+            return False
+        self.entries[key] = entry
+        h = key_hash(key)
+        self.digest[h % BUCKETS] ^= h
+        self._keys[h % BUCKETS].add(key)
+        return True
+
+    def differing(self, theirs: Iterable[int]) -> list[int]:
+        return [i for i, (a, b) in enumerate(zip(self.digest, theirs, strict=False)) if a != b]
+
+    def keys_in(self, buckets: Iterable[int]) -> list[str]:
+        out: list[str] = []
+        for b in buckets:
+            if 0 <= b < BUCKETS:
+                out.extend(self._keys[b])
+        return out
+
+
+@dataclass
+class _Queued:
+    key: str
+    rumor: Any
+    transmits: int = 0
+    lazy: bool = False
+
+
+class RumorQueue:
+    """Rumours waiting to be piggybacked. Each goes out at most `limit` times, least
+    sent first; a newer rumour about the same key (a member's name) replaces the
+    older one, as memberlist invalidates broadcasts about the same node. A rumour put
+    with `sent=k` was already pushed k times (the eager push counts against the
+    limit). A `lazy` rumour (a cell's receipt) only rides along: it never makes the
+    gossip loop send a message of its own."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, _Queued] = {}
+        self._hot = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def hot(self) -> bool:
+        return self._hot > 0
+
+    def put(self, key: str, rumor: Any, *, sent: int = 0, lazy: bool = False) -> None:
+        self._remove(key)
+        self._items[key] = _Queued(key, rumor, sent, lazy)
+        self._hot += not lazy
+
+    def _remove(self, key: str) -> None:
+        old = self._items.pop(key, None)
+        if old is not None and not old.lazy:
+            self._hot -= 1
+
+    def take(self, count: int, limit: int) -> list[Any]:
+        if not self._items:
+            return []
+        chosen = sorted(self._items.values(), key=lambda q: (q.lazy, q.transmits))[:count]
+        out = []
+        for q in chosen:
+            q.transmits += 1
+            out.append(q.rumor)
+            if q.transmits >= limit:
+                self._remove(q.key)
+        return out

@@ -1,0 +1,96 @@
+"""What a relay does to its cell: apply heard revocations to the cell's ledger
+(idempotent conditional puts through the barrier, control_plane.revocations
+RevocationLog) and keep foreign cells' receipts.
+
+Ledger calls block, so each sink runs them off the event loop, on one thread for
+applies and one for other cells' receipts (so a receipt never delays an apply);
+relays of one cell sharing a process share the sink and its memory of what is done.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from keycell.control_plane.ledger import Kind, iter_prefix
+from keycell.control_plane.revocations import Receipt, RevocationLog, RevocationRecord
+from keycell.control_plane.services import CellServices
+
+log = logging.getLogger("keycell.relay")
+
+
+class CellSink(Protocol):
+    cell: str
+    executor: ThreadPoolExecutor  # applies: on the exposure window's path
+    background: ThreadPoolExecutor  # other cells' receipts: never queued ahead of an apply
+
+    def apply(self, rec: RevocationRecord) -> float: ...
+
+    def known(self, revocation_id: str) -> float | None: ...
+
+    def store_receipt(self, receipt: Receipt, rec: RevocationRecord | None) -> None: ...
+
+    def held(self) -> Iterator[tuple[RevocationRecord | None, Receipt]]: ...
+
+
+class LedgerSink:
+    """A cell's ledger as the relay sees it. Opening the barrier follows the cell's
+    seal: an HSM-sealed cell opens itself (`ensure_unsealed`); a cell still sealed
+    raises, and the relay keeps the revocation in memory and retries."""
+
+    def __init__(self, services: CellServices) -> None:
+        self.services = services
+        self.cell = services.config.cell_id
+        self.log = RevocationLog(services.revocations)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"relay-ledger-{self.cell}")
+        self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"relay-receipts-{self.cell}")
+        self._applied: dict[str, float] = {}  # revocation id -> when this cell's ledger held it
+        self._receipts: set[tuple[str, str]] = set()  # (revocation id, cell) receipts kept
+
+    def _open(self) -> None:
+        if self.services.barrier.sealed:
+            self.services.ensure_unsealed()
+        if self.services.barrier.sealed:
+            raise RuntimeError(
+                f"cell {self.cell} is sealed; the relay applies revocations once it is unsealed"
+            )
+
+    def apply(self, rec: RevocationRecord) -> float:
+        # Relays of this cell in this process share the sink: the first one writes,
+        # the others find it here without touching the ledger.
+        held = self._applied.get(rec.id)
+        if held is not None:
+            return held
+        self._open()
+        at = self.log.apply(rec)
+        self._applied[rec.id] = at
+        return at
+
+    def known(self, revocation_id: str) -> float | None:
+        """When this cell's ledger took it, if a relay of this process saw that (no I/O)."""
+        return self._applied.get(revocation_id)
+
+    def store_receipt(self, receipt: Receipt, rec: RevocationRecord | None) -> None:
+        key = (receipt.id, receipt.cell)
+        if key in self._receipts:
+            return
+        self._open()
+        if self.log.applied_at(receipt.id, receipt.cell) is None:
+            self.log.store_receipt(receipt, rec)
+        self._receipts.add(key)
+
+    def held(self) -> Iterator[tuple[RevocationRecord | None, Receipt]]:
+        self._open()
+        return self.log.held()
+
+    def subjects(self) -> set[str]:
+        """Every subject the cell's revocation set holds (a full scan: tests and benches)."""
+        self._open()
+        return {i.key.path for i in iter_prefix(self.services.barrier, Kind.REVOCATION, page_size=500)}
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.background.shutdown(wait=True)
+        self.services.ledger.close()

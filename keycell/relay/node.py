@@ -1,0 +1,855 @@
+"""One relay: a gRPC server, long-lived bidirectional streams to the peers it talks
+to, and the SWIM loops (probe, gossip, suspicion, push-pull, rejoin).
+
+Who talks to whom: a relay probes and gossips with every live relay of its own cell
+(one SWIM group per cell) and with `cross_links` relays of every other cell, re-chosen
+when one dies. The member table itself is global (membership rumours reach every
+relay), so a relay can pick new cross links and rejoin anyone after a partition.
+
+A stream is one `Relay.Stream` call. Either end sends on it: a message that answers
+another (ack, digest reply, key list, sync reply) goes back on the stream it came in
+on; anything else goes on whichever live stream to that peer exists, opening one if
+none does. A failed stream is dropped and that peer is retried after an exponential
+backoff; a new outbound stream starts with a push-pull (digest and member table),
+which repairs whatever was missed while apart.
+
+Membership rumours ride on probes, acks and revocation gossip (SWIM's piggyback);
+only revocations make the gossip loop send messages of their own.
+
+Revocations: a new one is applied to the cell (LedgerSink, off the event loop),
+pushed at once to `eager_fanout` relays of this cell and one relay of every other
+cell, and queued for piggybacking (retransmit limit grows with log n). Once the
+cell's ledger holds it, the relay pushes it to its subscribers (the cell's API
+processes) and spreads this cell's receipt lazily, by piggyback and anti-entropy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from keycell.control_plane.revocations import Receipt, RevocationRecord
+from keycell.relay._pb import relay_pb2 as pb
+from keycell.relay._pb import relay_pb2_grpc as pb_grpc
+from keycell.relay.broadcast import EntryStore, RumorQueue
+from keycell.relay.cell import CellSink
+from keycell.relay.faults import Faults
+from keycell.relay.membership import Awareness, Member, MemberTable, State, Verdict
+from keycell.relay.profiles import LOCAL, Profile
+
+log = logging.getLogger("keycell.relay")
+LINK_QUEUE = 10_000  # envelopes waiting on one stream; beyond, new ones are dropped (as UDP would)
+ENTRIES_PER_ENVELOPE = 256  # anti-entropy sends missing entries in chunks
+EXPOSURE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Streams stay up for hours: clients ping every 10 s so a dead peer's stream fails
+# within 15 s even with nothing to send, and servers accept pings that often (gRPC's
+# server default would answer them with GOAWAY "too_many_pings", killing the stream).
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
+_SERVER_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+]
+
+
+def rev_to_pb(rec: RevocationRecord) -> pb.Revocation:
+    return pb.Revocation(
+        id=rec.id,
+        subject=rec.subject,
+        origin_cell=rec.origin_cell,
+        revoked_at=rec.revoked_at,
+        reason=rec.reason,
+        expires_at=rec.expires_at or 0,
+    )
+
+
+def rev_from_pb(msg: pb.Revocation) -> RevocationRecord:
+    return RevocationRecord(
+        msg.id, msg.subject, msg.origin_cell, msg.revoked_at, msg.reason, msg.expires_at or None
+    )
+
+
+def entry_key(entry: pb.Entry) -> str:
+    if entry.HasField("revocation"):
+        return "r/" + entry.revocation.id
+    return f"a/{entry.receipt.id}/{entry.receipt.cell}"
+
+
+class Link:
+    """One stream to a peer, either end's; `queue` feeds its sending side."""
+
+    def __init__(self, addr: str, outbound: bool) -> None:
+        self.addr = addr
+        self.outbound = outbound
+        self.queue: asyncio.Queue[pb.Envelope | None] = asyncio.Queue(LINK_QUEUE)
+        self.closed = False
+        self.task: asyncio.Task[None] | None = None
+
+    def send(self, env: pb.Envelope) -> bool:
+        if self.closed:
+            return False
+        try:
+            self.queue.put_nowait(env)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(asyncio.QueueFull):
+                self.queue.put_nowait(None)
+
+
+@dataclass
+class _Backoff:
+    failures: int = 0
+    until: float = 0.0
+
+
+class Relay(pb_grpc.RelayServicer):
+    def __init__(
+        self,
+        name: str,
+        cell: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        profile: Profile = LOCAL,
+        sink: CellSink | None = None,
+        faults: Faults | None = None,
+        seeds: Iterable[str] = (),
+        rng: random.Random | None = None,
+    ) -> None:
+        if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
+            raise ValueError("relays listen on loopback here; put a proxy with TLS in front to go further")
+        self.name = name
+        self.cell = cell
+        self.host = host
+        self.port = port
+        self.addr = ""
+        self.profile = profile
+        self.sink = sink
+        self.faults = faults
+        self.seeds = [s for s in seeds if s]
+        self.rng = rng or random.Random()  # noqa: S311 - peer choice, not a secret
+        self.store = EntryStore()
+        self.rumors = RumorQueue()
+        self.awareness = Awareness(profile.awareness_max)
+        self.links: dict[str, Link] = {}
+        self.applied: dict[str, float] = {}  # revocation id -> when this relay's cell ledger held it
+        self.heard: dict[str, float] = {}  # revocation id -> when this relay first heard of it
+        self.cross: dict[str, list[str]] = {}  # other cell -> member names this relay links to
+        self.counters: Counter[str] = Counter()
+        self.exposure: list[float] = []  # seconds from revoke call to applied here, per revocation
+        self.table: MemberTable | None = None
+        self._server: grpc.aio.Server | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._backoff: dict[str, _Backoff] = {}
+        self._acks: dict[int, asyncio.Future[None]] = {}
+        self._seq = 0
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._subscribers: set[asyncio.Queue[pb.Applied | None]] = set()
+        self._probe_order: list[str] = []
+        self._helping: set[asyncio.Task[None]] = set()
+        self._members_cache: tuple[int, list[pb.Member]] = (-1, [])  # indirect probes run for others
+        self._pending: set[str] = set()  # revocation ids waiting for the sink (sealed cell, ledger down)
+        self.running = False
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._server = grpc.aio.server(options=_SERVER_OPTIONS)
+        pb_grpc.add_RelayServicer_to_server(self, self._server)  # type: ignore[no-untyped-call]
+        self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        if not self.port:
+            raise OSError(f"relay {self.name} could not listen on {self.host}")
+        await self._server.start()
+        self.addr = f"{self.host}:{self.port}"
+        if not self.name:  # named by address: a relay restarted on its port is the same member
+            self.name = f"{self.cell}@{self.addr}"
+        me = Member(self.name, self.addr, self.cell, incarnation=int(time.time() * 1000) % 1_000_000_000)
+        # The starting incarnation is a clock reading, so a restarted relay out-bids
+        # whatever its previous life left in others' tables.
+        self.table = MemberTable(
+            me,
+            suspicion_timeouts=self.profile.suspicion_timeouts,
+            confirmations=max(0, self.profile.suspicion_mult - 2),
+            clock=time.monotonic,
+        )
+        self.running = True
+        if self.sink is not None:
+            await self._reload()
+        self._queue_member(me)
+        for seed in self.seeds:
+            if seed != self.addr:
+                self._push_pull(seed)
+        loops = (self._probe_loop, self._gossip_loop, self._suspicion_loop, self._push_pull_loop)
+        self._tasks = [asyncio.create_task(loop(), name=f"{self.name}-{loop.__name__}") for loop in loops]
+
+    async def stop(self) -> None:
+        """Stop at once, as a killed relay would (no leave message)."""
+        self.running = False
+        for task in self._tasks:
+            task.cancel()
+        for link in list(self.links.values()):
+            link.close()
+        for queue in list(self._subscribers):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+        if self._server is not None:
+            await self._server.stop(0)
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for link in list(self.links.values()):
+            if link.task is not None:
+                link.task.cancel()
+        self.links.clear()
+
+    @property
+    def me(self) -> Member:
+        assert self.table is not None
+        return self.table.me
+
+    def revocation_ids(self) -> set[str]:
+        return {key[2:] for key in self.store.entries if key.startswith("r/")}
+
+    # --- sending ----------------------------------------------------------------------
+
+    def _envelope(self, **body: Any) -> pb.Envelope:
+        return pb.Envelope(sender=self.name, sender_addr=self.addr, sender_cell=self.cell, **body)
+
+    def _send(self, addr: str, env: pb.Envelope, link: Link | None = None, *, piggyback: bool = True) -> None:
+        if addr == self.addr or not addr or not self.running:
+            return
+        if piggyback and self.table is not None:
+            room = self.profile.rumors_per_message - len(env.rumors)
+            if room > 0:
+                env.rumors.extend(
+                    self.rumors.take(room, self.profile.retransmit_limit(len(self.table.members)))
+                )
+        kind = env.WhichOneof("body") or "gossip"
+        self.counters[f"sent_{kind}"] += 1
+        if self.faults is not None:
+            if self.faults.drop(self.addr, addr):
+                self.counters["dropped"] += 1
+                return
+            delay = self.faults.latency()
+            if delay > 0:
+                asyncio.get_running_loop().call_later(delay, self._deliver, addr, env, link)
+                return
+        self._deliver(addr, env, link)
+
+    def _deliver(self, addr: str, env: pb.Envelope, link: Link | None) -> None:
+        if not self.running:
+            return
+        if link is None or link.closed:
+            link = self._link(addr)
+        if link is None or not link.send(env):
+            self.counters["unsent"] += 1
+
+    def _link(self, addr: str) -> Link | None:
+        link = self.links.get(addr)
+        if link is not None and not link.closed:
+            return link
+        backoff = self._backoff.get(addr)
+        if backoff is not None and backoff.until > time.monotonic():
+            return None
+        link = Link(addr, outbound=True)
+        self.links[addr] = link
+        link.task = asyncio.create_task(self._run_outbound(link))
+        # A new stream opens with a push-pull: it repairs what was missed while apart.
+        link.send(self._envelope(digest=pb.Digest(buckets=self.store.digest)))
+        link.send(self._envelope(sync=pb.Sync(members=self._member_msgs())))
+        return link
+
+    async def _run_outbound(self, link: Link) -> None:
+        channel = self._channels.get(link.addr)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(link.addr, options=_CHANNEL_OPTIONS)
+            self._channels[link.addr] = channel
+        stub = pb_grpc.RelayStub(channel)  # type: ignore[no-untyped-call]
+
+        async def outgoing() -> AsyncIterator[pb.Envelope]:
+            while True:
+                env = await link.queue.get()
+                if env is None:
+                    return
+                yield env
+
+        heard = False
+        try:
+            call = stub.Stream(outgoing())
+            async for env in call:
+                if not heard:
+                    heard = True
+                    self._backoff.pop(link.addr, None)
+                self._receive(env, link)
+        except grpc.aio.AioRpcError as exc:
+            self.counters["stream_failures"] += 1
+            self.counters[f"stream_failures_{exc.code().name.lower()}"] += 1
+            log.debug("%s: stream to %s failed: %s", self.name, link.addr, exc.code())
+        except asyncio.CancelledError:
+            pass
+        finally:
+            link.close()
+            if self.links.get(link.addr) is link:
+                del self.links[link.addr]
+            if not heard and self.running:
+                backoff = self._backoff.setdefault(link.addr, _Backoff())
+                backoff.failures += 1
+                wait = min(self.profile.backoff_max, self.profile.backoff_base * 2 ** (backoff.failures - 1))
+                backoff.until = time.monotonic() + wait * (0.5 + self.rng.random() / 2)
+                channel = self._channels.pop(link.addr, None)
+                if channel is not None:
+                    await channel.close()
+
+    # --- the gRPC service -------------------------------------------------------------
+
+    async def Stream(
+        self, request_iterator: AsyncIterator[pb.Envelope], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Envelope]:
+        link = Link("", outbound=False)
+
+        async def read() -> None:
+            try:
+                async for env in request_iterator:
+                    if not link.addr and env.sender_addr:
+                        link.addr = env.sender_addr
+                        current = self.links.get(link.addr)
+                        if current is None or current.closed:
+                            self.links[link.addr] = link
+                    self._receive(env, link)
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                pass
+            finally:
+                link.close()
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                env = await link.queue.get()
+                if env is None:
+                    return
+                yield env
+        finally:
+            reader.cancel()
+            link.close()
+            if link.addr and self.links.get(link.addr) is link:
+                del self.links[link.addr]
+
+    async def Submit(self, request: pb.Revocation, context: grpc.aio.ServicerContext) -> pb.SubmitReply:
+        if not request.id or not request.subject:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a revocation needs an id and a subject")
+        new = self.submit(rev_from_pb(request))
+        return pb.SubmitReply(accepted=new)
+
+    async def Subscribe(
+        self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Applied]:
+        queue: asyncio.Queue[pb.Applied | None] = asyncio.Queue(LINK_QUEUE)
+        if request.replay:
+            for rid, at in list(self.applied.items()):
+                entry = self.store.entries.get("r/" + rid)
+                if entry is not None:
+                    queue.put_nowait(pb.Applied(revocation=entry.revocation, relay=self.name, applied_at=at))
+        self._subscribers.add(queue)
+        try:
+            yield pb.Applied(relay=self.name)  # no revocation: "subscribed", so the client knows it is live
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                yield item
+        finally:
+            self._subscribers.discard(queue)
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        return pb.StatusReply(
+            name=self.name,
+            cell=self.cell,
+            members=self._member_msgs(),
+            revocation_ids=sorted(self.revocation_ids()),
+            health=self.awareness.score,
+        )
+
+    # --- receiving --------------------------------------------------------------------
+
+    def _receive(self, env: pb.Envelope, link: Link) -> None:
+        if not self.running or self.table is None:
+            return
+        self.counters["received"] += 1
+        if env.sender and self.table.get(env.sender) is None and env.sender_addr:
+            self._on_alive(pb.Member(name=env.sender, addr=env.sender_addr, cell=env.sender_cell), link.addr)
+        for rumor in env.rumors:
+            self._on_rumor(rumor, env.sender_addr)
+        body = env.WhichOneof("body")
+        if body == "ping":
+            self._send(env.sender_addr, self._envelope(ack=pb.Ack(seq=env.ping.seq)), link)
+        elif body == "ack":
+            future = self._acks.pop(env.ack.seq, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+        elif body == "ping_req":
+            task = asyncio.create_task(self._relay_probe(env.ping_req, env.sender_addr, link))
+            self._helping.add(task)
+            task.add_done_callback(self._helping.discard)
+        elif body == "digest":
+            self._on_digest(env, link)
+        elif body == "keys":
+            self._on_keys(env, link)
+        elif body == "sync":
+            for member in env.sync.members:
+                self._on_member(member, env.sender)
+            if not env.sync.reply:
+                self._send(
+                    env.sender_addr,
+                    self._envelope(sync=pb.Sync(members=self._member_msgs(), reply=True)),
+                    link,
+                )
+
+    def _on_rumor(self, rumor: pb.Rumor, source_addr: str) -> None:
+        kind = rumor.WhichOneof("kind")
+        if kind == "entry":
+            self._learn(rumor.entry, source_addr)
+        elif kind == "alive":
+            self._on_alive(rumor.alive.member, source_addr)
+        elif kind == "suspect":
+            self._on_suspect(rumor.suspect.name, rumor.suspect.incarnation, rumor.suspect.source)
+        elif kind == "dead":
+            self._on_dead(rumor.dead.name, rumor.dead.incarnation)
+
+    def _on_member(self, member: pb.Member, source: str) -> None:
+        if member.state == pb.ALIVE:
+            self._on_alive(member, "")
+        elif member.state == pb.SUSPECT:
+            self._on_alive(member, "")  # learn of it first if unknown
+            self._on_suspect(member.name, member.incarnation, source)
+        else:
+            if self.table is not None and self.table.get(member.name) is None and member.name != self.name:
+                self.table.alive(member.name, member.addr, member.cell, member.incarnation)
+            self._on_dead(member.name, member.incarnation)
+
+    def _on_alive(self, member: pb.Member, source_addr: str) -> None:
+        assert self.table is not None
+        verdict = self.table.alive(member.name, member.addr, member.cell, member.incarnation)
+        if verdict == Verdict.REFUTE:
+            self._refute()
+        elif verdict == Verdict.CHANGED:
+            known = self.table.get(member.name)
+            if known is not None:
+                self._queue_member(known)
+
+    def _on_suspect(self, name: str, incarnation: int, source: str) -> None:
+        assert self.table is not None
+        verdict = self.table.suspect(name, incarnation, source)
+        if verdict == Verdict.REFUTE:
+            self._refute()
+        elif verdict == Verdict.CHANGED:
+            self.rumors.put(
+                "m/" + name,
+                pb.Rumor(suspect=pb.Suspect(name=name, incarnation=incarnation, source=source)),
+                lazy=True,
+            )
+
+    def _on_dead(self, name: str, incarnation: int) -> None:
+        assert self.table is not None
+        verdict = self.table.dead_(name, incarnation)
+        if verdict == Verdict.REFUTE:
+            self._refute()
+        elif verdict == Verdict.CHANGED:
+            self.rumors.put(
+                "m/" + name,
+                pb.Rumor(dead=pb.Dead(name=name, incarnation=incarnation, source=self.name)),
+                lazy=True,
+            )
+            self._drop_cross(name)
+
+    def _refute(self) -> None:
+        self.awareness.apply(+1)  # Lifeguard: being suspected hints that we are the slow one
+        self.counters["refutations"] += 1
+        self._queue_member(self.me)
+
+    def _queue_member(self, member: Member) -> None:
+        self.rumors.put(
+            "m/" + member.name, pb.Rumor(alive=pb.Alive(member=self._member_msg(member))), lazy=True
+        )
+
+    def _member_msg(self, m: Member) -> pb.Member:
+        return pb.Member(
+            name=m.name,
+            addr=m.addr,
+            cell=m.cell,
+            incarnation=m.incarnation,
+            state=pb.State.Name(int(m.state)),
+        )
+
+    def _member_msgs(self) -> list[pb.Member]:
+        """The member table as sent in a Sync, rebuilt only when the table changed."""
+        assert self.table is not None
+        if self._members_cache[0] != self.table.version:
+            self._members_cache = (
+                self.table.version,
+                [self._member_msg(m) for m in self.table.members.values()],
+            )
+        return self._members_cache[1]
+
+    # --- entries: revocations and receipts ---------------------------------------------
+
+    def submit(self, rec: RevocationRecord) -> bool:
+        """A revocation from the local revocation function: spread it now."""
+        self.counters["submitted"] += 1
+        return self._learn(pb.Entry(revocation=rev_to_pb(rec)), "")
+
+    def _learn(self, entry: pb.Entry, source_addr: str) -> bool:
+        key = entry_key(entry)
+        if not self.store.add(key, entry):
+            return False
+        if entry.HasField("revocation"):
+            self.counters["revocations_heard"] += 1
+            self.heard[entry.revocation.id] = time.time()
+            pushed = self._eager_push(entry, source_addr)
+            self.rumors.put(key, pb.Rumor(entry=entry), sent=pushed)
+            self._apply(entry.revocation)
+            return True
+        self.rumors.put(key, pb.Rumor(entry=entry), lazy=True)
+        if self.sink is not None and entry.receipt.cell != self.cell:
+            rev = self.store.entries.get("r/" + entry.receipt.id)
+            receipt = Receipt(entry.receipt.id, entry.receipt.cell, entry.receipt.applied_at)
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(
+                self.sink.background,
+                self.sink.store_receipt,
+                receipt,
+                rev_from_pb(rev.revocation) if rev is not None else None,
+            )
+            future.add_done_callback(self._log_failure)
+        return True
+
+    @staticmethod
+    def _log_failure(future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("relay ledger write failed: %s", future.exception())
+
+    def _eager_push(self, entry: pb.Entry, source_addr: str) -> int:
+        """Push a new revocation now to `eager_fanout` relays of this cell; the relay
+        that took it from the revoke call (no source) also pushes it to every cross
+        link of every other cell, which then spread it in their cells. Relays that
+        heard it from a peer leave other cells to the origin and to gossip, which
+        keeps one relay per other cell in every gossip round. Returns the sends made
+        (they count against the rumour's retransmit limit)."""
+        rumor = pb.Rumor(entry=entry)
+        assert self.table is not None
+        own = [m.addr for m in self._own_cell() if m.addr != source_addr]
+        targets = self.rng.sample(own, min(self.profile.eager_fanout, len(own)))
+        if not source_addr:
+            if not self.cross:
+                self._refresh_cross()
+            for names in self.cross.values():
+                targets += [m.addr for n in names if (m := self.table.get(n)) is not None]
+        for addr in targets:
+            self._send(addr, self._envelope(rumors=[rumor]), piggyback=False)
+        self.counters["eager_pushes"] += 1
+        return len(targets)
+
+    def _apply(self, msg: pb.Revocation) -> None:
+        rid = msg.id
+        if self.sink is None:
+            self._applied(msg, time.time())
+            return
+        held = self.sink.known(rid)
+        if held is not None:  # another relay of this process saw the ledger take it
+            self._applied(msg, time.time(), ledger_at=held)
+            return
+        self._pending.add(rid)
+        rec = rev_from_pb(msg)
+        future = asyncio.get_running_loop().run_in_executor(self.sink.executor, self.sink.apply, rec)
+
+        def done(f: asyncio.Future[float]) -> None:
+            if f.cancelled() or not self.running:
+                return
+            if f.exception() is not None:
+                log.warning(
+                    "%s: could not apply %s to cell %s yet: %s", self.name, rid, self.cell, f.exception()
+                )
+                return  # stays pending; the push-pull loop retries it
+            self._pending.discard(rid)
+            self._applied(msg, time.time(), ledger_at=f.result())
+
+        future.add_done_callback(done)
+
+    def _applied(self, msg: pb.Revocation, at: float, ledger_at: float | None = None) -> None:
+        if msg.id in self.applied:
+            return
+        self.applied[msg.id] = at
+        self.exposure.append(max(0.0, at - msg.revoked_at))
+        self.counters["revocations_applied"] += 1
+        event = pb.Applied(revocation=msg, relay=self.name, applied_at=at)
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self._subscribers.discard(queue)  # too far behind: it reconnects with replay
+        if ledger_at is not None:
+            self._learn(pb.Entry(receipt=pb.Receipt(id=msg.id, cell=self.cell, applied_at=ledger_at)), "")
+
+    async def _reload(self, *, spread: bool = False) -> None:
+        """What this cell's ledger holds: a restarted relay starts from it, and every
+        `sync_interval` a sweep spreads whatever the ledger has that this relay never
+        heard of (a revoke call whose hand-over to the relay failed)."""
+        assert self.sink is not None
+        sink = self.sink
+        loop = asyncio.get_running_loop()
+        try:
+            held = await loop.run_in_executor(sink.executor, lambda: list(sink.held()))
+        except Exception as exc:
+            log.warning("%s: could not read cell %s's revocations: %s", self.name, self.cell, exc)
+            return
+        for rec, receipt in held:
+            if rec is not None and "r/" + rec.id not in self.store:
+                entry = pb.Entry(revocation=rev_to_pb(rec))
+                if spread:
+                    self.counters["swept"] += 1
+                    self._learn(entry, "")
+                else:
+                    self.store.add("r/" + rec.id, entry)
+                    if receipt.cell == self.cell:
+                        self.applied.setdefault(rec.id, receipt.applied_at)
+                    else:
+                        self._apply(entry.revocation)
+            key = f"a/{receipt.id}/{receipt.cell}"
+            if key not in self.store:
+                found = pb.Entry(
+                    receipt=pb.Receipt(id=receipt.id, cell=receipt.cell, applied_at=receipt.applied_at)
+                )
+                if spread:
+                    self._learn(found, "")
+                else:
+                    self.store.add(key, found)
+
+    # --- anti-entropy -------------------------------------------------------------------
+
+    def _push_pull(self, addr: str, *, members: bool = True) -> None:
+        """Anti-entropy with one peer: the entry digest (the peer answers with the keys
+        of buckets that differ, then each side sends what the other lacks) and, with
+        `members`, the whole member table (answered with the peer's)."""
+        self.counters["push_pulls"] += 1
+        self._send(addr, self._envelope(digest=pb.Digest(buckets=self.store.digest)))
+        if members:
+            self._send(addr, self._envelope(sync=pb.Sync(members=self._member_msgs())))
+
+    def _on_digest(self, env: pb.Envelope, link: Link) -> None:
+        differing = self.store.differing(env.digest.buckets)
+        if differing:
+            keys = pb.KeyList(buckets=differing, keys=self.store.keys_in(differing))
+            self._send(env.sender_addr, self._envelope(keys=keys), link)
+
+    def _on_keys(self, env: pb.Envelope, link: Link) -> None:
+        theirs = set(env.keys.keys)
+        mine = self.store.keys_in(env.keys.buckets)
+        missing = [self.store.entries[k] for k in mine if k not in theirs]
+        for start in range(0, len(missing), ENTRIES_PER_ENVELOPE):
+            chunk = [pb.Rumor(entry=e) for e in missing[start : start + ENTRIES_PER_ENVELOPE]]
+            self._send(env.sender_addr, self._envelope(rumors=chunk), link, piggyback=False)
+        if not env.keys.reply and any(k not in self.store for k in theirs):
+            keys = pb.KeyList(buckets=env.keys.buckets, keys=mine, reply=True)
+            self._send(env.sender_addr, self._envelope(keys=keys), link)
+
+    # --- peers ---------------------------------------------------------------------------
+
+    def _own_cell(self) -> list[Member]:
+        assert self.table is not None
+        return [m for m in self.table.live() if m.cell == self.cell]
+
+    def _refresh_cross(self) -> None:
+        assert self.table is not None
+        live = self.table.live()
+        by_cell: dict[str, list[Member]] = {}
+        for m in live:
+            if m.cell != self.cell:
+                by_cell.setdefault(m.cell, []).append(m)
+        alive_names = {m.name for m in live}
+        for cell, members in by_cell.items():
+            chosen = [n for n in self.cross.get(cell, []) if n in alive_names]
+            spare = [m.name for m in members if m.name not in chosen]
+            self.rng.shuffle(spare)
+            chosen += spare[: max(0, self.profile.cross_links - len(chosen))]
+            self.cross[cell] = chosen
+        for cell in list(self.cross):
+            if cell not in by_cell:
+                del self.cross[cell]
+
+    def _drop_cross(self, name: str) -> None:
+        for cell, names in self.cross.items():
+            if name in names:
+                self.cross[cell] = [n for n in names if n != name]
+
+    def _fanout(self, count: int, exclude: str = "") -> list[str]:
+        """`count` random relays of this cell and one linked relay of every other cell."""
+        assert self.table is not None
+        own = [m.addr for m in self._own_cell() if m.addr != exclude]
+        picked = self.rng.sample(own, min(count, len(own)))
+        if not self.cross:
+            self._refresh_cross()
+        for names in self.cross.values():
+            addrs = [m.addr for n in names if (m := self.table.get(n)) is not None and m.addr != exclude]
+            if addrs:
+                picked.append(self.rng.choice(addrs))
+        return picked
+
+    def _probe_targets(self) -> list[Member]:
+        assert self.table is not None
+        linked = {n for names in self.cross.values() for n in names}
+        return [m for m in self.table.live() if m.cell == self.cell or m.name in linked]
+
+    # --- loops -----------------------------------------------------------------------------
+
+    async def _probe_loop(self) -> None:
+        while self.running:
+            interval = self.awareness.scale(self.profile.probe_interval)
+            self._refresh_cross()
+            target = self._next_probe_target()
+            started = time.monotonic()
+            if target is not None:
+                try:
+                    await self._probe(target, interval)
+                except Exception:  # one probe's failure must not stop the relay
+                    log.exception("%s: probe of %s failed", self.name, target.name)
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    def _next_probe_target(self) -> Member | None:
+        assert self.table is not None
+        while self._probe_order:
+            member = self.table.get(self._probe_order.pop())
+            if member is not None and member.state != State.DEAD:
+                return member
+        targets = self._probe_targets()
+        self.rng.shuffle(targets)
+        self._probe_order = [m.name for m in targets]
+        if not self._probe_order:
+            return None
+        member = self.table.get(self._probe_order.pop())
+        return member
+
+    def _new_seq(self) -> tuple[int, asyncio.Future[None]]:
+        self._seq += 1
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks[self._seq] = future
+        return self._seq, future
+
+    async def _probe(self, target: Member, interval: float) -> None:
+        """SWIM probe: ping; on no ack within the timeout, ask `indirect_checks` peers
+        to ping it for us; on no ack by the end of the interval, suspect it."""
+        assert self.table is not None
+        seq, future = self._new_seq()
+        self._send(target.addr, self._envelope(ping=pb.Ping(seq=seq, target=target.name)))
+        timeout = self.awareness.scale(self.profile.probe_timeout)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+            self.awareness.apply(-1)
+            return
+        except TimeoutError:
+            pass
+        helpers = [m for m in self._probe_targets() if m.name != target.name and m.state == State.ALIVE]
+        for helper in self.rng.sample(helpers, min(self.profile.indirect_checks, len(helpers))):
+            req = pb.PingReq(seq=seq, target=target.name, target_addr=target.addr)
+            self._send(helper.addr, self._envelope(ping_req=req))
+        try:
+            await asyncio.wait_for(future, max(timeout, interval - timeout))
+            return
+        except TimeoutError:
+            self._acks.pop(seq, None)
+        self.awareness.apply(+1)
+        self.counters["probes_failed"] += 1
+        if target.state == State.ALIVE:
+            self._on_suspect(target.name, target.incarnation, self.name)
+
+    async def _relay_probe(self, req: pb.PingReq, requester: str, link: Link) -> None:
+        seq, future = self._new_seq()
+        self._send(req.target_addr, self._envelope(ping=pb.Ping(seq=seq, target=req.target)))
+        try:
+            await asyncio.wait_for(future, self.awareness.scale(self.profile.probe_timeout))
+        except TimeoutError:
+            self._acks.pop(seq, None)
+            return
+        self._send(requester, self._envelope(ack=pb.Ack(seq=req.seq)), link)
+
+    async def _gossip_loop(self) -> None:
+        while self.running:
+            await asyncio.sleep(self.profile.gossip_interval)
+            if not self.rumors.hot() or self.table is None:
+                continue
+            limit = self.profile.retransmit_limit(len(self.table.members))
+            for addr in self._fanout(self.profile.gossip_nodes):
+                rumors = self.rumors.take(self.profile.rumors_per_message, limit)
+                if not rumors:
+                    break
+                self._send(addr, self._envelope(rumors=rumors), piggyback=False)
+
+    async def _suspicion_loop(self) -> None:
+        tick = min(0.05, self.profile.probe_interval / 4)
+        while self.running:
+            await asyncio.sleep(tick)
+            assert self.table is not None
+            for member in self.table.expired():
+                self.counters["declared_dead"] += 1
+                self.rumors.put(
+                    "m/" + member.name,
+                    pb.Rumor(
+                        dead=pb.Dead(name=member.name, incarnation=member.incarnation, source=self.name)
+                    ),
+                    lazy=True,
+                )
+                self._drop_cross(member.name)
+
+    async def _push_pull_loop(self) -> None:
+        """Anti-entropy with one random peer per interval, a try at one dead member per
+        reconnect interval (rejoin after a partition), a sweep of the cell's ledger per
+        sync interval, and a retry of revocations the cell's ledger has not taken yet."""
+        last_push = last_rejoin = last_sync = last_sweep = time.monotonic()
+        while self.running:
+            await asyncio.sleep(min(self.profile.push_pull_interval, self.profile.reconnect_interval) / 2)
+            assert self.table is not None
+            now = time.monotonic()
+            if now - last_push >= self.profile.push_pull_interval * (0.5 + self.rng.random()):
+                last_push = now
+                members = now - last_sync >= self.profile.sync_interval
+                if members:
+                    last_sync = now
+                peers = self._probe_targets()
+                if peers:
+                    self._push_pull(self.rng.choice(peers).addr, members=members)
+                elif self.seeds:
+                    self._push_pull(self.rng.choice(self.seeds))
+            if now - last_rejoin >= self.profile.reconnect_interval:
+                last_rejoin = now
+                dead = [m for m in self.table.dead() if m.name != self.name]
+                if dead:
+                    self._push_pull(self.rng.choice(dead).addr)
+            if self.sink is not None and now - last_sweep >= self.profile.sync_interval:
+                last_sweep = now
+                await self._reload(spread=True)
+            for rid in list(self._pending):
+                entry = self.store.entries.get("r/" + rid)
+                if entry is not None:
+                    self._apply(entry.revocation)

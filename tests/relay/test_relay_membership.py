@@ -1,0 +1,128 @@
+"""SWIM's rules on the member table, Lifeguard's timers, the rumour queue and the
+entry digest: pure logic, on a manual clock."""
+
+from __future__ import annotations
+
+from keycell.relay.broadcast import BUCKETS, EntryStore, RumorQueue
+from keycell.relay.membership import Awareness, Member, MemberTable, State, Verdict
+from keycell.relay.profiles import LAN, LOCAL, PROFILES, profile
+from keycell.testing.clock import ManualClock
+
+
+def table(clock: ManualClock, confirmations: int = 3) -> MemberTable:
+    t = MemberTable(
+        Member("me", "127.0.0.1:1", "a", incarnation=5),
+        suspicion_timeouts=lambda n: (1.0, 4.0),
+        confirmations=confirmations,
+        clock=clock,
+    )
+    assert t.alive("peer", "127.0.0.1:2", "a", 1) == Verdict.CHANGED
+    return t
+
+
+def test_only_a_higher_incarnation_overrides_what_is_known_of_a_member() -> None:
+    t = table(ManualClock(0))
+    assert t.suspect("peer", 1, "other") == Verdict.CHANGED
+    assert t.alive("peer", "127.0.0.1:2", "a", 1) == Verdict.IGNORED  # same incarnation: still suspect
+    assert t.get("peer").state == State.SUSPECT  # type: ignore[union-attr]
+    assert t.alive("peer", "127.0.0.1:2", "a", 2) == Verdict.CHANGED
+    assert t.get("peer").state == State.ALIVE  # type: ignore[union-attr]
+    assert t.suspect("peer", 1, "other") == Verdict.IGNORED  # stale
+    assert t.dead_("peer", 1) == Verdict.IGNORED
+
+
+def test_a_relay_refutes_suspicion_and_death_of_itself_with_a_higher_incarnation() -> None:
+    t = table(ManualClock(0))
+    assert t.suspect("me", 5, "peer") == Verdict.REFUTE
+    assert t.me.incarnation == 6
+    assert t.dead_("me", 9) == Verdict.REFUTE  # a healed partition: others had declared it dead
+    assert t.me.incarnation == 10 and t.me.state == State.ALIVE
+    assert t.refutations == 2
+
+
+def test_a_suspect_is_declared_dead_after_the_suspicion_timeout_only() -> None:
+    clock = ManualClock(0)
+    t = table(clock)
+    t.suspect("peer", 1, "me")
+    clock.advance(3.9)
+    assert t.expired() == []
+    clock.advance(0.2)
+    assert [m.name for m in t.expired()] == ["peer"]
+    assert t.get("peer").state == State.DEAD  # type: ignore[union-attr]
+    assert t.dead() and not [m for m in t.live() if m.name == "peer"]
+
+
+def test_independent_confirmations_shrink_the_suspicion_timeout_to_its_minimum() -> None:
+    clock = ManualClock(0)
+    t = table(clock, confirmations=2)
+    t.suspect("peer", 1, "x")
+    first = t.suspicions["peer"].timeout()
+    assert first == 4.0
+    assert t.suspect("peer", 1, "x") == Verdict.IGNORED  # the same source twice is one confirmation
+    assert t.suspect("peer", 1, "y") == Verdict.CHANGED
+    second = t.suspicions["peer"].timeout()
+    t.suspect("peer", 1, "z")
+    third = t.suspicions["peer"].timeout()
+    assert first > second > third == 1.0
+    clock.advance(1.01)
+    assert [m.name for m in t.expired()] == ["peer"]
+
+
+def test_local_health_scales_probe_timing_and_stays_within_its_ceiling() -> None:
+    awareness = Awareness(ceiling=8)
+    assert awareness.scale(0.2) == 0.2
+    for _ in range(20):
+        awareness.apply(+1)
+    assert awareness.score == 7 and awareness.scale(0.2) == 0.2 * 8
+    for _ in range(20):
+        awareness.apply(-1)
+    assert awareness.score == 0
+
+
+def test_rumours_are_sent_a_bounded_number_of_times_least_sent_first() -> None:
+    queue = RumorQueue()
+    queue.put("r/1", "one", sent=2)
+    queue.put("r/2", "two")
+    queue.put("a/1/b", "receipt", lazy=True)
+    assert queue.hot()
+    assert queue.take(1, limit=3) == ["two"]
+    assert queue.take(3, limit=3) == ["two", "one", "receipt"]  # "one" hits its limit
+    assert queue.take(3, limit=3) == ["two", "receipt"]  # "two" hits its limit
+    assert not queue.hot() and len(queue) == 1  # only the lazy receipt is left
+    queue.put("m/x", "alive 1")
+    queue.put("m/x", "alive 2")  # a newer rumour about the same member replaces the old one
+    assert queue.take(5, limit=9) == ["alive 2", "receipt"]
+
+
+def test_two_entry_stores_find_exactly_the_buckets_they_disagree_on() -> None:
+    a, b = EntryStore(), EntryStore()
+    for i in range(200):
+        a.add(f"r/{i}", i)
+        b.add(f"r/{i}", i)
+    assert a.differing(b.digest) == []
+    assert not a.add("r/5", 5)  # adding is idempotent
+    a.add("r/extra", "x")
+    differing = a.differing(b.digest)
+    assert len(differing) == 1 and 0 <= differing[0] < BUCKETS
+    assert "r/extra" in a.keys_in(differing) and "r/extra" not in b.keys_in(differing)
+
+
+def test_profiles_are_named_and_scale_with_the_group() -> None:
+    assert set(PROFILES) == {"local", "lan", "wan"} and profile("lan") is LAN
+    assert LOCAL.retransmit_limit(9) < LOCAL.retransmit_limit(1000)
+    low, high = LAN.suspicion_timeouts(100)
+    assert low == LAN.suspicion_mult * 2 * LAN.probe_interval and high == low * LAN.suspicion_max_mult
+    try:
+        profile("moon")
+    except ValueError as exc:
+        assert "local, lan, wan" in str(exc)
+    else:
+        raise AssertionError("an unknown profile was accepted")
+
+
+def test_stale_rumours_about_a_relay_itself_are_not_refuted_again() -> None:
+    t = table(ManualClock(0))
+    assert t.suspect("me", 5, "peer") == Verdict.REFUTE  # incarnation 5 -> 6
+    assert t.suspect("me", 5, "other") == Verdict.IGNORED  # the same old rumour, heard again
+    assert t.dead_("me", 4) == Verdict.IGNORED
+    assert t.me.incarnation == 6 and t.refutations == 1
