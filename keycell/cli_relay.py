@@ -65,7 +65,7 @@ def relay(
     KEYCELL_SEAL, as for `keycell server`) or from --dev-data-dir. Prints `READY <port>`
     once the first relay listens. API processes follow it with KEYCELL_RELAY=HOST:PORT.
     """
-    from keycell.functions.wiring import services_from_environment
+    from keycell.functions.wiring import auditor_from_environment, services_from_environment
     from keycell.relay.cell import LedgerSink
     from keycell.relay.cluster import dev_cell_env
     from keycell.relay.faults import Faults
@@ -89,7 +89,8 @@ def relay(
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
 
     async def run() -> None:
-        sink = LedgerSink(services_from_environment(env))
+        services = services_from_environment(env)
+        sink = LedgerSink(services, auditor_from_environment(services, env))
         faults = Faults(loss=loss, delay=delay, jitter=jitter)
         relays: list[Relay] = []
         for i in range(count):

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+from keycell.control_plane.audit import Auditor, AuditUnavailable
 from keycell.control_plane.ledger import Kind, iter_prefix
 from keycell.control_plane.revocations import Receipt, RevocationLog, RevocationRecord
 from keycell.control_plane.services import CellServices
@@ -40,8 +41,11 @@ class LedgerSink:
     seal: an HSM-sealed cell opens itself (`ensure_unsealed`); a cell still sealed
     raises, and the relay keeps the revocation in memory and retries."""
 
-    def __init__(self, services: CellServices) -> None:
+    def __init__(self, services: CellServices, auditor: Auditor | None = None) -> None:
+        """`auditor`: the cell's audit trail; each revocation this relay applies to
+        the ledger becomes an `event` entry (subject HMAC'd) in the relay's chain."""
         self.services = services
+        self.auditor = auditor
         self.cell = services.config.cell_id
         self.log = RevocationLog(services.revocations)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"relay-ledger-{self.cell}")
@@ -66,7 +70,27 @@ class LedgerSink:
         self._open()
         at = self.log.apply(rec)
         self._applied[rec.id] = at
+        if self.auditor is not None:
+            self._audit(rec, at)
         return at
+
+    def _audit(self, rec: RevocationRecord, at: float) -> None:
+        """After the ledger took it: a revocation is never held back for the trail.
+        An entry no sink took is logged; the chain shows it as a gap."""
+        try:
+            self.auditor.record(  # type: ignore[union-attr]
+                {
+                    "kind": "revocation-applied",
+                    "revocation_id": rec.id,
+                    "origin_cell": rec.origin_cell,
+                    "revoked_at": rec.revoked_at,
+                    "applied_at": at,
+                    "reason": rec.reason,
+                    "sensitive": {"subject": rec.subject},
+                }
+            )
+        except AuditUnavailable:
+            log.warning("audit: revocation %s applied but not recorded (no audit sink took it)", rec.id)
 
     def known(self, revocation_id: str) -> float | None:
         """When this cell's ledger took it, if a relay of this process saw that (no I/O)."""
