@@ -1,0 +1,335 @@
+"""Home cells and replicas of KV secrets (issue 9: the CAP split of DESIGN.md).
+
+Every secret has a home cell, recorded in a SECRET_HOME item `{home, epoch, state}`
+that every cell keeps. A secret's first write claims its home (the cell that took the
+write, epoch 1). Writes are CP in the home's ledger: this module refuses a write in any
+other cell (`NotHome`, naming the home); the cell layer (keycell/cells) forwards it to
+the home when it can reach it.
+
+Replication: the home exports a version as its envelope's ciphertext with the data key
+sealed to the receiving cell's public key (control_plane.cellkeys), never the home's
+own wrapped key, plus the secret's metadata record (versions, times, deletion and
+destruction flags; no values). The receiving cell opens the data key, wraps it under
+its own KEK in its HSM, stores the version item, then installs the metadata once every
+live version it names is stored, so a replica never shows a version it cannot serve.
+Metadata is ordered by (epoch, meta_seq), meta_seq being the home's ledger version of
+the metadata item: an older or repeated batch changes nothing, so nothing deleted or
+destroyed at the home comes back.
+
+Staleness: a replica is "confirmed" at time T when the home said at T that the version
+we hold is its latest (an eager push at write time, or the home's periodic digest).
+A reply's age is now - confirmed. The home's digests carry its wall clock, so ages
+include the clock skew between cells (on one machine, none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from keycell.control_plane.cellkeys import CellKey, recipient
+from keycell.control_plane.envelope import Envelope
+from keycell.control_plane.errors import RequestError
+from keycell.control_plane.kv import KvV2
+from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
+from keycell.control_plane.storage import encode_json, get_json
+
+_STATE_RANK = {"home": 0, "moving": 1}
+_WATERMARK = "@watermark/"
+
+
+class NotHome(RequestError):
+    """A write reached a cell that is not the secret's home."""
+
+    status = 503
+
+    def __init__(self, path: str, home: Home, *, reachable: bool | None = None) -> None:
+        if home.state == "moving":
+            message = (
+                f"{path} is moving from cell {home.home!r} to cell {home.to!r}; writes resume "
+                "there once the handover completes"
+            )
+        elif reachable is False:
+            message = (
+                f"{path} is homed in cell {home.home!r}, which this cell cannot reach now; "
+                f"write it in cell {home.home!r} or retry later (reads are served here)"
+            )
+        else:
+            message = f"{path} is homed in cell {home.home!r}; send writes there"
+        super().__init__(message)
+        self.home = home
+
+
+@dataclass(frozen=True)
+class Home:
+    home: str
+    epoch: int
+    state: str = "home"  # home | moving (fenced: no cell takes writes)
+    to: str = ""  # while moving: the cell taking over
+
+    def rank(self) -> tuple[int, int, str]:
+        # A lower cell id wins a tie of two claims under one epoch (two cells that
+        # created the same new secret while cut off from each other): deterministic.
+        return (self.epoch, _STATE_RANK.get(self.state, 0), _invert(self.home))
+
+    def as_json(self) -> dict[str, Any]:
+        return {"home": self.home, "epoch": self.epoch, "state": self.state, "to": self.to}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Home:
+        return cls(str(value["home"]), int(value["epoch"]), str(value.get("state", "home")), str(value.get("to", "")))
+
+
+def _invert(text: str) -> str:
+    return "".join(chr(0x10FFFF - ord(c)) for c in text)
+
+
+@dataclass
+class ReplicaBatch:
+    """One secret's state as its home sends it to one cell."""
+
+    path: str  # mount/secret
+    home: Home
+    meta_seq: int
+    meta: dict[str, Any] | None
+    versions: dict[int, bytes] = field(default_factory=dict)  # number -> Envelope bytes for the receiver
+    at: float = 0.0  # the home's clock when it exported this (the replica is current as of then)
+
+
+@dataclass(frozen=True)
+class DigestEntry:
+    path: str
+    epoch: int
+    meta_seq: int
+
+
+class Replicas:
+    """One cell's view of homes and replicas, over its barrier and its KV mount."""
+
+    def __init__(
+        self,
+        barrier: Ledger,
+        kv: KvV2,
+        cell: str,
+        cell_key: Callable[[], CellKey],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.barrier = barrier
+        self.kv = kv
+        self.cell = cell
+        self._cell_key = cell_key
+        self.clock = clock
+
+    # --- names ------------------------------------------------------------------------
+
+    def full_path(self, secret: str) -> str:
+        return f"{self.kv.mount}/{secret}"
+
+    def _secret(self, path: str) -> str:
+        mount, _, secret = path.partition("/")
+        if mount != self.kv.mount or not secret:
+            raise ValueError(f"{path!r} is not under the {self.kv.mount}/ mount")
+        return secret
+
+    # --- homes ------------------------------------------------------------------------
+
+    def home(self, path: str) -> Home | None:
+        found = get_json(self.barrier, Key(Kind.SECRET_HOME, path))
+        return None if found is None else Home.from_json(found[0])
+
+    def learn_home(self, path: str, home: Home) -> Home:
+        """Keep `home` if it outranks what this cell holds; the home now held."""
+        key = Key(Kind.SECRET_HOME, path)
+        for _ in range(16):
+            found = get_json(self.barrier, key)
+            if found is not None:
+                held = Home.from_json(found[0])
+                if held.rank() >= home.rank():
+                    return held
+            try:
+                self.barrier.put_if(key, encode_json(home.as_json()), found[1] if found else 0)
+            except ConflictError:
+                continue
+            return home
+        raise ConflictError(0)
+
+    def home_for_write(self, path: str) -> Home:
+        """The secret's home for a write arriving here: claims it (epoch 1) when the
+        secret has none yet; raises NotHome when it is elsewhere or moving."""
+        home = self.home(path)
+        if home is None:
+            home = self.learn_home(path, Home(self.cell, 1))
+        if home.home != self.cell or home.state != "home":
+            raise NotHome(path, home)
+        return home
+
+    def write(self, secret: str, data: object, *, cas: object = None) -> dict[str, Any]:
+        """A write at this cell, which must be the secret's home."""
+        self.home_for_write(self.full_path(secret))
+        return self.kv.write(secret, data, cas=cas)
+
+    # --- the home's side --------------------------------------------------------------
+
+    def homed_here(self) -> Iterator[DigestEntry]:
+        """Every secret homed in this cell with its metadata sequence (one scan)."""
+        for item in iter_prefix(self.barrier, Kind.SECRET_HOME, self.kv.mount + "/", page_size=500):
+            home = Home.from_json(json.loads(item.value))
+            if home.home != self.cell:
+                continue
+            meta = self.barrier.get(Key(Kind.SECRET_META, item.key.path), consistent=True)
+            if meta is not None:
+                yield DigestEntry(item.key.path, home.epoch, meta.version)
+
+    def export(
+        self, path: str, to_cell: str, public_pem: str, *, only: set[int] | None = None
+    ) -> ReplicaBatch | None:
+        """The secret's metadata and live versions (or only those numbered in `only`),
+        each data key sealed for `to_cell`. None when this cell is not its home."""
+        home = self.home(path)
+        if home is None or home.home != self.cell:
+            return None
+        secret = self._secret(path)
+        at = self.clock()
+        meta_item = self.barrier.get(Key(Kind.SECRET_META, path), consistent=True)
+        if meta_item is None:
+            return ReplicaBatch(path, home, 0, None, {}, at)
+        meta = json.loads(meta_item.value)
+        to = recipient(to_cell, public_pem)
+        versions: dict[int, bytes] = {}
+        for number_text, vm in meta["versions"].items():
+            number = int(number_text)
+            if vm["destroyed"] or (only is not None and number not in only):
+                continue
+            item = self.barrier.get(self.kv._version_key(secret, number), consistent=True)
+            if item is None:
+                continue
+            aad = self.kv._aad(secret, number)
+            mine = Envelope.from_bytes(item.value)
+            shared = self.kv.envelopes.add_recipient(mine, aad, to)
+            versions[number] = Envelope(shared.kek, {to_cell: shared.wrapped_keys[to_cell]}, shared.ciphertext).to_bytes()
+        return ReplicaBatch(path, home, meta_item.version, meta, versions, at)
+
+    # --- a replica's side ---------------------------------------------------------------
+
+    def replica_record(self, path: str) -> dict[str, Any] | None:
+        found = get_json(self.barrier, Key(Kind.REPLICA, path))
+        return None if found is None else found[0]
+
+    def apply(self, batch: ReplicaBatch) -> list[int]:
+        """Store what the home sent; the version numbers the metadata names that are
+        still missing here (empty: the replica is installed and current as of batch.at)."""
+        home = self.learn_home(batch.path, batch.home)
+        if home.home == self.cell and home.state == "home":
+            return []  # this cell is (now) the home: its own ledger is the truth
+        secret = self._secret(batch.path)
+        key = self._cell_key()
+        envelopes = self.kv.envelopes
+        for number, raw in sorted(batch.versions.items()):
+            vkey = self.kv._version_key(secret, number)
+            if self.barrier.get(vkey, consistent=True) is not None:
+                continue
+            aad = self.kv._aad(secret, number)
+            sent = Envelope.from_bytes(raw)
+            sealed = sent.wrapped_keys.get(self.cell)
+            if sealed is None:
+                continue  # not sealed for this cell: a misrouted batch changes nothing
+            data_key = key.open(sealed, aad)
+            local = Envelope(
+                sent.kek, {self.cell: envelopes.backend.wrap(envelopes.kek, data_key, aad)}, sent.ciphertext
+            )
+            with contextlib.suppress(ConflictError):
+                self.barrier.put_if(vkey, local.to_bytes(), 0)
+        if batch.meta is None:
+            return []
+        record_key = Key(Kind.REPLICA, batch.path)
+        found = get_json(self.barrier, record_key)
+        record = found[0] if found is not None else None
+        incoming = (batch.home.epoch, batch.meta_seq)
+        if record is not None and (record["epoch"], record["meta_seq"]) > incoming:
+            return []  # older than what we hold: nothing comes back
+        live = [int(n) for n, vm in batch.meta["versions"].items() if not vm["destroyed"]]
+        missing = [
+            n for n in live if self.barrier.get(self.kv._version_key(secret, n), consistent=True) is None
+        ]
+        if missing:
+            return sorted(missing)
+        if record is None or (record["epoch"], record["meta_seq"]) < incoming:
+            meta_key = Key(Kind.SECRET_META, batch.path)
+            current = self.barrier.get(meta_key, consistent=True)
+            self.barrier.put_if(meta_key, encode_json(batch.meta), current.version if current else 0)
+            self._drop_versions_not_in(secret, batch.meta)
+        new_record = {
+            "home": batch.home.home,
+            "epoch": batch.home.epoch,
+            "meta_seq": batch.meta_seq,
+            "confirmed_at": max(batch.at, record["confirmed_at"] if record else 0.0),
+        }
+        with contextlib.suppress(ConflictError):  # a concurrent apply of the same state
+            self.barrier.put_if(record_key, encode_json(new_record), found[1] if found else 0)
+        return []
+
+    def _drop_versions_not_in(self, secret: str, meta: dict[str, Any]) -> None:
+        keep = {int(n) for n, vm in meta["versions"].items() if not vm["destroyed"]}
+        for item in self.kv._version_items(secret):
+            number = int(item.key.path.rsplit("#", 1)[1])
+            if number not in keep:
+                with contextlib.suppress(ConflictError):
+                    self.barrier.delete_if(item.key, item.version)
+
+    def on_digest(self, home_cell: str, at: float, entries: list[DigestEntry]) -> list[str]:
+        """The home's list of its secrets as of `at` (its clock): moves this cell's
+        watermark for that home, and returns the paths this cell must fetch."""
+        listed = {e.path: e for e in entries}
+        wm_key = Key(Kind.REPLICA, _WATERMARK + home_cell)
+        found = get_json(self.barrier, wm_key)
+        previous = found[0] if found is not None else {"at": 0.0, "lagging": {}}
+        lagging: dict[str, float] = {}
+        wanted: list[str] = []
+        seen: set[str] = set()
+        for item in iter_prefix(self.barrier, Kind.REPLICA, self.kv.mount + "/", page_size=500):
+            record = json.loads(item.value)
+            if record["home"] != home_cell:
+                continue
+            path = item.key.path
+            seen.add(path)
+            entry = listed.get(path)
+            if entry is not None and (record["epoch"], record["meta_seq"]) >= (entry.epoch, entry.meta_seq):
+                continue  # current as of `at`
+            lagging[path] = float(previous["lagging"].get(path, max(previous["at"], record["confirmed_at"])))
+            if entry is not None:
+                wanted.append(path)
+        for path, entry in listed.items():
+            if path not in seen:
+                home = self.home(path)
+                if home is None or home.home != self.cell:
+                    wanted.append(path)
+        watermark = {"at": at, "lagging": lagging}
+        with contextlib.suppress(ConflictError):
+            self.barrier.put_if(wm_key, encode_json(watermark), found[1] if found else 0)
+        return wanted
+
+    def age(self, path: str) -> float | None:
+        """How stale this cell's copy may be, in seconds: 0 at the home, None when the
+        cell holds no replica."""
+        home = self.home(path)
+        if home is None:
+            return None
+        if home.home == self.cell and home.state == "home":
+            return 0.0
+        record = self.replica_record(path)
+        if record is None:
+            return None
+        confirmed = float(record["confirmed_at"])
+        found = get_json(self.barrier, Key(Kind.REPLICA, _WATERMARK + str(record["home"])))
+        if found is not None:
+            watermark = found[0]
+            # Lagging at the last digest: confirmed when it last was current (or by a
+            # push since); otherwise current as of the digest.
+            confirmed = max(confirmed, float(watermark["lagging"].get(path, watermark["at"])))
+        return max(0.0, self.clock() - confirmed)
+

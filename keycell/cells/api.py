@@ -1,0 +1,220 @@
+"""The regional API's side of cells under partition: KV writes go to the secret's
+home, reads are served from this cell's replica with its age, and a read may bound
+the age it accepts.
+
+- POST/PUT secret/data/:path: at the home (or for a new secret, which this cell then
+  homes) the write is CP in this cell's ledger and the local relay is told to push
+  it; for a secret homed elsewhere the value is sealed to the home cell's public key
+  (from the cell directory) and forwarded through the local relay to a relay of the
+  home cell. When the home cannot be reached: 503 naming the home cell.
+- GET secret/data/:path: served from this cell's ledger, with `X-Keycell-Replica-Age`
+  (seconds the copy may be behind its home; 0 at the home) and `X-Keycell-Home-Cell`.
+  `X-Keycell-Max-Staleness: 2s` (or `2`, `500ms`) asks for a copy no older than that:
+  an older replica is refreshed from the home first, and when the home cannot be
+  reached the read is refused with 412 (nothing stale is served under a bound).
+- Other KV writes (patch, delete, undelete, destroy, metadata) on a secret homed
+  elsewhere are refused with 503 naming the home (they are not forwarded yet).
+
+`install(router, services, relay_addr)` wraps the KV routes of a built router; the
+server does it when KEYCELL_RELAY names the cell's relay (functions/wiring.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import grpc
+
+from keycell.cells._pb import cells_pb2 as pb
+from keycell.cells._pb import cells_pb2_grpc as pb_grpc
+from keycell.cells.agent import forward_aad
+from keycell.control_plane import directory as directory_mod
+from keycell.control_plane.cellkeys import CellKey, seal_to
+from keycell.control_plane.errors import InvalidRequest, RequestError
+from keycell.control_plane.kv import _encode_data
+from keycell.control_plane.replicas import NotHome, Replicas
+from keycell.control_plane.router import Context, Operation, Result, Router
+
+AGE_HEADER = "X-Keycell-Replica-Age"
+HOME_HEADER = "X-Keycell-Home-Cell"
+MAX_STALENESS_HEADER = "x-keycell-max-staleness"
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m)?")
+
+
+class StaleReplica(RequestError):
+    status = 412
+
+
+def parse_staleness(text: str) -> float:
+    """Seconds from `2`, `2.5`, `2s`, `500ms`, `1m`; InvalidRequest otherwise."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise InvalidRequest(f"{MAX_STALENESS_HEADER} takes a duration such as 2s, 500ms or 0")
+    value = float(match.group(1))
+    return value * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[match.group(2)]
+
+
+class CellsFrontend:
+    def __init__(self, services: Any, relay_addr: str | None, *, timeout: float = 3.0) -> None:
+        self.services = services
+        self.cell: str = services.config.cell_id
+        self.relay_addr = relay_addr
+        self.timeout = timeout
+        self._key: CellKey | None = None
+        self.replicas = Replicas(services.barrier, services.kv, self.cell, self._cell_key, clock=services.clock)
+        self._stub: Any = None
+
+    def _cell_key(self) -> CellKey:
+        if self._key is None:
+            self._key = CellKey.load_or_create(self.services.barrier)
+        return self._key
+
+    def stub(self) -> Any:
+        if self._stub is None and self.relay_addr:
+            self._stub = pb_grpc.CellsStub(grpc.insecure_channel(self.relay_addr))  # type: ignore[no-untyped-call]
+        return self._stub
+
+    # --- writes -----------------------------------------------------------------------
+
+    def write(self, secret: str, data: object, cas: object) -> dict[str, Any]:
+        path = self.replicas.full_path(secret)
+        home = self.replicas.home(path)
+        if home is None or (home.home == self.cell and home.state == "home"):
+            out = self.replicas.write(secret, data, cas=cas)
+            self._written(path)
+            return out
+        if home.state != "home":
+            raise NotHome(path, home)
+        plaintext = _encode_data(data)  # bad input is refused here, before anything travels
+        cas_value = None
+        if cas is not None:
+            if isinstance(cas, bool) or not isinstance(cas, int | str) or not str(cas).strip().lstrip("-").isdigit():
+                raise InvalidRequest("error parsing check-and-set parameter")
+            cas_value = int(cas)
+        public = self._public_key(home.home)
+        stub = self.stub()
+        if public is None or stub is None:
+            raise NotHome(path, home, reachable=False)
+        request = pb.WriteRequest(
+            path=path,
+            home=home.home,
+            sealed_data=seal_to(public, plaintext, forward_aad(path)),
+            has_cas=cas_value is not None,
+            cas=cas_value or 0,
+            origin_cell=self.cell,
+        )
+        try:
+            reply = stub.Write(request, timeout=self.timeout)
+        except grpc.RpcError:
+            raise NotHome(path, home, reachable=False) from None
+        body = json.loads(reply.body or b"{}")
+        if reply.status != 200:
+            errors = body.get("errors") or ["the home cell refused the write"]
+            raise RequestError(str(errors[0]), status=reply.status)
+        return body["data"]  # type: ignore[no-any-return]
+
+    def _public_key(self, cell: str) -> str | None:
+        record = directory_mod.load(self.services.barrier).get(cell)
+        if record is None or record.removed or not record.record.public_key:
+            return None
+        return record.record.public_key
+
+    def _written(self, path: str) -> None:
+        stub = self.stub()
+        if stub is None:
+            return
+        try:
+            stub.Written(pb.WrittenRequest(path=path), timeout=self.timeout)
+        except grpc.RpcError:
+            pass  # the home's digest brings the other cells up to date
+
+    def refuse_elsewhere(self, secret: str) -> None:
+        """For KV changes that are not forwarded: refuse unless this cell is the home."""
+        path = self.replicas.full_path(secret)
+        home = self.replicas.home(path)
+        if home is not None and (home.home != self.cell or home.state != "home"):
+            raise NotHome(path, home)
+
+    # --- reads ------------------------------------------------------------------------
+
+    def before_read(self, secret: str, bound_header: str | None) -> tuple[float | None, str]:
+        """(age, home) of this cell's copy, refreshed from the home first when a bound
+        asks for fresher than that."""
+        path = self.replicas.full_path(secret)
+        age = self.replicas.age(path)
+        home = self.replicas.home(path)
+        home_cell = home.home if home is not None else ""
+        if bound_header is None or age is None:
+            return age, home_cell
+        bound = parse_staleness(bound_header)
+        if age <= bound:
+            return age, home_cell
+        stub = self.stub()
+        if stub is not None:
+            try:
+                stub.Refresh(pb.RefreshRequest(path=path), timeout=self.timeout)
+            except grpc.RpcError:
+                pass
+            else:
+                # Fetched from the home during this request: what is read now is at
+                # least as new as the home's state at some instant inside the request.
+                return self.replicas.age(path), home_cell
+        raise StaleReplica(
+            f"this cell's copy of {path} is {age:.3f}s old, more than the {bound:g}s asked for, and its "
+            f"home cell {home_cell!r} cannot be reached to refresh it; retry, or read without "
+            "X-Keycell-Max-Staleness"
+        )
+
+
+def install(router: Router, services: Any, relay_addr: str | None) -> CellsFrontend:
+    """Wrap the KV v2 routes at secret/ of `router` with homes and replica ages."""
+    front = CellsFrontend(services, relay_addr)
+    for route in router.routes:
+        pattern = route.pattern.pattern
+        if pattern.startswith("secret/data/"):
+            _wrap_data(route.handlers, front)
+        elif pattern.startswith(("secret/delete/", "secret/undelete/", "secret/destroy/", "secret/metadata/")):
+            _wrap_guard(route.handlers, front)
+    return front
+
+
+def _wrap_data(handlers: dict[Operation, Any], front: CellsFrontend) -> None:
+    read = handlers[Operation.READ]
+
+    def write(ctx: Context) -> dict[str, Any]:
+        if "data" not in ctx.data:
+            raise InvalidRequest("no data provided")
+        options = ctx.data.get("options") or {}
+        if not isinstance(options, dict):
+            raise InvalidRequest("'options' must be a map")
+        return front.write(ctx.params["path"], ctx.data["data"], options.get("cas"))
+
+    def read_with_age(ctx: Context) -> Result:
+        age, home = front.before_read(ctx.params["path"], ctx.request.headers.get(MAX_STALENESS_HEADER))
+        data = read(ctx)
+        headers = {HOME_HEADER: home} if home else {}
+        if age is not None:
+            headers[AGE_HEADER] = f"{age:.3f}"
+        return Result(data=data, headers=headers)
+
+    handlers[Operation.READ] = read_with_age
+    handlers[Operation.UPDATE] = write
+    for op in (Operation.PATCH, Operation.DELETE):
+        if op in handlers:
+            handlers[op] = _guarded(handlers[op], front)
+
+
+def _wrap_guard(handlers: dict[Operation, Any], front: CellsFrontend) -> None:
+    for op in (Operation.UPDATE, Operation.PATCH, Operation.DELETE):
+        if op in handlers:
+            handlers[op] = _guarded(handlers[op], front)
+
+
+def _guarded(handler: Any, front: CellsFrontend) -> Any:
+    def guarded(ctx: Context) -> Any:
+        front.refuse_elsewhere(ctx.params["path"])
+        return handler(ctx)
+
+    return guarded
