@@ -24,6 +24,7 @@ from keycell.control_plane.routes import build_router
 from keycell.relay.cell import LedgerSink
 from keycell.relay.cluster import dev_cell_env
 from keycell.relay.faults import Faults
+from keycell.relay.handoff import RelayHandoff
 from keycell.relay.node import Relay
 from keycell.relay.profiles import LOCAL, Profile
 
@@ -85,6 +86,8 @@ class Mesh:
             services = open_cell(self.folder / cell, cell)
             router = build_router(services)
             self.fronts[cell] = install(router, services, self.relays[cell][0].addr)
+            # sys/revocations hands each revocation to the cell's relay, as KEYCELL_RELAY does
+            services.relay_handoff = RelayHandoff(self.relays[cell][0].addr)
             self.routers[cell] = router
             self.api_services[cell] = services
         return self
@@ -126,6 +129,7 @@ class Mesh:
             for sink in self.sinks.values():
                 sink.close()
             for services in self.api_services.values():
+                services.relay_handoff.close()
                 services.ledger.close()
 
     # --- faults ------------------------------------------------------------------------
