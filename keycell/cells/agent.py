@@ -91,6 +91,11 @@ class CellState:
         self.own: CellRecord | None = None
         self.loaded = False
 
+    def close(self) -> None:
+        """Wait for ledger work in flight (before the cell's ledger closes)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        _STATES.pop(id(self.services), None)
+
     def cell_key(self) -> CellKey:
         if self._key is None:
             self.services.ensure_unsealed()
@@ -225,10 +230,16 @@ class CellAgent(pb_grpc.CellsServicer):
         if table is None:
             raise Unreachable(cell)
         live = [m for m in table.live() if m.cell == cell and m.name != self.relay.name]
-        alive = [m for m in live if m.state == State.ALIVE] or live
+        alive = [m.addr for m in live if m.state == State.ALIVE] or [m.addr for m in live]
+        if not alive:
+            # None believed alive (a partition just healed, and membership has not
+            # caught up): try the relays the member table or the directory knows of.
+            known = [m.addr for m in table.members.values() if m.cell == cell]
+            record = self.state.directory.cells().get(cell)
+            alive = sorted({*known, *(record.relays if record is not None else ())})
         if not alive:
             raise Unreachable(cell)
-        return self.rng.choice(alive).addr
+        return self.rng.choice(alive)
 
     async def call(self, addr: str, method: str, request: Any) -> Any:
         """One unary call to another relay, through the relay's fault injection."""

@@ -126,6 +126,8 @@ class Mesh:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
+            for agents in self.agents.values():
+                agents[0].state.close()
             for sink in self.sinks.values():
                 sink.close()
             for services in self.api_services.values():

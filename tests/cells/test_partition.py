@@ -174,7 +174,7 @@ def test_a_partitioned_cell_keeps_reading_refuses_foreign_writes_and_converges_a
 
 def test_replicas_hold_ciphertext_under_their_own_cell_key_only(mesh: Mesh) -> None:
     assert mesh.write("a", "x/db", {"password": "hunter2-very-secret"}).status == 200
-    assert mesh.wait_for(lambda: mesh.value_in("b", "x/db") is not None, 10)
+    assert mesh.wait_for(lambda: all(mesh.value_in(c, "x/db") is not None for c in CELLS), 10)
     from keycell.control_plane.envelope import Envelope
     from keycell.control_plane.ledger import Key
 
