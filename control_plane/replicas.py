@@ -1,10 +1,13 @@
 """Home cells and replicas of KV secrets (issue 9: the CAP split of DESIGN.md).
 
 Every secret has a home cell, recorded in a SECRET_HOME item `{home, epoch, state}`
-that every cell keeps. A secret's first write claims its home (the cell that took the
-write, epoch 1). Writes are CP in the home's ledger: this module refuses a write in any
-other cell (`NotHome`, naming the home); the cell layer (keycell/cells) forwards it to
-the home when it can reach it.
+that every cell keeps. A new secret's first write claims its home for the cell that
+took it: the path is reserved in a majority of cells (each cell keeps the first claim
+it hears, `reserve`), then confirmed (`confirm`, epoch 1), so two cells creating the
+same path at once, or on two sides of a partition, cannot both become its home; a cell
+cut off from most cells cannot create new secrets. Writes are CP in the home's ledger:
+this module refuses a write in any other cell (`NotHome`, naming the home); the cell
+layer (keycell/cells) forwards it to the home when it can reach it.
 
 Replication: the home exports a version as its envelope's ciphertext with the data key
 sealed to the receiving cell's public key (control_plane.cellkeys), never the home's
@@ -38,8 +41,24 @@ from keycell.control_plane.kv import KvV2
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
 from keycell.control_plane.storage import encode_json, get_json
 
-_STATE_RANK = {"home": 0, "moving": 1}
+_STATE_RANK = {"claim": -1, "home": 0, "moving": 1}
+# A claim whose claimer never confirmed it (it died, or lost its majority) may be
+# taken over by another claimer after this long.
+CLAIM_TIMEOUT = 5.0
 _WATERMARK = "@watermark/"
+
+
+class NoMajority(RequestError):
+    """A new secret's home cannot be claimed: too few cells answered."""
+
+    status = 503
+
+    def __init__(self, path: str, votes: int, cells: int) -> None:
+        super().__init__(
+            f"{path} is a new secret, and its home can only be claimed with a majority of the "
+            f"cells; {votes} of {cells} agreed (this cell may be cut off). Create it in another "
+            "cell or retry later"
+        )
 
 
 class NotHome(RequestError):
@@ -48,7 +67,9 @@ class NotHome(RequestError):
     status = 503
 
     def __init__(self, path: str, home: Home, *, reachable: bool | None = None) -> None:
-        if home.state == "moving":
+        if not home.confirmed:
+            message = f"{path} has no confirmed home yet; retry"
+        elif home.state == "moving":
             message = (
                 f"{path} is moving from cell {home.home!r} to cell {home.to!r}; writes resume "
                 "there once the handover completes"
@@ -68,20 +89,31 @@ class NotHome(RequestError):
 class Home:
     home: str
     epoch: int
-    state: str = "home"  # home | moving (fenced: no cell takes writes)
+    state: str = "home"  # claim (reserved, unconfirmed) | home | moving (fenced: no cell takes writes)
     to: str = ""  # while moving: the cell taking over
+    since: float = 0.0  # when this state was entered (claims time out)
 
     def rank(self) -> tuple[int, int, str]:
         # A lower cell id wins a tie of two claims under one epoch (two cells that
         # created the same new secret while cut off from each other): deterministic.
         return (self.epoch, _STATE_RANK.get(self.state, 0), _invert(self.home))
 
+    @property
+    def confirmed(self) -> bool:
+        return self.state != "claim"
+
     def as_json(self) -> dict[str, Any]:
-        return {"home": self.home, "epoch": self.epoch, "state": self.state, "to": self.to}
+        return {"home": self.home, "epoch": self.epoch, "state": self.state, "to": self.to, "since": self.since}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Home:
-        return cls(str(value["home"]), int(value["epoch"]), str(value.get("state", "home")), str(value.get("to", "")))
+        return cls(
+            str(value["home"]),
+            int(value["epoch"]),
+            str(value.get("state", "home")),
+            str(value.get("to", "")),
+            float(value.get("since", 0.0)),
+        )
 
 
 def _invert(text: str) -> str:
@@ -158,12 +190,38 @@ class Replicas:
             return home
         raise ConflictError(0)
 
-    def home_for_write(self, path: str) -> Home:
-        """The secret's home for a write arriving here: claims it (epoch 1) when the
-        secret has none yet; raises NotHome when it is elsewhere or moving."""
+    def confirmed_home(self, path: str) -> Home | None:
         home = self.home(path)
-        if home is None:
-            home = self.learn_home(path, Home(self.cell, 1))
+        return home if home is not None and home.confirmed else None
+
+    def reserve(self, path: str, claimer: str) -> Home:
+        """Keep `claimer`'s claim unless this cell already holds a home or a live claim
+        by another cell; what this cell holds afterwards."""
+        key = Key(Kind.SECRET_HOME, path)
+        claim = Home(claimer, 1, "claim", since=self.clock())
+        for _ in range(16):
+            found = get_json(self.barrier, key)
+            if found is not None:
+                held = Home.from_json(found[0])
+                if held.confirmed or held.home == claimer or self.clock() - held.since < CLAIM_TIMEOUT:
+                    return held
+            try:
+                self.barrier.put_if(key, encode_json(claim.as_json()), found[1] if found else 0)
+            except ConflictError:
+                continue
+            return claim
+        raise ConflictError(0)
+
+    def confirm(self, path: str) -> Home:
+        """This cell won a majority for `path`: it is the home, epoch 1."""
+        return self.learn_home(path, Home(self.cell, 1, "home", since=self.clock()))
+
+    def home_for_write(self, path: str) -> Home:
+        """The secret's confirmed home, which must be this cell: NotHome otherwise
+        (elsewhere, moving, or not claimed yet)."""
+        home = self.home(path)
+        if home is None or not home.confirmed:
+            raise NotHome(path, home or Home("", 0, "claim"))
         if home.home != self.cell or home.state != "home":
             raise NotHome(path, home)
         return home
@@ -179,7 +237,7 @@ class Replicas:
         """Every secret homed in this cell with its metadata sequence (one scan)."""
         for item in iter_prefix(self.barrier, Kind.SECRET_HOME, self.kv.mount + "/", page_size=500):
             home = Home.from_json(json.loads(item.value))
-            if home.home != self.cell:
+            if home.home != self.cell or not home.confirmed:
                 continue
             meta = self.barrier.get(Key(Kind.SECRET_META, item.key.path), consistent=True)
             if meta is not None:
@@ -191,7 +249,7 @@ class Replicas:
         """The secret's metadata and live versions (or only those numbered in `only`),
         each data key sealed for `to_cell`. None when this cell is not its home."""
         home = self.home(path)
-        if home is None or home.home != self.cell:
+        if home is None or home.home != self.cell or not home.confirmed:
             return None
         secret = self._secret(path)
         at = self.clock()
@@ -317,7 +375,7 @@ class Replicas:
         """How stale this cell's copy may be, in seconds: 0 at the home, None when the
         cell holds no replica."""
         home = self.home(path)
-        if home is None:
+        if home is None or not home.confirmed:
             return None
         if home.home == self.cell and home.state == "home":
             return 0.0

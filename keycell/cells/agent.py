@@ -143,10 +143,18 @@ def cell_state(services: Any, *, api_url: str = "") -> CellState:
     return state
 
 
+def _home_pb(home: Home) -> pb.Home:
+    return pb.Home(home=home.home, epoch=home.epoch, state=home.state, to=home.to)
+
+
+def _home_from_pb(msg: pb.Home) -> Home:
+    return Home(msg.home, msg.epoch, msg.state or "home", msg.to)
+
+
 def batch_to_pb(batch: ReplicaBatch, from_cell: str) -> pb.ReplicaBatch:
     return pb.ReplicaBatch(
         path=batch.path,
-        home=pb.Home(home=batch.home.home, epoch=batch.home.epoch, state=batch.home.state, to=batch.home.to),
+        home=_home_pb(batch.home),
         meta_seq=batch.meta_seq,
         meta=json.dumps(batch.meta).encode() if batch.meta is not None else b"",
         versions=[pb.Version(number=n, envelope=e) for n, e in sorted(batch.versions.items())],
@@ -159,7 +167,7 @@ def batch_to_pb(batch: ReplicaBatch, from_cell: str) -> pb.ReplicaBatch:
 def batch_from_pb(msg: pb.ReplicaBatch) -> ReplicaBatch:
     return ReplicaBatch(
         msg.path,
-        Home(msg.home.home, msg.home.epoch, msg.home.state or "home", msg.home.to),
+        _home_from_pb(msg.home),
         msg.meta_seq,
         json.loads(msg.meta) if msg.meta else None,
         {v.number: v.envelope for v in msg.versions},
@@ -354,9 +362,25 @@ class CellAgent(pb_grpc.CellsServicer):
     async def Refresh(self, request: pb.RefreshRequest, context: grpc.aio.ServicerContext) -> pb.RefreshReply:
         """Bring this cell's replica of `path` up to date from its home now."""
         replicas = self.state.replicas
-        home = await self._blocking(replicas.home, request.path)
+        home = await self._blocking(replicas.confirmed_home, request.path)
         if home is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, "this cell knows no home for that secret")
+            # Never heard of it here: ask every other cell; its home answers.
+            reached = 0
+            for cell in self.other_cells():
+                try:
+                    reply = await self.call_cell(cell, "Fetch", pb.FetchRequest(path=request.path, cell=self.cell))
+                except Unreachable:
+                    continue
+                reached += 1
+                if reply.found:
+                    await self._blocking(replicas.apply, batch_from_pb(reply))
+                    home = await self._blocking(replicas.confirmed_home, request.path)
+                    break
+            if home is None:
+                if reached < len(self.other_cells()):
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "not every cell could be asked for that secret")
+                await context.abort(grpc.StatusCode.NOT_FOUND, "no cell homes that secret")
+        assert home is not None
         if home.home != self.cell:
             try:
                 only: list[int] = []
@@ -374,6 +398,36 @@ class CellAgent(pb_grpc.CellsServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"cell {home.home!r} is unreachable")
         age = await self._blocking(replicas.age, request.path)
         return pb.RefreshReply(age=age if age is not None else -1.0)
+
+    # --- homes of new secrets ------------------------------------------------------------
+
+    async def Reserve(self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext) -> pb.Home:
+        held = await self._blocking(self.state.replicas.reserve, request.path, request.claimer)
+        return _home_pb(held)
+
+    async def Claim(self, request: pb.ClaimRequest, context: grpc.aio.ServicerContext) -> pb.ClaimReply:
+        """Find the home of `path`, or claim it for this cell with a majority of cells."""
+        replicas = self.state.replicas
+        held = await self._blocking(replicas.reserve, request.path, self.cell)
+        cells = self.other_cells()
+        if held.confirmed:
+            return pb.ClaimReply(home=_home_pb(held), votes=0, cells=len(cells) + 1)
+        votes = int(held.home == self.cell)
+        for cell in cells:
+            try:
+                theirs = _home_from_pb(await self.call_cell(cell, "Reserve", pb.ReserveRequest(path=request.path, claimer=self.cell)))
+            except Unreachable:
+                continue
+            if theirs.confirmed:
+                known = await self._blocking(replicas.learn_home, request.path, theirs)
+                return pb.ClaimReply(home=_home_pb(known), votes=votes, cells=len(cells) + 1)
+            votes += theirs.home == self.cell
+        if votes * 2 > len(cells) + 1:
+            home = await self._blocking(replicas.confirm, request.path)
+            self.count("claimed")
+            return pb.ClaimReply(home=_home_pb(home), votes=votes, cells=len(cells) + 1)
+        self.count("claims_lost")
+        return pb.ClaimReply(votes=votes, cells=len(cells) + 1)
 
     # --- writes -----------------------------------------------------------------------
 

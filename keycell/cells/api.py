@@ -34,7 +34,7 @@ from keycell.control_plane import directory as directory_mod
 from keycell.control_plane.cellkeys import CellKey, seal_to
 from keycell.control_plane.errors import InvalidRequest, RequestError
 from keycell.control_plane.kv import _encode_data
-from keycell.control_plane.replicas import NotHome, Replicas
+from keycell.control_plane.replicas import Home, NoMajority, NotHome, Replicas
 from keycell.control_plane.router import Context, Operation, Result, Router
 
 AGE_HEADER = "X-Keycell-Replica-Age"
@@ -80,14 +80,14 @@ class CellsFrontend:
 
     def write(self, secret: str, data: object, cas: object) -> dict[str, Any]:
         path = self.replicas.full_path(secret)
-        home = self.replicas.home(path)
-        if home is None or (home.home == self.cell and home.state == "home"):
+        plaintext = _encode_data(data)  # bad input is refused here, before anything travels
+        home = self.replicas.confirmed_home(path) or self._claim(path)
+        if home.home == self.cell and home.state == "home":
             out = self.replicas.write(secret, data, cas=cas)
             self._written(path)
             return out
         if home.state != "home":
             raise NotHome(path, home)
-        plaintext = _encode_data(data)  # bad input is refused here, before anything travels
         cas_value = None
         if cas is not None:
             if isinstance(cas, bool) or not isinstance(cas, int | str) or not str(cas).strip().lstrip("-").isdigit():
@@ -115,6 +115,20 @@ class CellsFrontend:
             raise RequestError(str(errors[0]), status=reply.status)
         return body["data"]  # type: ignore[no-any-return]
 
+    def _claim(self, path: str) -> Home:
+        """The home of a secret this cell has no confirmed home for: found in another
+        cell, or claimed for this one with a majority of cells."""
+        stub = self.stub()
+        if stub is None:  # a lone cell (no relay): it is every secret's home
+            return self.replicas.confirm(path)
+        try:
+            reply = stub.Claim(pb.ClaimRequest(path=path), timeout=self.timeout)
+        except grpc.RpcError:
+            raise NoMajority(path, 0, 0) from None
+        if not reply.HasField("home"):
+            raise NoMajority(path, reply.votes, reply.cells)
+        return Home(reply.home.home, reply.home.epoch, reply.home.state or "home", reply.home.to)
+
     def _public_key(self, cell: str) -> str | None:
         record = directory_mod.load(self.services.barrier).get(cell)
         if record is None or record.removed or not record.record.public_key:
@@ -133,7 +147,7 @@ class CellsFrontend:
     def refuse_elsewhere(self, secret: str) -> None:
         """For KV changes that are not forwarded: refuse unless this cell is the home."""
         path = self.replicas.full_path(secret)
-        home = self.replicas.home(path)
+        home = self.replicas.confirmed_home(path)
         if home is not None and (home.home != self.cell or home.state != "home"):
             raise NotHome(path, home)
 
@@ -141,31 +155,38 @@ class CellsFrontend:
 
     def before_read(self, secret: str, bound_header: str | None) -> tuple[float | None, str]:
         """(age, home) of this cell's copy, refreshed from the home first when a bound
-        asks for fresher than that."""
+        asks for fresher than that (or this cell has no copy at all)."""
         path = self.replicas.full_path(secret)
-        age = self.replicas.age(path)
-        home = self.replicas.home(path)
-        home_cell = home.home if home is not None else ""
-        if bound_header is None or age is None:
-            return age, home_cell
+        if bound_header is None:
+            return self._age_and_home(path)
         bound = parse_staleness(bound_header)
-        if age <= bound:
+        age, home_cell = self._age_and_home(path)
+        if age is not None and age <= bound:
             return age, home_cell
         stub = self.stub()
-        if stub is not None:
+        if stub is None:
+            if age is None:
+                return age, home_cell  # a lone cell: what it lacks does not exist
+        else:
             try:
                 stub.Refresh(pb.RefreshRequest(path=path), timeout=self.timeout)
-            except grpc.RpcError:
-                pass
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return None, ""  # no cell homes it: the read answers 404
             else:
                 # Fetched from the home during this request: what is read now is at
                 # least as new as the home's state at some instant inside the request.
-                return self.replicas.age(path), home_cell
+                return self._age_and_home(path)
+        held = f"is {age:.3f}s old" if age is not None else "does not exist here"
+        where = f"its home cell {home_cell!r}" if home_cell else "the other cells"
         raise StaleReplica(
-            f"this cell's copy of {path} is {age:.3f}s old, more than the {bound:g}s asked for, and its "
-            f"home cell {home_cell!r} cannot be reached to refresh it; retry, or read without "
-            "X-Keycell-Max-Staleness"
+            f"this cell's copy of {path} {held}, more than the {bound:g}s asked for, and {where} "
+            "cannot be reached to refresh it; retry, or read without X-Keycell-Max-Staleness"
         )
+
+    def _age_and_home(self, path: str) -> tuple[float | None, str]:
+        home = self.replicas.confirmed_home(path)
+        return self.replicas.age(path), home.home if home is not None else ""
 
 
 def install(router: Router, services: Any, relay_addr: str | None) -> CellsFrontend:

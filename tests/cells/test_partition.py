@@ -90,9 +90,12 @@ def test_a_partitioned_cell_keeps_reading_refuses_foreign_writes_and_converges_a
     value = {"password": "c/app0-v2"}
     assert mesh.write("c", "c/app0", value).status == 200
     latest["c/app0"] = ("c", value, 2)
-    new_in_c = {"password": "born-in-the-partition"}
-    assert mesh.write("c", "c/new", new_in_c).status == 200
-    latest["c/new"] = ("c", new_in_c, 1)
+    # a new secret needs a majority of cells to claim its home: not in c, but in a
+    cut_off = mesh.write("c", "c/new", {"password": "born-in-the-partition"})
+    assert cut_off.status == 503 and "majority" in cut_off.body["errors"][0]  # type: ignore[index]
+    born = {"password": "born-in-the-partition"}
+    assert mesh.write("a", "a/new", born).status == 200
+    latest["a/new"] = ("a", born, 1)
     for secret in ("a/app0", "b/app2"):
         refused = mesh.write("c", secret, {"password": "lost?"})
         assert refused.status == 503
@@ -116,7 +119,7 @@ def test_a_partitioned_cell_keeps_reading_refuses_foreign_writes_and_converges_a
     ages: list[float] = []
     while time.monotonic() - cut_started < 1.5:
         for secret, (home, _, _) in latest.items():
-            if secret == "c/new":
+            if secret == "a/new":
                 continue
             reply = mesh.read("c", secret)
             reads += 1

@@ -130,6 +130,30 @@ class WrittenReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReserveRequest(_message.Message):
+    __slots__ = ("path", "claimer")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    CLAIMER_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    claimer: str
+    def __init__(self, path: _Optional[str] = ..., claimer: _Optional[str] = ...) -> None: ...
+
+class ClaimRequest(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
+
+class ClaimReply(_message.Message):
+    __slots__ = ("home", "votes", "cells")
+    HOME_FIELD_NUMBER: _ClassVar[int]
+    VOTES_FIELD_NUMBER: _ClassVar[int]
+    CELLS_FIELD_NUMBER: _ClassVar[int]
+    home: Home
+    votes: int
+    cells: int
+    def __init__(self, home: _Optional[_Union[Home, _Mapping]] = ..., votes: _Optional[int] = ..., cells: _Optional[int] = ...) -> None: ...
+
 class RefreshRequest(_message.Message):
     __slots__ = ("path",)
     PATH_FIELD_NUMBER: _ClassVar[int]

@@ -69,6 +69,16 @@ class CellsStub:
                 request_serializer=cells__pb2.RefreshRequest.SerializeToString,
                 response_deserializer=cells__pb2.RefreshReply.FromString,
                 _registered_method=True)
+        self.Claim = channel.unary_unary(
+                '/keycell.cells.v1.Cells/Claim',
+                request_serializer=cells__pb2.ClaimRequest.SerializeToString,
+                response_deserializer=cells__pb2.ClaimReply.FromString,
+                _registered_method=True)
+        self.Reserve = channel.unary_unary(
+                '/keycell.cells.v1.Cells/Reserve',
+                request_serializer=cells__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=cells__pb2.Home.FromString,
+                _registered_method=True)
 
 
 class CellsServicer:
@@ -119,6 +129,20 @@ class CellsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Claim(self, request, context):
+        """From a cell's API process to its local relay: find or claim the home of a new secret.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reserve(self, request, context):
+        """From the claiming cell's relay to a relay of every other cell.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CellsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +180,16 @@ def add_CellsServicer_to_server(servicer, server):
                     servicer.Refresh,
                     request_deserializer=cells__pb2.RefreshRequest.FromString,
                     response_serializer=cells__pb2.RefreshReply.SerializeToString,
+            ),
+            'Claim': grpc.unary_unary_rpc_method_handler(
+                    servicer.Claim,
+                    request_deserializer=cells__pb2.ClaimRequest.FromString,
+                    response_serializer=cells__pb2.ClaimReply.SerializeToString,
+            ),
+            'Reserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reserve,
+                    request_deserializer=cells__pb2.ReserveRequest.FromString,
+                    response_serializer=cells__pb2.Home.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +381,60 @@ class Cells:
             '/keycell.cells.v1.Cells/Refresh',
             cells__pb2.RefreshRequest.SerializeToString,
             cells__pb2.RefreshReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Claim(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycell.cells.v1.Cells/Claim',
+            cells__pb2.ClaimRequest.SerializeToString,
+            cells__pb2.ClaimReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycell.cells.v1.Cells/Reserve',
+            cells__pb2.ReserveRequest.SerializeToString,
+            cells__pb2.Home.FromString,
             options,
             channel_credentials,
             insecure,
