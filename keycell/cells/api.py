@@ -35,7 +35,8 @@ from keycell.control_plane.cellkeys import CellKey, seal_to
 from keycell.control_plane.errors import InvalidRequest, RequestError
 from keycell.control_plane.kv import _encode_data
 from keycell.control_plane.replicas import Home, NoMajority, NotHome, Replicas
-from keycell.control_plane.router import Context, Operation, Result, Router
+from keycell.control_plane.router import Context, Operation, OperationDoc, Result, RouteDoc, Router
+from keycell.control_plane.routes.openapi import STR, STR_LIST, obj, ok
 
 AGE_HEADER = "X-Keycell-Replica-Age"
 HOME_HEADER = "X-Keycell-Home-Cell"
@@ -190,8 +191,47 @@ class CellsFrontend:
 
 
 def install(router: Router, services: Any, relay_addr: str | None) -> CellsFrontend:
-    """Wrap the KV v2 routes at secret/ of `router` with homes and replica ages."""
+    """Wrap the KV v2 routes at secret/ of `router` with homes and replica ages, and
+    add sys/cells (the cell directory: service discovery for clients)."""
     front = CellsFrontend(services, relay_addr)
+
+    def cells(ctx: Context) -> dict[str, Any]:
+        entries = directory_mod.load(services.barrier)
+        return {
+            "cell": front.cell,
+            "cells": {
+                cell: {k: v for k, v in entry.record.as_json().items() if k != "cell"}
+                for cell, entry in sorted(entries.items())
+                if not entry.removed
+            },
+        }
+
+    record = obj(
+        {
+            "api": STR,
+            "relays": STR_LIST,
+            "fingerprint": STR,
+            "public_key": STR,
+            "health": STR,
+            "updated_at": {"type": "number"},
+        }
+    )
+    router.add(
+        r"sys/cells",
+        {Operation.READ: cells},
+        family="sys",
+        doc=RouteDoc(
+            "/sys/cells",
+            "The cell directory: every cell's API, relays, sealing-key fingerprint and health.",
+            operations={
+                Operation.READ: OperationDoc(
+                    "List the cells",
+                    "This cell's replica of the directory CRDT the relays gossip.",
+                    responses=ok(obj({"cell": STR, "cells": {"type": "object", "additionalProperties": record}})),
+                )
+            },
+        ),
+    )
     for route in router.routes:
         pattern = route.pattern.pattern
         if pattern.startswith("secret/data/"):

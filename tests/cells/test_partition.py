@@ -200,3 +200,15 @@ def test_bad_staleness_bounds_are_refused_with_400(mesh: Mesh) -> None:
     reply = mesh.read("a", "y/db", max_staleness="0")
     assert reply.status == 200 and reply.headers["X-Keycell-Replica-Age"] == "0.000"
     assert reply.headers["X-Keycell-Home-Cell"] == "a"
+
+
+def test_sys_cells_lists_every_cell_with_its_key_fingerprint(mesh: Mesh) -> None:
+    reply = mesh.request("b", "GET", "sys/cells")
+    assert reply.status == 200, reply.body
+    data = reply.body["data"]  # type: ignore[index]
+    assert data["cell"] == "b" and set(data["cells"]) == set(CELLS)
+    for cell, record in data["cells"].items():
+        assert record["fingerprint"].startswith("sha256:")
+        assert record["relays"] == [mesh.relays[cell][0].addr]
+        assert record["health"] == "ok"
+    assert len({r["fingerprint"] for r in data["cells"].values()}) == 3
