@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 BENCHMARKS = ["bench.ledger", "bench.barrier", "bench.keys", "bench.api", "bench.audit", "bench.herd"]
+BENCHMARKS.append("bench.replication")  # issue 9
 
 
 def main() -> None:

@@ -188,6 +188,7 @@ class CellAgent(pb_grpc.CellsServicer):
         self.rng = random.Random()  # noqa: S311 - peer choice, not a secret
         self.counters: dict[str, int] = {}
         self.lag: list[float] = []  # seconds from a home's export to the apply here (pushes received)
+        self.observers: list[Callable[[str, int], None]] = []  # (path, meta_seq) once a pushed replica is installed
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._seen_running = False
@@ -276,25 +277,28 @@ class CellAgent(pb_grpc.CellsServicer):
     # --- replication ------------------------------------------------------------------
 
     async def push(self, path: str, cells: list[str] | None = None, *, latest: bool = True) -> None:
-        """Send `path` to every other cell (or `cells`), then what each says it lacks."""
-        for cell in cells if cells is not None else self.other_cells():
-            pem = self.state.public_key(cell)
-            if pem is None:
-                continue  # not in the directory yet: the digest brings it later
-            try:
-                batch = await self._blocking(self._export, path, cell, pem, latest)
-                for _ in range(3):
-                    if batch is None:
-                        break
-                    reply = await self.call_cell(cell, "Push", batch_to_pb(batch, self.cell))
-                    self.count("pushed")
-                    if not reply.missing:
-                        break
-                    batch = await self._blocking(self._export, path, cell, pem, False, set(reply.missing))
-            except Unreachable:
-                self.count("push_unreachable")
-            except (grpc.aio.AioRpcError, RequestError, SealError) as exc:
-                log.warning("%s: push of %s to cell %s failed: %s", self.relay.name, path, cell, exc)
+        """Send `path` to every other cell (or `cells`) at once, then what each says it lacks."""
+        targets = cells if cells is not None else self.other_cells()
+        await asyncio.gather(*(self._push_one(path, cell, latest) for cell in targets))
+
+    async def _push_one(self, path: str, cell: str, latest: bool) -> None:
+        pem = self.state.public_key(cell)
+        if pem is None:
+            return  # not in the directory yet: the digest brings it later
+        try:
+            batch = await self._blocking(self._export, path, cell, pem, latest)
+            for _ in range(3):
+                if batch is None:
+                    break
+                reply = await self.call_cell(cell, "Push", batch_to_pb(batch, self.cell))
+                self.count("pushed")
+                if not reply.missing:
+                    break
+                batch = await self._blocking(self._export, path, cell, pem, False, set(reply.missing))
+        except Unreachable:
+            self.count("push_unreachable")
+        except (grpc.aio.AioRpcError, RequestError, SealError) as exc:
+            log.warning("%s: push of %s to cell %s failed: %s", self.relay.name, path, cell, exc)
 
     def _export(
         self, path: str, cell: str, pem: str, latest: bool, only: set[int] | None = None
@@ -312,6 +316,9 @@ class CellAgent(pb_grpc.CellsServicer):
         except (SealError, ValueError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"replica refused: {exc}")
         self.count("applied")
+        if not missing:
+            for observe in self.observers:
+                observe(batch.path, batch.meta_seq)
         if batch.at:
             self.lag.append(max(0.0, time.time() - batch.at))
             del self.lag[:-10_000]
