@@ -181,7 +181,9 @@ def _revoked(mesh: Mesh, cell: str) -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--writes", type=int, default=300)
     parser.add_argument("--secrets", type=int, default=30)
     parser.add_argument("--interval", type=float, default=0.01)
@@ -196,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise RuntimeError("the cell directory did not converge")
             lag = replica_lag(mesh, args.writes, args.secrets, args.interval)
             rounds = [
-                converge_after_heal(mesh, r, args.partition, args.partition_writes) for r in range(args.rounds)
+                converge_after_heal(mesh, r, args.partition, args.partition_writes)
+                for r in range(args.rounds)
             ]
         finally:
             mesh.stop()
@@ -221,7 +224,10 @@ def main(argv: list[str] | None = None) -> None:
                 "of": len(rounds),
             },
             "reads_in_cut_off_cell_served_pct": round(
-                100.0 * sum(r["reads_served"] for r in rounds) / max(1, sum(r["reads_in_cut_off_cell"] for r in rounds)), 2
+                100.0
+                * sum(r["reads_served"] for r in rounds)
+                / max(1, sum(r["reads_in_cut_off_cell"] for r in rounds)),
+                2,
             ),
         },
     }

@@ -36,7 +36,7 @@ from typing import Any
 
 from keycell.control_plane.cellkeys import CellKey, recipient
 from keycell.control_plane.envelope import Envelope
-from keycell.control_plane.errors import RequestError
+from keycell.control_plane.errors import RequestError, Unavailable
 from keycell.control_plane.kv import KvV2
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
 from keycell.control_plane.storage import encode_json, get_json
@@ -103,7 +103,13 @@ class Home:
         return self.state != "claim"
 
     def as_json(self) -> dict[str, Any]:
-        return {"home": self.home, "epoch": self.epoch, "state": self.state, "to": self.to, "since": self.since}
+        return {
+            "home": self.home,
+            "epoch": self.epoch,
+            "state": self.state,
+            "to": self.to,
+            "since": self.since,
+        }
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Home:
@@ -188,7 +194,7 @@ class Replicas:
             except ConflictError:
                 continue
             return home
-        raise ConflictError(0)
+        raise Unavailable(f"too many concurrent changes to the home of {path}; retry later")
 
     def confirmed_home(self, path: str) -> Home | None:
         home = self.home(path)
@@ -210,7 +216,7 @@ class Replicas:
             except ConflictError:
                 continue
             return claim
-        raise ConflictError(0)
+        raise Unavailable(f"too many concurrent changes to the home of {path}; retry later")
 
     def confirm(self, path: str) -> Home:
         """This cell won a majority for `path`: it is the home, epoch 1."""
@@ -269,7 +275,9 @@ class Replicas:
             aad = self.kv._aad(secret, number)
             mine = Envelope.from_bytes(item.value)
             shared = self.kv.envelopes.add_recipient(mine, aad, to)
-            versions[number] = Envelope(shared.kek, {to_cell: shared.wrapped_keys[to_cell]}, shared.ciphertext).to_bytes()
+            versions[number] = Envelope(
+                shared.kek, {to_cell: shared.wrapped_keys[to_cell]}, shared.ciphertext
+            ).to_bytes()
         return ReplicaBatch(path, home, meta_item.version, meta, versions, at)
 
     # --- a replica's side ---------------------------------------------------------------
@@ -345,7 +353,7 @@ class Replicas:
         listed = {e.path: e for e in entries}
         wm_key = Key(Kind.REPLICA, _WATERMARK + home_cell)
         found = get_json(self.barrier, wm_key)
-        previous = found[0] if found is not None else {"at": 0.0, "lagging": {}}
+        previous: dict[str, Any] = found[0] if found is not None else {"at": 0.0, "lagging": {}}
         lagging: dict[str, float] = {}
         wanted: list[str] = []
         seen: set[str] = set()
@@ -361,7 +369,7 @@ class Replicas:
             lagging[path] = float(previous["lagging"].get(path, max(previous["at"], record["confirmed_at"])))
             if entry is not None:
                 wanted.append(path)
-        for path, entry in listed.items():
+        for path in listed:
             if path not in seen:
                 home = self.home(path)
                 if home is None or home.home != self.cell:
@@ -390,4 +398,3 @@ class Replicas:
             # push since); otherwise current as of the digest.
             confirmed = max(confirmed, float(watermark["lagging"].get(path, watermark["at"])))
         return max(0.0, self.clock() - confirmed)
-

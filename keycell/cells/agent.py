@@ -86,7 +86,9 @@ class CellState:
         self.api_url = api_url
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cells-{self.cell}")
         self._key: CellKey | None = None
-        self.replicas = Replicas(services.barrier, services.kv, self.cell, self.cell_key, clock=services.clock)
+        self.replicas = Replicas(
+            services.barrier, services.kv, self.cell, self.cell_key, clock=services.clock
+        )
         self.directory = Directory(HybridClock(self.cell))
         self.own: CellRecord | None = None
         self.loaded = False
@@ -116,7 +118,9 @@ class CellState:
         key = self.cell_key()
         health = "sealed" if self.services.barrier.sealed else "ok"
         held = self.directory.entries.get(self.cell)
-        record = CellRecord(self.cell, self.api_url, relays, key.fingerprint, key.public_pem, health, time.time())
+        record = CellRecord(
+            self.cell, self.api_url, relays, key.fingerprint, key.public_pem, health, time.time()
+        )
         if held is not None and not held.removed and _same(held.record, record):
             return False
         entry = self.directory.put(record)
@@ -180,7 +184,9 @@ def _error_body(message: str) -> bytes:
 
 
 class CellAgent(pb_grpc.CellsServicer):
-    def __init__(self, relay: Relay, services: Any, *, api_url: str = "", timing: CellTiming | None = None) -> None:
+    def __init__(
+        self, relay: Relay, services: Any, *, api_url: str = "", timing: CellTiming | None = None
+    ) -> None:
         self.relay = relay
         self.state = cell_state(services, api_url=api_url)
         self.cell = self.state.cell
@@ -188,7 +194,9 @@ class CellAgent(pb_grpc.CellsServicer):
         self.rng = random.Random()  # noqa: S311 - peer choice, not a secret
         self.counters: dict[str, int] = {}
         self.lag: list[float] = []  # seconds from a home's export to the apply here (pushes received)
-        self.observers: list[Callable[[str, int], None]] = []  # (path, meta_seq) once a pushed replica is installed
+        self.observers: list[
+            Callable[[str, int], None]
+        ] = []  # (path, meta_seq) once a pushed replica is installed
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._seen_running = False
@@ -359,7 +367,9 @@ class CellAgent(pb_grpc.CellsServicer):
     async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> pb.ReplicaBatch:
         pem = self.state.public_key(request.cell)
         if pem is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cell {request.cell!r} is not in the directory")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"cell {request.cell!r} is not in the directory"
+            )
         only = set(request.only) or None
         batch = await self._blocking(self.state.replicas.export, request.path, request.cell, pem, only=only)
         if batch is None:
@@ -375,7 +385,9 @@ class CellAgent(pb_grpc.CellsServicer):
             reached = 0
             for cell in self.other_cells():
                 try:
-                    reply = await self.call_cell(cell, "Fetch", pb.FetchRequest(path=request.path, cell=self.cell))
+                    reply = await self.call_cell(
+                        cell, "Fetch", pb.FetchRequest(path=request.path, cell=self.cell)
+                    )
                 except Unreachable:
                     continue
                 reached += 1
@@ -385,7 +397,9 @@ class CellAgent(pb_grpc.CellsServicer):
                     break
             if home is None:
                 if reached < len(self.other_cells()):
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "not every cell could be asked for that secret")
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, "not every cell could be asked for that secret"
+                    )
                 await context.abort(grpc.StatusCode.NOT_FOUND, "no cell homes that secret")
         assert home is not None
         if home.home != self.cell:
@@ -422,7 +436,11 @@ class CellAgent(pb_grpc.CellsServicer):
         votes = int(held.home == self.cell)
         for cell in cells:
             try:
-                theirs = _home_from_pb(await self.call_cell(cell, "Reserve", pb.ReserveRequest(path=request.path, claimer=self.cell)))
+                theirs = _home_from_pb(
+                    await self.call_cell(
+                        cell, "Reserve", pb.ReserveRequest(path=request.path, claimer=self.cell)
+                    )
+                )
             except Unreachable:
                 continue
             if theirs.confirmed:
@@ -518,7 +536,9 @@ class CellAgent(pb_grpc.CellsServicer):
             entries=[json.dumps(e.as_json()).encode() for e in self.state.directory.entries.values()]
         )
 
-    async def Directory(self, request: pb.DirectoryState, context: grpc.aio.ServicerContext) -> pb.DirectoryState:
+    async def Directory(
+        self, request: pb.DirectoryState, context: grpc.aio.ServicerContext
+    ) -> pb.DirectoryState:
         try:
             theirs = _entries(request)
         except (ValueError, KeyError, TypeError):
@@ -538,4 +558,3 @@ def _entries(msg: pb.DirectoryState) -> dict[str, Entry]:
 def attach(relay: Relay, services: Any, *, api_url: str = "", timing: CellTiming | None = None) -> CellAgent:
     """Serve `Cells` on `relay` (call before relay.start()); its loops start with it."""
     return CellAgent(relay, services, api_url=api_url, timing=timing)
-

@@ -21,6 +21,7 @@ server does it when KEYCELL_RELAY names the cell's relay (functions/wiring.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from typing import Any
@@ -64,7 +65,9 @@ class CellsFrontend:
         self.relay_addr = relay_addr
         self.timeout = timeout
         self._key: CellKey | None = None
-        self.replicas = Replicas(services.barrier, services.kv, self.cell, self._cell_key, clock=services.clock)
+        self.replicas = Replicas(
+            services.barrier, services.kv, self.cell, self._cell_key, clock=services.clock
+        )
         self._stub: Any = None
 
     def _cell_key(self) -> CellKey:
@@ -91,7 +94,11 @@ class CellsFrontend:
             raise NotHome(path, home)
         cas_value = None
         if cas is not None:
-            if isinstance(cas, bool) or not isinstance(cas, int | str) or not str(cas).strip().lstrip("-").isdigit():
+            if (
+                isinstance(cas, bool)
+                or not isinstance(cas, int | str)
+                or not str(cas).strip().lstrip("-").isdigit()
+            ):
                 raise InvalidRequest("error parsing check-and-set parameter")
             cas_value = int(cas)
         public = self._public_key(home.home)
@@ -140,10 +147,8 @@ class CellsFrontend:
         stub = self.stub()
         if stub is None:
             return
-        try:
+        with contextlib.suppress(grpc.RpcError):  # else the home's digest brings the other cells up to date
             stub.Written(pb.WrittenRequest(path=path), timeout=self.timeout)
-        except grpc.RpcError:
-            pass  # the home's digest brings the other cells up to date
 
     def refuse_elsewhere(self, secret: str) -> None:
         """For KV changes that are not forwarded: refuse unless this cell is the home."""
@@ -227,7 +232,9 @@ def install(router: Router, services: Any, relay_addr: str | None) -> CellsFront
                 Operation.READ: OperationDoc(
                     "List the cells",
                     "This cell's replica of the directory CRDT the relays gossip.",
-                    responses=ok(obj({"cell": STR, "cells": {"type": "object", "additionalProperties": record}})),
+                    responses=ok(
+                        obj({"cell": STR, "cells": {"type": "object", "additionalProperties": record}})
+                    ),
                 )
             },
         ),
@@ -236,7 +243,9 @@ def install(router: Router, services: Any, relay_addr: str | None) -> CellsFront
         pattern = route.pattern.pattern
         if pattern.startswith("secret/data/"):
             _wrap_data(route.handlers, front)
-        elif pattern.startswith(("secret/delete/", "secret/undelete/", "secret/destroy/", "secret/metadata/")):
+        elif pattern.startswith(
+            ("secret/delete/", "secret/undelete/", "secret/destroy/", "secret/metadata/")
+        ):
             _wrap_guard(route.handlers, front)
     return front
 

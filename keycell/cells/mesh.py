@@ -155,7 +155,9 @@ class Mesh:
         headers: dict[str, str] | None = None,
         token: str = ROOT,
     ) -> Response:
-        request = Request(method, path, data or {}, {}, {k.lower(): v for k, v in (headers or {}).items()}, token)
+        request = Request(
+            method, path, data or {}, {}, {k.lower(): v for k, v in (headers or {}).items()}, token
+        )
         return self.routers[cell].handle(request)
 
     def write(self, cell: str, secret: str, value: dict[str, Any], cas: int | None = None) -> Response:

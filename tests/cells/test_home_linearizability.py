@@ -24,7 +24,9 @@ class KvRegister:
     def init(self) -> tuple[int, Any]:
         return (0, None)
 
-    def step(self, state: tuple[int, Any], input: tuple[Any, ...], output: tuple[Any, ...]) -> tuple[int, Any] | None:
+    def step(
+        self, state: tuple[int, Any], input: tuple[Any, ...], output: tuple[Any, ...]
+    ) -> tuple[int, Any] | None:
         version, _ = state
         if input[0] == "read":
             return state if output == state else None

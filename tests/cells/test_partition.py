@@ -153,7 +153,9 @@ def test_a_partitioned_cell_keeps_reading_refuses_foreign_writes_and_converges_a
         ]
         still = [cell for cell in CELLS if mesh.read(cell, deleted).status != 404]
         missing = {cell: revoked - revoked_subjects(mesh, cell) for cell in CELLS}
-        raise AssertionError(f"not converged: replicas {behind}, deleted served in {still}, revocations {missing}")
+        raise AssertionError(
+            f"not converged: replicas {behind}, deleted served in {still}, revocations {missing}"
+        )
     sets = {cell: revoked_subjects(mesh, cell) for cell in CELLS}
     assert sets["a"] == sets["b"] == sets["c"]
     # every revoked token is refused where it lives; the others still work
