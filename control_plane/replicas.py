@@ -222,6 +222,32 @@ class Replicas:
         """This cell won a majority for `path`: it is the home, epoch 1."""
         return self.learn_home(path, Home(self.cell, 1, "home", since=self.clock()))
 
+    def fence(self, path: str, to: str) -> Home:
+        """Step one of moving a secret's home to `to`: this cell, its home, stops taking
+        writes for it (state moving, same epoch). Repeating it for the same `to` resumes
+        an interrupted handover."""
+        key = Key(Kind.SECRET_HOME, path)
+        for _ in range(16):
+            found = get_json(self.barrier, key)
+            home = Home.from_json(found[0]) if found is not None else None
+            if home is None or not home.confirmed:
+                raise NotHome(path, home or Home("", 0, "claim"))
+            if home.state == "moving" and home.home == self.cell and home.to == to:
+                return home
+            if home.home != self.cell or home.state != "home":
+                raise NotHome(path, home)
+            moving = Home(self.cell, home.epoch, "moving", to, self.clock())
+            try:
+                self.barrier.put_if(key, encode_json(moving.as_json()), found[1] if found else 0)
+            except ConflictError:
+                continue
+            return moving
+        raise Unavailable(f"too many concurrent changes to the home of {path}; retry later")
+
+    def take_over(self, path: str, epoch: int) -> Home:
+        """Step two, in the new home: it holds the secret, and becomes its home."""
+        return self.learn_home(path, Home(self.cell, epoch, "home", since=self.clock()))
+
     def home_for_write(self, path: str) -> Home:
         """The secret's confirmed home, which must be this cell: NotHome otherwise
         (elsewhere, moving, or not claimed yet)."""

@@ -43,7 +43,7 @@ import grpc
 from keycell.cells._pb import cells_pb2 as pb
 from keycell.cells._pb import cells_pb2_grpc as pb_grpc
 from keycell.control_plane import directory as directory_mod
-from keycell.control_plane.cellkeys import CellKey, SealError
+from keycell.control_plane.cellkeys import CellKey, SealError, seal_to
 from keycell.control_plane.directory import CellRecord, Directory, Entry, HybridClock
 from keycell.control_plane.errors import RequestError
 from keycell.control_plane.replicas import DigestEntry, Home, NotHome, ReplicaBatch, Replicas
@@ -177,6 +177,10 @@ def batch_from_pb(msg: pb.ReplicaBatch) -> ReplicaBatch:
         {v.number: v.envelope for v in msg.versions},
         msg.at,
     )
+
+
+def _reply(status: int, message: str) -> pb.HandoverReply:
+    return pb.HandoverReply(status=status, body=json.dumps({"errors": [message]}).encode())
 
 
 def _error_body(message: str) -> bytes:
@@ -454,6 +458,74 @@ class CellAgent(pb_grpc.CellsServicer):
         self.count("claims_lost")
         return pb.ClaimReply(votes=votes, cells=len(cells) + 1)
 
+    # --- moving a home ------------------------------------------------------------------
+
+    async def Handover(
+        self, request: pb.HandoverRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HandoverReply:
+        """Move `path`'s home from this cell to `request.to`: fence, wait out writes in
+        flight, copy, let the new home take over, record it."""
+        replicas = self.state.replicas
+        if request.to == self.cell or request.to not in self.other_cells():
+            return _reply(400, f"cell {request.to!r} is not another cell of this deployment")
+        pem = self.state.public_key(request.to)
+        if pem is None:
+            return _reply(503, f"cell {request.to!r} is not in the cell directory yet; retry")
+        try:
+            moving = await self._blocking(replicas.fence, request.path, request.to)
+        except RequestError as exc:
+            return _reply(exc.status, exc.message)
+        # Writes that passed the home check before the fence commit within a request's
+        # time; after this grace none can still land here.
+        await asyncio.sleep(self.timing.call_timeout / 2)
+        batch = await self._blocking(replicas.export, request.path, request.to, pem)
+        if batch is None:
+            return _reply(409, f"{request.path} is no longer homed here")
+        try:
+            for _ in range(3):
+                reply = await self.call_cell(
+                    request.to,
+                    "Accept",
+                    pb.AcceptRequest(batch=batch_to_pb(batch, self.cell), epoch=moving.epoch + 1),
+                )
+                if not reply.missing:
+                    break
+                batch = await self._blocking(
+                    replicas.export, request.path, request.to, pem, only=set(reply.missing)
+                )
+                if batch is None:
+                    return _reply(409, f"{request.path} is no longer homed here")
+            else:
+                return _reply(503, f"cell {request.to!r} did not take every version; retry the handover")
+        except Unreachable:
+            return _reply(
+                503,
+                f"cell {request.to!r} cannot be reached; {request.path} stays fenced (no writes) until "
+                "the handover is retried",
+            )
+        new_home = Home(request.to, moving.epoch + 1, "home")
+        await self._blocking(replicas.learn_home, request.path, new_home)
+        self.count("handovers")
+        body = {
+            "data": {"path": request.path, "home": request.to, "epoch": moving.epoch + 1, "from": self.cell}
+        }
+        return pb.HandoverReply(status=200, body=json.dumps(body).encode())
+
+    async def Accept(self, request: pb.AcceptRequest, context: grpc.aio.ServicerContext) -> pb.PushReply:
+        batch = batch_from_pb(request.batch)
+        if (
+            batch.home.state != "moving"
+            or batch.home.to != self.cell
+            or request.epoch != batch.home.epoch + 1
+        ):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not a handover to this cell")
+        missing = await self._blocking(self.state.replicas.apply, batch)
+        if missing:
+            return pb.PushReply(missing=missing)
+        await self._blocking(self.state.replicas.take_over, batch.path, request.epoch)
+        self.count("took_over")
+        return pb.PushReply()
+
     # --- writes -----------------------------------------------------------------------
 
     async def Written(self, request: pb.WrittenRequest, context: grpc.aio.ServicerContext) -> pb.WrittenReply:
@@ -474,10 +546,44 @@ class CellAgent(pb_grpc.CellsServicer):
                 return pb.WriteReply(status=503, body=_error_body(message))
             self.count("forwarded")
             return reply
+        moved = await self._blocking(self.state.replicas.confirmed_home, request.path)
+        if (
+            moved is not None
+            and moved.home != self.cell
+            and moved.state == "home"
+            and not request.origin_cell.startswith("~")
+        ):
+            # Homed elsewhere since the sender last heard (a handover): one more hop.
+            pem = self.state.public_key(moved.home)
+            if pem is None:
+                return pb.WriteReply(
+                    status=503, body=_error_body(NotHome(request.path, moved, reachable=False).message)
+                )
+            onward = pb.WriteRequest()
+            onward.CopyFrom(request)
+            onward.home, onward.origin_cell = moved.home, "~" + request.origin_cell
+            try:
+                onward.sealed_data = await self._blocking(
+                    self._reseal, request.sealed_data, request.path, pem
+                )
+            except SealError:
+                return pb.WriteReply(
+                    status=400, body=_error_body("the forwarded write does not open in this cell")
+                )
+            try:
+                return await self.call_cell(moved.home, "Write", onward)  # type: ignore[no-any-return]
+            except Unreachable:
+                return pb.WriteReply(
+                    status=503, body=_error_body(NotHome(request.path, moved, reachable=False).message)
+                )
         status, body = await self._blocking(self._write_here, request)
         if status == 200:
             await self.push(request.path)
         return pb.WriteReply(status=status, body=body)
+
+    def _reseal(self, sealed: bytes, path: str, pem: str) -> bytes:
+        aad = forward_aad(path)
+        return seal_to(pem, self.state.cell_key().open(sealed, aad), aad)
 
     def _write_here(self, request: pb.WriteRequest) -> tuple[int, bytes]:
         replicas = self.state.replicas

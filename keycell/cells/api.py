@@ -33,7 +33,7 @@ from keycell.cells._pb import cells_pb2_grpc as pb_grpc
 from keycell.cells.agent import forward_aad
 from keycell.control_plane import directory as directory_mod
 from keycell.control_plane.cellkeys import CellKey, seal_to
-from keycell.control_plane.errors import InvalidRequest, RequestError
+from keycell.control_plane.errors import InvalidRequest, NotFound, RequestError
 from keycell.control_plane.kv import _encode_data
 from keycell.control_plane.replicas import Home, NoMajority, NotHome, Replicas
 from keycell.control_plane.router import Context, Operation, OperationDoc, Result, RouteDoc, Router
@@ -150,6 +150,27 @@ class CellsFrontend:
         with contextlib.suppress(grpc.RpcError):  # else the home's digest brings the other cells up to date
             stub.Written(pb.WrittenRequest(path=path), timeout=self.timeout)
 
+    def handover(self, secret: str, to: str) -> dict[str, Any]:
+        path = self.replicas.full_path(secret)
+        home = self.replicas.confirmed_home(path)
+        if home is None:
+            raise NotFound(f"no home is known for {path} in this cell")
+        if home.home != self.cell:
+            raise NotHome(path, home)
+        stub = self.stub()
+        if stub is None:
+            raise RequestError("this cell has no relay to hand the secret over with", status=503)
+        try:
+            reply = stub.Handover(pb.HandoverRequest(path=path, to=to), timeout=self.timeout * 3)
+        except grpc.RpcError:
+            raise RequestError(
+                "this cell's relay cannot be reached; retry the handover", status=503
+            ) from None
+        body = json.loads(reply.body or b"{}")
+        if reply.status != 200:
+            raise RequestError(str((body.get("errors") or ["the handover failed"])[0]), status=reply.status)
+        return body["data"]  # type: ignore[no-any-return]
+
     def refuse_elsewhere(self, secret: str) -> None:
         """For KV changes that are not forwarded: refuse unless this cell is the home."""
         path = self.replicas.full_path(secret)
@@ -236,6 +257,43 @@ def install(router: Router, services: Any, relay_addr: str | None) -> CellsFront
                         obj({"cell": STR, "cells": {"type": "object", "additionalProperties": record}})
                     ),
                 )
+            },
+        ),
+    )
+
+    def read_home(ctx: Context) -> dict[str, Any]:
+        path = front.replicas.full_path(ctx.params["path"])
+        home = front.replicas.confirmed_home(path)
+        if home is None:
+            raise NotFound(f"no home is known for {path} in this cell")
+        return {**home.as_json(), "path": path, "replica_age": front.replicas.age(path)}
+
+    def move_home(ctx: Context) -> dict[str, Any]:
+        to = ctx.data.get("to")
+        if not isinstance(to, str) or not to:
+            raise InvalidRequest("'to' names the cell that becomes the home")
+        return front.handover(ctx.params["path"], to)
+
+    home_schema = obj({"home": STR, "epoch": {"type": "integer"}, "state": STR, "to": STR, "path": STR})
+    router.add(
+        r"sys/homes/secret/(?P<path>.+)",
+        {Operation.READ: read_home, Operation.UPDATE: move_home},
+        family="sys",
+        sudo=True,
+        doc=RouteDoc(
+            "/sys/homes/secret/{path}",
+            "A KV secret's home cell, and moving it (fenced, two steps).",
+            params={"path": "The secret's path under secret/ (may span segments)."},
+            operations={
+                Operation.READ: OperationDoc("Read a secret's home", responses=ok(home_schema)),
+                Operation.UPDATE: OperationDoc(
+                    "Move a secret's home",
+                    "Run in the current home: it stops taking writes, copies the secret to the new "
+                    "home, which takes over at the next epoch.",
+                    body=obj({"to": STR}, ("to",)),
+                    body_required=True,
+                    responses=ok(home_schema),
+                ),
             },
         ),
     )

@@ -154,6 +154,30 @@ class ClaimReply(_message.Message):
     cells: int
     def __init__(self, home: _Optional[_Union[Home, _Mapping]] = ..., votes: _Optional[int] = ..., cells: _Optional[int] = ...) -> None: ...
 
+class HandoverRequest(_message.Message):
+    __slots__ = ("path", "to")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    to: str
+    def __init__(self, path: _Optional[str] = ..., to: _Optional[str] = ...) -> None: ...
+
+class HandoverReply(_message.Message):
+    __slots__ = ("status", "body")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    status: int
+    body: bytes
+    def __init__(self, status: _Optional[int] = ..., body: _Optional[bytes] = ...) -> None: ...
+
+class AcceptRequest(_message.Message):
+    __slots__ = ("batch", "epoch")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    batch: ReplicaBatch
+    epoch: int
+    def __init__(self, batch: _Optional[_Union[ReplicaBatch, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
 class RefreshRequest(_message.Message):
     __slots__ = ("path",)
     PATH_FIELD_NUMBER: _ClassVar[int]

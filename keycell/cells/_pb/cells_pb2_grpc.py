@@ -79,6 +79,16 @@ class CellsStub:
                 request_serializer=cells__pb2.ReserveRequest.SerializeToString,
                 response_deserializer=cells__pb2.Home.FromString,
                 _registered_method=True)
+        self.Handover = channel.unary_unary(
+                '/keycell.cells.v1.Cells/Handover',
+                request_serializer=cells__pb2.HandoverRequest.SerializeToString,
+                response_deserializer=cells__pb2.HandoverReply.FromString,
+                _registered_method=True)
+        self.Accept = channel.unary_unary(
+                '/keycell.cells.v1.Cells/Accept',
+                request_serializer=cells__pb2.AcceptRequest.SerializeToString,
+                response_deserializer=cells__pb2.PushReply.FromString,
+                _registered_method=True)
 
 
 class CellsServicer:
@@ -143,6 +153,19 @@ class CellsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Handover(self, request, context):
+        """From the home cell's API process to its local relay, then to a relay of the new home.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Accept(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CellsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +213,16 @@ def add_CellsServicer_to_server(servicer, server):
                     servicer.Reserve,
                     request_deserializer=cells__pb2.ReserveRequest.FromString,
                     response_serializer=cells__pb2.Home.SerializeToString,
+            ),
+            'Handover': grpc.unary_unary_rpc_method_handler(
+                    servicer.Handover,
+                    request_deserializer=cells__pb2.HandoverRequest.FromString,
+                    response_serializer=cells__pb2.HandoverReply.SerializeToString,
+            ),
+            'Accept': grpc.unary_unary_rpc_method_handler(
+                    servicer.Accept,
+                    request_deserializer=cells__pb2.AcceptRequest.FromString,
+                    response_serializer=cells__pb2.PushReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -435,6 +468,60 @@ class Cells:
             '/keycell.cells.v1.Cells/Reserve',
             cells__pb2.ReserveRequest.SerializeToString,
             cells__pb2.Home.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Handover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycell.cells.v1.Cells/Handover',
+            cells__pb2.HandoverRequest.SerializeToString,
+            cells__pb2.HandoverReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Accept(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycell.cells.v1.Cells/Accept',
+            cells__pb2.AcceptRequest.SerializeToString,
+            cells__pb2.PushReply.FromString,
             options,
             channel_credentials,
             insecure,
