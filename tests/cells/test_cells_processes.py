@@ -29,9 +29,19 @@ def cells(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
             urls[c] = f"http://127.0.0.1:{server.start()}"
             started.append(server)
         for c in "ab":
-            args = ["relay", "--cell", c, "--dev-data-dir", str(folders[c]), "--listen", f"127.0.0.1:{ports[c]}"]
+            args = [
+                "relay",
+                "--cell",
+                c,
+                "--dev-data-dir",
+                str(folders[c]),
+                "--listen",
+                f"127.0.0.1:{ports[c]}",
+            ]
             args += ["--profile", "local"] + (["--join", f"127.0.0.1:{ports['a']}"] if c == "b" else [])
-            relay = ServerProcess("keycell", args, what=f"keycell relay ({c})", env={"KEYCELL_API_ADDR": urls[c]})
+            relay = ServerProcess(
+                "keycell", args, what=f"keycell relay ({c})", env={"KEYCELL_API_ADDR": urls[c]}
+            )
             relay.start()
             started.append(relay)
         yield urls
