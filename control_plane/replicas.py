@@ -15,9 +15,11 @@ own wrapped key, plus the secret's metadata record (versions, times, deletion an
 destruction flags; no values). The receiving cell opens the data key, wraps it under
 its own KEK in its HSM, stores the version item, then installs the metadata once every
 live version it names is stored, so a replica never shows a version it cannot serve.
-Metadata is ordered by (epoch, meta_seq), meta_seq being the home's ledger version of
-the metadata item: an older or repeated batch changes nothing, so nothing deleted or
-destroyed at the home comes back.
+Metadata is ordered by (epoch, generation, meta_seq): the home's epoch, the secret's
+creation time at the home (a secret deleted and made again is a new generation), and the
+home's ledger version of the metadata item. An older or repeated batch changes nothing,
+so nothing deleted or destroyed at the home comes back. When the home deletes a secret's
+metadata, its replicas are deleted too (a tombstone ordered by the home's clock).
 
 Staleness: a replica is "confirmed" at time T when the home said at T that the version
 we hold is its latest (an eager push at write time, or the home's periodic digest).
@@ -142,7 +144,16 @@ class ReplicaBatch:
 class DigestEntry:
     path: str
     epoch: int
-    meta_seq: int
+    meta_seq: int  # 0: the home holds no metadata (deleted)
+    generation: int = 0
+
+
+def _order(record: dict[str, Any]) -> tuple[int, float, int]:
+    return (int(record["epoch"]), float(record.get("generation", 0)), int(record["meta_seq"]))
+
+
+def _generation(meta: dict[str, Any] | None) -> int:
+    return int(meta.get("created_time") or 0) if meta is not None else 0
 
 
 class Replicas:
@@ -272,8 +283,12 @@ class Replicas:
             if home.home != self.cell or not home.confirmed:
                 continue
             meta = self.barrier.get(Key(Kind.SECRET_META, item.key.path), consistent=True)
-            if meta is not None:
-                yield DigestEntry(item.key.path, home.epoch, meta.version)
+            if meta is None:
+                yield DigestEntry(item.key.path, home.epoch, 0)
+            else:
+                yield DigestEntry(
+                    item.key.path, home.epoch, meta.version, _generation(json.loads(meta.value))
+                )
 
     def export(
         self, path: str, to_cell: str, public_pem: str, *, only: set[int] | None = None
@@ -336,13 +351,13 @@ class Replicas:
             )
             with contextlib.suppress(ConflictError):
                 self.barrier.put_if(vkey, local.to_bytes(), 0)
-        if batch.meta is None:
-            return []
         record_key = Key(Kind.REPLICA, batch.path)
         found = get_json(self.barrier, record_key)
         record = found[0] if found is not None else None
-        incoming = (batch.home.epoch, batch.meta_seq)
-        if record is not None and (record["epoch"], record["meta_seq"]) > incoming:
+        if batch.meta is None:
+            return self._delete_replica(secret, batch, record, found[1] if found else 0)
+        incoming = (batch.home.epoch, float(_generation(batch.meta)), batch.meta_seq)
+        if record is not None and _order(record) > incoming:
             return []  # older than what we hold: nothing comes back
         live = [int(n) for n, vm in batch.meta["versions"].items() if not vm["destroyed"]]
         missing = [
@@ -350,7 +365,7 @@ class Replicas:
         ]
         if missing:
             return sorted(missing)
-        if record is None or (record["epoch"], record["meta_seq"]) < incoming:
+        if record is None or _order(record) < incoming:
             meta_key = Key(Kind.SECRET_META, batch.path)
             current = self.barrier.get(meta_key, consistent=True)
             self.barrier.put_if(meta_key, encode_json(batch.meta), current.version if current else 0)
@@ -358,11 +373,38 @@ class Replicas:
         new_record = {
             "home": batch.home.home,
             "epoch": batch.home.epoch,
+            "generation": _generation(batch.meta),
             "meta_seq": batch.meta_seq,
             "confirmed_at": max(batch.at, record["confirmed_at"] if record else 0.0),
         }
         with contextlib.suppress(ConflictError):  # a concurrent apply of the same state
             self.barrier.put_if(record_key, encode_json(new_record), found[1] if found else 0)
+        return []
+
+    def _delete_replica(
+        self, secret: str, batch: ReplicaBatch, record: dict[str, Any] | None, record_version: int
+    ) -> list[int]:
+        """The home holds no metadata for the secret (deleted at `batch.at`, its clock):
+        neither does this cell, unless it holds something newer."""
+        tombstone = (batch.home.epoch, batch.at * 1_000_000, 0)  # generations are microseconds
+        if record is not None and _order(record) >= tombstone:
+            return []
+        meta_key = Key(Kind.SECRET_META, batch.path)
+        current = self.barrier.get(meta_key, consistent=True)
+        if current is not None:
+            with contextlib.suppress(ConflictError):
+                self.barrier.delete_if(meta_key, current.version)
+        self._drop_versions_not_in(secret, {"versions": {}})
+        new_record = {
+            "home": batch.home.home,
+            "epoch": batch.home.epoch,
+            "generation": tombstone[1],
+            "meta_seq": 0,
+            "deleted": True,
+            "confirmed_at": batch.at,
+        }
+        with contextlib.suppress(ConflictError):
+            self.barrier.put_if(Key(Kind.REPLICA, batch.path), encode_json(new_record), record_version)
         return []
 
     def _drop_versions_not_in(self, secret: str, meta: dict[str, Any]) -> None:
@@ -390,8 +432,13 @@ class Replicas:
             path = item.key.path
             seen.add(path)
             entry = listed.get(path)
-            if entry is not None and (record["epoch"], record["meta_seq"]) >= (entry.epoch, entry.meta_seq):
-                continue  # current as of `at`
+            if entry is not None:
+                if entry.meta_seq == 0:
+                    current = bool(record.get("deleted"))
+                else:
+                    current = _order(record) >= (entry.epoch, float(entry.generation), entry.meta_seq)
+                if current:
+                    continue  # current as of `at`
             lagging[path] = float(previous["lagging"].get(path, max(previous["at"], record["confirmed_at"])))
             if entry is not None:
                 wanted.append(path)

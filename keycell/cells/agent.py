@@ -352,7 +352,10 @@ class CellAgent(pb_grpc.CellsServicer):
         digest = pb.HomeDigest(
             home=self.cell,
             at=at,
-            entries=[pb.DigestEntry(path=e.path, epoch=e.epoch, meta_seq=e.meta_seq) for e in entries],
+            entries=[
+                pb.DigestEntry(path=e.path, epoch=e.epoch, meta_seq=e.meta_seq, generation=e.generation)
+                for e in entries
+            ],
         )
         for cell in self.other_cells():
             try:
@@ -364,7 +367,7 @@ class CellAgent(pb_grpc.CellsServicer):
                 await self.push(path, [cell], latest=False)
 
     async def Digest(self, request: pb.HomeDigest, context: grpc.aio.ServicerContext) -> pb.DigestReply:
-        entries = [DigestEntry(e.path, e.epoch, e.meta_seq) for e in request.entries]
+        entries = [DigestEntry(e.path, e.epoch, e.meta_seq, e.generation) for e in request.entries]
         wanted = await self._blocking(self.state.replicas.on_digest, request.home, request.at, entries)
         return pb.DigestReply(cell=self.cell, wanted=wanted)
 

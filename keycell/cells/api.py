@@ -343,6 +343,8 @@ def _wrap_guard(handlers: dict[Operation, Any], front: CellsFrontend) -> None:
 def _guarded(handler: Any, front: CellsFrontend) -> Any:
     def guarded(ctx: Context) -> Any:
         front.refuse_elsewhere(ctx.params["path"])
-        return handler(ctx)
+        result = handler(ctx)
+        front._written(front.replicas.full_path(ctx.params["path"]))  # the home pushes the change now
+        return result
 
     return guarded

@@ -53,14 +53,16 @@ class PushReply(_message.Message):
     def __init__(self, missing: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DigestEntry(_message.Message):
-    __slots__ = ("path", "epoch", "meta_seq")
+    __slots__ = ("path", "epoch", "meta_seq", "generation")
     PATH_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     META_SEQ_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     path: str
     epoch: int
     meta_seq: int
-    def __init__(self, path: _Optional[str] = ..., epoch: _Optional[int] = ..., meta_seq: _Optional[int] = ...) -> None: ...
+    generation: int
+    def __init__(self, path: _Optional[str] = ..., epoch: _Optional[int] = ..., meta_seq: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class HomeDigest(_message.Message):
     __slots__ = ("home", "at", "entries")
