@@ -40,7 +40,17 @@ from keycell.control_plane.cellkeys import CellKey, recipient
 from keycell.control_plane.envelope import Envelope
 from keycell.control_plane.errors import RequestError, Unavailable
 from keycell.control_plane.kv import KvV2
-from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
+from keycell.control_plane.ledger import (
+    MAX_TRANSACTION_ITEMS,
+    ConflictError,
+    Delete,
+    Key,
+    Kind,
+    Ledger,
+    Op,
+    Put,
+    iter_prefix,
+)
 from keycell.control_plane.storage import encode_json, get_json
 
 _STATE_RANK = {"claim": -1, "home": 0, "moving": 1}
@@ -329,28 +339,13 @@ class Replicas:
 
     def apply(self, batch: ReplicaBatch) -> list[int]:
         """Store what the home sent; the version numbers the metadata names that are
-        still missing here (empty: the replica is installed and current as of batch.at)."""
+        still missing here (empty: the replica is installed and current as of batch.at).
+        New versions, the metadata, the versions it no longer names and the replica
+        record go in one ledger transaction: a replica is never half installed."""
         home = self.learn_home(batch.path, batch.home)
         if home.home == self.cell and home.state == "home":
             return []  # this cell is (now) the home: its own ledger is the truth
         secret = self._secret(batch.path)
-        key = self._cell_key()
-        envelopes = self.kv.envelopes
-        for number, raw in sorted(batch.versions.items()):
-            vkey = self.kv._version_key(secret, number)
-            if self.barrier.get(vkey, consistent=True) is not None:
-                continue
-            aad = self.kv._aad(secret, number)
-            sent = Envelope.from_bytes(raw)
-            sealed = sent.wrapped_keys.get(self.cell)
-            if sealed is None:
-                continue  # not sealed for this cell: a misrouted batch changes nothing
-            data_key = key.open(sealed, aad)
-            local = Envelope(
-                sent.kek, {self.cell: envelopes.backend.wrap(envelopes.kek, data_key, aad)}, sent.ciphertext
-            )
-            with contextlib.suppress(ConflictError):
-                self.barrier.put_if(vkey, local.to_bytes(), 0)
         record_key = Key(Kind.REPLICA, batch.path)
         found = get_json(self.barrier, record_key)
         record = found[0] if found is not None else None
@@ -359,17 +354,29 @@ class Replicas:
         incoming = (batch.home.epoch, float(_generation(batch.meta)), batch.meta_seq)
         if record is not None and _order(record) > incoming:
             return []  # older than what we hold: nothing comes back
-        live = [int(n) for n, vm in batch.meta["versions"].items() if not vm["destroyed"]]
-        missing = [
-            n for n in live if self.barrier.get(self.kv._version_key(secret, n), consistent=True) is None
-        ]
+        held = {int(item.key.path.rsplit("#", 1)[1]): item for item in self.kv._version_items(secret)}
+        ops: list[Op] = []
+        arriving: set[int] = set()
+        for number, raw in sorted(batch.versions.items()):
+            if number in held:
+                continue
+            local = self._localize(secret, number, raw)
+            if local is not None:
+                ops.append(Put(self.kv._version_key(secret, number), local, 0))
+                arriving.add(number)
+        live = {int(n) for n, vm in batch.meta["versions"].items() if not vm["destroyed"]}
+        missing = sorted(n for n in live if n not in held and n not in arriving)
         if missing:
-            return sorted(missing)
+            for op in ops:  # keep what arrived: the next batch carries only the rest
+                if isinstance(op, Put):
+                    with contextlib.suppress(ConflictError):
+                        self.barrier.put_if(op.key, op.value, 0)
+            return missing
         if record is None or _order(record) < incoming:
             meta_key = Key(Kind.SECRET_META, batch.path)
             current = self.barrier.get(meta_key, consistent=True)
-            self.barrier.put_if(meta_key, encode_json(batch.meta), current.version if current else 0)
-            self._drop_versions_not_in(secret, batch.meta)
+            ops.append(Put(meta_key, encode_json(batch.meta), current.version if current else 0))
+            ops += [Delete(item.key, item.version) for n, item in held.items() if n not in live]
         new_record = {
             "home": batch.home.home,
             "epoch": batch.home.epoch,
@@ -377,9 +384,31 @@ class Replicas:
             "meta_seq": batch.meta_seq,
             "confirmed_at": max(batch.at, record["confirmed_at"] if record else 0.0),
         }
-        with contextlib.suppress(ConflictError):  # a concurrent apply of the same state
-            self.barrier.put_if(record_key, encode_json(new_record), found[1] if found else 0)
+        ops.append(Put(record_key, encode_json(new_record), found[1] if found else 0))
+        if len(ops) <= MAX_TRANSACTION_ITEMS:
+            with contextlib.suppress(ConflictError):  # a concurrent apply got there: the digest retries
+                self.barrier.transact(ops)
+            return []
+        for op in ops:  # more than one transaction holds (a huge max_versions): item by item
+            with contextlib.suppress(ConflictError):
+                if isinstance(op, Put):
+                    self.barrier.put_if(op.key, op.value, op.expected_version)
+                else:
+                    self.barrier.delete_if(op.key, op.expected_version)
         return []
+
+    def _localize(self, secret: str, number: int, raw: bytes) -> bytes | None:
+        """A sent version as this cell stores it: the data key opened with this cell's
+        sealing key and wrapped by its own KEK. None when not sealed for this cell."""
+        aad = self.kv._aad(secret, number)
+        sent = Envelope.from_bytes(raw)
+        sealed = sent.wrapped_keys.get(self.cell)
+        if sealed is None:
+            return None  # a misrouted batch changes nothing
+        data_key = self._cell_key().open(sealed, aad)
+        envelopes = self.kv.envelopes
+        wrapped = envelopes.backend.wrap(envelopes.kek, data_key, aad)
+        return Envelope(sent.kek, {self.cell: wrapped}, sent.ciphertext).to_bytes()
 
     def _delete_replica(
         self, secret: str, batch: ReplicaBatch, record: dict[str, Any] | None, record_version: int
