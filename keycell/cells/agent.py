@@ -59,17 +59,31 @@ class CellTiming:
     digest_interval: float  # the home's digest to every other cell (replica age's resolution)
     directory_interval: float  # the directory's refresh and gossip
     call_timeout: float  # one cross-cell call
+    # After fencing a secret for a handover, how long writes that passed the home check
+    # before the fence may still take to commit (well above a write's check-to-commit time).
+    handover_grace: float
 
 
 CELL_TIMINGS = {
-    "local": CellTiming(digest_interval=0.2, directory_interval=0.5, call_timeout=1.0),
-    "lan": CellTiming(digest_interval=1.0, directory_interval=5.0, call_timeout=2.0),
-    "wan": CellTiming(digest_interval=2.0, directory_interval=15.0, call_timeout=5.0),
+    "local": CellTiming(digest_interval=0.2, directory_interval=0.5, call_timeout=2.0, handover_grace=0.5),
+    "lan": CellTiming(digest_interval=1.0, directory_interval=5.0, call_timeout=2.0, handover_grace=1.0),
+    "wan": CellTiming(digest_interval=2.0, directory_interval=15.0, call_timeout=5.0, handover_grace=2.0),
 }
 
 
 class Unreachable(Exception):
-    """No relay of that cell answered (partition, loss, none alive)."""
+    """No relay of that cell answered (partition, loss, none alive). `maybe_delivered`:
+    the call timed out, so the other cell may have acted on it."""
+
+    def __init__(self, target: str, *, maybe_delivered: bool = False) -> None:
+        super().__init__(target)
+        self.maybe_delivered = maybe_delivered
+
+
+UNKNOWN_OUTCOME = (
+    "{path}: the home cell {home!r} did not answer in time; the write may or may not have "
+    "landed. Read it back with X-Keycell-Max-Staleness: 0, or retry with options.cas"
+)
 
 
 def forward_aad(path: str) -> bytes:
@@ -279,8 +293,10 @@ class CellAgent(pb_grpc.CellsServicer):
         try:
             return await getattr(stub, method)(request, timeout=self.timing.call_timeout)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 raise Unreachable(addr) from None
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise Unreachable(addr, maybe_delivered=True) from None
             raise
 
     async def call_cell(self, cell: str, method: str, request: Any) -> Any:
@@ -480,7 +496,7 @@ class CellAgent(pb_grpc.CellsServicer):
             return _reply(exc.status, exc.message)
         # Writes that passed the home check before the fence commit within a request's
         # time; after this grace none can still land here.
-        await asyncio.sleep(self.timing.call_timeout / 2)
+        await asyncio.sleep(self.timing.handover_grace)
         batch = await self._blocking(replicas.export, request.path, request.to, pem)
         if batch is None:
             return _reply(409, f"{request.path} is no longer homed here")
@@ -542,8 +558,11 @@ class CellAgent(pb_grpc.CellsServicer):
             # The origin cell's relay: carry it to a relay of the home cell.
             try:
                 reply: pb.WriteReply = await self.call_cell(request.home, "Write", request)
-            except Unreachable:
+            except Unreachable as exc:
                 self.count("forward_unreachable")
+                if exc.maybe_delivered:
+                    message = UNKNOWN_OUTCOME.format(path=request.path, home=request.home)
+                    return pb.WriteReply(status=503, body=_error_body(message))
                 home = Home(request.home, 0)
                 message = NotHome(request.path, home, reachable=False).message
                 return pb.WriteReply(status=503, body=_error_body(message))

@@ -30,7 +30,7 @@ import grpc
 
 from keycell.cells._pb import cells_pb2 as pb
 from keycell.cells._pb import cells_pb2_grpc as pb_grpc
-from keycell.cells.agent import forward_aad
+from keycell.cells.agent import UNKNOWN_OUTCOME, forward_aad
 from keycell.control_plane import directory as directory_mod
 from keycell.control_plane.cellkeys import CellKey, seal_to
 from keycell.control_plane.errors import InvalidRequest, NotFound, RequestError
@@ -59,7 +59,7 @@ def parse_staleness(text: str) -> float:
 
 
 class CellsFrontend:
-    def __init__(self, services: Any, relay_addr: str | None, *, timeout: float = 3.0) -> None:
+    def __init__(self, services: Any, relay_addr: str | None, *, timeout: float = 5.0) -> None:
         self.services = services
         self.cell: str = services.config.cell_id
         self.relay_addr = relay_addr
@@ -115,7 +115,9 @@ class CellsFrontend:
         )
         try:
             reply = stub.Write(request, timeout=self.timeout)
-        except grpc.RpcError:
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise RequestError(UNKNOWN_OUTCOME.format(path=path, home=home.home), status=503) from None
             raise NotHome(path, home, reachable=False) from None
         body = json.loads(reply.body or b"{}")
         if reply.status != 200:
