@@ -12,8 +12,10 @@ from keycell.cells.mesh import Mesh
 
 
 @pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    started = Mesh(tmp_path).start()
+def mesh(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    """Three cells, one relay each (or `relays_per_cell` from an indirect parameter)."""
+    relays = getattr(request, "param", 1)
+    started = Mesh(tmp_path, relays_per_cell=relays).start()
     try:
         assert started.wait_for(started.directory_complete, 15), "the cell directory did not converge"
         yield started

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from keycell.cells.mesh import Mesh
 from keycell.control_plane.ledger import Kind, iter_prefix
 
@@ -44,6 +46,18 @@ def current_version(mesh: Mesh, cell: str, secret: str) -> int | None:
     return reply.body["data"]["current_version"] if reply.status == 200 else None  # type: ignore[index]
 
 
+def diagnose(mesh: Mesh, latest: dict[str, tuple[str, dict[str, str], int]]) -> str:
+    behind = [
+        (cell, secret, current_version(mesh, cell, secret), version)
+        for secret, (_, value, version) in latest.items()
+        for cell in CELLS
+        if mesh.value_in(cell, secret) != value or current_version(mesh, cell, secret) != version
+    ]
+    counters = {a.relay.name: (a.leader(), a.counters) for agents in mesh.agents.values() for a in agents}
+    return f"replicas behind: {behind}; agents: {counters}"
+
+
+@pytest.mark.parametrize("mesh", [1, 2], indirect=True, ids=["1-relay-per-cell", "2-relays-per-cell"])
 def test_a_partitioned_cell_keeps_reading_refuses_foreign_writes_and_converges_after_healing(
     mesh: Mesh,
 ) -> None:
@@ -65,7 +79,7 @@ def test_a_partitioned_cell_keeps_reading_refuses_foreign_writes_and_converges_a
             for cell in CELLS
         )
 
-    assert mesh.wait_for(everywhere_current, 10)
+    assert mesh.wait_for(everywhere_current, 10), diagnose(mesh, latest)
 
     mesh.partition("c")
     cut_started = time.monotonic()
