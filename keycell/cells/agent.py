@@ -71,6 +71,15 @@ CELL_TIMINGS = {
 }
 
 
+# A failed connection is retried soon (gRPC's default backoff grows to two minutes,
+# which would keep a cell "unreachable" long after a partition healed).
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
+
+
 class Unreachable(Exception):
     """No relay of that cell answered (partition, loss, none alive). `maybe_delivered`:
     the call timed out, so the other cell may have acted on it."""
@@ -288,7 +297,7 @@ class CellAgent(pb_grpc.CellsServicer):
                 await asyncio.sleep(delay)
         channel = self._channels.get(addr)
         if channel is None:
-            channel = self._channels[addr] = grpc.aio.insecure_channel(addr)
+            channel = self._channels[addr] = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
         stub = pb_grpc.CellsStub(channel)  # type: ignore[no-untyped-call]
         try:
             return await getattr(stub, method)(request, timeout=self.timing.call_timeout)

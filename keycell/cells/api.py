@@ -30,7 +30,7 @@ import grpc
 
 from keycell.cells._pb import cells_pb2 as pb
 from keycell.cells._pb import cells_pb2_grpc as pb_grpc
-from keycell.cells.agent import UNKNOWN_OUTCOME, forward_aad
+from keycell.cells.agent import CHANNEL_OPTIONS, UNKNOWN_OUTCOME, forward_aad
 from keycell.control_plane import directory as directory_mod
 from keycell.control_plane.cellkeys import CellKey, seal_to
 from keycell.control_plane.errors import InvalidRequest, NotFound, RequestError
@@ -77,7 +77,7 @@ class CellsFrontend:
 
     def stub(self) -> Any:
         if self._stub is None and self.relay_addr:
-            self._stub = pb_grpc.CellsStub(grpc.insecure_channel(self.relay_addr))  # type: ignore[no-untyped-call]
+            self._stub = pb_grpc.CellsStub(grpc.insecure_channel(self.relay_addr, options=CHANNEL_OPTIONS))  # type: ignore[no-untyped-call]
         return self._stub
 
     # --- writes -----------------------------------------------------------------------
