@@ -481,10 +481,11 @@ class Replicas:
             self.barrier.put_if(wm_key, encode_json(watermark), found[1] if found else 0)
         return wanted
 
-    def age(self, path: str) -> float | None:
+    def age(self, path: str, home: Home | None = None) -> float | None:
         """How stale this cell's copy may be, in seconds: 0 at the home, None when the
-        cell holds no replica."""
-        home = self.home(path)
+        cell holds no replica. `home`: the home record, when the caller just read it."""
+        if home is None:
+            home = self.home(path)
         if home is None or not home.confirmed:
             return None
         if home.home == self.cell and home.state == "home":

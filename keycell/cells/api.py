@@ -215,7 +215,9 @@ class CellsFrontend:
 
     def _age_and_home(self, path: str) -> tuple[float | None, str]:
         home = self.replicas.confirmed_home(path)
-        return self.replicas.age(path), home.home if home is not None else ""
+        if home is None:
+            return None, ""
+        return self.replicas.age(path, home), home.home
 
 
 def install(router: Router, services: Any, relay_addr: str | None) -> CellsFrontend:
