@@ -113,7 +113,6 @@ class CellState:
             services.barrier, services.kv, self.cell, self.cell_key, clock=services.clock
         )
         self.directory = Directory(HybridClock(self.cell))
-        self.own: CellRecord | None = None
         self.loaded = False
 
     def close(self) -> None:
@@ -133,8 +132,9 @@ class CellState:
 
     # --- blocking work, on `pool` ---------------------------------------------------
 
-    def refresh_own(self, relays: tuple[str, ...]) -> bool:
-        """Put this cell's entry when what it says changed; True if it did."""
+    def refresh_own(self, relays: tuple[str, ...], heartbeat: float = 30.0) -> bool:
+        """Put this cell's entry when what it says changed, or every `heartbeat` seconds
+        (its `updated_at` tells readers the cell is still there); True if it did."""
         if not self.loaded:
             self.directory.absorb(directory_mod.load(self.services.barrier))
             self.loaded = True
@@ -144,7 +144,8 @@ class CellState:
         record = CellRecord(
             self.cell, self.api_url, relays, key.fingerprint, key.public_pem, health, time.time()
         )
-        if held is not None and not held.removed and _same(held.record, record):
+        fresh = held is not None and record.updated_at - held.record.updated_at < heartbeat
+        if held is not None and not held.removed and fresh and _same(held.record, record):
             return False
         entry = self.directory.put(record)
         directory_mod.save(self.services.barrier, [entry])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 from typing import Any
 
 import grpc
@@ -227,10 +228,15 @@ def install(router: Router, services: Any, relay_addr: str | None) -> CellsFront
 
     def cells(ctx: Context) -> dict[str, Any]:
         entries = directory_mod.load(services.barrier)
+        now = time.time()
         return {
             "cell": front.cell,
             "cells": {
-                cell: {k: v for k, v in entry.record.as_json().items() if k != "cell"}
+                cell: {
+                    **{k: v for k, v in entry.record.as_json().items() if k != "cell"},
+                    # the entry is refreshed every 30 s: much older, the cell has gone quiet
+                    "age_seconds": round(max(0.0, now - entry.record.updated_at), 3),
+                }
                 for cell, entry in sorted(entries.items())
                 if not entry.removed
             },
@@ -244,6 +250,7 @@ def install(router: Router, services: Any, relay_addr: str | None) -> CellsFront
             "public_key": STR,
             "health": STR,
             "updated_at": {"type": "number"},
+            "age_seconds": {"type": "number"},
         }
     )
     router.add(
