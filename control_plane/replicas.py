@@ -301,12 +301,22 @@ class Replicas:
                 )
 
     def export(
-        self, path: str, to_cell: str, public_pem: str, *, only: set[int] | None = None
+        self,
+        path: str,
+        to_cell: str,
+        public_pem: str,
+        *,
+        only: set[int] | None = None,
+        handover: bool = False,
     ) -> ReplicaBatch | None:
         """The secret's metadata and live versions (or only those numbered in `only`),
-        each data key sealed for `to_cell`. None when this cell is not its home."""
+        each data key sealed for `to_cell`. None when this cell is not its home, or is
+        handing it over (only the handover's own copy is made then: once the new home
+        takes writes, this cell's copy is no longer the latest)."""
         home = self.home(path)
         if home is None or home.home != self.cell or not home.confirmed:
+            return None
+        if home.state == "moving" and not handover:
             return None
         secret = self._secret(path)
         at = self.clock()

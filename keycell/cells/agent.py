@@ -405,8 +405,11 @@ class CellAgent(pb_grpc.CellsServicer):
             )
         only = set(request.only) or None
         batch = await self._blocking(self.state.replicas.export, request.path, request.cell, pem, only=only)
-        if batch is None:
-            return pb.ReplicaBatch(path=request.path, found=False)
+        if batch is None:  # not (or no longer) the home: say which home this cell knows
+            held = await self._blocking(self.state.replicas.confirmed_home, request.path)
+            if held is None:
+                return pb.ReplicaBatch(path=request.path, found=False)
+            return pb.ReplicaBatch(path=request.path, found=False, home=_home_pb(held))
         return batch_to_pb(batch, self.cell)
 
     async def Refresh(self, request: pb.RefreshRequest, context: grpc.aio.ServicerContext) -> pb.RefreshReply:
@@ -435,23 +438,42 @@ class CellAgent(pb_grpc.CellsServicer):
                     )
                 await context.abort(grpc.StatusCode.NOT_FOUND, "no cell homes that secret")
         assert home is not None
-        if home.home != self.cell:
+        target = home.home
+        if target != self.cell or home.state != "home":
             try:
-                only: list[int] = []
-                for _ in range(3):
-                    reply = await self.call_cell(
-                        home.home, "Fetch", pb.FetchRequest(path=request.path, cell=self.cell, only=only)
+                if not await self._fetch_from_home(request.path, target):
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, "the secret's home is moving or unknown; retry"
                     )
-                    if not reply.found:
-                        break
-                    missing = await self._blocking(replicas.apply, batch_from_pb(reply))
-                    if not missing:
-                        break
-                    only = missing
             except Unreachable:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"cell {home.home!r} is unreachable")
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"cell {target!r} is unreachable")
         age = await self._blocking(replicas.age, request.path)
         return pb.RefreshReply(age=age if age is not None else -1.0)
+
+    async def _fetch_from_home(self, path: str, target: str) -> bool:
+        """Install the home's current state of `path` here, following a handover if the
+        cell asked says the home is elsewhere now. False when no home served it."""
+        replicas = self.state.replicas
+        only: list[int] = []
+        for _ in range(4):
+            if target == self.cell:
+                home = await self._blocking(replicas.confirmed_home, path)
+                return home is not None and home.home == self.cell and home.state == "home"
+            reply = await self.call_cell(
+                target, "Fetch", pb.FetchRequest(path=path, cell=self.cell, only=only)
+            )
+            if reply.found:
+                missing = await self._blocking(replicas.apply, batch_from_pb(reply))
+                if not missing:
+                    return True
+                only = missing
+                continue
+            told = _home_from_pb(reply.home) if reply.HasField("home") else None
+            if told is None or told.home == target or told.state != "home":
+                return False  # moving (fenced) or unknown there: nothing newer can be had now
+            await self._blocking(replicas.learn_home, path, told)
+            target, only = told.home, []
+        return False
 
     # --- homes of new secrets ------------------------------------------------------------
 
@@ -507,7 +529,7 @@ class CellAgent(pb_grpc.CellsServicer):
         # Writes that passed the home check before the fence commit within a request's
         # time; after this grace none can still land here.
         await asyncio.sleep(self.timing.handover_grace)
-        batch = await self._blocking(replicas.export, request.path, request.to, pem)
+        batch = await self._blocking(replicas.export, request.path, request.to, pem, handover=True)
         if batch is None:
             return _reply(409, f"{request.path} is no longer homed here")
         try:
@@ -520,7 +542,7 @@ class CellAgent(pb_grpc.CellsServicer):
                 if not reply.missing:
                     break
                 batch = await self._blocking(
-                    replicas.export, request.path, request.to, pem, only=set(reply.missing)
+                    replicas.export, request.path, request.to, pem, only=set(reply.missing), handover=True
                 )
                 if batch is None:
                     return _reply(409, f"{request.path} is no longer homed here")

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from keycell.cells.mesh import Mesh
 from keycell.testing.linearizability import Operation, check
 
 SECRET = "lin/register"
+MOVING = "lin/moving"
 OPS_PER_THREAD = 10
 THREADS_PER_CELL = 2
 
@@ -40,24 +42,37 @@ class KvRegister:
         raise ValueError(input)
 
 
-def test_writes_from_every_cell_are_linearizable_at_the_home(mesh: Mesh) -> None:
+def run_writers(
+    mesh: Mesh,
+    secret: str,
+    during: Callable[[], None] | None = None,
+    *,
+    ops: int = OPS_PER_THREAD,
+    pause: float = 0.0,
+) -> tuple[list[Operation], list[str]]:
+    """Writers and zero-staleness readers in every cell on `secret` (homed in a), while
+    `during` runs on this thread. Refusals that say nothing happened (a fenced secret,
+    a bound that cannot be met) are left out of the history; anything else is a failure."""
     history: list[Operation] = []
     lock = threading.Lock()
     call = time.monotonic_ns()
-    first = mesh.write("a", SECRET, {"v": "init"})
+    first = mesh.write("a", secret, {"v": "init"})
     assert first.status == 200, first.body
     history.append(Operation(0, call, time.monotonic_ns(), ("write", "init"), ("ok", 1)))
     failures: list[str] = []
 
     def worker(process: int, cell: str) -> None:
         known = 1
-        for i in range(OPS_PER_THREAD):
+        for i in range(ops):
+            time.sleep(pause)
             value = f"p{process}-{i}"
             kind = ("read", "cas", "write")[i % 3]
             started = time.monotonic_ns()
             if kind == "read":
-                reply = mesh.read(cell, SECRET, max_staleness="0")
+                reply = mesh.read(cell, secret, max_staleness="0")
                 ended = time.monotonic_ns()
+                if reply.status == 412:
+                    continue  # refused: nothing was read
                 if reply.status != 200:
                     failures.append(f"{cell} read: {reply.status} {reply.body}")
                     continue
@@ -66,13 +81,15 @@ def test_writes_from_every_cell_are_linearizable_at_the_home(mesh: Mesh) -> None
                 op = Operation(process, started, ended, ("read",), (known, data["data"]["v"]))
             else:
                 cas = known if kind == "cas" else None
-                reply = mesh.write(cell, SECRET, {"v": value}, cas=cas)
+                reply = mesh.write(cell, secret, {"v": value}, cas=cas)
                 ended = time.monotonic_ns()
                 if reply.status == 200:
                     known = reply.body["data"]["version"]  # type: ignore[index]
                     output: tuple[Any, ...] = ("ok", known)
                 elif reply.status == 400 and kind == "cas" and "check-and-set" in reply.body["errors"][0]:  # type: ignore[index]
                     output = ("fail",)
+                elif reply.status == 503 and "is moving from cell" in reply.body["errors"][0]:  # type: ignore[index]
+                    continue  # fenced for the handover: refused, nothing written
                 else:
                     failures.append(f"{cell} {kind}: {reply.status} {reply.body}")
                     continue
@@ -93,16 +110,48 @@ def test_writes_from_every_cell_are_linearizable_at_the_home(mesh: Mesh) -> None
     ]
     for thread in threads:
         thread.start()
+    if during is not None:
+        during()
     for thread in threads:
         thread.join(timeout=120)
+    return history, failures
+
+
+def test_writes_from_every_cell_are_linearizable_at_the_home(mesh: Mesh) -> None:
+    history, failures = run_writers(mesh, SECRET)
     assert not failures, failures
     assert len(history) == 1 + 3 * THREADS_PER_CELL * OPS_PER_THREAD
-    kinds = {op.input[0] for op in history}
-    assert kinds == {"read", "cas", "write"}
+    assert {op.input[0] for op in history} == {"read", "cas", "write"}
     # every cell's writers got writes through (b's and c's were forwarded to the home, a)
     for n in range(3):
         processes = range(1 + n * THREADS_PER_CELL, 1 + (n + 1) * THREADS_PER_CELL)
         assert any(op.process in processes and op.output[0] == "ok" for op in history)
+    result = check(history, KvRegister())
+    assert result.ok, f"not linearizable; longest linearizable prefix {result.longest_prefix}"
+
+
+def test_writes_stay_linearizable_while_the_home_moves(mesh: Mesh) -> None:
+    """Two homes never take writes at once: a history spanning a handover a -> b is
+    still linearizable."""
+    moved: list[int] = []
+    handover_started = handover_done = 0
+
+    def move() -> None:
+        nonlocal handover_started, handover_done
+        time.sleep(0.2)
+        handover_started = time.monotonic_ns()
+        reply = mesh.request("a", "POST", f"sys/homes/secret/{MOVING}", {"to": "b"})
+        moved.append(reply.status)
+        handover_done = time.monotonic_ns()
+
+    # writers span the handover: about 0.2 s before it, its 0.5 s fence, and after
+    history, failures = run_writers(mesh, MOVING, during=move, ops=45, pause=0.03)
+    assert moved == [200]
+    assert not failures, failures
+    assert mesh.fronts["b"].replicas.home(f"secret/{MOVING}").home == "b"  # type: ignore[union-attr]
+    writes = [op for op in history if op.output[0] == "ok"]
+    assert any(op.call < handover_started for op in writes), "no write before the handover"
+    assert any(op.call > handover_done for op in writes), "no write after the handover"
     result = check(history, KvRegister())
     assert result.ok, f"not linearizable; longest linearizable prefix {result.longest_prefix}"
 
