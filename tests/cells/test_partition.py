@@ -228,3 +228,18 @@ def test_sys_cells_lists_every_cell_with_its_key_fingerprint(mesh: Mesh) -> None
         assert record["relays"] == [mesh.relays[cell][0].addr]
         assert record["health"] == "ok" and record["age_seconds"] < 30
     assert len({r["fingerprint"] for r in data["cells"].values()}) == 3
+
+
+def test_a_process_cut_off_from_its_relay_still_refuses_what_its_ledger_holds(mesh: Mesh) -> None:
+    """Revocation checks never wait on the relay: with cell b's relay gone, a revocation
+    another process of b committed to b's ledger is refused at once (every check is a
+    strongly consistent read of the cell's own ledger)."""
+    from keycell.control_plane.revocations import RevocationLog
+
+    token, accessor = create_token(mesh, "b")
+    assert token_works(mesh, "b", token)
+    mesh.run(mesh.relays["b"][0].stop())
+    # another API process of cell b takes the revoke call: its ledger write is the CP step
+    RevocationLog(mesh.sinks["b"].services.revocations).record(f"token:{accessor}", reason="relay down")
+    assert not token_works(mesh, "b", token)
+    assert token_works(mesh, "a", create_token(mesh, "a")[0])
