@@ -14,6 +14,7 @@ BENCHMARKS = [
     "bench.identity",
     "bench.rotation",
     "bench.revocation",
+    "bench.replication",
 ]
 
 

@@ -73,6 +73,8 @@ class Kind(StrEnum):
     TRANSIT_KEY = "transit-key"  # path: transit key name; value: its config (versions, min decryption)
     CONFIG = "config"  # path: engine/setting; small per-cell configuration
     REVOCATION_RECEIPT = "revocation-receipt"  # path: revocation id/cell; value: when that cell applied it
+    SECRET_HOME = "secret-home"  # noqa: S105  # path: mount/secret path; value: home cell, epoch (issue 9)
+    REPLICA = "replica"  # path: mount/secret path; value: home, epoch, meta seq, confirmed time (issue 9)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,8 @@ Environment (all optional):
   KEYCELL_AUDIT_FAIL_OPEN  1: serve when no audit sink accepts an entry (default: refuse, 503)
   KEYCELL_AUDIT         off: no audit trail even when a sink is configured
   KEYCELL_RELAY         HOST:PORT of the cell's local relay: revocations are handed to it
-                        (sys/revocations) and the server's revocation stream follows it
+                        (sys/revocations) and the server's revocation stream follows it; KV
+                        writes go to each secret's home cell through it (keycell/cells)
 """
 
 from __future__ import annotations
@@ -116,4 +117,9 @@ def router_from_environment(env: dict[str, str] | None = None) -> Router:
     services = services_from_environment(env)
     router = build_router(services)
     router.auditor = auditor_from_environment(services, env)
+    relay = (os.environ if env is None else env).get("KEYCELL_RELAY")
+    if relay:  # cells under partition (issue 9): homes, forwarding, replica ages
+        from keycell.cells.api import install as install_cells
+
+        install_cells(router, services, relay)
     return router

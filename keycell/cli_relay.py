@@ -65,6 +65,7 @@ def relay(
     KEYCELL_SEAL, as for `keycell server`) or from --dev-data-dir. Prints `READY <port>`
     once the first relay listens. API processes follow it with KEYCELL_RELAY=HOST:PORT.
     """
+    from keycell.cells.agent import attach as attach_cells
     from keycell.functions.wiring import auditor_from_environment, services_from_environment
     from keycell.relay.cell import LedgerSink
     from keycell.relay.cluster import dev_cell_env
@@ -104,6 +105,7 @@ def relay(
                 faults=faults,
                 seeds=seeds or [r.addr for r in relays[:2]],
             )
+            attach_cells(relay, sink.services, api_url=os.environ.get("KEYCELL_API_ADDR", ""))  # issue 9
             await relay.start()
             relays.append(relay)
         metrics_server = None

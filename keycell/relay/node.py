@@ -31,7 +31,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,12 +173,17 @@ class Relay(pb_grpc.RelayServicer):
         self._members_cache: tuple[int, list[pb.Member]] = (-1, [])  # indirect probes run for others
         self._pending: set[str] = set()  # revocation ids waiting for the sink (sealed cell, ledger down)
         self.running = False
+        # More gRPC services on this relay's server (keycell/cells adds replication), each
+        # added before the server starts.
+        self.extra_services: list[Callable[[grpc.aio.Server], None]] = []
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
         self._server = grpc.aio.server(options=_SERVER_OPTIONS)
         pb_grpc.add_RelayServicer_to_server(self, self._server)  # type: ignore[no-untyped-call]
+        for add_service in self.extra_services:
+            add_service(self._server)
         self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
         if not self.port:
             raise OSError(f"relay {self.name} could not listen on {self.host}")
