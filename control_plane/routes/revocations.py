@@ -32,10 +32,12 @@ _SAFE = re.compile(r"[\x21-\x7e]{1,512}")
 _NUMBER: dict[str, Any] = {"type": "number"}
 
 
-def spiffe_id_of_svid(svid: str) -> str:
-    """The SPIFFE ID an SVID names: a JWT-SVID's `sub`, or an X.509-SVID's URI SAN.
-    Not verified: revoking only takes rights away, so a caller allowed to revoke may
-    name any SVID, even a forged one."""
+def svid_subject(svid: str) -> str:
+    """The revocation subject of one SVID, as the identity layer checks it: an
+    X.509-SVID's serial (`svid:<hex>`) or a JWT-SVID's `jti` (`svid:<jti>`), so that
+    revoking an SVID refuses that SVID and not every SVID of its SPIFFE ID (use
+    `spiffe_id` for that). Not verified: revoking only takes rights away, so a
+    caller allowed to revoke may name any SVID, even a forged one."""
     text = svid.strip()
     if text.startswith("-----BEGIN CERTIFICATE-----"):
         from cryptography import x509
@@ -46,10 +48,9 @@ def spiffe_id_of_svid(svid: str) -> str:
             names = uris.get_values_for_type(x509.UniformResourceIdentifier)
         except (ValueError, x509.ExtensionNotFound):
             raise InvalidRequest("'svid' is not an X.509-SVID with a spiffe:// URI SAN") from None
-        spiffe = [n for n in names if n.startswith("spiffe://")]
-        if len(spiffe) != 1:
+        if len([n for n in names if n.startswith("spiffe://")]) != 1:
             raise InvalidRequest("an X.509-SVID carries exactly one spiffe:// URI SAN")
-        return spiffe[0]
+        return f"svid:{cert.serial_number:x}"
     parts = text.split(".")
     if len(parts) != 3:
         raise InvalidRequest("'svid' is a JWT-SVID (header.payload.signature) or a PEM X.509-SVID")
@@ -60,7 +61,12 @@ def spiffe_id_of_svid(svid: str) -> str:
     sub = payload.get("sub") if isinstance(payload, dict) else None
     if not isinstance(sub, str) or not _SPIFFE.fullmatch(sub):
         raise InvalidRequest("the JWT-SVID's 'sub' is not a SPIFFE ID")
-    return sub
+    jti = payload.get("jti")
+    if not isinstance(jti, str) or not re.fullmatch(r"[0-9a-f]{1,64}", jti):
+        raise InvalidRequest(
+            "this JWT-SVID has no 'jti' to revoke it by; revoke its SPIFFE ID with 'spiffe_id'"
+        )
+    return f"svid:{jti}"
 
 
 def subject_of(services: Any, data: dict[str, Any]) -> str:
@@ -72,7 +78,7 @@ def subject_of(services: Any, data: dict[str, Any]) -> str:
     if way == "svid":
         if len(value) > 16384:
             raise InvalidRequest("'svid' is at most 16 KiB")
-        return "spiffe:" + spiffe_id_of_svid(value)
+        return svid_subject(value)
     if not _SAFE.fullmatch(value):
         raise InvalidRequest(f"'{way}' must be 1 to 512 printable ASCII characters without spaces")
     if way == "lease_id":
@@ -96,7 +102,7 @@ def subject_of(services: Any, data: dict[str, Any]) -> str:
         if not _SPIFFE.fullmatch(value):
             raise InvalidRequest("'spiffe_id' must look like spiffe://trust-domain/path")
         return "spiffe:" + value
-    return "spiffe:" + spiffe_id_of_svid(value)
+    raise AssertionError(way)  # every way in _WAYS is handled above
 
 
 def register(router: Router, services: Any) -> None:
