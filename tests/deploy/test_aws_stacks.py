@@ -412,10 +412,16 @@ def test_a_handler_that_does_not_import_is_named_in_a_synth_warning(tmp_path: Pa
         ],
     }
     assembly = synthesize(parse_cell_set(raw), tmp_path)
-    warnings = Annotations.from_stack(assembly.stacks[0]).find_warning("*", Match.any_value())
-    texts = [str(w.entry.data) for w in warnings]
-    assert [t for t in texts if "keycell.functions.nowhere.handler" in t]
-    assert not [t for t in texts if "rotation handler" in t]
+    # has_warning / has_no_warning match inside Node.js and return nothing. find_warning
+    # would hand back MetadataEntry objects, which jsii can only wrap when the venv's
+    # aws_cdk/cloud_assembly_schema/__init__.py is aws-cdk-lib's copy; the
+    # aws-cdk.cloud-assembly-schema wheel ships a file at the same path, and which one
+    # is left depends on the order the installer happened to unpack them in.
+    annotations = Annotations.from_stack(assembly.stacks[0])
+    annotations.has_warning(
+        "*", Match.string_like_regexp(r"revocation handler 'keycell\.functions\.nowhere\.handler'")
+    )
+    annotations.has_no_warning("*", Match.string_like_regexp("rotation handler"))
 
 
 def test_handler_importable_names_only_callables() -> None:
