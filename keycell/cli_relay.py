@@ -31,10 +31,20 @@ def _host_port(text: str, what: str) -> tuple[str, int]:
 def relay(
     cell: Annotated[str | None, typer.Option(envvar="KEYCELL_CELL", help="This relay's cell.")] = None,
     listen: Annotated[
-        str, typer.Option(help="HOST:PORT for the relay's gRPC server (port 0: any).")
+        str,
+        typer.Option(
+            envvar="KEYCELL_RELAY_LISTEN", help="HOST:PORT for the relay's gRPC server (port 0: any)."
+        ),
     ] = "127.0.0.1:0",
-    join: Annotated[str, typer.Option(help="Comma-separated HOST:PORT of relays to join through.")] = "",
-    profile: Annotated[str, typer.Option(help="Timing profile: local, lan or wan.")] = "lan",
+    join: Annotated[
+        str,
+        typer.Option(
+            envvar="KEYCELL_RELAY_PEERS", help="Comma-separated HOST:PORT of relays to join through."
+        ),
+    ] = "",
+    profile: Annotated[
+        str, typer.Option(envvar="KEYCELL_RELAY_PROFILE", help="Timing profile: local, lan or wan.")
+    ] = "lan",
     count: Annotated[
         int, typer.Option(min=1, max=500, help="Relays in this process (one event loop; own port each).")
     ] = 1,

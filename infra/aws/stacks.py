@@ -789,8 +789,14 @@ def _chalice_environment(region: str) -> Iterator[None]:
     try:
         yield
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        # Undo only what changed: clearing and refilling the whole environment would
+        # unset and set again variables that native libraries keep pointers into
+        # (SoftHSM2 holds on to SOFTHSM2_CONF's value; it then fails to list tokens).
+        for name in [n for n in os.environ if n not in saved]:
+            del os.environ[name]
+        for name, value in saved.items():
+            if os.environ.get(name) != value:
+                os.environ[name] = value
 
 
 def skip_checks(resource: cdk.CfnResource, **reasons: str) -> None:

@@ -91,17 +91,20 @@ def gcp_backend(endpoint: str, *, fips_mode: bool = False, key_ring: str | None 
 
 
 @contextmanager
-def every_backend(names: tuple[str, ...] = BACKENDS) -> Iterator[dict[str, KeyBackend]]:
-    """Start the stand-ins `names` need and yield one backend per name."""
+def every_backend(
+    names: tuple[str, ...] = BACKENDS, *, token: SoftHsmToken | None = None
+) -> Iterator[dict[str, KeyBackend]]:
+    """Start the stand-ins `names` need and yield one backend per name. `token`: a
+    SoftHSM2 token this process already uses (a test session's). SoftHSM2 reads its
+    configuration once per process: a second token made here would be invisible to a
+    process that already opened one, and removing it afterwards breaks the module for
+    whatever opens a token next."""
     for k, v in FAKE_AWS_ENV.items():
         os.environ.setdefault(k, v)
     with ExitStack() as stack:
         backends: dict[str, KeyBackend] = {}
-        token = (
-            stack.enter_context(softhsm_token(label="stand-ins"))
-            if {"pkcs11", "cloudhsm"} & set(names)
-            else None
-        )
+        if token is None and {"pkcs11", "cloudhsm"} & set(names):
+            token = stack.enter_context(softhsm_token(label="stand-ins"))
         moto = stack.enter_context(MotoServer()) if {"aws_kms", "cloudhsm"} & set(names) else None
         for name in names:
             if name == "software":

@@ -175,6 +175,10 @@ def test_a_cell_configured_as_the_stack_configures_its_api_boots_on_the_provisio
         boto3.Session(), aws_endpoint, f"t{uuid.uuid4().hex[:8]}", {"id": "eu", "region": "eu-west-1"}
     )
     env["KEYCELL_LEDGER"] = f"dynamodb://{fresh['table']}?region=eu-west-1"
+    # The stack points the API at the cell's relays; no relay runs here, and a cell that
+    # cannot reach its relay cannot claim a new secret's home (issue 9), so this cell
+    # runs alone, as every secret's home.
+    assert env.pop("KEYCELL_RELAY")
     # What Lambda adds: the region; what the emulator needs: its endpoint.
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", aws_endpoint)

@@ -22,14 +22,15 @@ from keycell.control_plane.keys import KeyBackend
 from keycell.control_plane.svid import IdentityCA, validate_jwt_svid, verify_x509_svid
 from keycell.testing.cells import open_cell
 from keycell.testing.key_backends import BACKENDS, every_backend
+from keycell.testing.softhsm import SoftHsmToken
 
 TD = "example.org"
 SUB = f"spiffe://{TD}/backend-test"
 
 
 @pytest.fixture(scope="module")
-def backends() -> Iterator[dict[str, KeyBackend]]:
-    with every_backend() as started:
+def backends(softhsm: SoftHsmToken) -> Iterator[dict[str, KeyBackend]]:
+    with every_backend(token=softhsm) as started:
         yield started
 
 
