@@ -6,11 +6,13 @@ run it through this module.
    prefix (LIST sys/leases/lookup, recursively) and, for a token's lease, its accessor
    (PUT sys/leases/lookup); the rotated secrets under `rotate_prefix`
    (LIST rotation/secrets).
-2. Revoke first: one prefix revocation (POST sys/revocations {prefix}), then one
-   revocation per credential (by accessor for a token, by lease id otherwise), all
-   committed in one cell (`via`) and gossiped by the relays to every other cell. Each
-   has its own id, so sys/revocations/:id gives every credential's exposure window per
-   cell.
+2. Revoke first: one revocation per credential (by accessor for a token, by lease id
+   otherwise), all committed in one cell (`via`) and gossiped by the relays to every
+   other cell. Each has its own id, so sys/revocations/:id gives every credential's
+   exposure window per cell. With `tombstone`, a prefix revocation (POST
+   sys/revocations {prefix}) goes first: it also covers leases in a cell discovery
+   could not reach, and every lease issued under the prefix afterwards (a prefix
+   revocation stays in the set), so use it when the path itself is burnt.
 3. Then rotate: POST rotation/rotate/:name in each cell, each under a token derived
    from the run id, so a resumed run never rotates a secret twice.
 
@@ -185,7 +187,7 @@ def discover(
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         for cell, url in cells.items():
             ids = _list_leases(api, url, prefix)
-            for found in pool.map(lambda lid, c=cell: describe(c, lid), ids):  # type: ignore[misc]
+            for found in pool.map(lambda lid, c=cell: describe(c, lid), ids):
                 if found is not None:
                     plan.credentials.append(found)
             if rotate_prefix:
@@ -253,11 +255,14 @@ def revoke(
     concurrency: int = 8,
     progress: Callable[[int], None] | None = None,
     reason: str = "breach",
+    tombstone: bool = False,
 ) -> None:
-    """The prefix revocation, then one per credential, all through `plan.via`."""
+    """One revocation per credential, all through `plan.via`; with `tombstone`, first
+    one for the whole prefix, which also kills leases the discovery could not see (a
+    cell it could not reach) and every lease issued under the prefix from then on."""
     url = plan.cells[plan.via]
     started = time.monotonic()
-    if state.data["prefix_revocation"] is None:
+    if tombstone and state.data["prefix_revocation"] is None:
         answer = api.ok(url, "POST", "sys/revocations", {"prefix": plan.prefix, "reason": reason})
         state.data["prefix_revocation"] = answer["data"]["id"]
         state.save()

@@ -3,8 +3,9 @@
     keycell breach --prefix auth/token/create --cell us=http://127.0.0.1:8200 \\
                    --cell eu=http://127.0.0.1:8300 --rotate-prefix payments/ [--dry-run] [--yes] [--json]
 
-Revokes first (one prefix revocation, then one per credential found under the prefix in
-every cell, all through the `--via` cell and gossiped everywhere by the relays), then
+Revokes first (one revocation per credential found under the prefix in every cell, all
+through the `--via` cell and gossiped everywhere by the relays; `--tombstone` first
+revokes the prefix itself), then
 rotates the secrets under `--rotate-prefix`. Asks before changing anything unless
 `--yes`; re-running the same command resumes from its state file.
 """
@@ -61,17 +62,27 @@ def breach(
     rotate_prefix: Annotated[
         str, typer.Option(help="Then rotate every rotated secret whose name starts with this.")
     ] = "",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would happen; change nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would happen; change nothing.")
+    ] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report on standard output.")] = False,
     state_file: Annotated[Path | None, typer.Option(help="Where progress is kept (resume).")] = None,
+    tombstone: Annotated[
+        bool,
+        typer.Option(
+            "--tombstone",
+            help="First revoke the prefix itself: leases nobody found, and every lease issued under it later.",
+        ),
+    ] = False,
     new_run: Annotated[bool, typer.Option("--new-run", help="Forget a previous run's progress.")] = False,
     concurrency: Annotated[int, typer.Option(min=1, max=64, help="Calls in flight at once.")] = 8,
     address: Annotated[
         str, typer.Option(envvar="VAULT_ADDR", help="The API when no --cell is given.")
     ] = "http://127.0.0.1:8200",
     token: Annotated[
-        str, typer.Option(envvar="VAULT_TOKEN", help="A token with sudo on sys/revocations.", show_default=False)
+        str,
+        typer.Option(envvar="VAULT_TOKEN", help="A token with sudo on sys/revocations.", show_default=False),
     ] = "",
 ) -> None:
     """Breach runbook: revoke everything under a prefix in every cell, then rotate."""
@@ -107,7 +118,7 @@ def breach(
             typer.echo(json.dumps({**summary, "dry_run": True}))
         else:
             errors.print(
-                f"dry run: would revoke the prefix {plan.prefix}/ and {len(plan.credentials)} credentials "
+                f"dry run: would revoke {len(plan.credentials)} credentials under {plan.prefix}/ "
                 f"({summary['credentials_per_cell']}) through {plan.via}, then rotate "
                 f"{sum(summary['secrets_to_rotate'].values())} secrets; nothing changed"
             )
@@ -125,7 +136,15 @@ def breach(
     try:
         with _progress(as_json) as bars:
             task = bars.add_task("revoking", total=len(plan.credentials))
-            revoke_all(api, plan, state, outcome, concurrency=concurrency, progress=lambda n: bars.advance(task, n))
+            revoke_all(
+                api,
+                plan,
+                state,
+                outcome,
+                concurrency=concurrency,
+                progress=lambda n: bars.advance(task, n),
+                tombstone=tombstone,
+            )
             total = sum(len(n) for n in plan.rotations.values())
             task = bars.add_task("rotating", total=total)
             rotate_all(api, plan, state, outcome, progress=lambda n: bars.advance(task, n))

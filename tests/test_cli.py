@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +71,9 @@ def test_bad_path_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
 
 
 def test_demo_keeps_its_promises(tmp_path: Path) -> None:
-    # In its own process, as `make demo` runs it (SoftHSM2 tokens are per process).
+    # In its own process, as `make demo` runs it, at a reduced size: three cells, a
+    # breach under partition, every promise checked by the demo itself.
+    report = tmp_path / "report.html"
     done = subprocess.run(
         [
             sys.executable,
@@ -79,16 +82,33 @@ def test_demo_keeps_its_promises(tmp_path: Path) -> None:
             "demo",
             "--workdir",
             str(tmp_path),
-            "--writers",
-            "3",
-            "--increments",
-            "10",
+            "--credentials",
+            "90",
+            "--secrets-per-cell",
+            "2",
+            "--partition-seconds",
+            "2",
+            "--report",
+            str(report),
         ],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
+        env={**os.environ, "COLUMNS": "200"},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "all promises kept" in done.stdout
-    assert "SoftHSM2 token" in done.stdout  # make test installs SoftHSM2: the real token is used
+    assert "SoftHSM2 token per cell" in done.stdout  # make test installs SoftHSM2: real tokens are used
+    summary = json.loads((tmp_path / "breach-report.json").read_text())
+    assert summary["credentials"] == 90 and summary["readers"]["failed"] == 0
+    assert summary["breach"]["revoked_now"] == 90 and summary["breach"]["rotated_now"] == 6
+    exposure = summary["breach"]["exposure"]
+    assert set(exposure) == {"us-east-1", "eu-west-1", "ap-southeast-1"}
+    assert all(cell["revocations_held"] == cell["of"] == 90 for cell in exposure.values())
+    # The cut-off cell heard of the revocations only once the partition healed.
+    assert summary["during_partition"]["ap-southeast-1"]["accepted"] > 0
+    assert summary["during_partition"]["us-east-1"]["accepted"] == 0
+    page = report.read_text()
+    assert "<svg" in page and "<polyline" in page and "<script" not in page
+    assert page.count("kept") >= 8 and "BROKEN" not in page
