@@ -171,3 +171,12 @@ def test_a_bad_prefix_is_refused_before_anything_is_done(
     )
     assert done.returncode == 2
     assert "--prefix" in done.stderr
+
+
+def test_a_token_lease_names_its_accessor_and_other_leases_do_not(cells: dict[str, str]) -> None:
+    made = call(cells["a"], "POST", "auth/token/create", {"policies": ["default"], "ttl": "1h"}).json()[
+        "auth"
+    ]
+    looked = call(cells["a"], "PUT", "sys/leases/lookup", {"lease_id": made["lease_id"]}).json()["data"]
+    assert looked["token_accessor"] == made["accessor"]
+    assert made["client_token"] not in json.dumps(looked)  # the accessor, never the token
