@@ -222,6 +222,9 @@ def demo(
         float, typer.Option(min=0.5, max=120, help="How long one cell stays cut off.")
     ] = 5.0,
     report: Annotated[str | None, typer.Option(help="Where to write the HTML report.")] = None,
+    agents: Annotated[
+        bool, typer.Option(help="Workloads log in with JWT-SVIDs from a `keycell agent` per cell.")
+    ] = True,
 ) -> None:
     """Three cells on loopback and a breach: revoke, rotate, partition, heal, check."""
     from keycell.demo import run_demo
@@ -233,6 +236,7 @@ def demo(
         secrets_per_cell=secrets_per_cell,
         partition_seconds=partition_seconds,
         report_path=report,
+        agents=agents,
     )
     raise typer.Exit(0 if ok else 1)
 

@@ -6,10 +6,14 @@
    non-FIPS banner), and its revocation relay. The relays run in this process, each
    on its own loopback gRPC port (every message between cells crosses a real socket),
    so the demo can cut one cell off with the relays' fault injection.
-2. Workloads get credentials: N tokens (auth/token/create, policy `payments-read`)
-   spread over the cells; a few reader workloads with their own tokens (create-orphan,
-   another lease prefix) read their cell's secret throughout.
-3. The "exfiltration": every token under auth/token/create is presumed stolen.
+2. Workloads get credentials: a `keycell agent` per cell (attested with a join token)
+   serves the SPIFFE Workload API on a unix socket; this process, attested by its uid
+   and executable, fetches JWT-SVIDs for spiffe://example.org/payments/api and trades
+   them at auth/jwt/login for N tokens (policy `payments-read`) spread over the
+   cells (`agents=False`, or an agent that does not start: tokens from
+   auth/token/create instead, said loudly). A few reader workloads with their own
+   tokens (create-orphan, another lease prefix) read their cell's secret throughout.
+3. The "exfiltration": every token under auth/jwt/login is presumed stolen.
    ap-southeast-1 is partitioned from the other cells, and the breach runbook
    (keycell/breach.py, as `keycell breach` runs it) revokes the prefix and every token
    through us-east-1 (one revocation per token, each with its own exposure window), then rotates the `payments/` secrets in every cell.
@@ -19,9 +23,7 @@
    (must be refused everywhere), and a self-contained HTML report with the
    propagation chart. Exits non-zero if any promise is broken.
 
-Tokens, not SPIFFE identities through `keycell agent`: the agent path (join token,
-Workload API on a unix socket, JWT-SVID login) is not wired into the demo yet.
-Credentials are tokens rather than dynamic PostgreSQL users for the same reason.
+The credentials are Keycell tokens, not dynamic PostgreSQL users (not wired in yet).
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ from keycell.breach import Api, Outcome, State, discover, exposure, report, revo
 CELLS = ("us-east-1", "eu-west-1", "ap-southeast-1")
 PARTITIONED = "ap-southeast-1"
 VIA = "us-east-1"
-PREFIX = "auth/token/create"
+TOKEN_PREFIX = "auth/token/create"  # noqa: S105 - a path, not a password
+SPIFFE_PREFIX = "auth/jwt/login"
+AUDIENCE = "keycell"
+WORKLOAD_ID = "spiffe://example.org/payments/api"
 ROTATE_PREFIX = "payments/"
 POLICY = 'path "secret/data/payments/*" { capabilities = ["read"] }'
 T = TypeVar("T")
@@ -317,6 +322,7 @@ def run_demo(
     partition_seconds: float = 5.0,
     workers: int = 1,
     report_path: str | None = None,
+    agents: bool = True,
 ) -> bool:
     folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="keycell-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -334,17 +340,35 @@ def run_demo(
         if not joined:
             return _finish(console, checks, None, folder, report_path)
         facts = _setup(console, cells, api, secrets_per_cell, checks)
-        issued = _issue(console, cells, api, credentials, checks)
+        sockets: dict[str, str] | None = None
+        if agents:
+            try:
+                sockets = _agents(console, cells, api, stack)
+                _fetch_svid(sockets[CELLS[0]])
+            except Exception as exc:
+                console.print(f"[bold yellow]the agents did not start ({exc}); workloads use plain tokens[/]")
+                sockets = None
+        checks.append(
+            (
+                "workloads attest through an agent per cell",
+                sockets is not None or not agents,
+                "SPIFFE ID " + WORKLOAD_ID + " by uid and executable (SO_PEERCRED)"
+                if sockets
+                else "not used: plain tokens",
+            )
+        )
+        prefix = SPIFFE_PREFIX if sockets else TOKEN_PREFIX
+        issued = _issue(console, cells, api, credentials, checks, sockets)
         if facts is None or not issued:
             return _finish(console, checks, None, folder, report_path)
 
         readers = Readers(api, facts["readers"], limit=600)
         readers.start()
-        console.rule(f"[bold red]exfiltration detected: every token under {PREFIX}/ is presumed stolen")
+        console.rule(f"[bold red]exfiltration detected: every token under {prefix}/ is presumed stolen")
         cells.partition(PARTITIONED)
         partitioned_at = time.monotonic()
         console.print(f"[yellow]{PARTITIONED} is cut off from the other cells (relay fault injection)[/]")
-        plan = discover(api, cells.urls, PREFIX, via=VIA, rotate_prefix=ROTATE_PREFIX)
+        plan = discover(api, cells.urls, prefix, via=VIA, rotate_prefix=ROTATE_PREFIX)
         state = State(folder / "breach-state.json", plan.prefix)
         outcome = Outcome()
         with _bars(console) as bars:
@@ -397,12 +421,14 @@ def run_demo(
                 + (f" (first: {readers.failed[0]})" if readers.failed else ""),
             )
         )
-        accepted = _stolen_everywhere(console, api, cells, issued)
+        answers = _stolen_everywhere(console, api, cells, issued)
+        refused = answers.get(403, 0)
         checks.append(
             (
                 "stolen credentials refused everywhere",
-                accepted == 0,
-                f"{len(issued)} tokens x {len(CELLS)} cells: {accepted} accepted",
+                refused == len(issued) * len(CELLS),
+                f"{len(issued)} tokens x {len(CELLS)} cells: {refused} refused (403), "
+                f"{answers.get(200, 0)} accepted, {sum(answers.values()) - refused - answers.get(200, 0)} other answers",
             )
         )
         summary = {
@@ -415,6 +441,7 @@ def run_demo(
             "breach": report(plan, state, outcome, figures),
             "records": records,
             "readers": {"ok": readers.ok, "failed": len(readers.failed)},
+            "stolen_tries": {str(k): v for k, v in sorted(answers.items())},
             "seconds": round(time.monotonic() - started, 1),
         }
         _print_exposure(console, figures, during)
@@ -470,36 +497,121 @@ def _rotated(api: Api, cells: ThreeCells, before: dict[str, str]) -> bool:
     return True
 
 
-def _issue(console: Console, cells: ThreeCells, api: Api, count: int, checks: list[Check]) -> list[Issued]:
+def _agents(console: Console, cells: ThreeCells, api: Api, stack: ExitStack) -> dict[str, str]:
+    """A `keycell agent` per cell, attested with a join token, serving the Workload API
+    on a unix socket; an entry gives this process (its uid and executable) the SPIFFE ID
+    WORKLOAD_ID; auth/jwt/login takes the JWT-SVIDs. Returns cell -> socket."""
+    import sys
+
+    from keycell.testing.processes import ServerProcess
+
+    folder = Path(tempfile.mkdtemp(prefix="kc-agents-"))  # unix socket paths are short
+    stack.callback(lambda: __import__("shutil").rmtree(folder, ignore_errors=True))
+    selectors = [f"unix:uid:{os.getuid()}", f"unix:path:{os.path.realpath(sys.executable)}"]
+    sockets: dict[str, str] = {}
+    for cell, url in cells.urls.items():
+        joined = api.ok(url, "POST", "identity/join-token", {"ttl": 300})["data"]
+        entry = {"spiffe_id": WORKLOAD_ID, "parent_id": joined["agent_id"], "selectors": selectors}
+        api.ok(url, "POST", "identity/entries", entry)
+        api.ok(url, "POST", "auth/jwt/config", {"spiffe_trust_domain": True})
+        role = {
+            "role_type": "jwt",
+            "bound_audiences": [AUDIENCE],
+            "bound_spiffe_ids": ["spiffe://example.org/payments/*"],
+            "token_policies": ["payments-read"],
+            "token_ttl": "8h",
+        }
+        api.ok(url, "POST", "auth/jwt/role/payments", role)
+        socket = f"unix://{folder / cell}.sock"
+        agent = ServerProcess(
+            "keycell",
+            ["agent", "--socket", socket, "--address", url, "--join-token", joined["token"]],
+            what=f"keycell agent ({cell})",
+            startup_timeout=60,
+        )
+        agent.start()
+        stack.callback(agent.stop)
+        sockets[cell] = socket
+        console.print(f"cell {cell}: keycell agent on {socket} (attested by join token)")
+    return sockets
+
+
+def _fetch_svid(socket: str) -> str:
+    """A JWT-SVID for AUDIENCE from the agent, as a workload gets one (the `spiffe`
+    library's client); retried while the agent's first sync brings the entry."""
+    from spiffe import WorkloadApiClient
+
+    deadline = time.monotonic() + 60
+    client = WorkloadApiClient(socket_path=socket, default_timeout=15)
+    try:
+        while True:
+            try:
+                return str(client.fetch_jwt_svid(audience={AUDIENCE}).token)
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    finally:
+        client.close()
+
+
+def _issue(
+    console: Console,
+    cells: ThreeCells,
+    api: Api,
+    count: int,
+    checks: list[Check],
+    sockets: dict[str, str] | None,
+) -> list[Issued]:
+    """`count` workload credentials over the cells: with the agents, tokens from
+    auth/jwt/login with a JWT-SVID (one SVID per cell per 50 logins, as a workload
+    reuses its SVID while it is fresh); otherwise tokens from auth/token/create."""
     order = [CELLS[i % len(CELLS)] for i in range(count)]
+    svids: dict[str, tuple[str, int]] = {}
+    lock = threading.Lock()
+
+    def credential(cell: str) -> dict[str, Any]:
+        if sockets is None:
+            return {"policies": ["payments-read"], "ttl": "8h"}
+        with lock:
+            svid, uses = svids.get(cell, ("", 50))
+            if uses >= 50:
+                svid, uses = _fetch_svid(sockets[cell]), 0
+            svids[cell] = (svid, uses + 1)
+        return {"role": "payments", "jwt": svid}
 
     def one(cell: str) -> Issued | None:
-        status, made = api.call(
-            cells.urls[cell], "POST", "auth/token/create", {"policies": ["payments-read"], "ttl": "8h"}
-        )
+        body = credential(cell)
+        if sockets is None:
+            status, made = api.call(cells.urls[cell], "POST", "auth/token/create", body)
+        else:
+            status, made = api.call(cells.urls[cell], "POST", "auth/jwt/login", body, token="")
         if status != 200:
             return None
         return Issued(cell, made["auth"]["client_token"], made["auth"]["accessor"])
 
     issued: list[Issued] = []
+    how = "JWT-SVIDs from the agents -> auth/jwt/login" if sockets else "auth/token/create"
     with _bars(console) as bars, ThreadPoolExecutor(max_workers=8) as pool:
-        task = bars.add_task("issuing workload credentials", total=count)
+        task = bars.add_task(f"issuing workload credentials ({how})", total=count)
         for got in pool.map(one, order):
             if got is not None:
                 issued.append(got)
             bars.advance(task)
     sample = issued[:: max(1, len(issued) // 30)]
-    live = sum(
-        1
-        for x in sample
-        if api.call(cells.urls[x.cell], "GET", "auth/token/lookup-self", token=x.token)[0] == 200
-    )
+    live = 0
+    for x in sample:
+        status, me = api.call(cells.urls[x.cell], "GET", "auth/token/lookup-self", token=x.token)
+        bound = sockets is None or me.get("data", {}).get("meta", {}).get("spiffe_id") == WORKLOAD_ID
+        live += status == 200 and bound
     checks.append(
         (
             f"{count} credentials issued across the cells",
             len(issued) == count and live == len(sample),
-            f"{len(issued)} tokens ({', '.join(f'{c}: {sum(1 for x in issued if x.cell == c)}' for c in CELLS)}); "
-            f"{live}/{len(sample)} sampled work before the breach",
+            f"{len(issued)} tokens via {how} "
+            f"({', '.join(f'{c}: {sum(1 for x in issued if x.cell == c)}' for c in CELLS)}); "
+            f"{live}/{len(sample)} sampled work before the breach"
+            + (f", bound to {WORKLOAD_ID}" if sockets else ""),
         )
     )
     return issued if len(issued) == count else []
@@ -521,24 +633,24 @@ def _during_partition(api: Api, cells: ThreeCells, issued: list[Issued]) -> dict
     return result
 
 
-def _stolen_everywhere(console: Console, api: Api, cells: ThreeCells, issued: list[Issued]) -> int:
-    accepted = 0
+def _stolen_everywhere(console: Console, api: Api, cells: ThreeCells, issued: list[Issued]) -> dict[int, int]:
+    """Each stolen token against each cell: HTTP status -> count (403 is a refusal;
+    anything else, an error included, breaks the promise)."""
+    answers: dict[int, int] = {}
     lock = threading.Lock()
 
     def one(pair: tuple[Issued, str]) -> None:
-        nonlocal accepted
         cred, cell = pair
         status, _ = api.call(cells.urls[cell], "GET", "auth/token/lookup-self", token=cred.token)
-        if status == 200:
-            with lock:
-                accepted += 1
+        with lock:
+            answers[status] = answers.get(status, 0) + 1
 
     pairs = [(x, c) for x in issued for c in CELLS]
     with _bars(console) as bars, ThreadPoolExecutor(max_workers=8) as pool:
         task = bars.add_task("trying every stolen token in every cell", total=len(pairs))
         for _ in pool.map(one, pairs):
             bars.advance(task)
-    return accepted
+    return answers
 
 
 def _print_exposure(console: Console, figures: dict[str, Any], during: dict[str, Any]) -> None:

@@ -100,8 +100,11 @@ def test_demo_keeps_its_promises(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "all promises kept" in done.stdout
     assert "SoftHSM2 token per cell" in done.stdout  # make test installs SoftHSM2: real tokens are used
+    assert "JWT-SVIDs from the agents" in done.stdout  # workloads attest through keycell agent
     summary = json.loads((tmp_path / "breach-report.json").read_text())
     assert summary["credentials"] == 90 and summary["readers"]["failed"] == 0
+    assert summary["breach"]["prefix"] == "auth/jwt/login"
+    assert summary["stolen_tries"] == {"403": 270}
     assert summary["breach"]["revoked_now"] == 90 and summary["breach"]["rotated_now"] == 6
     exposure = summary["breach"]["exposure"]
     assert set(exposure) == {"us-east-1", "eu-west-1", "ap-southeast-1"}
