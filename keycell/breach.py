@@ -1,4 +1,4 @@
-"""The breach runbook: revoke everything under a lease prefix in every cell, then
+"""The breach runbook: revoke everything under lease prefixes in every cell, then
 rotate what the stolen credentials reached. `keycell breach` and `keycell demo` both
 run it through this module.
 
@@ -8,7 +8,8 @@ run it through this module.
    (LIST rotation/secrets).
 2. Revoke first: one revocation per credential (by accessor for a token, by lease id
    otherwise), all committed in one cell (`via`) and gossiped by the relays to every
-   other cell. Each has its own id, so sys/revocations/:id gives every credential's
+   other cell. A lease on an outside system (a dynamic database user) is first revoked
+   in its own cell (PUT sys/leases/revoke), whose revoker drops the user there. Each has its own id, so sys/revocations/:id gives every credential's
    exposure window per cell. With `tombstone`, a prefix revocation (POST
    sys/revocations {prefix}) goes first: it also covers leases in a cell discovery
    could not reach, and every lease issued under the prefix afterwards (a prefix
@@ -111,21 +112,27 @@ class Credential:
 
 @dataclass
 class Plan:
-    prefix: str
+    prefixes: list[str]
     cells: dict[str, str]  # name -> API URL
     via: str
     credentials: list[Credential] = field(default_factory=list)
     rotations: dict[str, list[str]] = field(default_factory=dict)  # cell -> secret names
     rotate_prefix: str = ""
 
+    @property
+    def prefix(self) -> str:
+        return ",".join(self.prefixes)
+
     def summary(self) -> dict[str, Any]:
         per_cell = {c: sum(1 for x in self.credentials if x.cell == c) for c in self.cells}
         return {
             "prefix": self.prefix,
+            "prefixes": self.prefixes,
             "via": self.via,
             "credentials": len(self.credentials),
             "credentials_per_cell": per_cell,
             "tokens": sum(1 for x in self.credentials if x.accessor),
+            "other_leases": sum(1 for x in self.credentials if not x.accessor),
             "rotate_prefix": self.rotate_prefix,
             "secrets_to_rotate": {c: len(n) for c, n in self.rotations.items()},
         }
@@ -160,7 +167,7 @@ def _list_leases(api: Api, url: str, prefix: str, depth: int = 0) -> list[str]:
 def discover(
     api: Api,
     cells: dict[str, str],
-    prefix: str,
+    prefix: str | list[str],
     *,
     via: str | None = None,
     rotate_prefix: str = "",
@@ -168,13 +175,15 @@ def discover(
     progress: Callable[[int], None] | None = None,
 ) -> Plan:
     """Everything the breach would touch; reads only."""
-    prefix = check_prefix(prefix)
+    prefixes = [check_prefix(p) for p in ([prefix] if isinstance(prefix, str) else prefix)]
+    if not prefixes:
+        raise BreachError("name at least one --prefix")
     if not cells:
         raise BreachError("name at least one cell")
     via = via or next(iter(cells))
     if via not in cells:
         raise BreachError(f"--via {via!r} is not one of the cells ({', '.join(cells)})")
-    plan = Plan(prefix, dict(cells), via, rotate_prefix=rotate_prefix)
+    plan = Plan(prefixes, dict(cells), via, rotate_prefix=rotate_prefix)
 
     def describe(cell: str, lease_id: str) -> Credential | None:
         status, answer = api.call(cells[cell], "PUT", "sys/leases/lookup", {"lease_id": lease_id})
@@ -186,7 +195,7 @@ def discover(
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         for cell, url in cells.items():
-            ids = _list_leases(api, url, prefix)
+            ids = [lid for p in prefixes for lid in _list_leases(api, url, p)]
             for found in pool.map(lambda lid, c=cell: describe(c, lid), ids):
                 if found is not None:
                     plan.credentials.append(found)
@@ -212,14 +221,15 @@ class State:
                 )
         if not self.data:
             self.data = {"run": "breach-" + secrets.token_hex(6), "prefix": prefix}
-        self.data.setdefault("prefix_revocation", None)
+        self.data.setdefault("prefix_revocations", {})  # prefix -> revocation id (--tombstone)
+        self.data.setdefault("enforced", [])  # credential keys whose lease was revoked in its own cell
         self.data.setdefault("revoked", {})  # credential key -> revocation id
         self.data.setdefault("rotated", {})  # cell/name -> outcome
         self.lock = threading.Lock()
 
     @property
     def resumed(self) -> bool:
-        return bool(self.data["revoked"] or self.data["rotated"] or self.data["prefix_revocation"])
+        return bool(self.data["revoked"] or self.data["rotated"] or self.data["prefix_revocations"])
 
     def save(self) -> None:
         if self.path is None:
@@ -231,6 +241,7 @@ class State:
 
 
 def default_state_file(cells: dict[str, str], prefix: str) -> Path:
+    """`prefix`: Plan.prefix (the prefixes joined by commas)."""
     key = hashlib.sha256(json.dumps([sorted(cells.items()), prefix]).encode()).hexdigest()[:12]
     return Path(f".keycell-breach-{key}.json")
 
@@ -262,10 +273,12 @@ def revoke(
     cell it could not reach) and every lease issued under the prefix from then on."""
     url = plan.cells[plan.via]
     started = time.monotonic()
-    if tombstone and state.data["prefix_revocation"] is None:
-        answer = api.ok(url, "POST", "sys/revocations", {"prefix": plan.prefix, "reason": reason})
-        state.data["prefix_revocation"] = answer["data"]["id"]
-        state.save()
+    for prefix in plan.prefixes if tombstone else []:
+        if prefix not in state.data["prefix_revocations"]:
+            answer = api.ok(url, "POST", "sys/revocations", {"prefix": prefix, "reason": reason})
+            state.data["prefix_revocations"][prefix] = answer["data"]["id"]
+            state.save()
+    enforced = set(state.data["enforced"])
     todo = [c for c in plan.credentials if c.key not in state.data["revoked"]]
     outcome.revoked_before += len(plan.credentials) - len(todo)
     if progress is not None and len(plan.credentials) > len(todo):
@@ -273,6 +286,19 @@ def revoke(
 
     def one(cred: Credential) -> None:
         try:
+            if not cred.accessor and cred.key not in enforced:
+                # A lease on an outside system (a database user): its own cell runs the
+                # lease's revoker there (drops the user, ends its sessions) before the
+                # revocation that every cell will refuse it by.
+                status, answer = api.call(
+                    plan.cells[cred.cell], "PUT", "sys/leases/revoke", {"lease_id": cred.lease_id}
+                )
+                if status >= 300 and status != 400:  # 400: gone already (a resumed run)
+                    raise BreachError(
+                        f"sys/leases/revoke in {cred.cell}: HTTP {status}: {answer.get('errors')}"
+                    )
+                with state.lock:
+                    state.data["enforced"].append(cred.key)
             answer = api.ok(url, "POST", "sys/revocations", {**cred.subject, "reason": reason})
         except BreachError as exc:
             with state.lock:
@@ -344,9 +370,7 @@ def exposure(
     sys/revocations/:id in the `via` cell shows them: p50/p99/max and how many
     revocations that cell holds. Also every revocation's per-cell times."""
     url = plan.cells[plan.via]
-    ids = list(state.data["revoked"].values())
-    if state.data["prefix_revocation"]:
-        ids.append(state.data["prefix_revocation"])
+    ids = list(state.data["revoked"].values()) + list(state.data["prefix_revocations"].values())
 
     def read(rid: str) -> dict[str, Any]:
         status, answer = api.call(url, "GET", f"sys/revocations/{rid}")
@@ -372,7 +396,7 @@ def report(plan: Plan, state: State, outcome: Outcome, figures: dict[str, Any] |
         **plan.summary(),
         "run": state.data["run"],
         "state_file": str(state.path) if state.path else None,
-        "prefix_revocation": state.data["prefix_revocation"],
+        "prefix_revocations": state.data["prefix_revocations"],
         "revoked_now": outcome.revoked_now,
         "revoked_before": outcome.revoked_before,
         "rotated_now": outcome.rotated_now,

@@ -225,6 +225,9 @@ def demo(
     agents: Annotated[
         bool, typer.Option(help="Workloads log in with JWT-SVIDs from a `keycell agent` per cell.")
     ] = True,
+    databases: Annotated[
+        bool, typer.Option(help="Half the credentials are dynamic PostgreSQL users (when installed).")
+    ] = True,
 ) -> None:
     """Three cells on loopback and a breach: revoke, rotate, partition, heal, check."""
     from keycell.demo import run_demo
@@ -237,6 +240,7 @@ def demo(
         partition_seconds=partition_seconds,
         report_path=report,
         agents=agents,
+        databases=databases,
     )
     raise typer.Exit(0 if ok else 1)
 

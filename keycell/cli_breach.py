@@ -52,7 +52,9 @@ def _cells(given: list[str], address: str) -> dict[str, str]:
 
 
 def breach(
-    prefix: Annotated[str, typer.Option(help="Revoke every lease (token or credential) under this path.")],
+    prefix: Annotated[
+        list[str], typer.Option(help="Revoke every lease (token or credential) under this path; repeatable.")
+    ],
     cell: Annotated[
         list[str] | None, typer.Option("--cell", help="NAME=URL of a cell's API; repeat for every cell.")
     ] = None,

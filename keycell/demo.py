@@ -58,7 +58,12 @@ SPIFFE_PREFIX = "auth/jwt/login"
 AUDIENCE = "keycell"
 WORKLOAD_ID = "spiffe://example.org/payments/api"
 ROTATE_PREFIX = "payments/"
-POLICY = 'path "secret/data/payments/*" { capabilities = ["read"] }'
+POLICY = (
+    'path "secret/data/payments/*" { capabilities = ["read"] }\n'
+    'path "database/creds/payments" { capabilities = ["read"] }'
+)
+DB_PREFIX = "database/creds/payments"
+CREATE_USER = ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"]
 T = TypeVar("T")
 Check = tuple[str, bool, str]
 
@@ -68,6 +73,14 @@ class Issued:
     cell: str
     token: str = field(repr=False)
     accessor: str
+
+
+@dataclass
+class DbCredential:
+    cell: str
+    lease_id: str
+    username: str
+    password: str = field(repr=False)
 
 
 class Readers:
@@ -323,6 +336,7 @@ def run_demo(
     workers: int = 1,
     report_path: str | None = None,
     agents: bool = True,
+    databases: bool = True,
 ) -> bool:
     folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="keycell-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -339,7 +353,8 @@ def run_demo(
         )
         if not joined:
             return _finish(console, checks, None, folder, report_path)
-        facts = _setup(console, cells, api, secrets_per_cell, checks)
+        pg = _postgres(console, stack) if databases else None
+        facts = _setup(console, cells, api, secrets_per_cell, checks, pg)
         sockets: dict[str, str] | None = None
         if agents:
             try:
@@ -358,17 +373,22 @@ def run_demo(
             )
         )
         prefix = SPIFFE_PREFIX if sockets else TOKEN_PREFIX
-        issued = _issue(console, cells, api, credentials, checks, sockets)
+        db_count = credentials // 2 if pg is not None else 0
+        issued = _issue(console, cells, api, credentials - db_count, checks, sockets)
         if facts is None or not issued:
             return _finish(console, checks, None, folder, report_path)
+        db = _issue_db(console, cells, api, issued[:db_count], checks, pg) if pg is not None else []
+        if pg is not None and not db:
+            return _finish(console, checks, None, folder, report_path)
+        prefixes = [prefix, DB_PREFIX] if pg is not None else [prefix]
 
         readers = Readers(api, facts["readers"], limit=600)
         readers.start()
-        console.rule(f"[bold red]exfiltration detected: every token under {prefix}/ is presumed stolen")
+        console.rule(f"[bold red]exfiltration: everything under {', '.join(prefixes)} is presumed stolen")
         cells.partition(PARTITIONED)
         partitioned_at = time.monotonic()
         console.print(f"[yellow]{PARTITIONED} is cut off from the other cells (relay fault injection)[/]")
-        plan = discover(api, cells.urls, prefix, via=VIA, rotate_prefix=ROTATE_PREFIX)
+        plan = discover(api, cells.urls, prefixes, via=VIA, rotate_prefix=ROTATE_PREFIX)
         state = State(folder / "breach-state.json", plan.prefix)
         outcome = Outcome()
         with _bars(console) as bars:
@@ -380,8 +400,9 @@ def run_demo(
         checks.append(
             (
                 "breach runbook: revoke first, then rotate",
-                found == len(issued) and outcome.revoked_now == found and not outcome.failed,
-                f"{outcome.revoked_now}/{len(issued)} tokens revoked (one revocation each) in {outcome.revoke_seconds:.1f}s, "
+                found == len(issued) + len(db) and outcome.revoked_now == found and not outcome.failed,
+                f"{outcome.revoked_now}/{len(issued) + len(db)} credentials revoked (one revocation each; "
+                f"{len(db)} database users dropped by their cell first) in {outcome.revoke_seconds:.1f}s, "
                 f"{outcome.rotated_now} secrets rotated in {outcome.rotate_seconds:.1f}s, {len(outcome.failed)} failed",
             )
         )
@@ -394,6 +415,11 @@ def run_demo(
             )
         )
         during = _during_partition(api, cells, issued)
+        if pg is not None:
+            for cell in CELLS:
+                mine = [x for x in db if x.cell == cell][:20]
+                during[cell]["db_tried"] = len(mine)
+                during[cell]["db_accepted"] = sum(1 for x in mine if _pg_login(pg, x))
         time.sleep(max(0.0, partition_seconds - (time.monotonic() - partitioned_at)))
         cells.heal()
         console.print(f"[green]partition healed after {time.monotonic() - partitioned_at:.1f}s[/]")
@@ -421,11 +447,21 @@ def run_demo(
                 + (f" (first: {readers.failed[0]})" if readers.failed else ""),
             )
         )
+        if pg is not None:
+            db_logins, db_leases = _db_everywhere(console, api, cells, db, pg)
+            checks.append(
+                (
+                    "stolen database users refused",
+                    db_logins == 0 and db_leases == {400: len(db) * len(CELLS)},
+                    f"{len(db)} users: {db_logins} PostgreSQL logins accepted; their leases looked up in "
+                    f"every cell: {db_leases} (400: no such live lease)",
+                )
+            )
         answers = _stolen_everywhere(console, api, cells, issued)
         refused = answers.get(403, 0)
         checks.append(
             (
-                "stolen credentials refused everywhere",
+                "stolen tokens refused in every cell",
                 refused == len(issued) * len(CELLS),
                 f"{len(issued)} tokens x {len(CELLS)} cells: {refused} refused (403), "
                 f"{answers.get(200, 0)} accepted, {sum(answers.values()) - refused - answers.get(200, 0)} other answers",
@@ -434,7 +470,9 @@ def run_demo(
         summary = {
             "cells": cells.urls,
             "backend": cells.backend,
-            "credentials": len(issued),
+            "credentials": len(issued) + len(db),
+            "tokens": len(issued),
+            "database_users": len(db),
             "partitioned": PARTITIONED,
             "partition_seconds": partition_seconds,
             "during_partition": during,
@@ -449,13 +487,35 @@ def run_demo(
 
 
 def _setup(
-    console: Console, cells: ThreeCells, api: Api, secrets_per_cell: int, checks: list[Check]
+    console: Console,
+    cells: ThreeCells,
+    api: Api,
+    secrets_per_cell: int,
+    checks: list[Check],
+    pg: Any = None,
 ) -> dict[str, Any] | None:
     """Policy, one secret homed in each cell, reader tokens, and the rotated secrets."""
     readers: list[tuple[str, str, str]] = []
     before: dict[str, str] = {}
     for cell, url in cells.urls.items():
         api.ok(url, "PUT", "sys/policies/acl/payments-read", {"policy": POLICY})
+        if pg is not None:  # dynamic database users on the one PostgreSQL, per cell
+            connection = f"postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{pg.port}/postgres"
+            config = {
+                "plugin_name": "postgresql-database-plugin",
+                "connection_url": connection,
+                "username": "postgres",
+                "password": pg.superuser_password,
+                "allowed_roles": ["payments"],
+            }
+            api.ok(url, "POST", "database/config/pg", config)
+            role = {
+                "db_name": "pg",
+                "creation_statements": CREATE_USER,
+                "default_ttl": "8h",
+                "max_ttl": "24h",
+            }
+            api.ok(url, "POST", "database/roles/payments", role)
         path = f"payments/{cell}/config"
 
         def wrote(url: str = url, path: str = path) -> bool:
@@ -606,7 +666,7 @@ def _issue(
         live += status == 200 and bound
     checks.append(
         (
-            f"{count} credentials issued across the cells",
+            f"{count} workload tokens issued across the cells",
             len(issued) == count and live == len(sample),
             f"{len(issued)} tokens via {how} "
             f"({', '.join(f'{c}: {sum(1 for x in issued if x.cell == c)}' for c in CELLS)}); "
@@ -615,6 +675,88 @@ def _issue(
         )
     )
     return issued if len(issued) == count else []
+
+
+def _postgres(console: Console, stack: ExitStack) -> Any:
+    """A real PostgreSQL for dynamic database users, or None (said) when not installed."""
+    from keycell.testing.postgres import PostgresServer, find_bin_dir
+
+    try:
+        find_bin_dir()
+    except RuntimeError as exc:
+        console.print(f"[yellow]{exc}: the credentials are tokens only[/]")
+        return None
+    pg = PostgresServer().start()
+    stack.callback(pg.stop)
+    console.print(f"PostgreSQL on 127.0.0.1:{pg.port}: dynamic database users (database/creds/payments)")
+    return pg
+
+
+def _pg_login(pg: Any, cred: DbCredential) -> bool:
+    import psycopg
+
+    try:
+        psycopg.connect(pg.dsn(cred.username, cred.password), connect_timeout=10).close()
+        return True
+    except psycopg.OperationalError:
+        return False
+
+
+def _issue_db(
+    console: Console, cells: ThreeCells, api: Api, holders: list[Issued], checks: list[Check], pg: Any
+) -> list[DbCredential]:
+    """One database user per workload token (database/creds/payments with that token)."""
+
+    def one(holder: Issued) -> DbCredential | None:
+        status, made = api.call(cells.urls[holder.cell], "GET", DB_PREFIX, token=holder.token)
+        if status != 200:
+            return None
+        data = made["data"]
+        return DbCredential(holder.cell, made["lease_id"], data["username"], data["password"])
+
+    db: list[DbCredential] = []
+    with _bars(console) as bars, ThreadPoolExecutor(max_workers=8) as pool:
+        task = bars.add_task("workloads fetch dynamic PostgreSQL users", total=len(holders))
+        for got in pool.map(one, holders):
+            if got is not None:
+                db.append(got)
+            bars.advance(task)
+    sample = db[:: max(1, len(db) // 15)]
+    live = sum(1 for x in sample if _pg_login(pg, x))
+    checks.append(
+        (
+            f"{len(holders)} dynamic PostgreSQL users issued",
+            len(db) == len(holders) and live == len(sample),
+            f"{len(db)} users, each fetched with a workload's token; {live}/{len(sample)} sampled log in",
+        )
+    )
+    return db if len(db) == len(holders) else []
+
+
+def _db_everywhere(
+    console: Console, api: Api, cells: ThreeCells, db: list[DbCredential], pg: Any
+) -> tuple[int, dict[int, int]]:
+    """Each stolen database user: a PostgreSQL login, and its lease looked up in every cell."""
+    leases: dict[int, int] = {}
+    logins = 0
+    lock = threading.Lock()
+
+    def one(cred: DbCredential) -> None:
+        nonlocal logins
+        accepted = _pg_login(pg, cred)
+        statuses = [
+            api.call(cells.urls[c], "PUT", "sys/leases/lookup", {"lease_id": cred.lease_id})[0] for c in CELLS
+        ]
+        with lock:
+            logins += accepted
+            for status in statuses:
+                leases[status] = leases.get(status, 0) + 1
+
+    with _bars(console) as bars, ThreadPoolExecutor(max_workers=8) as pool:
+        task = bars.add_task("trying every stolen database user", total=len(db))
+        for _ in pool.map(one, db):
+            bars.advance(task)
+    return logins, leases
 
 
 def _during_partition(api: Api, cells: ThreeCells, issued: list[Issued]) -> dict[str, Any]:
@@ -655,17 +797,22 @@ def _stolen_everywhere(console: Console, api: Api, cells: ThreeCells, issued: li
 
 def _print_exposure(console: Console, figures: dict[str, Any], during: dict[str, Any]) -> None:
     table = Table(title="exposure window per cell (revoke call -> cell's ledger holds it)")
-    for column in ("cell", "revocations held", "p50", "p99", "max", "own stolen tokens usable before heal"):
+    db = any("db_tried" in d for d in during.values())
+    columns = ["cell", "revocations held", "p50", "p99", "max", "own stolen tokens usable before heal"]
+    for column in columns + (["own stolen DB users usable before heal"] if db else []):
         table.add_column(column)
     for cell, fig in figures.items():
-        table.add_row(
+        row = [
             cell + (" (partitioned)" if cell == PARTITIONED else ""),
             f"{fig['revocations_held']}/{fig['of']}",
             f"{fig['p50_s'] * 1000:.0f} ms",
             f"{fig['p99_s'] * 1000:.0f} ms",
             f"{fig['max_s'] * 1000:.0f} ms",
             f"{during[cell]['accepted']}/{during[cell]['tried']}",
-        )
+        ]
+        if db:
+            row.append(f"{during[cell]['db_accepted']}/{during[cell]['db_tried']}")
+        table.add_row(*row)
     console.print(table)
 
 
