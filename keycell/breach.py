@@ -118,6 +118,7 @@ class Plan:
     credentials: list[Credential] = field(default_factory=list)
     rotations: dict[str, list[str]] = field(default_factory=dict)  # cell -> secret names
     rotate_prefix: str = ""
+    unreachable: dict[str, str] = field(default_factory=dict)  # cell -> why discovery failed there
 
     @property
     def prefix(self) -> str:
@@ -135,6 +136,7 @@ class Plan:
             "other_leases": sum(1 for x in self.credentials if not x.accessor),
             "rotate_prefix": self.rotate_prefix,
             "secrets_to_rotate": {c: len(n) for c, n in self.rotations.items()},
+            "unreachable": self.unreachable,
         }
 
 
@@ -174,7 +176,8 @@ def discover(
     concurrency: int = 8,
     progress: Callable[[int], None] | None = None,
 ) -> Plan:
-    """Everything the breach would touch; reads only."""
+    """Everything the breach would touch; reads only. A cell that cannot be reached is
+    named in `plan.unreachable` and skipped (the `via` cell must answer)."""
     prefixes = [check_prefix(p) for p in ([prefix] if isinstance(prefix, str) else prefix)]
     if not prefixes:
         raise BreachError("name at least one --prefix")
@@ -195,7 +198,16 @@ def discover(
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         for cell, url in cells.items():
-            ids = [lid for p in prefixes for lid in _list_leases(api, url, p)]
+            try:
+                ids = [lid for p in prefixes for lid in _list_leases(api, url, p)]
+            except BreachError as exc:
+                if cell == via:
+                    raise
+                # A cell the operator cannot reach (the partition, perhaps) must not hold
+                # up the others: the runbook goes on and names it; its leases are covered
+                # only by --tombstone until it is reachable and the breach is run again.
+                plan.unreachable[cell] = str(exc)
+                continue
             for found in pool.map(lambda lid, c=cell: describe(c, lid), ids):
                 if found is not None:
                     plan.credentials.append(found)

@@ -115,6 +115,11 @@ def breach(
         raise typer.Exit(2) from None
     summary = plan.summary()
     done = len(state.data["revoked"])
+    for name, why in plan.unreachable.items():
+        errors.print(
+            f"[bold yellow]warning:[/] cell {name} is not reachable ({why}); its leases are not listed "
+            "(--tombstone covers them); run the breach again once it answers"
+        )
     if dry_run:
         if as_json:
             typer.echo(json.dumps({**summary, "dry_run": True}))
@@ -168,5 +173,7 @@ def breach(
                 f"  {name}: holds {fig['revocations_held']}/{fig['of']} revocations, exposure "
                 f"p50 {fig['p50_s']}s p99 {fig['p99_s']}s max {fig['max_s']}s"
             )
-    if outcome.failed:
+    if plan.unreachable:
+        errors.print(f"[bold yellow]incomplete:[/] not reached: {', '.join(plan.unreachable)}")
+    if outcome.failed or plan.unreachable:
         raise typer.Exit(1)

@@ -1,7 +1,9 @@
 """`keycell breach`, driven as an operator drives it, against self-hosted dev cells
 (`keycell server --dev`): a dry run changes nothing, a refused confirmation changes
 nothing, a run revokes every token under the prefix and then rotates, a second run
-resumes from the state file, `--json` reports it, bad input is refused."""
+resumes from the state file, `--json` reports it, bad input is refused, an unreachable
+cell does not hold up the others, and a dynamic database user is dropped by its own
+cell before the revocation."""
 
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import requests
 
-from keycell.testing.processes import ServerProcess, keycell_server
+from keycell.testing.postgres import PostgresServer
+from keycell.testing.processes import ServerProcess, free_port, keycell_server
 
 ROOT = "kc.breach-root"
 PREFIX = "auth/token/create"
@@ -180,3 +184,64 @@ def test_a_token_lease_names_its_accessor_and_other_leases_do_not(cells: dict[st
     looked = call(cells["a"], "PUT", "sys/leases/lookup", {"lease_id": made["lease_id"]}).json()["data"]
     assert looked["token_accessor"] == made["accessor"]
     assert made["client_token"] not in json.dumps(looked)  # the accessor, never the token
+
+
+def test_an_unreachable_cell_is_named_and_every_other_cell_is_still_handled(
+    cells: dict[str, str], tmp_path: Path
+) -> None:
+    stolen = tokens(cells["a"], 3)
+    gone = f"http://127.0.0.1:{free_port()}"  # nothing listens there: a cell cut off from the operator
+    done = breach({"a": cells["a"], "b": gone}, "--yes", "--json", state=tmp_path / "state.json")
+    assert done.returncode == 1  # incomplete, and says so
+    report = json.loads(done.stdout)
+    assert set(report["unreachable"]) == {"b"} and "cannot reach" in report["unreachable"]["b"]
+    assert report["revoked_now"] == 3
+    assert not any(alive(cells["a"], t) for t in stolen)
+    assert "cell b is not reachable" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    with PostgresServer() as pg:
+        yield pg
+
+
+def test_a_database_user_is_dropped_by_its_own_cell_and_revoked_everywhere(
+    cells: dict[str, str], tmp_path: Path, postgres: PostgresServer
+) -> None:
+    url = cells["b"]
+    config = {
+        "plugin_name": "postgresql-database-plugin",
+        "connection_url": f"postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{postgres.port}/postgres",
+        "username": "postgres",
+        "password": postgres.superuser_password,
+        "allowed_roles": ["app"],
+    }
+    assert call(url, "POST", "database/config/pg", config).status_code in (200, 204)
+    create = ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"]
+    role = {"db_name": "pg", "creation_statements": create, "default_ttl": "1h"}
+    assert call(url, "POST", "database/roles/app", role).status_code in (200, 204)
+    made = call(url, "GET", "database/creds/app").json()
+    user = made["data"]
+    stolen = tokens(url, 1)
+    psycopg.connect(postgres.dsn(user["username"], user["password"])).close()
+
+    done = breach(
+        cells,
+        "--prefix",
+        "database/creds/app",
+        "--via",
+        "b",
+        "--yes",
+        "--json",
+        state=tmp_path / "state.json",
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["prefixes"] == [PREFIX, "database/creds/app"]
+    assert report["other_leases"] == 1 and report["tokens"] == 1 and report["revoked_now"] == 2
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(postgres.dsn(user["username"], user["password"]), connect_timeout=5).close()
+    assert not alive(url, stolen[0])
+    lookup = call(url, "PUT", "sys/leases/lookup", {"lease_id": made["lease_id"]})
+    assert lookup.status_code == 400
