@@ -850,28 +850,30 @@ def _chart(records: list[dict[str, Any]], cells: list[str]) -> str:
     }
     longest = max((v[-1] for v in series.values() if v), default=1.0) or 1.0
     total = max(1, len(records))
-    width, height, left, bottom = 640, 300, 50, 30
+    width, height, left, bottom, top = 640, 300, 50, 30, 20
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 20}" height="{height + 50}" font-size="11">'
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 20}" height="{height + 55}" font-size="11">'
     ]
     parts.append(f'<line x1="{left}" y1="{height}" x2="{width}" y2="{height}" stroke="black"/>')
-    parts.append(f'<line x1="{left}" y1="10" x2="{left}" y2="{height}" stroke="black"/>')
+    parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height}" stroke="black"/>')
+    parts.append(f'<text x="{left}" y="12">revocations held</text>')
+    parts.append(f'<text x="{width}" y="{height + 28}" text-anchor="end">seconds since the revoke call</text>')
     for i in range(5):
         frac = i / 4
         x = left + frac * (width - left)
-        y = height - frac * (height - 10)
+        y = height - frac * (height - top)
         parts.append(f'<text x="{x:.0f}" y="{height + 15}" text-anchor="middle">{frac * longest:.2f}s</text>')
         parts.append(f'<text x="{left - 5}" y="{y:.0f}" text-anchor="end">{frac * 100:.0f}%</text>')
     for n, (cell, values) in enumerate(series.items()):
         points: list[tuple[float, float]] = [(float(left), float(height))]
         for i, value in enumerate(values):
             x = left + value / longest * (width - left)
-            points += [(x, points[-1][1]), (x, height - (i + 1) / total * (height - 10))]
+            points += [(x, points[-1][1]), (x, height - (i + 1) / total * (height - top))]
         path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
         colour = colours[n % len(colours)]
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
         parts.append(
-            f'<text x="{left + 10 + n * 170}" y="{height + bottom + 10}" fill="{colour}">{html.escape(cell)}</text>'
+            f'<text x="{left + 10 + n * 170}" y="{height + bottom + 15}" fill="{colour}">{html.escape(cell)}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
