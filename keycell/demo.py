@@ -857,7 +857,9 @@ def _chart(records: list[dict[str, Any]], cells: list[str]) -> str:
     parts.append(f'<line x1="{left}" y1="{height}" x2="{width}" y2="{height}" stroke="black"/>')
     parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height}" stroke="black"/>')
     parts.append(f'<text x="{left}" y="12">revocations held</text>')
-    parts.append(f'<text x="{width}" y="{height + 28}" text-anchor="end">seconds since the revoke call</text>')
+    parts.append(
+        f'<text x="{width}" y="{height + 28}" text-anchor="end">seconds since the revoke call</text>'
+    )
     for i in range(5):
         frac = i / 4
         x = left + frac * (width - left)
