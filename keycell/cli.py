@@ -228,6 +228,9 @@ def demo(
     databases: Annotated[
         bool, typer.Option(help="Half the credentials are dynamic PostgreSQL users (when installed).")
     ] = True,
+    software_keys: Annotated[
+        bool, typer.Option(help="The software key backend even where SoftHSM2 is installed (not FIPS).")
+    ] = False,
 ) -> None:
     """Three cells on loopback and a breach: revoke, rotate, partition, heal, check."""
     from keycell.demo import run_demo
@@ -241,6 +244,7 @@ def demo(
         report_path=report,
         agents=agents,
         databases=databases,
+        software_keys=software_keys,
     )
     raise typer.Exit(0 if ok else 1)
 

@@ -207,10 +207,10 @@ class ThreeCells:
             env |= hsm[cell]
         return env
 
-    def start(self, workers: int) -> None:
+    def start(self, workers: int, software_keys: bool = False) -> None:
         from keycell.testing.processes import free_port, keycell_server
 
-        hsm = self._softhsm()
+        hsm = None if software_keys else self._softhsm()
         if hsm is None:
             from keycell.adapters.keys.software import BANNER
 
@@ -337,6 +337,7 @@ def run_demo(
     report_path: str | None = None,
     agents: bool = True,
     databases: bool = True,
+    software_keys: bool = False,
 ) -> bool:
     folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="keycell-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -345,7 +346,7 @@ def run_demo(
     checks: list[Check] = []
     with ExitStack() as stack:
         cells = ThreeCells(folder, console, stack)
-        cells.start(workers)
+        cells.start(workers, software_keys)
         api = Api("", tokens=cells.roots)
         joined = wait_for(cells.members_converged, 60)
         checks.append(

@@ -119,3 +119,24 @@ def test_demo_keeps_its_promises(tmp_path: Path) -> None:
     page = report.read_text()
     assert "<svg" in page and "<polyline" in page and "<script" not in page
     assert page.count("kept") >= 10 and "BROKEN" not in page
+
+
+def test_the_demo_keeps_its_promises_with_software_keys_and_plain_tokens(tmp_path: Path) -> None:
+    # What a machine without SoftHSM2 and PostgreSQL runs: the software backend under
+    # its banner, tokens from auth/token/create; the breach and its checks are the same.
+    sizes = ["--credentials", "15", "--secrets-per-cell", "1", "--partition-seconds", "1"]
+    plain = ["--software-keys", "--no-agents", "--no-databases"]
+    done = subprocess.run(
+        [sys.executable, "-m", "keycell", "demo", "--workdir", str(tmp_path), *sizes, *plain],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "NOT FIPS" in done.stdout.upper() and "all promises kept" in done.stdout
+    summary = json.loads((tmp_path / "breach-report.json").read_text())
+    assert summary["backend"] == "software" and summary["database_users"] == 0
+    assert summary["breach"]["prefixes"] == ["auth/token/create"]
+    assert summary["stolen_tries"] == {"403": 15 * 3}
