@@ -287,7 +287,7 @@ class Leases:
         if found is None:
             raise InvalidRequest("invalid lease")
         lease, _ = found
-        return {
+        answer: dict[str, Any] = {
             "id": lease.lease_id,
             "issue_time": rfc3339(lease.issue_time),
             "expire_time": rfc3339(lease.expire_time),
@@ -297,6 +297,11 @@ class Leases:
             "renewable": lease.renewable,
             "ttl": max(0, int(lease.expire_time - self.clock())),
         }
+        if lease.revoker == "token":
+            # A token's lease names its accessor (not a secret), so a breach runbook can
+            # revoke the tokens under a prefix in every cell (keycell/breach.py).
+            answer["token_accessor"] = str(lease.revoker_data.get("accessor", ""))
+        return answer
 
     def list(self, prefix: str = "") -> dict[str, Any]:
         """LIST sys/leases/lookup/:prefix: direct children of `prefix`, folded."""

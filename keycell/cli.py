@@ -212,15 +212,40 @@ def audit_merge(
 @app.command()
 def demo(
     workdir: Annotated[
-        str | None, typer.Option(help="Folder for the cell's files (default: a temp folder).")
+        str | None, typer.Option(help="Folder for the cells' files (default: a temp folder).")
     ] = None,
-    writers: Annotated[int, typer.Option(min=2, max=64)] = 8,
-    increments: Annotated[int, typer.Option(min=1, max=500)] = 50,
+    credentials: Annotated[
+        int, typer.Option(min=3, max=20000, help="Workload credentials issued across the cells.")
+    ] = 1000,
+    secrets_per_cell: Annotated[int, typer.Option(min=1, max=500, help="Rotated secrets per cell.")] = 10,
+    partition_seconds: Annotated[
+        float, typer.Option(min=0.5, max=120, help="How long one cell stays cut off.")
+    ] = 5.0,
+    report: Annotated[str | None, typer.Option(help="Where to write the HTML report.")] = None,
+    agents: Annotated[
+        bool, typer.Option(help="Workloads log in with JWT-SVIDs from a `keycell agent` per cell.")
+    ] = True,
+    databases: Annotated[
+        bool, typer.Option(help="Half the credentials are dynamic PostgreSQL users (when installed).")
+    ] = True,
+    software_keys: Annotated[
+        bool, typer.Option(help="The software key backend even where SoftHSM2 is installed (not FIPS).")
+    ] = False,
 ) -> None:
-    """Run the demo on the embedded defaults (today: the ledger under contention)."""
+    """Three cells on loopback and a breach: revoke, rotate, partition, heal, check."""
     from keycell.demo import run_demo
 
-    ok = run_demo(console, workdir=workdir, writers=writers, increments=increments)
+    ok = run_demo(
+        console,
+        workdir=workdir,
+        credentials=credentials,
+        secrets_per_cell=secrets_per_cell,
+        partition_seconds=partition_seconds,
+        report_path=report,
+        agents=agents,
+        databases=databases,
+        software_keys=software_keys,
+    )
     raise typer.Exit(0 if ok else 1)
 
 
@@ -280,3 +305,6 @@ def server(
 
 app.command("relay")(cli_relay.relay)
 app.command("revoke")(cli_relay.revoke)
+from keycell.cli_breach import breach as breach_command  # noqa: E402 - issue 13
+
+app.command("breach")(breach_command)

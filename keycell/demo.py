@@ -1,128 +1,829 @@
-"""`make demo`: Keycell's main job on the embedded defaults.
+"""`make demo`: three cells on loopback, a breach, and the promises Keycell keeps.
 
-Today it shows one cell's storage stack:
+1. Three cells (us-east-1, eu-west-1, ap-southeast-1), each a self-hosted regional API
+   (`keycell server`, its own process) over its own SQLite ledger, keys in a SoftHSM2
+   token per cell when SoftHSM2 is installed (else the software backend, with a loud
+   non-FIPS banner), and its revocation relay. The relays run in this process, each
+   on its own loopback gRPC port (every message between cells crosses a real socket),
+   so the demo can cut one cell off with the relays' fault injection.
+2. Workloads get credentials: a `keycell agent` per cell (attested with a join token)
+   serves the SPIFFE Workload API on a unix socket; this process, attested by its uid
+   and executable, fetches JWT-SVIDs for spiffe://example.org/payments/api and trades
+   them at auth/jwt/login for N tokens (policy `payments-read`) spread over the
+   cells (`agents=False`, or an agent that does not start: tokens from
+   auth/token/create instead, said loudly). A few reader workloads with their own
+   tokens (create-orphan, another lease prefix) read their cell's secret throughout.
+3. The "exfiltration": every token under auth/jwt/login is presumed stolen.
+   ap-southeast-1 is partitioned from the other cells, and the breach runbook
+   (keycell/breach.py, as `keycell breach` runs it) revokes the prefix and every token
+   through us-east-1 (one revocation per token, each with its own exposure window), then rotates the `payments/` secrets in every cell.
+4. The partition heals; the relays carry the revocations to ap-southeast-1.
+5. The summary: exposure windows per cell from sys/revocations/:id, secrets rotated,
+   reader requests failed (must be 0), each stolen token tried against every cell
+   (must be refused everywhere), and a self-contained HTML report with the
+   propagation chart. Exits non-zero if any promise is broken.
 
-1. the ledger under contention: several processes increment one counter through
-   compare-and-set on the same SQLite file; no increment may be lost, a conflicting
-   transaction writes nothing, bad input is refused with a clear error;
-2. the seal and the barrier: the cell is initialized with Shamir shares, refuses a
-   wrong combination, unseals with a quorum, stores secrets envelope-encrypted under
-   a key-encryption key in a SoftHSM2 token (the software backend, with a loud
-   warning, where SoftHSM2 is absent), keeps no plaintext in its file, and refuses
-   every read once sealed;
-3. the regional API: a self-hosted cell (`keycell server`, two workers) is
-   initialized and unsealed over HTTP with Vault's API, a secret is written and
-   read, a token limited by an ACL policy is refused outside it, a response-wrapped
-   read unwraps exactly once, and a revoked token is refused at once.
-
-It exits non-zero if any promise is broken. The three-cell breach runbook replaces
-this as the regional API, relay and rotation land.
+The credentials are Keycell tokens, not dynamic PostgreSQL users (not wired in yet).
 """
 
 from __future__ import annotations
 
+import asyncio
+import html
 import json
-import multiprocessing
+import os
+import random
 import secrets
 import tempfile
+import threading
 import time
-import urllib.error
-import urllib.request
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from keycell.adapters.ledgers.sqlite import SqliteLedger
-from keycell.control_plane.barrier import Barrier, SealedError
-from keycell.control_plane.envelope import Envelope, Envelopes
-from keycell.control_plane.keys import KeyBackend, KeySpec
-from keycell.control_plane.ledger import (
-    MAX_ITEM_BYTES,
-    ConflictError,
-    InvalidItemError,
-    Key,
-    Kind,
-    Put,
-    TransactionConflictError,
+from keycell.breach import Api, Outcome, State, discover, exposure, report, revoke, rotate
+
+CELLS = ("us-east-1", "eu-west-1", "ap-southeast-1")
+PARTITIONED = "ap-southeast-1"
+VIA = "us-east-1"
+TOKEN_PREFIX = "auth/token/create"  # noqa: S105 - a path, not a password
+SPIFFE_PREFIX = "auth/jwt/login"
+AUDIENCE = "keycell"
+WORKLOAD_ID = "spiffe://example.org/payments/api"
+ROTATE_PREFIX = "payments/"
+POLICY = (
+    'path "secret/data/payments/*" { capabilities = ["read"] }\n'
+    'path "database/creds/payments" { capabilities = ["read"] }'
 )
-from keycell.control_plane.seal import Seal, UnsealError
-
-COUNTER = Key(Kind.ROTATION, "demo/counter")
-
-
-def _increment(args: tuple[str, int, int]) -> int:
-    """Add one to the counter `times` times; returns how many CAS attempts lost."""
-    path, times, start_at = args
-    ledger = SqliteLedger(path)
-    conflicts = 0
-    while time.monotonic_ns() < start_at:  # every process starts at the same instant
-        time.sleep(0.001)
-    try:
-        for _ in range(times):
-            while True:
-                item = ledger.get(COUNTER)
-                version, value = (0, 0) if item is None else (item.version, int(item.value))
-                try:
-                    ledger.put_if(COUNTER, str(value + 1).encode(), version)
-                    break
-                except ConflictError:
-                    conflicts += 1
-    finally:
-        ledger.close()
-    return conflicts
+DB_PREFIX = "database/creds/payments"
+CREATE_USER = ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"]
+T = TypeVar("T")
+Check = tuple[str, bool, str]
 
 
-def run_demo(console: Console, *, workdir: str | None, writers: int, increments: int) -> bool:
+@dataclass
+class Issued:
+    cell: str
+    token: str = field(repr=False)
+    accessor: str
+
+
+@dataclass
+class DbCredential:
+    cell: str
+    lease_id: str
+    username: str
+    password: str = field(repr=False)
+
+
+class Readers:
+    """Reader workloads: each reads its cell's secret with its own token until stopped
+    (bounded by `limit` seconds), counting every answer that is not a 200."""
+
+    def __init__(self, api: Api, targets: list[tuple[str, str, str]], limit: float) -> None:
+        self.api = api
+        self.targets = targets  # (cell url, token, secret path)
+        self.limit = limit
+        self.ok = 0
+        self.failed: list[str] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(t,), daemon=True) for t in targets]
+
+    def _run(self, target: tuple[str, str, str]) -> None:
+        url, token, path = target
+        deadline = time.monotonic() + self.limit
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                status, _ = self.api.call(url, "GET", f"secret/data/{path}", token=token)
+                reason = "" if status == 200 else f"HTTP {status}"
+            except Exception as exc:
+                reason = type(exc).__name__
+            with self.lock:
+                if reason:
+                    self.failed.append(f"{url} {path}: {reason}")
+                else:
+                    self.ok += 1
+            self.stop.wait(0.02)
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+
+class ThreeCells:
+    """The cells: API server processes, and the relays on a background event loop."""
+
+    def __init__(self, folder: Path, console: Console, stack: ExitStack) -> None:
+        self.folder = folder
+        self.console = console
+        self.stack = stack
+        self.urls: dict[str, str] = {}
+        self.roots: dict[str, str] = {}  # API URL -> root token
+        self.backend = "software"
+        self.relays: dict[str, Any] = {}
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="demo-relays", daemon=True)
+        from keycell.relay.faults import Faults
+
+        self.faults = Faults(rng=random.Random(13))  # noqa: S311 - fault injection, not a secret
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def _softhsm(self) -> dict[str, dict[str, str]] | None:
+        """One SoftHSM2 token per cell in one token folder, or None without SoftHSM2."""
+        import subprocess
+
+        from keycell.testing.softhsm import SoftHsmMissingError, find_module, find_util
+
+        try:
+            module, util = find_module(), find_util()
+        except SoftHsmMissingError:
+            return None
+        directory = self.folder / "softhsm"
+        (directory / "tokens").mkdir(parents=True, exist_ok=True)
+        conf = directory / "softhsm2.conf"
+        conf.write_text(
+            f"directories.tokendir = {directory / 'tokens'}\nobjectstore.backend = file\n"
+            "log.level = ERROR\nslots.removable = false\n"
+        )
+        os.environ["SOFTHSM2_CONF"] = str(conf)  # this process's relays open the same tokens
+        envs = {}
+        for cell in CELLS:
+            pin = secrets.token_hex(8)
+            subprocess.run(  # noqa: S603 - fixed binary, arguments we built
+                [
+                    util,
+                    "--init-token",
+                    "--free",
+                    "--label",
+                    f"kc-{cell}",
+                    "--pin",
+                    pin,
+                    "--so-pin",
+                    pin + "so",
+                ],
+                env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+                capture_output=True,
+                check=True,
+                timeout=60,
+            )
+            envs[cell] = {
+                "SOFTHSM2_CONF": str(conf),
+                "KEYCELL_KEY_BACKEND": "pkcs11",
+                "KEYCELL_PKCS11_MODULE": module,
+                "KEYCELL_PKCS11_TOKEN": f"kc-{cell}",
+                "KEYCELL_PKCS11_PIN": pin,
+            }
+        self.console.print(f"keys: one SoftHSM2 token per cell ({module}); KEKs never leave them")
+        return envs
+
+    def cell_env(self, cell: str, hsm: dict[str, dict[str, str]] | None) -> dict[str, str]:
+        folder = self.folder / cell
+        env = {
+            "KEYCELL_CELL": cell,
+            "KEYCELL_LEDGER": f"sqlite://{folder / 'cell.db'}",
+            "KEYCELL_SEAL": "hsm",
+        }
+        if hsm is None:
+            env |= {
+                "KEYCELL_KEY_BACKEND": "software",
+                "KEYCELL_SOFTWARE_KEYS": f"sqlite://{folder / 'keys.db'}",
+            }
+        else:
+            env |= hsm[cell]
+        return env
+
+    def start(self, workers: int, software_keys: bool = False) -> None:
+        from keycell.testing.processes import free_port, keycell_server
+
+        hsm = None if software_keys else self._softhsm()
+        if hsm is None:
+            from keycell.adapters.keys.software import BANNER
+
+            self.console.print(f"[bold red on yellow] {BANNER} [/]")
+            self.console.print(
+                "[bold red]install softhsm2 (apt-get install softhsm2) to keep keys in a token[/]"
+            )
+        else:
+            self.backend = "softhsm2"
+        ports = {cell: free_port() for cell in CELLS}
+        envs = {cell: self.cell_env(cell, hsm) for cell in CELLS}
+        api = Api("")
+        for cell in CELLS:
+            (self.folder / cell).mkdir(parents=True, exist_ok=True)
+            env = {**envs[cell], "KEYCELL_RELAY": f"127.0.0.1:{ports[cell]}"}
+            server = keycell_server(self.folder / cell, workers=workers, env=env)
+            self.urls[cell] = f"http://127.0.0.1:{server.start()}"
+            self.stack.callback(server.stop)
+            # HSM seal: recovery shares, the cell unseals itself through its KEK.
+            status, init = api.call(
+                self.urls[cell], "PUT", "sys/init", {"recovery_shares": 1, "recovery_threshold": 1}
+            )
+            if status != 200:
+                raise RuntimeError(f"sys/init in {cell}: HTTP {status}: {init.get('errors')}")
+            self.roots[self.urls[cell]] = init["root_token"]  # each cell's own root token
+            self.console.print(f"cell {cell}: keycell server at {self.urls[cell]} ({workers} workers)")
+        self.thread.start()
+        self.stack.callback(self._stop_relays)
+        self.run(self._start_relays(envs, ports))
+        for cell in CELLS:
+            self.console.print(f"cell {cell}: relay at {self.relays[cell].addr}")
+
+    async def _start_relays(self, envs: dict[str, dict[str, str]], ports: dict[str, int]) -> None:
+        from keycell.cells.agent import attach
+        from keycell.functions.wiring import services_from_environment
+        from keycell.relay.cell import LedgerSink
+        from keycell.relay.node import Relay
+        from keycell.relay.profiles import LOCAL
+
+        seeds: list[str] = []
+        for cell in CELLS:
+            saved = {k: os.environ.get(k) for k in envs[cell]}
+            os.environ.update(envs[cell])  # the pkcs11 backend reads its token from here
+            try:
+                services = services_from_environment(envs[cell])
+                services.ensure_unsealed()
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            relay = Relay(
+                "",
+                cell,
+                port=ports[cell],
+                profile=LOCAL,
+                sink=LedgerSink(services),
+                faults=self.faults,
+                seeds=seeds[:1],
+                rng=random.Random(len(seeds)),  # noqa: S311
+            )
+            attach(relay, services, api_url=self.urls[cell])
+            await relay.start()
+            self.faults.groups[relay.addr] = cell
+            self.relays[cell] = relay
+            seeds.append(relay.addr)
+
+    def _stop_relays(self) -> None:
+        async def stop_all() -> None:
+            await asyncio.gather(*(r.stop() for r in self.relays.values()), return_exceptions=True)
+
+        try:
+            self.run(stop_all(), timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+            for relay in self.relays.values():
+                if relay.sink is not None:
+                    relay.sink.close()
+
+    def members_converged(self) -> bool:
+        for relay in self.relays.values():
+            if relay.table is None or len(relay.table.live()) < len(CELLS) - 1:
+                return False
+        return True
+
+    def partition(self, cell: str) -> None:
+        for other in CELLS:
+            if other != cell:
+                self.faults.partition(cell, other)
+
+    def heal(self) -> None:
+        self.faults.heal()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return condition()
+
+
+def _bars(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def run_demo(
+    console: Console,
+    *,
+    workdir: str | None,
+    credentials: int = 1000,
+    secrets_per_cell: int = 10,
+    partition_seconds: float = 5.0,
+    workers: int = 1,
+    report_path: str | None = None,
+    agents: bool = True,
+    databases: bool = True,
+    software_keys: bool = False,
+) -> bool:
     folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="keycell-demo-"))
-    path = folder / "us-east-1.db"
-    path.unlink(missing_ok=True)
-    ledger = SqliteLedger(path)
-    console.rule("[bold]Keycell demo: one cell's conditional-write ledger")
-    console.print(f"cell us-east-1, ledger sqlite://{path}")
-    checks: list[tuple[str, bool, str]] = []
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    console.rule("[bold]Keycell: three cells on loopback")
+    checks: list[Check] = []
+    with ExitStack() as stack:
+        cells = ThreeCells(folder, console, stack)
+        cells.start(workers, software_keys)
+        api = Api("", tokens=cells.roots)
+        joined = wait_for(cells.members_converged, 60)
+        checks.append(
+            ("three cells, each with its API and relay", joined, f"{cells.backend} keys, sqlite ledgers")
+        )
+        if not joined:
+            return _finish(console, checks, None, folder, report_path)
+        pg = _postgres(console, stack) if databases else None
+        facts = _setup(console, cells, api, secrets_per_cell, checks, pg)
+        sockets: dict[str, str] | None = None
+        if agents:
+            try:
+                sockets = _agents(console, cells, api, stack)
+                _fetch_svid(sockets[CELLS[0]])
+            except Exception as exc:
+                console.print(f"[bold yellow]the agents did not start ({exc}); workloads use plain tokens[/]")
+                sockets = None
+        checks.append(
+            (
+                "workloads attest through an agent per cell",
+                sockets is not None or not agents,
+                "SPIFFE ID " + WORKLOAD_ID + " by uid and executable (SO_PEERCRED)"
+                if sockets
+                else "not used: plain tokens",
+            )
+        )
+        prefix = SPIFFE_PREFIX if sockets else TOKEN_PREFIX
+        db_count = credentials // 2 if pg is not None else 0
+        issued = _issue(console, cells, api, credentials - db_count, checks, sockets)
+        if facts is None or not issued:
+            return _finish(console, checks, None, folder, report_path)
+        db = _issue_db(console, cells, api, issued[:db_count], checks, pg) if pg is not None else []
+        if pg is not None and not db:
+            return _finish(console, checks, None, folder, report_path)
+        prefixes = [prefix, DB_PREFIX] if pg is not None else [prefix]
 
-    with multiprocessing.get_context("spawn").Pool(writers) as pool:
-        start_at = time.monotonic_ns() + 3_000_000_000  # after every process has spawned
-        conflicts = sum(pool.map(_increment, [(str(path), increments, start_at)] * writers))
-    elapsed = (time.monotonic_ns() - start_at) / 1e9
-    final = ledger.get(COUNTER)
-    expected = writers * increments
-    counted = 0 if final is None else int(final.value)
+        readers = Readers(api, facts["readers"], limit=600)
+        readers.start()
+        console.rule(f"[bold red]exfiltration: everything under {', '.join(prefixes)} is presumed stolen")
+        cells.partition(PARTITIONED)
+        partitioned_at = time.monotonic()
+        console.print(f"[yellow]{PARTITIONED} is cut off from the other cells (relay fault injection)[/]")
+        plan = discover(api, cells.urls, prefixes, via=VIA, rotate_prefix=ROTATE_PREFIX)
+        state = State(folder / "breach-state.json", plan.prefix)
+        outcome = Outcome()
+        with _bars(console) as bars:
+            task = bars.add_task(f"revoking via {VIA}", total=len(plan.credentials))
+            revoke(api, plan, state, outcome, progress=lambda n: bars.advance(task, n))
+            rot = bars.add_task("rotating payments/*", total=sum(len(n) for n in plan.rotations.values()))
+            rotate(api, plan, state, outcome, progress=lambda n: bars.advance(rot, n))
+        found = len(plan.credentials)
+        checks.append(
+            (
+                "breach runbook: revoke first, then rotate",
+                found == len(issued) + len(db) and outcome.revoked_now == found and not outcome.failed,
+                f"{outcome.revoked_now}/{len(issued) + len(db)} credentials revoked (one revocation each; "
+                f"{len(db)} database users dropped by their cell first) in {outcome.revoke_seconds:.1f}s, "
+                f"{outcome.rotated_now} secrets rotated in {outcome.rotate_seconds:.1f}s, {len(outcome.failed)} failed",
+            )
+        )
+        expected_rotations = secrets_per_cell * len(CELLS)
+        checks.append(
+            (
+                "credentials rotated in every cell",
+                outcome.rotated_now == expected_rotations and _rotated(api, cells, facts["before"]),
+                f"{outcome.rotated_now}/{expected_rotations} secrets have a new CURRENT version",
+            )
+        )
+        during = _during_partition(api, cells, issued)
+        if pg is not None:
+            for cell in CELLS:
+                mine = [x for x in db if x.cell == cell][:20]
+                during[cell]["db_tried"] = len(mine)
+                during[cell]["db_accepted"] = sum(1 for x in mine if _pg_login(pg, x))
+        time.sleep(max(0.0, partition_seconds - (time.monotonic() - partitioned_at)))
+        cells.heal()
+        console.print(f"[green]partition healed after {time.monotonic() - partitioned_at:.1f}s[/]")
+
+        def everywhere() -> bool:
+            figures, _ = exposure(api, plan, state)
+            return all(f["revocations_held"] == f["of"] for f in figures.values())
+
+        held = wait_for(everywhere, 90, step=0.5)
+        figures, records = exposure(api, plan, state)
+        readers.finish()
+        checks.append(
+            (
+                "every cell holds every revocation after the heal",
+                held,
+                ", ".join(f"{c} {f['revocations_held']}/{f['of']}" for c, f in figures.items()),
+            )
+        )
+        checks.append(
+            (
+                "live requests failed",
+                not readers.failed and readers.ok > 0,
+                f"{len(readers.failed)} failed of {readers.ok + len(readers.failed)} reads by "
+                f"{len(readers.threads)} workloads during the breach"
+                + (f" (first: {readers.failed[0]})" if readers.failed else ""),
+            )
+        )
+        if pg is not None:
+            db_logins, db_leases = _db_everywhere(console, api, cells, db, pg)
+            checks.append(
+                (
+                    "stolen database users refused",
+                    db_logins == 0 and db_leases == {400: len(db) * len(CELLS)},
+                    f"{len(db)} users: {db_logins} PostgreSQL logins accepted; their leases looked up in "
+                    f"every cell: {db_leases} (400: no such live lease)",
+                )
+            )
+        answers = _stolen_everywhere(console, api, cells, issued)
+        refused = answers.get(403, 0)
+        checks.append(
+            (
+                "stolen tokens refused in every cell",
+                refused == len(issued) * len(CELLS),
+                f"{len(issued)} tokens x {len(CELLS)} cells: {refused} refused (403), "
+                f"{answers.get(200, 0)} accepted, {sum(answers.values()) - refused - answers.get(200, 0)} other answers",
+            )
+        )
+        summary = {
+            "cells": cells.urls,
+            "backend": cells.backend,
+            "credentials": len(issued) + len(db),
+            "tokens": len(issued),
+            "database_users": len(db),
+            "partitioned": PARTITIONED,
+            "partition_seconds": partition_seconds,
+            "during_partition": during,
+            "breach": report(plan, state, outcome, figures),
+            "records": records,
+            "readers": {"ok": readers.ok, "failed": len(readers.failed)},
+            "stolen_tries": {str(k): v for k, v in sorted(answers.items())},
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        _print_exposure(console, figures, during)
+        return _finish(console, checks, summary, folder, report_path)
+
+
+def _setup(
+    console: Console,
+    cells: ThreeCells,
+    api: Api,
+    secrets_per_cell: int,
+    checks: list[Check],
+    pg: Any = None,
+) -> dict[str, Any] | None:
+    """Policy, one secret homed in each cell, reader tokens, and the rotated secrets."""
+    readers: list[tuple[str, str, str]] = []
+    before: dict[str, str] = {}
+    for cell, url in cells.urls.items():
+        api.ok(url, "PUT", "sys/policies/acl/payments-read", {"policy": POLICY})
+        if pg is not None:  # dynamic database users on the one PostgreSQL, per cell
+            connection = f"postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{pg.port}/postgres"
+            config = {
+                "plugin_name": "postgresql-database-plugin",
+                "connection_url": connection,
+                "username": "postgres",
+                "password": pg.superuser_password,
+                "allowed_roles": ["payments"],
+            }
+            api.ok(url, "POST", "database/config/pg", config)
+            role = {
+                "db_name": "pg",
+                "creation_statements": CREATE_USER,
+                "default_ttl": "8h",
+                "max_ttl": "24h",
+            }
+            api.ok(url, "POST", "database/roles/payments", role)
+        path = f"payments/{cell}/config"
+
+        def wrote(url: str = url, path: str = path) -> bool:
+            status, _ = api.call(url, "POST", f"secret/data/{path}", {"data": {"endpoint": "db.internal"}})
+            return status == 200
+
+        if not wait_for(wrote, 60, step=0.5):  # a new secret's home needs a majority of cells
+            checks.append(("a secret homed in each cell", False, f"{cell} could not claim {path}"))
+            return None
+        for _ in range(2):
+            made = api.ok(
+                url, "POST", "auth/token/create-orphan", {"policies": ["payments-read"], "ttl": "1h"}
+            )
+            readers.append((url, made["auth"]["client_token"], path))
+        for i in range(secrets_per_cell):
+            name = f"payments/db-{i:03d}"
+            api.ok(url, "POST", f"rotation/secrets/{name}", {"target": "generic", "params": {}})
+            before[f"{cell}/{name}"] = _current(api, url, name)
     checks.append(
         (
-            f"{writers} processes x {increments} CAS increments",
-            counted == expected and final is not None and final.version == expected,
-            f"counter {counted}/{expected}, {conflicts} lost races retried, "
-            f"{expected / elapsed:.0f} commits/s",
+            "secrets, reader workloads and rotated secrets in every cell",
+            True,
+            f"{len(readers)} readers, {secrets_per_cell * len(cells.urls)} secrets under rotation",
         )
     )
+    return {"readers": readers, "before": before}
 
-    meta, first = Key(Kind.SECRET_META, "secret/app/db"), Key(Kind.SECRET_VERSION, "secret/app/db#1")
-    ledger.transact([Put(meta, b"meta", 0), Put(first, b"ciphertext", 0)])
-    try:
-        ledger.transact([Put(meta, b"meta v2", 1), Put(first, b"overwrite", 0)])
-        refused = False
-    except TransactionConflictError:
-        refused = True
-    unchanged = ledger.get(meta) is not None and ledger.get(meta).version == 1  # type: ignore[union-attr]
-    checks.append(("conflicting transaction", refused and unchanged, "refused as a whole, nothing written"))
 
+def _current(api: Api, url: str, name: str) -> str:
+    answer = api.ok(url, "GET", f"rotation/creds/{name}")
+    return json.dumps(answer.get("data", {}), sort_keys=True)
+
+
+def _rotated(api: Api, cells: ThreeCells, before: dict[str, str]) -> bool:
+    for key, value in before.items():
+        cell, name = key.split("/", 1)
+        if _current(api, cells.urls[cell], name) == value:
+            return False
+    return True
+
+
+def _agents(console: Console, cells: ThreeCells, api: Api, stack: ExitStack) -> dict[str, str]:
+    """A `keycell agent` per cell, attested with a join token, serving the Workload API
+    on a unix socket; an entry gives this process (its uid and executable) the SPIFFE ID
+    WORKLOAD_ID; auth/jwt/login takes the JWT-SVIDs. Returns cell -> socket."""
+    import sys
+
+    from keycell.testing.processes import ServerProcess
+
+    folder = Path(tempfile.mkdtemp(prefix="kc-agents-"))  # unix socket paths are short
+    stack.callback(lambda: __import__("shutil").rmtree(folder, ignore_errors=True))
+    selectors = [f"unix:uid:{os.getuid()}", f"unix:path:{os.path.realpath(sys.executable)}"]
+    sockets: dict[str, str] = {}
+    for cell, url in cells.urls.items():
+        joined = api.ok(url, "POST", "identity/join-token", {"ttl": 300})["data"]
+        entry = {"spiffe_id": WORKLOAD_ID, "parent_id": joined["agent_id"], "selectors": selectors}
+        api.ok(url, "POST", "identity/entries", entry)
+        api.ok(url, "POST", "auth/jwt/config", {"spiffe_trust_domain": True})
+        role = {
+            "role_type": "jwt",
+            "bound_audiences": [AUDIENCE],
+            "bound_spiffe_ids": ["spiffe://example.org/payments/*"],
+            "token_policies": ["payments-read"],
+            "token_ttl": "8h",
+        }
+        api.ok(url, "POST", "auth/jwt/role/payments", role)
+        socket = f"unix://{folder / cell}.sock"
+        agent = ServerProcess(
+            "keycell",
+            ["agent", "--socket", socket, "--address", url, "--join-token", joined["token"]],
+            what=f"keycell agent ({cell})",
+            startup_timeout=60,
+        )
+        agent.start()
+        stack.callback(agent.stop)
+        sockets[cell] = socket
+        console.print(f"cell {cell}: keycell agent on {socket} (attested by join token)")
+    return sockets
+
+
+def _fetch_svid(socket: str) -> str:
+    """A JWT-SVID for AUDIENCE from the agent, as a workload gets one (the `spiffe`
+    library's client); retried while the agent's first sync brings the entry."""
+    from spiffe import WorkloadApiClient
+
+    deadline = time.monotonic() + 60
+    client = WorkloadApiClient(socket_path=socket, default_timeout=15)
     try:
-        ledger.put_if(Key(Kind.SECRET_META, "secret/huge"), b"x" * MAX_ITEM_BYTES, 0)
-        message = "accepted (wrong)"
-        refused = False
-    except InvalidItemError as exc:
-        message, refused = str(exc), True
+        while True:
+            try:
+                return str(client.fetch_jwt_svid(audience={AUDIENCE}).token)
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    finally:
+        client.close()
+
+
+def _issue(
+    console: Console,
+    cells: ThreeCells,
+    api: Api,
+    count: int,
+    checks: list[Check],
+    sockets: dict[str, str] | None,
+) -> list[Issued]:
+    """`count` workload credentials over the cells: with the agents, tokens from
+    auth/jwt/login with a JWT-SVID (one SVID per cell per 50 logins, as a workload
+    reuses its SVID while it is fresh); otherwise tokens from auth/token/create."""
+    order = [CELLS[i % len(CELLS)] for i in range(count)]
+    svids: dict[str, tuple[str, int]] = {}
+    lock = threading.Lock()
+
+    def credential(cell: str) -> dict[str, Any]:
+        if sockets is None:
+            return {"policies": ["payments-read"], "ttl": "8h"}
+        with lock:
+            svid, uses = svids.get(cell, ("", 50))
+            if uses >= 50:
+                svid, uses = _fetch_svid(sockets[cell]), 0
+            svids[cell] = (svid, uses + 1)
+        return {"role": "payments", "jwt": svid}
+
+    def one(cell: str) -> Issued | None:
+        body = credential(cell)
+        if sockets is None:
+            status, made = api.call(cells.urls[cell], "POST", "auth/token/create", body)
+        else:
+            status, made = api.call(cells.urls[cell], "POST", "auth/jwt/login", body, token="")
+        if status != 200:
+            return None
+        return Issued(cell, made["auth"]["client_token"], made["auth"]["accessor"])
+
+    issued: list[Issued] = []
+    how = "JWT-SVIDs from the agents -> auth/jwt/login" if sockets else "auth/token/create"
+    with _bars(console) as bars, ThreadPoolExecutor(max_workers=8) as pool:
+        task = bars.add_task(f"issuing workload credentials ({how})", total=count)
+        for got in pool.map(one, order):
+            if got is not None:
+                issued.append(got)
+            bars.advance(task)
+    sample = issued[:: max(1, len(issued) // 30)]
+    live = 0
+    for x in sample:
+        status, me = api.call(cells.urls[x.cell], "GET", "auth/token/lookup-self", token=x.token)
+        bound = sockets is None or me.get("data", {}).get("meta", {}).get("spiffe_id") == WORKLOAD_ID
+        live += status == 200 and bound
     checks.append(
-        ("oversized item", refused and ledger.get(Key(Kind.SECRET_META, "secret/huge")) is None, message)
+        (
+            f"{count} workload tokens issued across the cells",
+            len(issued) == count and live == len(sample),
+            f"{len(issued)} tokens via {how} "
+            f"({', '.join(f'{c}: {sum(1 for x in issued if x.cell == c)}' for c in CELLS)}); "
+            f"{live}/{len(sample)} sampled work before the breach"
+            + (f", bound to {WORKLOAD_ID}" if sockets else ""),
+        )
     )
-    ledger.close()
-    checks.extend(_seal_and_barrier(console, folder))
-    checks.extend(_regional_api(console, folder))
+    return issued if len(issued) == count else []
 
+
+def _postgres(console: Console, stack: ExitStack) -> Any:
+    """A real PostgreSQL for dynamic database users, or None (said) when not installed."""
+    from keycell.testing.postgres import PostgresServer, find_bin_dir
+
+    try:
+        find_bin_dir()
+    except RuntimeError as exc:
+        console.print(f"[yellow]{exc}: the credentials are tokens only[/]")
+        return None
+    pg = PostgresServer().start()
+    stack.callback(pg.stop)
+    console.print(f"PostgreSQL on 127.0.0.1:{pg.port}: dynamic database users (database/creds/payments)")
+    return pg
+
+
+def _pg_login(pg: Any, cred: DbCredential) -> bool:
+    import psycopg
+
+    try:
+        psycopg.connect(pg.dsn(cred.username, cred.password), connect_timeout=10).close()
+        return True
+    except psycopg.OperationalError:
+        return False
+
+
+def _issue_db(
+    console: Console, cells: ThreeCells, api: Api, holders: list[Issued], checks: list[Check], pg: Any
+) -> list[DbCredential]:
+    """One database user per workload token (database/creds/payments with that token)."""
+
+    def one(holder: Issued) -> DbCredential | None:
+        status, made = api.call(cells.urls[holder.cell], "GET", DB_PREFIX, token=holder.token)
+        if status != 200:
+            return None
+        data = made["data"]
+        return DbCredential(holder.cell, made["lease_id"], data["username"], data["password"])
+
+    db: list[DbCredential] = []
+    with _bars(console) as bars, ThreadPoolExecutor(max_workers=8) as pool:
+        task = bars.add_task("workloads fetch dynamic PostgreSQL users", total=len(holders))
+        for got in pool.map(one, holders):
+            if got is not None:
+                db.append(got)
+            bars.advance(task)
+    sample = db[:: max(1, len(db) // 15)]
+    live = sum(1 for x in sample if _pg_login(pg, x))
+    checks.append(
+        (
+            f"{len(holders)} dynamic PostgreSQL users issued",
+            len(db) == len(holders) and live == len(sample),
+            f"{len(db)} users, each fetched with a workload's token; {live}/{len(sample)} sampled log in",
+        )
+    )
+    return db if len(db) == len(holders) else []
+
+
+def _db_everywhere(
+    console: Console, api: Api, cells: ThreeCells, db: list[DbCredential], pg: Any
+) -> tuple[int, dict[int, int]]:
+    """Each stolen database user: a PostgreSQL login, and its lease looked up in every cell."""
+    leases: dict[int, int] = {}
+    logins = 0
+    lock = threading.Lock()
+
+    def one(cred: DbCredential) -> None:
+        nonlocal logins
+        accepted = _pg_login(pg, cred)
+        statuses = [
+            api.call(cells.urls[c], "PUT", "sys/leases/lookup", {"lease_id": cred.lease_id})[0] for c in CELLS
+        ]
+        with lock:
+            logins += accepted
+            for status in statuses:
+                leases[status] = leases.get(status, 0) + 1
+
+    with _bars(console) as bars, ThreadPoolExecutor(max_workers=8) as pool:
+        task = bars.add_task("trying every stolen database user", total=len(db))
+        for _ in pool.map(one, db):
+            bars.advance(task)
+    return logins, leases
+
+
+def _during_partition(api: Api, cells: ThreeCells, issued: list[Issued]) -> dict[str, Any]:
+    """What the stolen tokens could do right after the breach, before the heal: refused
+    in the cells the revocations reached; in the cut-off cell, its own tokens still work
+    until the relays reach it (that cell's exposure window)."""
+    result: dict[str, Any] = {}
+    for cell in CELLS:
+        mine = [x for x in issued if x.cell == cell][:20]
+        accepted = sum(
+            1
+            for x in mine
+            if api.call(cells.urls[cell], "GET", "auth/token/lookup-self", token=x.token)[0] == 200
+        )
+        result[cell] = {"tried": len(mine), "accepted": accepted}
+    return result
+
+
+def _stolen_everywhere(console: Console, api: Api, cells: ThreeCells, issued: list[Issued]) -> dict[int, int]:
+    """Each stolen token against each cell: HTTP status -> count (403 is a refusal;
+    anything else, an error included, breaks the promise)."""
+    answers: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def one(pair: tuple[Issued, str]) -> None:
+        cred, cell = pair
+        status, _ = api.call(cells.urls[cell], "GET", "auth/token/lookup-self", token=cred.token)
+        with lock:
+            answers[status] = answers.get(status, 0) + 1
+
+    pairs = [(x, c) for x in issued for c in CELLS]
+    with _bars(console) as bars, ThreadPoolExecutor(max_workers=8) as pool:
+        task = bars.add_task("trying every stolen token in every cell", total=len(pairs))
+        for _ in pool.map(one, pairs):
+            bars.advance(task)
+    return answers
+
+
+def _print_exposure(console: Console, figures: dict[str, Any], during: dict[str, Any]) -> None:
+    table = Table(title="exposure window per cell (revoke call -> cell's ledger holds it)")
+    db = any("db_tried" in d for d in during.values())
+    columns = ["cell", "revocations held", "p50", "p99", "max", "own stolen tokens usable before heal"]
+    for column in columns + (["own stolen DB users usable before heal"] if db else []):
+        table.add_column(column)
+    for cell, fig in figures.items():
+        row = [
+            cell + (" (partitioned)" if cell == PARTITIONED else ""),
+            f"{fig['revocations_held']}/{fig['of']}",
+            f"{fig['p50_s'] * 1000:.0f} ms",
+            f"{fig['p99_s'] * 1000:.0f} ms",
+            f"{fig['max_s'] * 1000:.0f} ms",
+            f"{during[cell]['accepted']}/{during[cell]['tried']}",
+        ]
+        if db:
+            row.append(f"{during[cell]['db_accepted']}/{during[cell]['db_tried']}")
+        table.add_row(*row)
+    console.print(table)
+
+
+def _finish(
+    console: Console,
+    checks: list[Check],
+    summary: dict[str, Any] | None,
+    folder: Path,
+    report_path: str | None,
+) -> bool:
     table = Table(title="promises")
     table.add_column("check")
     table.add_column("result")
@@ -131,158 +832,85 @@ def run_demo(console: Console, *, workdir: str | None, writers: int, increments:
         table.add_row(name, "[green]kept[/]" if ok else "[bold red]BROKEN[/]", detail)
     console.print(table)
     ok = all(ok for _, ok, _ in checks)
+    path = Path(report_path) if report_path else folder / "breach-report.html"
+    path.write_text(render_html(checks, summary))
+    if summary is not None:
+        (folder / "breach-report.json").write_text(json.dumps({**summary, "checks": checks}, indent=1))
+    console.print(f"report: {path}")
     console.print("[bold green]all promises kept[/]" if ok else "[bold red]a promise was broken[/]")
     return ok
 
 
-def _key_backend(console: Console, stack: ExitStack) -> KeyBackend:
-    """A SoftHSM2 token when SoftHSM2 is installed, else the software backend, loudly."""
-    try:
-        from keycell.adapters.keys.pkcs11 import Pkcs11KeyBackend
-        from keycell.testing.softhsm import SoftHsmMissingError, softhsm_token
-
-        token = stack.enter_context(softhsm_token(label="demo-us-east-1"))
-        backend: KeyBackend = Pkcs11KeyBackend(token.module, token.label, token.pin)
-        console.print(f"key-encryption key in a SoftHSM2 token ({token.module})")
-    except (ImportError, SoftHsmMissingError):
-        from keycell.adapters.keys.software import BANNER, SoftwareKeyBackend
-
-        backend = SoftwareKeyBackend()
-        console.print(f"[bold red on yellow] {BANNER} [/] (install softhsm2 for a real token)")
-    stack.callback(backend.close)
-    return backend
-
-
-def _seal_and_barrier(console: Console, folder: Path) -> list[tuple[str, bool, str]]:
-    console.rule("[bold]seal, barrier, envelope encryption")
-    checks: list[tuple[str, bool, str]] = []
-    path = folder / "us-east-1-sealed.db"
-    path.unlink(missing_ok=True)
-    ledger = SqliteLedger(path)
-    barrier = Barrier(ledger)
-    seal = Seal(ledger, barrier)
-    init = seal.init(5, 3)
-    console.print(
-        f"initialized: {len(init.shares)} shares, {init.threshold} to unseal (shown once, not printed here)"
+def _chart(records: list[dict[str, Any]], cells: list[str]) -> str:
+    """Cumulative share of revocations each cell holds against seconds since the
+    revoke call: one line per cell, as inline SVG."""
+    colours = ["#1f77b4", "#2ca02c", "#d62728", "#9467bd"]
+    series = {
+        c: sorted(float(r["cells"][c]["exposure_seconds"]) for r in records if c in r.get("cells", {}))
+        for c in cells
+    }
+    longest = max((v[-1] for v in series.values() if v), default=1.0) or 1.0
+    total = max(1, len(records))
+    width, height, left, bottom, top = 640, 300, 50, 30, 20
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 20}" height="{height + 55}" font-size="11">'
+    ]
+    parts.append(f'<line x1="{left}" y1="{height}" x2="{width}" y2="{height}" stroke="black"/>')
+    parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height}" stroke="black"/>')
+    parts.append(f'<text x="{left}" y="12">revocations held</text>')
+    parts.append(
+        f'<text x="{width}" y="{height + 28}" text-anchor="end">seconds since the revoke call</text>'
     )
-
-    other = SqliteLedger(folder / "other-cell.db")
-    foreign = Seal(other, Barrier(other)).init(3, 2)
-    other.close()
-    seal.unseal(init.shares_hex[0])
-    seal.unseal(foreign.shares_hex[1])
-    try:
-        seal.unseal(init.shares_base64[2])
-        wrong_refused = False
-    except UnsealError:
-        wrong_refused = seal.status().sealed
-    checks.append(("a wrong share combination", wrong_refused, "refused, progress reset, still sealed"))
-
-    for share in [init.shares_hex[0], init.shares_base64[2], init.shares_hex[4]]:
-        status = seal.unseal(share)
-    checks.append(("unseal with 3 of 5 shares (hex and base64)", not status.sealed, "barrier open"))
-
-    with ExitStack() as stack:
-        backend = _key_backend(console, stack)
-        backend.create_key("cell-kek", KeySpec.AES_256)
-        envelopes = Envelopes("us-east-1", backend, "cell-kek")
-        barrier.on_seal(envelopes.cache.clear)
-        values = {f"secret/payments/db-{n:03d}": f"pw-{secrets.token_hex(12)}".encode() for n in range(100)}
-        for path_name, value in values.items():
-            key = Key(Kind.SECRET_VERSION, f"{path_name}#1")
-            barrier.put_if(key, envelopes.seal(value, str(key).encode()).to_bytes(), 0)
-        raw = b"".join(f.read_bytes() for f in folder.glob("us-east-1-sealed.db*"))
-        leaked = sum(value in raw for value in values.values())
-        checks.append(
-            ("100 secrets envelope-encrypted", leaked == 0, f"{leaked} plaintext values in the raw file")
+    for i in range(5):
+        frac = i / 4
+        x = left + frac * (width - left)
+        y = height - frac * (height - top)
+        parts.append(f'<text x="{x:.0f}" y="{height + 15}" text-anchor="middle">{frac * longest:.2f}s</text>')
+        parts.append(f'<text x="{left - 5}" y="{y:.0f}" text-anchor="end">{frac * 100:.0f}%</text>')
+    for n, (cell, values) in enumerate(series.items()):
+        points: list[tuple[float, float]] = [(float(left), float(height))]
+        for i, value in enumerate(values):
+            x = left + value / longest * (width - left)
+            points += [(x, points[-1][1]), (x, height - (i + 1) / total * (height - top))]
+        path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+        colour = colours[n % len(colours)]
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
+        parts.append(
+            f'<text x="{left + 10 + n * 170}" y="{height + bottom + 15}" fill="{colour}">{html.escape(cell)}</text>'
         )
+    parts.append("</svg>")
+    return "".join(parts)
 
-        sample = Key(Kind.SECRET_VERSION, "secret/payments/db-007#1")
-        opened = envelopes.open(Envelope.from_bytes(barrier.get(sample).value), str(sample).encode())  # type: ignore[union-attr]
-        checks.append(
-            ("read back through barrier and HSM", opened == values["secret/payments/db-007"], "matches")
+
+def render_html(checks: list[Check], summary: dict[str, Any] | None) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td class={'ok' if ok else 'bad'}>{'kept' if ok else 'BROKEN'}</td>"
+        f"<td>{html.escape(detail)}</td></tr>"
+        for name, ok, detail in checks
+    )
+    body = [f"<h2>Promises</h2><table><tr><th>check</th><th>result</th><th>detail</th></tr>{rows}</table>"]
+    if summary is not None:
+        figures = summary["breach"]["exposure"] or {}
+        exp = "".join(
+            f"<tr><td>{html.escape(c)}</td><td>{f['revocations_held']}/{f['of']}</td><td>{f['p50_s'] * 1000:.0f} ms</td>"
+            f"<td>{f['p99_s'] * 1000:.0f} ms</td><td>{f['max_s'] * 1000:.0f} ms</td></tr>"
+            for c, f in figures.items()
         )
-
-        seal.seal()
-        message = "a sealed cell answered a read"
-        try:
-            barrier.get(sample)
-            sealed_refused = False
-        except SealedError as exc:
-            sealed_refused, message = True, str(exc)
-        checks.append(("sealed cell refuses reads", sealed_refused and len(envelopes.cache) == 0, message))
-    ledger.close()
-    return checks
-
-
-def _vault(
-    url: str, method: str, path: str, body: dict[str, object] | None = None, token: str = ""
-) -> tuple[int, dict[str, Any]]:
-    """One call to the regional API, as any Vault client makes it."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{url}/v1/{path}", data=data, method=method)  # noqa: S310 - loopback
-    request.add_header("Content-Type", "application/json")
-    if token:
-        request.add_header("X-Vault-Token", token)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - loopback
-            raw = answer.read()
-            return answer.status, json.loads(raw) if raw else {}
-    except urllib.error.HTTPError as error:
-        raw = error.read()
-        return error.code, json.loads(raw) if raw else {}
-
-
-def _regional_api(console: Console, folder: Path) -> list[tuple[str, bool, str]]:
-    from keycell.testing.processes import keycell_server
-
-    console.rule("[bold]regional API (Vault's HTTP API), self-hosted")
-    checks: list[tuple[str, bool, str]] = []
-    data_dir = folder / "api-cell"
-    server = keycell_server(data_dir, workers=2)
-    url = f"http://127.0.0.1:{server.start()}"
-    try:
-        console.print(f"keycell server at {url} (2 workers)")
-        _, init = _vault(url, "PUT", "sys/init", {"secret_shares": 5, "secret_threshold": 3})
-        for key in init["keys"][:3]:
-            _, status = _vault(url, "PUT", "sys/unseal", {"key": key})
-        root = init["root_token"]
-        checks.append(("init and unseal over HTTP", status.get("sealed") is False, "3 of 5 shares"))
-
-        code, _ = _vault(url, "POST", "secret/data/payments/db", {"data": {"password": "pw-demo"}}, root)
-        code_read, read = _vault(url, "GET", "secret/data/payments/db", token=root)
-        ok = code == 200 and read.get("data", {}).get("data") == {"password": "pw-demo"}
-        checks.append(("KV v2 write and read", ok, f"HTTP {code}/{code_read}"))
-
-        _vault(
-            url,
-            "PUT",
-            "sys/policies/acl/payments-read",
-            {"policy": 'path "secret/data/payments/*" { capabilities = ["read"] }'},
-            root,
+        body.append(
+            f"<h2>Exposure window per cell</h2><p>{summary['partitioned']} was partitioned from the other cells "
+            f"for {summary['partition_seconds']}s while the breach ran; revocations were committed in "
+            f"{html.escape(summary['breach']['via'])}.</p><table><tr><th>cell</th><th>held</th><th>p50</th>"
+            f"<th>p99</th><th>max</th></tr>{exp}</table>"
+            "<h2>Propagation</h2><p>Share of the breach's revocations each cell's ledger holds, against "
+            "seconds since the revoke call.</p>" + _chart(summary["records"], list(figures))
         )
-        _, created = _vault(
-            url, "POST", "auth/token/create", {"policies": ["payments-read"], "ttl": "1h"}, root
-        )
-        reader = created["auth"]["client_token"]
-        allowed, _ = _vault(url, "GET", "secret/data/payments/db", token=reader)
-        denied, _ = _vault(url, "POST", "secret/data/payments/db", {"data": {"password": "x"}}, reader)
-        checks.append(("ACL policy", allowed == 200 and denied == 403, f"read {allowed}, write {denied}"))
-
-        request = urllib.request.Request(f"{url}/v1/secret/data/payments/db", method="GET")  # noqa: S310
-        request.add_header("X-Vault-Token", root)
-        request.add_header("X-Vault-Wrap-TTL", "60s")
-        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - loopback
-            wrapped = json.loads(answer.read())["wrap_info"]["token"]
-        first, _ = _vault(url, "POST", "sys/wrapping/unwrap", {"token": wrapped})
-        second, _ = _vault(url, "POST", "sys/wrapping/unwrap", {"token": wrapped})
-        checks.append(
-            ("response wrapping is single-use", first == 200 and second == 400, f"{first}, then {second}")
-        )
-
-        _vault(url, "POST", "auth/token/revoke", {"token": reader}, root)
-        after, _ = _vault(url, "GET", "secret/data/payments/db", token=reader)
-        checks.append(("revoked token refused", after == 403, f"HTTP {after}"))
-    finally:
-        server.stop()
-    return checks
+        safe = {k: v for k, v in summary.items() if k != "records"}
+        body.append(f"<h2>Run</h2><pre>{html.escape(json.dumps(safe, indent=1))}</pre>")
+    style = (
+        "body{font-family:sans-serif;max-width:900px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}.ok{color:green}.bad{color:red;font-weight:bold}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset=utf-8><title>Keycell breach report</title><style>{style}</style>"
+        f"</head><body><h1>Keycell breach report</h1>{''.join(body)}</body></html>"
+    )

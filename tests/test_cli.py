@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +71,9 @@ def test_bad_path_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
 
 
 def test_demo_keeps_its_promises(tmp_path: Path) -> None:
-    # In its own process, as `make demo` runs it (SoftHSM2 tokens are per process).
+    # In its own process, as `make demo` runs it, at a reduced size: three cells, a
+    # breach under partition, every promise checked by the demo itself.
+    report = tmp_path / "report.html"
     done = subprocess.run(
         [
             sys.executable,
@@ -79,16 +82,61 @@ def test_demo_keeps_its_promises(tmp_path: Path) -> None:
             "demo",
             "--workdir",
             str(tmp_path),
-            "--writers",
-            "3",
-            "--increments",
-            "10",
+            "--credentials",
+            "90",
+            "--secrets-per-cell",
+            "2",
+            "--partition-seconds",
+            "2",
+            "--report",
+            str(report),
         ],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
+        env={**os.environ, "COLUMNS": "200"},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "all promises kept" in done.stdout
-    assert "SoftHSM2 token" in done.stdout  # make test installs SoftHSM2: the real token is used
+    assert "SoftHSM2 token per cell" in done.stdout  # make test installs SoftHSM2: real tokens are used
+    assert "JWT-SVIDs from the agents" in done.stdout  # workloads attest through keycell agent
+    summary = json.loads((tmp_path / "breach-report.json").read_text())
+    # make test installs PostgreSQL: half the credentials are dynamic database users
+    assert summary["credentials"] == 90 and summary["database_users"] == 45
+    assert summary["readers"]["failed"] == 0
+    assert summary["breach"]["prefixes"] == ["auth/jwt/login", "database/creds/payments"]
+    assert summary["stolen_tries"] == {"403": 45 * 3}
+    assert summary["breach"]["revoked_now"] == 90 and summary["breach"]["rotated_now"] == 6
+    exposure = summary["breach"]["exposure"]
+    assert set(exposure) == {"us-east-1", "eu-west-1", "ap-southeast-1"}
+    assert all(cell["revocations_held"] == cell["of"] == 90 for cell in exposure.values())
+    # The cut-off cell heard of the revocations only once the partition healed.
+    assert summary["during_partition"]["ap-southeast-1"]["accepted"] > 0
+    assert summary["during_partition"]["us-east-1"]["accepted"] == 0
+    # A database user is dropped by its own cell's lease revoker, partition or not.
+    assert all(cell["db_accepted"] == 0 for cell in summary["during_partition"].values())
+    page = report.read_text()
+    assert "<svg" in page and "<polyline" in page and "<script" not in page
+    assert page.count("kept") >= 10 and "BROKEN" not in page
+
+
+def test_the_demo_keeps_its_promises_with_software_keys_and_plain_tokens(tmp_path: Path) -> None:
+    # What a machine without SoftHSM2 and PostgreSQL runs: the software backend under
+    # its banner, tokens from auth/token/create; the breach and its checks are the same.
+    sizes = ["--credentials", "15", "--secrets-per-cell", "1", "--partition-seconds", "1"]
+    plain = ["--software-keys", "--no-agents", "--no-databases"]
+    done = subprocess.run(
+        [sys.executable, "-m", "keycell", "demo", "--workdir", str(tmp_path), *sizes, *plain],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "NOT FIPS" in done.stdout.upper() and "all promises kept" in done.stdout
+    summary = json.loads((tmp_path / "breach-report.json").read_text())
+    assert summary["backend"] == "software" and summary["database_users"] == 0
+    assert summary["breach"]["prefixes"] == ["auth/token/create"]
+    assert summary["stolen_tries"] == {"403": 15 * 3}

@@ -406,6 +406,7 @@ _LEASE = obj(
         "last_renewal_time": nullable(RFC3339),
         "renewable": BOOL,
         "ttl": INT,
+        "token_accessor": STR,  # a token's lease only (Keycell's; keycell breach reads it)
     },
     ("id", "issue_time", "expire_time", "renewable", "ttl"),
 )
