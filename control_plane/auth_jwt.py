@@ -57,7 +57,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
-from keycell.control_plane.storage import get_json, put_json_if
+from keycell.control_plane.storage import delete_current, get_json, put_json_if
 from keycell.control_plane.tokens import (
     TokenEntry,
     TokenStore,
@@ -523,16 +523,7 @@ class JwtAuth:
 
     def delete_role(self, name: str) -> None:
         """DELETE auth/jwt/role/:name (deleting an absent role is not an error, as in Vault)."""
-        key = self._role_key(_role_name(name))
-        for _ in range(8):
-            item = self.ledger.get(key, consistent=True)
-            if item is None:
-                return
-            try:
-                self.ledger.delete_if(key, item.version)
-                return
-            except ConflictError:
-                continue
+        delete_current(self.ledger, self._role_key(_role_name(name)))
 
     def list_roles(self) -> list[str]:
         """LIST auth/jwt/role -> the role names, sorted."""
@@ -582,7 +573,12 @@ class JwtAuth:
         user = _scalar_text(_claim(claims, settings["user_claim"]))
         if not user:
             raise PermissionDenied(f'claim "{settings["user_claim"][:100]}" not found in token')
-        token, entry = self.tokens.create(
+        token, entry = self._issue(settings, f"jwt-{user[:200]}", {"role": role_name})
+        return token, entry, self.tokens.auth_data(token, entry)
+
+    def _issue(self, settings: Mapping[str, Any], display_name: str, meta: dict[str, str]) -> Any:
+        """The login's token, shaped by the role's token settings."""
+        return self.tokens.create(
             None,
             policies=settings["token_policies"],
             ttl=settings["token_ttl"],
@@ -591,11 +587,10 @@ class JwtAuth:
             period=settings["token_period"],
             no_default_policy=settings["token_no_default_policy"],
             num_uses=settings["token_num_uses"],
-            display_name=f"jwt-{user[:200]}",
-            meta={"role": role_name},
+            display_name=display_name,
+            meta=meta,
             path=LOGIN_PATH,
         )
-        return token, entry, self.tokens.auth_data(token, entry)
 
     def _jwt_svid(self, config: Mapping[str, Any], role: Mapping[str, Any], jwt_text: object) -> Any:
         """The checked JWT-SVID when `jwt_text` is one of this trust domain's (its kid names
@@ -632,18 +627,8 @@ class JwtAuth:
             raise PermissionDenied("the JWT-SVID's SPIFFE ID does not match the role's bound_spiffe_ids")
         if settings["bound_subject"] and svid.spiffe_id != settings["bound_subject"]:
             raise PermissionDenied("the JWT's subject (sub) does not match the role's bound_subject")
-        token, entry = self.tokens.create(
-            None,
-            policies=settings["token_policies"],
-            ttl=settings["token_ttl"],
-            max_ttl=settings["token_max_ttl"],
-            explicit_max_ttl=settings["token_explicit_max_ttl"],
-            period=settings["token_period"],
-            no_default_policy=settings["token_no_default_policy"],
-            num_uses=settings["token_num_uses"],
-            display_name=f"jwt-{svid.spiffe_id[:200]}",
-            meta={"role": role_name, "spiffe_id": svid.spiffe_id},
-            path=LOGIN_PATH,
+        token, entry = self._issue(
+            settings, f"jwt-{svid.spiffe_id[:200]}", {"role": role_name, "spiffe_id": svid.spiffe_id}
         )
         self.spiffe.record_login(svid, entry)
         return token, entry, self.tokens.auth_data(token, entry)

@@ -47,7 +47,7 @@ from keycell.control_plane import tpm
 from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
 from keycell.control_plane.revocations import RevocationSet
-from keycell.control_plane.storage import get_json, put_json_if
+from keycell.control_plane.storage import delete_current, get_json, put_json_if
 from keycell.control_plane.svid import (
     DEFAULT_JWT_TTL,
     DEFAULT_X509_TTL,
@@ -308,16 +308,7 @@ class Identity:
 
     def delete_entry(self, entry_id: str) -> None:
         self.get_entry(entry_id)
-        key = Key(Kind.IDENTITY_ENTRY, f"entry/{entry_id}")
-        for _ in range(8):
-            item = self.ledger.get(key, consistent=True)
-            if item is None:
-                return
-            try:
-                self.ledger.delete_if(key, item.version)
-                return
-            except ConflictError:
-                continue
+        delete_current(self.ledger, Key(Kind.IDENTITY_ENTRY, f"entry/{entry_id}"))
 
     def list_entries(self) -> list[Entry]:
         return [

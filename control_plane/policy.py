@@ -48,7 +48,7 @@ import hcl
 
 from keycell.control_plane.errors import InvalidRequest, NotFound
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
-from keycell.control_plane.storage import get_json, put_json_if
+from keycell.control_plane.storage import delete_current, get_json, put_json_if
 
 CAPABILITIES = frozenset({"create", "read", "update", "patch", "delete", "list", "sudo", "deny"})
 ROOT = "root"
@@ -403,15 +403,7 @@ class PolicyStore:
         cleaned = _policy_name(name)
         if cleaned in (ROOT, DEFAULT):
             raise InvalidRequest(f"cannot delete {cleaned} policy")
-        for _ in range(8):
-            found = self.ledger.get(self._key(cleaned), consistent=True)
-            if found is None:
-                return
-            try:
-                self.ledger.delete_if(self._key(cleaned), found.version)
-                return
-            except ConflictError:
-                continue
+        delete_current(self.ledger, self._key(cleaned))
 
     def list(self) -> list[str]:
         """LIST sys/policies/acl -> the sorted names, "default" and "root" included."""

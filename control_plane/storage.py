@@ -9,7 +9,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from keycell.control_plane.ledger import Key, Ledger
+from keycell.control_plane.ledger import ConflictError, Key, Ledger
+
+# Writers that keep losing a compare-and-set give up after this many rounds (each
+# round lets one writer through, so losing them all means heavy contention).
+ATTEMPTS = 8
 
 
 def get_json(ledger: Ledger, key: Key, *, consistent: bool = True) -> tuple[dict[str, Any], int] | None:
@@ -33,3 +37,18 @@ def put_json_if(
 def encode_json(record: dict[str, Any]) -> bytes:
     """The bytes `put_json_if` stores, for multi-item transactions (`Put(key, encode_json(r), v)`)."""
     return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
+
+
+def delete_current(ledger: Ledger, key: Key) -> bool:
+    """Delete whatever version of `key` is current (an absent key is not an error, as
+    Vault's deletes are not); False when concurrent writers kept moving it."""
+    for _ in range(ATTEMPTS):
+        item = ledger.get(key, consistent=True)
+        if item is None:
+            return True
+        try:
+            ledger.delete_if(key, item.version)
+            return True
+        except ConflictError:
+            continue
+    return False
