@@ -135,7 +135,12 @@ class CellsFrontend:
         try:
             reply = stub.Claim(pb.ClaimRequest(path=path), timeout=self.timeout)
         except grpc.RpcError:
-            raise NoMajority(path, 0, 0) from None
+            raise RequestError(
+                f"{path} is a new secret, and its home is claimed with a majority of the cells "
+                "through this cell's relay, which cannot be reached; retry later or create it in "
+                "another cell",
+                status=503,
+            ) from None
         if not reply.HasField("home"):
             raise NoMajority(path, reply.votes, reply.cells)
         return Home(reply.home.home, reply.home.epoch, reply.home.state or "home", reply.home.to)
