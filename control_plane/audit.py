@@ -681,10 +681,11 @@ class Auditor:
 
 class AsyncCommitter:
     """Audit commits for a server's event loop. Requests run on the loop as they do
-    unaudited; each audit record waits on a future while one thread commits: the
-    first record starts a commit at once, and every record that arrives meanwhile
-    goes into the next batch (group commit with no thread per request). Results come
-    back to the loop once per batch."""
+    unaudited; each audit record waits on a future while one thread commits. A commit
+    starts once the loop has run what was ready when its first record came (so the
+    requests that arrived together share it), and every record that arrives while it
+    runs goes into the next batch (group commit with no thread per request). Results
+    come back to the loop once per batch."""
 
     def __init__(self, auditor: Auditor, *, max_batch: int = MAX_BATCH) -> None:
         self.auditor = auditor
@@ -698,13 +699,16 @@ class AsyncCommitter:
         future: asyncio.Future[bool] = loop.create_future()
         self._pending.append((record, future))
         if not self._busy:
-            self._start(loop)
+            self._busy = True
+            loop.call_soon(self._start, loop)
         return await future
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         batch = self._pending[: self.max_batch]
         del self._pending[: self.max_batch]
-        self._busy = True
+        if not batch:
+            self._busy = False
+            return
         work = loop.run_in_executor(self._thread, self.auditor.commit_many, [r for r, _ in batch])
         work.add_done_callback(lambda done: self._finish(loop, batch, done))
 
@@ -724,7 +728,9 @@ class AsyncCommitter:
             if not future.done():
                 future.set_result(ok)
         if self._pending:
-            self._start(loop)
+            # After the requests these results wake: what they record joins this batch.
+            self._busy = True
+            loop.call_soon(self._start, loop)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
