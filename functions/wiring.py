@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from typing import Any
 
 from keycell.adapters.ledgers import default_ledger_url, open_ledger
 from keycell.control_plane.audit import Auditor, AuditSink, FileSink, StdoutSink
@@ -113,10 +114,36 @@ def auditor_from_environment(services: CellServices, env: dict[str, str] | None 
     )
 
 
+def audit_rotation_steps(services: CellServices, auditor: Auditor) -> None:
+    """Each step the cell's rotator runs (create, set, test, finish) becomes an audit
+    event in this process's chain: secret name, request token (the version id), step;
+    never a value. Fail closed: a step whose entry no sink took stops the rotation with
+    a 503 (it resumes under the same token); fail open logs and goes on."""
+    from keycell.control_plane.audit import AuditUnavailable
+    from keycell.control_plane.errors import Unavailable
+
+    before = services.rotator.on_step
+
+    def on_step(name: str, token: str, step: Any) -> None:
+        if before is not None:
+            before(name, token, step)
+        try:
+            auditor.record({"kind": "rotation-step", "secret": name, "token": token, "step": step.value})
+        except AuditUnavailable:
+            raise Unavailable(
+                "audit: no audit device accepted the rotation step's entry; the rotation stopped "
+                "and resumes with the same token"
+            ) from None
+
+    services.rotator.on_step = on_step
+
+
 def router_from_environment(env: dict[str, str] | None = None) -> Router:
     services = services_from_environment(env)
     router = build_router(services)
     router.auditor = auditor_from_environment(services, env)
+    if router.auditor is not None:
+        audit_rotation_steps(services, router.auditor)
     relay = (os.environ if env is None else env).get("KEYCELL_RELAY")
     if relay:  # cells under partition (issue 9): homes, forwarding, replica ages
         from keycell.cells.api import install as install_cells

@@ -43,9 +43,17 @@ def configure(context: RotationContext | None) -> None:
 def context() -> RotationContext:
     global _context
     if _context is None:
-        from keycell.functions.wiring import services_from_environment
+        from keycell.functions.wiring import (
+            audit_rotation_steps,
+            auditor_from_environment,
+            services_from_environment,
+        )
 
-        _context = RotationContext(services_from_environment())
+        services = services_from_environment()
+        auditor = auditor_from_environment(services)
+        if auditor is not None:
+            audit_rotation_steps(services, auditor)
+        _context = RotationContext(services)
     return _context
 
 

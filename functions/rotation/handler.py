@@ -44,7 +44,10 @@ class RotationContext:
                     or os.environ.get("AWS_DEFAULT_REGION")
                     or "us-east-1",
                 )
-                self._sm = Rotator(store, self.services.rotator.targets)
+                # The cell's step hook (the audit trail) follows Secrets Manager steps too.
+                self._sm = Rotator(
+                    store, self.services.rotator.targets, on_step=self.services.rotator.on_step
+                )
             else:
                 self._sm = self.secretsmanager()
         return self._sm
