@@ -69,12 +69,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import IO, Any, Protocol
 
 from keycell.control_plane.errors import Unavailable
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, LedgerError, iter_prefix
 from keycell.control_plane.router import Response
+from keycell.control_plane.timefmt import rfc3339
 
 log = logging.getLogger("keycell.audit")
 
@@ -141,20 +141,6 @@ def line_with_hash(body: bytes, digest: str) -> bytes:
     """An entry's JSON line from its canonical bytes (`body`, hashed once): the `hash`
     field first, then the canonical fields, so the entry is encoded only once."""
     return b'{"hash":"' + digest.encode() + b'",' + body[1:] + b"\n"
-
-
-_second: tuple[int, str] = (-1, "")
-
-
-def rfc3339(epoch: float) -> str:
-    """RFC 3339 UTC with microseconds; the date and time of day are formatted once a
-    second (strftime costs more than the rest of an entry's fields together)."""
-    global _second
-    whole = int(epoch // 1)
-    cached = _second
-    if cached[0] != whole:
-        cached = _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
-    return f"{cached[1]}.{int((epoch - whole) * 1_000_000):06d}Z"
 
 
 class Hasher:

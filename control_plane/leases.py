@@ -86,7 +86,8 @@ from keycell.control_plane.ledger import (
 )
 from keycell.control_plane.revocations import RevocationSet
 from keycell.control_plane.storage import encode_json, get_json
-from keycell.control_plane.wrapping import parse_duration, rfc3339
+from keycell.control_plane.timefmt import rfc3339
+from keycell.control_plane.wrapping import parse_duration
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ not valid or does not exist"), Vault's 400, whatever the reason, so the answer r
 nothing about which tokens once existed.
 
 Also here, because the HTTP layer needs them for every TTL field and header:
-`parse_duration` (Vault's duration syntax) and `rfc3339` (Vault's time format).
+`parse_duration` (Vault's duration syntax).
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from fractions import Fraction
 from typing import Any
 
@@ -63,6 +62,7 @@ from keycell.control_plane.ledger import (
 )
 from keycell.control_plane.seal import token_path
 from keycell.control_plane.storage import encode_json, get_json
+from keycell.control_plane.timefmt import rfc3339
 
 TOKEN_PREFIX = "kc.w."  # noqa: S105 - a prefix, not a secret
 # secrets.token_urlsafe(32): 256 bits of randomness in 43 characters.
@@ -129,11 +129,6 @@ def parse_duration(value: object) -> int:
             f"invalid duration {text!r}: use seconds ('300') or units ms, s, m, h, d ('5m', '1h30m')"
         )
     return parse_duration(math.floor(total))
-
-
-def rfc3339(epoch: float) -> str:
-    """Vault's time format: RFC 3339 in UTC with sub-second precision."""
-    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def is_wrapping_token(token: object) -> bool:

@@ -71,7 +71,9 @@ class LedgerSink:
         at = self.log.apply(rec)
         self._applied[rec.id] = at
         if self.auditor is not None:
-            self._audit(rec, at)
+            # On the background thread: the trail's commit (an fsync'd head write) never
+            # delays the next apply, which is on the exposure window's path.
+            self.background.submit(self._audit, rec, at)
         return at
 
     def _audit(self, rec: RevocationRecord, at: float) -> None:

@@ -26,6 +26,7 @@ def test_each_applied_revocation_is_one_event_entry(tmp_path: Path) -> None:
         applied = sink.apply(rec)
         assert sink.apply(rec) == applied  # heard again from another peer: nothing new
         assert services.revocations.is_revoked(SUBJECT)
+        sink.background.submit(lambda: None).result(timeout=10)  # the entry is written off the apply path
         loaded, problems = verify_files([str(trail)])
         assert problems == [] and check_heads(loaded, services.ledger, "a") == []
     finally:
