@@ -400,7 +400,19 @@ class Rotator:
             self.store.mark_revoked(name, version)
 
     def _value(self, name: str, version: str | None) -> Value | None:
-        return None if version is None else self.store.value(name, version)
+        if version is None:
+            return None
+        try:
+            return self.store.value(name, version)
+        except NotFound:
+            # Read from a state that other workers have since moved past (two promotions
+            # retire a version): a race, which `rotate` answers by looking again.
+            now = self.store.state(name)
+            if version in (now.current, now.previous):
+                raise
+            raise RotationInProgress(
+                f"secret {name!r} moved on while this step ran; retry the step"
+            ) from None
 
     def _pending(self, name: str, state: SecretState, token: str) -> Value | None:
         if state.current == token:

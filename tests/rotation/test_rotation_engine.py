@@ -203,6 +203,9 @@ def test_concurrent_rotations_lose_nothing_and_one_current_holds_throughout(
                     break
                 except Unavailable:
                     continue
+                except Exception as exc:  # a thread's error must fail the test
+                    violations.append(f"w{worker}-{i}: {type(exc).__name__}: {exc}")
+                    return
             else:
                 violations.append(f"w{worker}-{i} never finished")
 
