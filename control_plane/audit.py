@@ -42,6 +42,20 @@ chain per cell they took turns on its head, and lost most of those races.
 Group commit: the entries of concurrent requests in one process go out as one batch,
 one `put_if` of the head, one write to each sink (threads: `Chain.append`; an event
 loop: `AsyncCommitter`). A shared file is locked for each batch's write only.
+
+Anchoring. By default a batch's head reaches the ledger before its requests go on
+(`anchor_interval=None`: what a function instance, frozen between invocations, needs).
+A long-lived process (`keycell server`, KEYCELL_AUDIT_ANCHOR=async) instead claims its
+writer id once (a conditional create of the head; an id already there is never
+joined) and releases a request once its entry is in a sink; a thread writes the head
+every `anchor_interval` (5 ms) and once more when the process exits. Nothing can
+fork such a chain (only its claimer writes its head), and an audited request no
+longer waits on a ledger write: with local sinks the batch is committed on the
+event loop itself. The price is a bounded window: entries written in the last
+interval before a crash are past the head, so `verify --ledger` names them as a
+tail nothing vouches for (a warning; `--strict` fails). A head that cannot reach
+the ledger for `max_unanchored` (1 s) makes the writer refuse entries (fail closed),
+and a head changed in the ledger by anyone else stops the writer for good.
 `verify` checks every chain in the files; with the ledger (`keycell audit verify
 --ledger`) it also checks each chain ends at its head (a cut-off tail, a dropped
 chain).
@@ -56,6 +70,7 @@ record that something happened that no sink kept.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -71,6 +86,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
+import orjson
+
 from keycell.control_plane.errors import Unavailable
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, LedgerError, iter_prefix
 from keycell.control_plane.router import Response
@@ -84,6 +101,8 @@ HASH_PREFIX = "sha256:"
 GENESIS = HASH_PREFIX + "0" * 64
 REDACTED_SEALED = "redacted:sealed"
 MAX_BATCH = 256
+ANCHOR_INTERVAL = 0.005  # seconds between head writes, for chains anchored after the sinks
+MAX_UNANCHORED = 1.0  # seconds a head may lag its sinks before the writer refuses entries
 
 # Envelope fields that describe the response rather than carry secret material.
 _PLAIN_BODY = frozenset(
@@ -124,9 +143,15 @@ def chain_of(entry: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def canonical(entry: Mapping[str, Any]) -> bytes:
-    """The bytes an entry's hash covers: sorted keys, compact, without `hash`."""
-    body = {k: v for k, v in entry.items() if k != "hash"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The bytes an entry's hash covers: sorted keys, compact, UTF-8, without `hash`."""
+    return _canonical_json({k: v for k, v in entry.items() if k != "hash"})
+
+
+def _canonical_json(value: Mapping[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # beyond orjson (an int over 64 bits, a key that is not a string)
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def entry_hash(entry: Mapping[str, Any]) -> str:
@@ -169,21 +194,31 @@ class Hasher:
     def redact(self, value: Any, plain: frozenset[str] = frozenset()) -> Any:
         """Every string and number below `value` as a digest; keys stay readable;
         at this level, the fields named in `plain` are kept as they are."""
-        if isinstance(value, Mapping):
-            return {
-                str(k): (v if k in plain and not isinstance(v, Mapping) else self.redact(v))
-                for k, v in value.items()
-            }
-        if isinstance(value, list | tuple):
-            return [self.redact(v) for v in value]
-        if value is None or isinstance(value, bool):
+        kind = type(value)  # exact types first: this runs for every value of every entry
+        if kind is str:
+            return self.digest(value)
+        if value is None or kind is bool:
             return value
+        if kind is dict or isinstance(value, Mapping):
+            out: dict[str, Any] = {}
+            for k, v in value.items():
+                if k in plain and type(v) is not dict and not isinstance(v, Mapping):
+                    out[str(k)] = v
+                else:
+                    out[str(k)] = self.redact(v)
+            return out
+        if kind is list or kind is tuple:
+            return [self.redact(v) for v in value]
         if isinstance(value, str):
             return self.digest(value)
+        if isinstance(value, bool):
+            return value
         if isinstance(value, int):
             return self.digest(str(value))  # what json.dumps writes for an int
         if isinstance(value, float):
             return self.digest(json.dumps(value))
+        if isinstance(value, list | tuple):
+            return [self.redact(v) for v in value]
         return self.digest(str(value))
 
     def redact_body(self, body: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -248,6 +283,7 @@ class AuditKey:
 
 class AuditSink(Protocol):
     name: str
+    local: bool  # a write is a local syscall that does not wait on a device or a network
 
     def write(self, lines: bytes, entries: Sequence[Mapping[str, Any]]) -> None:
         """Store a batch (`lines`: the entries' JSON lines); raise when it could not."""
@@ -266,6 +302,7 @@ class FileSink:
 
     def __init__(self, path: str, *, fsync: bool = False) -> None:
         self.name = "file"
+        self.local = not fsync
         self.path = path
         self.fsync = fsync
         folder = os.path.dirname(os.path.abspath(path))
@@ -298,6 +335,7 @@ class StdoutSink:
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.name = "stdout"
+        self.local = False  # a pipe: its reader sets the pace
         self._stream = stream
 
     def lock(self) -> contextlib.AbstractContextManager[object]:
@@ -338,6 +376,7 @@ class ChainStats:
     entries: int = 0
     conflicts: int = 0
     largest_batch: int = 0
+    anchors: int = 0
     sizes: list[int] = field(default_factory=list)
 
 
@@ -361,6 +400,8 @@ class Chain:
         max_batch: int = MAX_BATCH,
         linger: float = 0.0,
         clock: Callable[[], float] = time.time,
+        anchor_interval: float | None = None,
+        max_unanchored: float = MAX_UNANCHORED,
     ) -> None:
         self.ledger = ledger
         self.cell = cell
@@ -378,6 +419,18 @@ class Chain:
         self._pending: list[_Slot] = []
         self._committing = False
         self._commit_lock = threading.Lock()
+        # Anchoring (see the module's docstring): None advances the head in each batch.
+        self.anchor_interval = anchor_interval
+        self.max_unanchored = max_unanchored
+        self._claimed = False  # this writer's head created here: it follows the sinks
+        self._anchored = Head()  # what the ledger holds (its item's version included)
+        self._unanchored_since: float | None = None  # monotonic, oldest entry past the anchor
+        self._broken: str | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._anchor_lock = threading.Lock()  # one head write at a time
+        self._state = threading.Lock()  # the head and how long it has waited, together
+        self._anchorer: threading.Thread | None = None
 
     def append(self, record: dict[str, Any]) -> dict[str, Any]:
         slot = _Slot(record)
@@ -418,12 +471,20 @@ class Chain:
                 s.done = True
 
     def commit_records(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Chain `records` from the head, advance the head (one conditional write) and
-        hand the batch to the sinks; the chained entries, or AuditUnavailable. One
-        batch at a time per process (the head is cached between batches)."""
+        """Chain `records` from the head, advance the head (one conditional write;
+        with an anchor interval, later, by the anchoring thread) and hand the batch to
+        the sinks; the chained entries, or AuditUnavailable. One batch at a time per
+        process (the head is cached between batches)."""
         with self._commit_lock:
+            new: Head | None = None
             try:
-                entries, lines = self._advance(records)
+                if self.anchor_interval is not None and not self._claimed:
+                    self._claim()
+                if self._claimed:
+                    self._check_anchoring()
+                    entries, lines, new = self._link(self._head or Head(), records)
+                else:
+                    entries, lines = self._advance(records)
             except (LedgerError, OSError) as exc:
                 log.warning("audit chain head could not be advanced: %s", type(exc).__name__)
                 raise AuditUnavailable("the audit chain head could not be advanced in the ledger") from None
@@ -437,6 +498,12 @@ class Chain:
                     log.warning("audit sink %s refused a batch: %s", sink.name, type(exc).__name__)
             if not accepted:
                 raise AuditUnavailable("no audit sink accepted the entry")
+            if new is not None:  # anchored later: the entries are in a sink, the head follows
+                with self._state:
+                    self._head = new
+                    if self._unanchored_since is None:
+                        self._unanchored_since = time.monotonic()
+                self._wake.set()
             self.stats.batches += 1
             self.stats.entries += len(entries)
             self.stats.largest_batch = max(self.stats.largest_batch, len(entries))
@@ -453,9 +520,8 @@ class Chain:
         while True:
             head = self._head or self._read_head()
             entries, lines, new = self._link(head, records)
-            body = {"seq": new.seq, "hash": new.hash, "ms": new.ms, "logical": new.logical}
             try:
-                stored = self.ledger.put_if(self.key, json.dumps(body, sort_keys=True).encode(), head.version)
+                stored = self.ledger.put_if(self.key, _head_body(new), head.version)
             except ConflictError:
                 self.stats.conflicts += 1
                 self._head = None  # another process advanced it: re-read, re-chain
@@ -486,15 +552,121 @@ class Chain:
                 "prev": prev,
                 "hlc": [ms, logical],
             }
-            body = canonical(entry)
+            body = _canonical_json(entry)  # no `hash` yet
             entry["hash"] = prev = HASH_PREFIX + hashlib.sha256(body).hexdigest()
             lines.append(line_with_hash(body, prev))
             entries.append(entry)
         return entries, b"".join(lines), Head(seq, prev, ms, logical)
 
+    # --- anchoring the head after the sinks (exclusive chains) -------------------------------
+
+    def _claim(self) -> None:
+        """Create this writer's head (seq 0) with a conditional write: created here, the
+        chain is this process's alone, so its head can follow the sinks (a thread
+        anchors it every `anchor_interval`) without any other process forking it. A
+        writer id whose head exists already (another process's, or this id reused after
+        a restart) is not joined: the chain takes a fresh id."""
+        for _ in range(8):
+            try:
+                stored = self.ledger.put_if(self.key, _head_body(Head()), 0)
+            except ConflictError:
+                log.info(
+                    "audit writer id %s is in use in the ledger; this chain takes a new one", self.writer
+                )
+                self.writer = new_writer_id()
+                self.key = head_key(self.cell, self.writer)
+                continue
+            break
+        else:
+            raise AuditUnavailable("no free audit writer id could be claimed in the ledger")
+        self._claimed = True
+        self._head = Head()
+        self._anchored = Head(version=stored.version)
+        self._anchorer = threading.Thread(
+            target=self._anchor_loop, name=f"keycell-audit-anchor-{self.writer}", daemon=True
+        )
+        self._anchorer.start()
+        atexit.register(self.anchor_now)
+
+    def _check_anchoring(self) -> None:
+        if self._broken is not None:
+            raise AuditUnavailable(self._broken)
+        since = self._unanchored_since
+        if since is not None and time.monotonic() - since > self.max_unanchored:
+            raise AuditUnavailable(
+                f"the audit chain head has not reached the ledger for over {self.max_unanchored:g}s"
+            )
+
+    def _anchor_loop(self) -> None:
+        assert self.anchor_interval is not None
+        last = 0.0
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            pause = self.anchor_interval - (time.monotonic() - last)
+            if pause > 0 and self._stop.wait(pause):
+                break
+            last = time.monotonic()
+            if not self.anchor_now():
+                self._wake.set()  # the ledger failed: try again after the interval
+
+    def anchor_now(self) -> bool:
+        """Write the head the sinks hold to the ledger (a conditional write on the
+        version this process wrote last); True once the ledger has it."""
+        with self._anchor_lock:
+            head, since = self._head, time.monotonic()
+            if not self._claimed or head is None or self._broken is not None:
+                return self._broken is None
+            if head.seq == self._anchored.seq:
+                return True
+            try:
+                stored = self.ledger.put_if(self.key, _head_body(head), self._anchored.version)
+            except ConflictError:
+                self._broken = (
+                    "the audit chain head was changed outside this process; "
+                    "this writer refuses further entries"
+                )
+                log.error(
+                    "audit chain %s/%s: its head was changed in the ledger by someone else",
+                    self.cell,
+                    self.writer,
+                )
+                return False
+            except (LedgerError, OSError) as exc:
+                log.warning("audit chain head could not be anchored: %s", type(exc).__name__)
+                return False
+            self._anchored = Head(head.seq, head.hash, head.ms, head.logical, stored.version)
+            with self._state:
+                if self._head is head:
+                    self._unanchored_since = None
+                else:  # entries committed while this write ran wait for the next one
+                    self._unanchored_since = since
+            self.stats.anchors += 1
+            return True
+
+    @property
+    def inline(self) -> bool:
+        """Whether a batch may be committed on an event loop: the head follows the
+        sinks (no ledger write in the batch) and every sink's write is local."""
+        return (
+            self._claimed  # claimed (the first batch claims it, on the committer's thread)
+            and all(getattr(sink, "local", False) for sink in self.sinks)
+        )
+
     def close(self) -> None:
+        if self._anchorer is not None:
+            self._stop.set()
+            self._wake.set()
+            self._anchorer.join(timeout=5)
+            self.anchor_now()
+            atexit.unregister(self.anchor_now)
         for sink in self.sinks:
             sink.close()
+
+
+def _head_body(head: Head) -> bytes:
+    body = {"seq": head.seq, "hash": head.hash, "ms": head.ms, "logical": head.logical}
+    return json.dumps(body, sort_keys=True).encode()
 
 
 # --- the auditor the router calls ---------------------------------------------------------------
@@ -515,6 +687,7 @@ class Auditor:
         max_batch: int = MAX_BATCH,
         linger: float = 0.0,
         clock: Callable[[], float] = time.time,
+        anchor_interval: float | None = None,
     ) -> None:
         if not sinks:
             raise ValueError("an auditor needs at least one sink")
@@ -523,7 +696,14 @@ class Auditor:
         self.clock = clock
         self.key = AuditKey(barrier)
         self.chain = Chain(
-            ledger, cell, sinks, writer=writer, max_batch=max_batch, linger=linger, clock=clock
+            ledger,
+            cell,
+            sinks,
+            writer=writer,
+            max_batch=max_batch,
+            linger=linger,
+            clock=clock,
+            anchor_interval=anchor_interval,
         )
 
     @property
@@ -695,21 +875,39 @@ class AsyncCommitter:
         if not batch:
             self._busy = False
             return
-        work = loop.run_in_executor(self._thread, self.auditor.commit_many, [r for r, _ in batch])
-        work.add_done_callback(lambda done: self._finish(loop, batch, done))
+        records = [r for r, _ in batch]
+        if self.auditor.chain.inline:
+            # Nothing in this commit waits on a device (the head is anchored by its own
+            # thread, the sinks are local files): a thread hop would cost more than it.
+            try:
+                results = self.auditor.commit_many(records)
+            except Exception as exc:
+                results = self._crashed(exc, batch)
+            self._finish(loop, batch, results)
+            return
+        work = loop.run_in_executor(self._thread, self.auditor.commit_many, records)
+        work.add_done_callback(lambda done: self._finish(loop, batch, self._outcome(done, batch)))
+
+    def _outcome(
+        self, done: asyncio.Future[list[bool]], batch: list[tuple[dict[str, Any], asyncio.Future[bool]]]
+    ) -> list[bool]:
+        try:
+            return done.result()
+        except Exception as exc:
+            return self._crashed(exc, batch)
+
+    def _crashed(self, exc: Exception, batch: list[Any]) -> list[bool]:
+        """A bug in a sink or the chain: fail as configured, never hang."""
+        log.error("audit commit failed: %s", type(exc).__name__)
+        return [self.auditor.fail_open] * len(batch)
 
     def _finish(
         self,
         loop: asyncio.AbstractEventLoop,
         batch: list[tuple[dict[str, Any], asyncio.Future[bool]]],
-        done: asyncio.Future[list[bool]],
+        results: list[bool],
     ) -> None:
         self._busy = False
-        try:
-            results = done.result()
-        except Exception as exc:  # a bug in a sink or the chain: fail as configured, never hang
-            log.error("audit commit failed: %s", type(exc).__name__)
-            results = [self.auditor.fail_open] * len(batch)
         for (_, future), ok in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(ok)
@@ -870,33 +1068,61 @@ def verify_files(paths: Sequence[str]) -> tuple[list[Loaded], list[Problem]]:
 
 def check_heads(entries: Iterable[Loaded], ledger: Ledger, cell: str | None = None) -> list[Problem]:
     """Against the cell's ledger: every chain head recorded there (for `cell`, or every
-    cell) must be the last entry the files hold for that chain. This finds what the
-    files alone cannot show: a chain cut short at its end, or a writer's whole chain
-    dropped."""
+    cell) must be an entry the files hold, and nothing in a chain may end before it.
+    This finds what the files alone cannot show: a chain cut short at its end, or a
+    writer's whole chain dropped. Entries past a head are not problems here; see
+    `heads_and_tails`."""
+    return heads_and_tails(entries, ledger, cell)[0]
+
+
+def heads_and_tails(
+    entries: Iterable[Loaded], ledger: Ledger, cell: str | None = None
+) -> tuple[list[Problem], list[Problem]]:
+    """`check_heads`'s problems, and the chains whose files go on past their head: what
+    a writer anchoring after its sinks wrote in its last moments before it stopped (or
+    what someone appended since: nothing but the head vouches for those entries)."""
     last: dict[tuple[str, str], Loaded] = {}
+    at: dict[tuple[str, str, int], Loaded] = {}
     for loaded in entries:
         ident = chain_of(loaded.entry)
+        at[(*ident, int(loaded.entry["seq"]))] = loaded
         if ident not in last or int(loaded.entry["seq"]) > int(last[ident].entry["seq"]):
             last[ident] = loaded
     problems: list[Problem] = []
+    tails: list[Problem] = []
     prefix = f"{cell}/" if cell else ""
     for item in iter_prefix(ledger, Kind.AUDIT_HEAD, prefix):
         head_cell, _, writer = item.key.path.rpartition("/")
         head = json.loads(item.value)
+        seq = int(head["seq"])
         seen = last.get((head_cell, writer))
         name = f"chain {head_cell}/{writer}"
-        if seen is None:
-            problems.append(
-                Problem("ledger", 0, f"{name}: its entries 1-{head['seq']} are missing (deleted)")
-            )
-        elif int(seen.entry["seq"]) < int(head["seq"]):
-            missing = f"{int(seen.entry['seq']) + 1}-{head['seq']}"
+        if seq == 0:  # claimed, nothing anchored yet
+            if seen is not None:
+                tails.append(
+                    Problem(seen.file, seen.line, f"{name}: entries 1-{seen.entry['seq']} past its head")
+                )
+        elif seen is None:
+            problems.append(Problem("ledger", 0, f"{name}: its entries 1-{seq} are missing (deleted)"))
+        elif int(seen.entry["seq"]) < seq:
+            missing = f"{int(seen.entry['seq']) + 1}-{seq}"
             problems.append(
                 Problem(seen.file, seen.line, f"{name} ends early: entries {missing} are missing (cut off)")
             )
-        elif int(seen.entry["seq"]) > int(head["seq"]) or seen.entry["hash"] != head["hash"]:
-            problems.append(Problem(seen.file, seen.line, f"{name}: the last entry is not the ledger's head"))
-    return problems
+        else:
+            anchor = at.get((head_cell, writer, seq))
+            if anchor is None or anchor.entry["hash"] != head["hash"]:
+                where = anchor or seen
+                problems.append(
+                    Problem(where.file, where.line, f"{name}: entry {seq} is not the ledger's head")
+                )
+            elif int(seen.entry["seq"]) > seq:
+                tails.append(
+                    Problem(
+                        seen.file, seen.line, f"{name}: entries {seq + 1}-{seen.entry['seq']} past its head"
+                    )
+                )
+    return problems, tails
 
 
 def merge_order(entry: Mapping[str, Any]) -> tuple[int, int, str, str, int]:

@@ -17,6 +17,10 @@ Environment (all optional):
   KEYCELL_AUDIT_S3_RETENTION_DAYS  object lock retention (default 365, COMPLIANCE mode)
   KEYCELL_AUDIT_FAIL_OPEN  1: serve when no audit sink accepts an entry (default: refuse, 503)
   KEYCELL_AUDIT         off: no audit trail even when a sink is configured
+  KEYCELL_AUDIT_ANCHOR  sync (default): each batch's chain head reaches the ledger before its
+                        requests go on; async (`keycell server` sets it): the head follows the
+                        sinks every KEYCELL_AUDIT_ANCHOR_MS (default 5) ms, and a writer whose head
+                        has not reached the ledger for a second refuses entries
   KEYCELL_RELAY         HOST:PORT of the cell's local relay: revocations are handed to it
                         (sys/revocations) and the server's revocation stream follows it; KV
                         writes go to each secret's home cell through it (keycell/cells)
@@ -111,7 +115,24 @@ def auditor_from_environment(services: CellServices, env: dict[str, str] | None 
         sinks,
         fail_open=env.get("KEYCELL_AUDIT_FAIL_OPEN") == "1",
         clock=services.clock,
+        anchor_interval=_anchor_interval(env),
     )
+
+
+def _anchor_interval(env: dict[str, str]) -> float | None:
+    mode = env.get("KEYCELL_AUDIT_ANCHOR", "sync").lower()
+    if mode == "sync":
+        return None
+    if mode != "async":
+        raise ValueError(f"KEYCELL_AUDIT_ANCHOR is sync or async, not {mode!r}")
+    text = env.get("KEYCELL_AUDIT_ANCHOR_MS", "5")
+    try:
+        millis = float(text)
+    except ValueError:
+        millis = -1.0
+    if not 0 < millis <= 1000:
+        raise ValueError(f"KEYCELL_AUDIT_ANCHOR_MS is a number of milliseconds in (0, 1000], not {text!r}")
+    return millis / 1000
 
 
 def audit_rotation_steps(services: CellServices, auditor: Auditor) -> None:

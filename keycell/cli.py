@@ -163,18 +163,32 @@ def audit_verify(
     cell: Annotated[
         str | None, typer.Option("--cell", help="With --ledger: only this cell's chains.")
     ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="With --ledger: entries past a chain's head fail too (not only a warning)."
+        ),
+    ] = False,
 ) -> None:
     """Check the hash chains: exit 1 naming FILE:LINE of every modified, deleted,
     inserted or reordered entry. A cell has one chain per writing process; they may
-    share a file or not."""
-    from keycell.control_plane.audit import check_heads, verify_files
+    share a file or not. With --ledger, entries past a chain's head (a server worker
+    anchors its head a few ms after its sinks; one that crashed leaves them) are
+    named as warnings: only the head vouches that nothing was cut after it."""
+    from keycell.control_plane.audit import heads_and_tails, verify_files
 
     try:
         entries, problems = verify_files(files)
     except OSError as exc:
         raise _fail(f"cannot read {exc.filename}: {exc.strerror}") from None
     if ledger is not None:
-        problems.extend(check_heads(entries, _open(ledger), cell))
+        found, tails = heads_and_tails(entries, _open(ledger), cell)
+        problems.extend(found)
+        if strict:
+            problems.extend(tails)
+        else:
+            for tail in tails:
+                typer.echo(f"WARN {tail} (not anchored in the ledger)")
     if problems:
         for problem in problems:
             typer.echo(f"FAIL {problem}")
@@ -300,6 +314,9 @@ def server(
             SharedUnseal(ledger, boot_key, boot_id).forget_other_boots()
             ledger.close()
             os.environ["KEYCELL_BOOT_KEY"], os.environ["KEYCELL_BOOT_ID"] = boot_key.hex(), boot_id
+    # A long-lived process: each worker's audit chain head follows its sinks (every few
+    # ms) instead of holding every batch for its conditional write (control_plane/audit.py).
+    os.environ.setdefault("KEYCELL_AUDIT_ANCHOR", "async")
     serve(host, int(port_text), workers=workers)
 
 

@@ -31,6 +31,7 @@ class S3Sink:
         endpoint_url: str | None = None,
     ) -> None:
         self.name = "s3"
+        self.local = False  # a PUT over the network
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.retention = timedelta(days=retention_days)

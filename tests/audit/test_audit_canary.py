@@ -15,7 +15,7 @@ import hvac.exceptions
 import pytest
 
 from keycell.adapters.ledgers.sqlite import SqliteLedger
-from keycell.control_plane.audit import check_heads, verify_files
+from keycell.control_plane.audit import heads_and_tails, verify_files
 from keycell.testing.processes import keycell_server
 
 ROOT = "kc.audit-canary-root-token"
@@ -75,8 +75,9 @@ def test_no_secret_in_plaintext_anywhere(tmp_path: Path) -> None:
     entries, problems = verify_files([str(tmp_path / "audit.log")])
     assert problems == []
     ledger = SqliteLedger(tmp_path / "cell.db")
-    try:  # every worker's chain ends where its head in the ledger says
-        assert check_heads(entries, ledger) == []
+    try:  # every worker's chain ends where its head in the ledger says: the workers
+        # anchor their heads after their sinks, and once more as they stop
+        assert heads_and_tails(entries, ledger) == ([], [])
     finally:
         ledger.close()
     paths = {json.dumps(e.entry["request"]["path"]) for e in entries}

@@ -14,7 +14,7 @@ def test_quick_run_prints_a_complete_report() -> None:
     report = run_report("bench.audit", "--quick", "--duration", "0.5", "--max-requests", "500", timeout=120)
     assert report["benchmark"] == "audit"
     for operation in ("kv_v2_read", "kv_v2_write"):
-        for name in ("audited", "unaudited"):
+        for name in ("audited", "unaudited", "audited_sync"):
             figures = report[operation][name]
             assert figures["requests"] > 0 and figures["errors"] == 0 and figures["requests_per_s"] > 0
     # One entry per read, two per write (before and after the engine), warm-up included.
@@ -22,4 +22,5 @@ def test_quick_run_prints_a_complete_report() -> None:
     assert report["audit_lines_written"] >= written
     assert isinstance(report["ratio_audited_to_unaudited"], float)
     assert isinstance(report["write_ratio_audited_to_unaudited"], float)
+    assert isinstance(report["ratio_audited_sync_to_unaudited"], float)
     assert report["target"]["ratio_min"] == 0.8
