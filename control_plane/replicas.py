@@ -32,10 +32,11 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from keycell.control_plane import kvchange
 from keycell.control_plane.cellkeys import CellKey, recipient
 from keycell.control_plane.envelope import Envelope
 from keycell.control_plane.errors import RequestError, Unavailable
@@ -283,6 +284,11 @@ class Replicas:
         """A write at this cell, which must be the secret's home."""
         self.home_for_write(self.full_path(secret))
         return self.kv.write(secret, data, cas=cas)
+
+    def change(self, secret: str, op: str, args: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Any KV change (control_plane.kvchange) at this cell, which must be the home."""
+        self.home_for_write(self.full_path(secret))
+        return kvchange.run(self.kv, secret, op, args)
 
     # --- the home's side --------------------------------------------------------------
 

@@ -12,8 +12,9 @@ What travels where:
   repairs lost pushes and partitions;
 - every `directory_interval` each leader refreshes its own cell's directory entry and
   exchanges the whole directory with a relay of another cell (`Directory`);
-- a write for a secret homed elsewhere goes API process -> local relay -> a relay of
-  the home cell (`Write`), sealed to the home's public key all the way;
+- a change (write, patch, delete, undelete, destroy, metadata) for a secret homed
+  elsewhere goes API process -> local relay -> a relay of the home cell (`Forward`),
+  its arguments sealed to the home's public key all the way;
 - a read that needs a fresher replica than the cell has asks the local relay to fetch
   it from the home now (`Refresh` -> `Fetch`).
 
@@ -93,10 +94,22 @@ UNKNOWN_OUTCOME = (
     "{path}: the home cell {home!r} did not answer in time; the write may or may not have "
     "landed. Read it back with X-Keycell-Max-Staleness: 0, or retry with options.cas"
 )
+_UNKNOWN_CHANGE = (
+    "{path}: the home cell {home!r} did not answer in time; the change may or may not have "
+    "landed. Read it back with X-Keycell-Max-Staleness: 0 before retrying (repeating a delete, "
+    "undelete, destroy or metadata change is harmless)"
+)
 
 
-def forward_aad(path: str) -> bytes:
-    return f"keycell:forward:{path}".encode()
+def unknown_outcome(path: str, home: str, op: str) -> str:
+    """What a client is told when a forwarded change timed out after it was sent."""
+    template = UNKNOWN_OUTCOME if op in ("write", "patch") else _UNKNOWN_CHANGE
+    return template.format(path=path, home=home)
+
+
+def forward_aad(path: str, op: str) -> bytes:
+    """Binds a forwarded change's sealed arguments to its path and operation."""
+    return f"keycell:forward:{op}:{path}".encode()
 
 
 class CellState:
@@ -207,8 +220,11 @@ def _reply(status: int, message: str) -> pb.HandoverReply:
     return pb.HandoverReply(status=status, body=json.dumps({"errors": [message]}).encode())
 
 
-def _error_body(message: str) -> bytes:
-    return json.dumps({"errors": [message]}).encode()
+def _error_body(message: str, data: dict[str, Any] | None = None) -> bytes:
+    body: dict[str, Any] = {"errors": [message]}
+    if data is not None:
+        body["data"] = data  # e.g. a patch of a deleted version: 404 with the version's metadata
+    return json.dumps(body).encode()
 
 
 class CellAgent(pb_grpc.CellsServicer):
@@ -391,6 +407,7 @@ class CellAgent(pb_grpc.CellsServicer):
                 continue
             for path in reply.wanted:
                 await self.push(path, [cell], latest=False)
+        self.count("digest_rounds")
 
     async def Digest(self, request: pb.HomeDigest, context: grpc.aio.ServicerContext) -> pb.DigestReply:
         entries = [DigestEntry(e.path, e.epoch, e.meta_seq, e.generation) for e in request.entries]
@@ -585,19 +602,21 @@ class CellAgent(pb_grpc.CellsServicer):
         task.add_done_callback(self._tasks.remove)
         return pb.WrittenReply()
 
-    async def Write(self, request: pb.WriteRequest, context: grpc.aio.ServicerContext) -> pb.WriteReply:
+    async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardReply:
+        """A KV change for a secret homed elsewhere: carried on by the origin cell's
+        relay, applied by a relay of the home (then pushed to every other cell)."""
         if request.home != self.cell:
             # The origin cell's relay: carry it to a relay of the home cell.
             try:
-                reply: pb.WriteReply = await self.call_cell(request.home, "Write", request)
+                reply: pb.ForwardReply = await self.call_cell(request.home, "Forward", request)
             except Unreachable as exc:
                 self.count("forward_unreachable")
                 if exc.maybe_delivered:
-                    message = UNKNOWN_OUTCOME.format(path=request.path, home=request.home)
-                    return pb.WriteReply(status=503, body=_error_body(message))
+                    message = unknown_outcome(request.path, request.home, request.op)
+                    return pb.ForwardReply(status=503, body=_error_body(message))
                 home = Home(request.home, 0)
                 message = NotHome(request.path, home, reachable=False).message
-                return pb.WriteReply(status=503, body=_error_body(message))
+                return pb.ForwardReply(status=503, body=_error_body(message))
             self.count("forwarded")
             return reply
         moved = await self._blocking(self.state.replicas.confirmed_home, request.path)
@@ -610,46 +629,51 @@ class CellAgent(pb_grpc.CellsServicer):
             # Homed elsewhere since the sender last heard (a handover): one more hop.
             pem = self.state.public_key(moved.home)
             if pem is None:
-                return pb.WriteReply(
+                return pb.ForwardReply(
                     status=503, body=_error_body(NotHome(request.path, moved, reachable=False).message)
                 )
-            onward = pb.WriteRequest()
+            onward = pb.ForwardRequest()
             onward.CopyFrom(request)
             onward.home, onward.origin_cell = moved.home, "~" + request.origin_cell
             try:
-                onward.sealed_data = await self._blocking(
-                    self._reseal, request.sealed_data, request.path, pem
+                onward.sealed_args = await self._blocking(
+                    self._reseal, request.sealed_args, forward_aad(request.path, request.op), pem
                 )
             except SealError:
-                return pb.WriteReply(
-                    status=400, body=_error_body("the forwarded write does not open in this cell")
+                return pb.ForwardReply(
+                    status=400, body=_error_body("the forwarded change does not open in this cell")
                 )
             try:
-                return await self.call_cell(moved.home, "Write", onward)  # type: ignore[no-any-return]
-            except Unreachable:
-                return pb.WriteReply(
-                    status=503, body=_error_body(NotHome(request.path, moved, reachable=False).message)
-                )
-        status, body = await self._blocking(self._write_here, request)
+                return await self.call_cell(moved.home, "Forward", onward)  # type: ignore[no-any-return]
+            except Unreachable as exc:
+                if exc.maybe_delivered:
+                    message = unknown_outcome(request.path, moved.home, request.op)
+                else:
+                    message = NotHome(request.path, moved, reachable=False).message
+                return pb.ForwardReply(status=503, body=_error_body(message))
+        status, body = await self._blocking(self._change_here, request)
         if status == 200:
             await self.push(request.path)
-        return pb.WriteReply(status=status, body=body)
+        return pb.ForwardReply(status=status, body=body)
 
-    def _reseal(self, sealed: bytes, path: str, pem: str) -> bytes:
-        aad = forward_aad(path)
+    def _reseal(self, sealed: bytes, aad: bytes, pem: str) -> bytes:
         return seal_to(pem, self.state.cell_key().open(sealed, aad), aad)
 
-    def _write_here(self, request: pb.WriteRequest) -> tuple[int, bytes]:
+    def _change_here(self, request: pb.ForwardRequest) -> tuple[int, bytes]:
         replicas = self.state.replicas
         try:
             secret = replicas._secret(request.path)
-            data = json.loads(self.state.cell_key().open(request.sealed_data, forward_aad(request.path)))
-            out = replicas.write(secret, data, cas=request.cas if request.has_cas else None)
+            args = json.loads(
+                self.state.cell_key().open(request.sealed_args, forward_aad(request.path, request.op))
+            )
+            if not isinstance(args, dict):
+                raise ValueError("arguments are not a JSON object")
+            out = replicas.change(secret, request.op, args)
         except RequestError as exc:
-            return exc.status, _error_body(exc.message)
+            return exc.status, _error_body(exc.message, exc.data)
         except (SealError, ValueError):
-            return 400, _error_body("the forwarded write does not open in its home cell")
-        self.count("writes_at_home")
+            return 400, _error_body("the forwarded change does not open in its home cell")
+        self.count("changes_at_home")
         return 200, json.dumps({"data": out}).encode()
 
     # --- the directory ------------------------------------------------------------------
