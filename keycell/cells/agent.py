@@ -6,10 +6,12 @@ What travels where:
 - a write at a secret's home (an API process tells its local relay, `Written`; or a
   forwarded write the home's relay ran itself) is pushed at once to one relay of every
   other cell, as a `ReplicaBatch` sealed for that cell (`Push`);
-- every `digest_interval` the home cell's leader relay sends each other cell the list
-  of secrets it homes with their metadata sequence (`Digest`); the receiver moves its
-  watermark (replica ages) and names what it lacks, which the home then pushes: this
-  repairs lost pushes and partitions;
+- every `digest_interval` the home cell's leader relay sends each other cell a digest
+  of the secrets it homes: 256 bucket hashes over (path, epoch, generation, metadata
+  sequence) (`DigestBuckets`), then the entries of only the buckets that differ from
+  the receiver's (`Digest`); the receiver moves its watermark (replica ages) and names
+  what it lacks, which the home then pushes: this repairs lost pushes and partitions,
+  at a cost per round that does not grow with the number of secrets in sync;
 - every `directory_interval` each leader refreshes its own cell's directory entry and
   exchanges the whole directory with a relay of another cell (`Directory`);
 - a change (write, patch, delete, undelete, destroy, metadata) for a secret homed
@@ -47,7 +49,15 @@ from keycell.control_plane import directory as directory_mod
 from keycell.control_plane.cellkeys import CellKey, SealError, seal_to
 from keycell.control_plane.directory import CellRecord, Directory, Entry, HybridClock
 from keycell.control_plane.errors import RequestError
-from keycell.control_plane.replicas import DigestEntry, Home, NotHome, ReplicaBatch, Replicas
+from keycell.control_plane.replicas import (
+    DigestEntry,
+    Home,
+    NotHome,
+    ReplicaBatch,
+    Replicas,
+    bucket_hashes,
+    bucket_of,
+)
 from keycell.relay.membership import State
 from keycell.relay.node import Relay
 
@@ -244,6 +254,7 @@ class CellAgent(pb_grpc.CellsServicer):
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._seen_running = False
+        self.digest_mode = "buckets"  # or "full": see _digest_to
         relay.extra_services.append(self._add_to)
 
     def _add_to(self, server: grpc.aio.Server) -> None:
@@ -391,6 +402,37 @@ class CellAgent(pb_grpc.CellsServicer):
     async def digest_round(self) -> None:
         at = time.time()
         entries = await self._blocking(lambda: list(self.state.replicas.homed_here()))
+        for cell in self.other_cells():
+            try:
+                wanted = await self._digest_to(cell, at, entries)
+            except Unreachable:
+                self.count("digest_unreachable")
+                continue
+            for path in wanted:
+                await self.push(path, [cell], latest=False)
+        self.count("digest_rounds")
+
+    async def _digest_to(self, cell: str, at: float, entries: list[DigestEntry]) -> list[str]:
+        """One anti-entropy exchange with `cell`: the paths it lacks. Bucketed (the
+        default): the 256 bucket hashes first, then the entries of the buckets that
+        differ, if any. `digest_mode = "full"` lists every entry at once (the relays
+        before bucketed digests did; kept for them and for bench/replication.py)."""
+        differing: set[int] = set()
+        if self.digest_mode == "buckets":
+            first = pb.BucketDigest(home=self.cell, at=at, hashes=bucket_hashes(entries))
+            try:
+                answer = await self.call_cell(cell, "DigestBuckets", first)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                answer = None  # a relay from before bucketed digests: list everything
+            if answer is not None:
+                self.count("digest_bytes", first.ByteSize() + answer.ByteSize())
+                differing = set(answer.differing)
+                self.count("digest_buckets_differing", len(differing))
+                if not differing:
+                    return []
+                entries = [e for e in entries if bucket_of(e.path) in differing]
         digest = pb.HomeDigest(
             home=self.cell,
             at=at,
@@ -398,20 +440,30 @@ class CellAgent(pb_grpc.CellsServicer):
                 pb.DigestEntry(path=e.path, epoch=e.epoch, meta_seq=e.meta_seq, generation=e.generation)
                 for e in entries
             ],
+            buckets=sorted(differing),
         )
-        for cell in self.other_cells():
-            try:
-                reply = await self.call_cell(cell, "Digest", digest)
-            except Unreachable:
-                self.count("digest_unreachable")
-                continue
-            for path in reply.wanted:
-                await self.push(path, [cell], latest=False)
-        self.count("digest_rounds")
+        reply = await self.call_cell(cell, "Digest", digest)
+        self.count("digest_bytes", digest.ByteSize() + reply.ByteSize())
+        self.count("digest_entries", len(entries))
+        return list(reply.wanted)
+
+    async def DigestBuckets(
+        self, request: pb.BucketDigest, context: grpc.aio.ServicerContext
+    ) -> pb.BucketReply:
+        try:
+            differing = await self._blocking(
+                self.state.replicas.differing_buckets, request.home, request.at, list(request.hashes)
+            )
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.BucketReply(cell=self.cell, differing=differing)
 
     async def Digest(self, request: pb.HomeDigest, context: grpc.aio.ServicerContext) -> pb.DigestReply:
         entries = [DigestEntry(e.path, e.epoch, e.meta_seq, e.generation) for e in request.entries]
-        wanted = await self._blocking(self.state.replicas.on_digest, request.home, request.at, entries)
+        buckets = set(request.buckets) or None
+        wanted = await self._blocking(
+            self.state.replicas.on_digest, request.home, request.at, entries, buckets
+        )
         return pb.DigestReply(cell=self.cell, wanted=wanted)
 
     async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> pb.ReplicaBatch:
