@@ -226,6 +226,20 @@ def batch_from_pb(msg: pb.ReplicaBatch) -> ReplicaBatch:
     )
 
 
+def _listing(
+    home: str, at: float, entries: list[DigestEntry], buckets: list[int] | None = None
+) -> pb.HomeDigest:
+    return pb.HomeDigest(
+        home=home,
+        at=at,
+        entries=[
+            pb.DigestEntry(path=e.path, epoch=e.epoch, meta_seq=e.meta_seq, generation=e.generation)
+            for e in entries
+        ],
+        buckets=buckets or [],
+    )
+
+
 def _reply(status: int, message: str) -> pb.HandoverReply:
     return pb.HandoverReply(status=status, body=json.dumps({"errors": [message]}).encode())
 
@@ -402,9 +416,19 @@ class CellAgent(pb_grpc.CellsServicer):
     async def digest_round(self) -> None:
         at = time.time()
         entries = await self._blocking(lambda: list(self.state.replicas.homed_here()))
+        listing = _listing(self.cell, at, entries)
+        first: pb.BucketDigest | None = None
+        if self.digest_mode == "buckets":
+            first = pb.BucketDigest(home=self.cell, at=at, hashes=bucket_hashes(entries))
+            if listing.ByteSize() <= first.ByteSize():
+                first = None  # so few secrets that listing them all is smaller (and one trip)
+        by_bucket: dict[int, list[DigestEntry]] = {}
+        if first is not None:
+            for entry in entries:
+                by_bucket.setdefault(bucket_of(entry.path), []).append(entry)
         for cell in self.other_cells():
             try:
-                wanted = await self._digest_to(cell, at, entries)
+                wanted = await self._digest_to(cell, listing, first, by_bucket)
             except Unreachable:
                 self.count("digest_unreachable")
                 continue
@@ -412,14 +436,19 @@ class CellAgent(pb_grpc.CellsServicer):
                 await self.push(path, [cell], latest=False)
         self.count("digest_rounds")
 
-    async def _digest_to(self, cell: str, at: float, entries: list[DigestEntry]) -> list[str]:
-        """One anti-entropy exchange with `cell`: the paths it lacks. Bucketed (the
-        default): the 256 bucket hashes first, then the entries of the buckets that
-        differ, if any. `digest_mode = "full"` lists every entry at once (the relays
-        before bucketed digests did; kept for them and for bench/replication.py)."""
-        differing: set[int] = set()
-        if self.digest_mode == "buckets":
-            first = pb.BucketDigest(home=self.cell, at=at, hashes=bucket_hashes(entries))
+    async def _digest_to(
+        self,
+        cell: str,
+        listing: pb.HomeDigest,
+        first: pb.BucketDigest | None,
+        by_bucket: dict[int, list[DigestEntry]],
+    ) -> list[str]:
+        """One anti-entropy exchange with `cell`: the paths it lacks. Bucketed (`first`):
+        the 256 bucket hashes, then the entries of only the buckets that differ, if
+        any. Otherwise (`digest_mode = "full"`, a few secrets only, or a relay from
+        before bucketed digests) every entry at once."""
+        digest = listing
+        if first is not None:
             try:
                 answer = await self.call_cell(cell, "DigestBuckets", first)
             except grpc.aio.AioRpcError as exc:
@@ -428,23 +457,15 @@ class CellAgent(pb_grpc.CellsServicer):
                 answer = None  # a relay from before bucketed digests: list everything
             if answer is not None:
                 self.count("digest_bytes", first.ByteSize() + answer.ByteSize())
-                differing = set(answer.differing)
+                differing = sorted(set(answer.differing))
                 self.count("digest_buckets_differing", len(differing))
                 if not differing:
                     return []
-                entries = [e for e in entries if bucket_of(e.path) in differing]
-        digest = pb.HomeDigest(
-            home=self.cell,
-            at=at,
-            entries=[
-                pb.DigestEntry(path=e.path, epoch=e.epoch, meta_seq=e.meta_seq, generation=e.generation)
-                for e in entries
-            ],
-            buckets=sorted(differing),
-        )
+                some = [e for b in differing for e in by_bucket.get(b, [])]
+                digest = _listing(self.cell, first.at, some, differing)
         reply = await self.call_cell(cell, "Digest", digest)
         self.count("digest_bytes", digest.ByteSize() + reply.ByteSize())
-        self.count("digest_entries", len(entries))
+        self.count("digest_entries", len(digest.entries))
         return list(reply.wanted)
 
     async def DigestBuckets(

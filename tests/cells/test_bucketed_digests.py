@@ -61,7 +61,7 @@ def test_replicas_missing_a_few_secrets_get_only_those_buckets_and_converge(tmp_
     mesh = Mesh(tmp_path, timing=timing).start()
     try:
         assert mesh.wait_for(mesh.directory_complete, 15)
-        names = [f"many/s{i}" for i in range(40)]
+        names = [f"many/s{i}" for i in range(120)]  # enough that the hashes beat a full listing
         for name in names:
             assert mesh.write("a", name, {"v": "1"}).status == 200
         assert mesh.wait_for(lambda: all(mesh.value_in(c, names[-1]) == {"v": "1"} for c in CELLS), 10)
