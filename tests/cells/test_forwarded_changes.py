@@ -176,3 +176,34 @@ def test_a_forwarded_change_that_times_out_says_its_outcome_is_unknown(mesh: Mes
     # ... and the write was indeed on its way: it landed at the home, and comes back to b
     assert mesh.wait_for(lambda: (metadata(mesh, "a") or {}).get("current_version") == 3, 10)
     assert mesh.wait_for(lambda: mesh.value_in("b", SECRET) == {"v": "3"}, 10)
+
+
+class Recording:
+    """b's API stub to its relay, keeping every forwarded change as sent."""
+
+    def __init__(self, stub: Any) -> None:
+        self.stub = stub
+        self.sent: list[bytes] = []
+
+    def Forward(self, request: Any, timeout: float) -> Any:
+        self.sent.append(request.SerializeToString())
+        return self.stub.Forward(request, timeout=timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stub, name)
+
+
+def test_forwarded_values_and_settings_travel_sealed(mesh: Mesh) -> None:
+    homed_in_a(mesh)
+    front = mesh.fronts["b"]
+    recording = front._stub = Recording(front.stub())
+    reply = mesh.request("b", "PATCH", f"secret/data/{SECRET}", {"data": {"v": "hunter2-patched"}})
+    assert reply.status == 200, reply.body
+    reply = mesh.request(
+        "b", "POST", f"secret/metadata/{SECRET}", {"custom_metadata": {"owner": "team-confidential"}}
+    )
+    assert reply.status == 204, reply.body
+    assert len(recording.sent) == 2
+    for raw in recording.sent:
+        assert b"hunter2" not in raw and b"confidential" not in raw and b"keep" not in raw
+    assert mesh.value_in("a", SECRET) == {"v": "hunter2-patched", "keep": "k"}
