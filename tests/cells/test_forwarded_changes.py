@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
+from keycell.cells.agent import CellTiming
 from keycell.cells.mesh import Mesh
 from keycell.control_plane.ledger import Key, Kind
 
@@ -207,3 +209,26 @@ def test_forwarded_values_and_settings_travel_sealed(mesh: Mesh) -> None:
     for raw in recording.sent:
         assert b"hunter2" not in raw and b"confidential" not in raw and b"keep" not in raw
     assert mesh.value_in("a", SECRET) == {"v": "hunter2-patched", "keep": "k"}
+
+
+def test_a_change_in_a_cell_that_has_not_heard_of_the_secret_finds_its_home(tmp_path: Path) -> None:
+    # no digests (only the test's pushes): b learns of the secret only by asking
+    timing = CellTiming(digest_interval=3600, directory_interval=0.5, call_timeout=2.0, handover_grace=0.5)
+    mesh = Mesh(tmp_path, timing=timing).start()
+    try:
+        assert mesh.wait_for(mesh.directory_complete, 15)
+        mesh.partition("b")
+        assert mesh.write("a", SECRET, {"v": "1"}).status == 200  # homed in a with c's vote
+        assert mesh.wait_for(lambda: mesh.value_in("c", SECRET) == {"v": "1"}, 10)
+        mesh.heal()
+        assert mesh.fronts["b"].replicas.home(f"secret/{SECRET}") is None
+        reply = mesh.request("b", "PATCH", f"secret/data/{SECRET}", {"data": {"w": "2"}})
+        assert reply.status == 200 and reply.body["data"]["version"] == 2, reply.body  # type: ignore[index]
+        assert mesh.value_in("a", SECRET) == {"v": "1", "w": "2"}
+        assert mesh.wait_for(lambda: mesh.value_in("b", SECRET) == {"v": "1", "w": "2"}, 10)
+        # a secret no cell homes: answered as anywhere (404 / nothing to delete), nothing claimed
+        assert mesh.request("b", "PATCH", "secret/data/nowhere", {"data": {"x": "1"}}).status == 404
+        assert mesh.request("b", "DELETE", "secret/metadata/nowhere").status == 204
+        assert all(mesh.fronts[c].replicas.home("secret/nowhere") is None for c in CELLS)
+    finally:
+        mesh.stop()
