@@ -77,6 +77,12 @@ def check(kv: KvV2, secret: str, op: str, args: Mapping[str, Any]) -> None:
             _custom_metadata(args["custom_metadata"], patch=op == "patch_metadata")
 
 
+def changes_nothing(op: str, args: Mapping[str, Any]) -> bool:
+    """A metadata write that sets nothing: Vault answers 204 and changes nothing (so
+    no home is claimed for it either)."""
+    return op == "write_metadata" and all(args.get(name) is None for name in _METADATA_ARGS)
+
+
 def run(kv: KvV2, secret: str, op: str, args: Mapping[str, Any]) -> dict[str, Any] | None:
     """Apply one change to `kv` (this cell's ledger; CP there)."""
     check(kv, secret, op, args)

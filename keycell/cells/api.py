@@ -98,6 +98,8 @@ class CellsFrontend:
         arguments sealed to the home's key and forwarded through the local relay."""
         path = self.replicas.full_path(secret)
         kvchange.check(self.services.kv, secret, op, args)  # bad input is refused before anything travels
+        if kvchange.changes_nothing(op, args):
+            return None
         home = self.replicas.confirmed_home(path) or self._find_home(path, op)
         if home is None:  # no cell homes it: the change answers here as it would anywhere (404 or no-op)
             return kvchange.run(self.services.kv, secret, op, args)

@@ -229,6 +229,7 @@ def test_a_change_in_a_cell_that_has_not_heard_of_the_secret_finds_its_home(tmp_
         # a secret no cell homes: answered as anywhere (404 / nothing to delete), nothing claimed
         assert mesh.request("b", "PATCH", "secret/data/nowhere", {"data": {"x": "1"}}).status == 404
         assert mesh.request("b", "DELETE", "secret/metadata/nowhere").status == 204
+        assert mesh.request("b", "POST", "secret/metadata/nowhere", {}).status == 204
         assert all(mesh.fronts[c].replicas.home("secret/nowhere") is None for c in CELLS)
     finally:
         mesh.stop()
