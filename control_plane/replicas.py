@@ -30,12 +30,14 @@ include the clock skew between cells (on one machine, none).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from keycell.control_plane import kvchange
 from keycell.control_plane.cellkeys import CellKey, recipient
 from keycell.control_plane.envelope import Envelope
 from keycell.control_plane.errors import RequestError, Unavailable
@@ -158,6 +160,36 @@ class DigestEntry:
     generation: int = 0
 
 
+# Anti-entropy digests in buckets: a secret's bucket is one byte of a hash of its path;
+# a bucket's hash is the XOR of a 64-bit hash of each (path, epoch, generation,
+# meta_seq) in it (0: empty), so that home and replica compute it alike, in any order.
+BUCKETS = 256
+
+
+def bucket_of(path: str) -> int:
+    return hashlib.blake2b(path.encode("utf-8", "surrogatepass"), digest_size=1).digest()[0]
+
+
+def entry_hash(entry: DigestEntry) -> int:
+    generation = entry.generation if entry.meta_seq else 0  # a deletion is (path, epoch) alone
+    raw = f"{entry.path}\0{entry.epoch}\0{generation}\0{entry.meta_seq}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big")
+
+
+def bucket_hashes(entries: Iterable[DigestEntry]) -> list[int]:
+    hashes = [0] * BUCKETS
+    for entry in entries:
+        hashes[bucket_of(entry.path)] ^= entry_hash(entry)
+    return hashes
+
+
+def _record_entry(path: str, record: dict[str, Any]) -> DigestEntry:
+    """What a replica record says of its secret, as the home's digest would list it."""
+    if record.get("deleted"):
+        return DigestEntry(path, int(record["epoch"]), 0, 0)
+    return DigestEntry(path, int(record["epoch"]), int(record["meta_seq"]), int(record["generation"]))
+
+
 def _order(record: dict[str, Any]) -> tuple[int, float, int]:
     return (int(record["epoch"]), float(record.get("generation", 0)), int(record["meta_seq"]))
 
@@ -266,8 +298,14 @@ class Replicas:
         raise Unavailable(f"too many concurrent changes to the home of {path}; retry later")
 
     def take_over(self, path: str, epoch: int) -> Home:
-        """Step two, in the new home: it holds the secret, and becomes its home."""
-        return self.learn_home(path, Home(self.cell, epoch, "home", since=self.clock()))
+        """Step two, in the new home: it holds the secret, and becomes its home (its
+        replica record goes: the old home's digests no longer list the secret)."""
+        home = self.learn_home(path, Home(self.cell, epoch, "home", since=self.clock()))
+        found = self.barrier.get(Key(Kind.REPLICA, path), consistent=True)
+        if found is not None and home.home == self.cell:
+            with contextlib.suppress(ConflictError):
+                self.barrier.delete_if(found.key, found.version)
+        return home
 
     def home_for_write(self, path: str) -> Home:
         """The secret's confirmed home, which must be this cell: NotHome otherwise
@@ -283,6 +321,11 @@ class Replicas:
         """A write at this cell, which must be the secret's home."""
         self.home_for_write(self.full_path(secret))
         return self.kv.write(secret, data, cas=cas)
+
+    def change(self, secret: str, op: str, args: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Any KV change (control_plane.kvchange) at this cell, which must be the home."""
+        self.home_for_write(self.full_path(secret))
+        return kvchange.run(self.kv, secret, op, args)
 
     # --- the home's side --------------------------------------------------------------
 
@@ -454,21 +497,46 @@ class Replicas:
                 with contextlib.suppress(ConflictError):
                     self.barrier.delete_if(item.key, item.version)
 
-    def on_digest(self, home_cell: str, at: float, entries: list[DigestEntry]) -> list[str]:
+    def _replicas_of(self, home_cell: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(path, replica record) of every secret this cell holds as homed in `home_cell`."""
+        for item in iter_prefix(self.barrier, Kind.REPLICA, self.kv.mount + "/", page_size=500):
+            record = json.loads(item.value)
+            if record["home"] == home_cell:
+                yield item.key.path, record
+
+    def differing_buckets(self, home_cell: str, at: float, hashes: list[int]) -> list[int]:
+        """First step of a bucketed digest: the buckets whose hash differs from what this
+        cell holds of `home_cell`'s secrets. None differing: every replica of that home
+        is current as of `at` (the watermark moves); otherwise the home lists those
+        buckets next (`on_digest` with `buckets`)."""
+        if len(hashes) != BUCKETS:
+            raise ValueError(f"a bucketed digest has {BUCKETS} buckets, not {len(hashes)}")
+        mine = bucket_hashes(_record_entry(path, record) for path, record in self._replicas_of(home_cell))
+        differing = [i for i in range(BUCKETS) if mine[i] != hashes[i]]
+        if not differing:
+            self._save_watermark(home_cell, {"at": at, "lagging": {}})
+        return differing
+
+    def on_digest(
+        self,
+        home_cell: str,
+        at: float,
+        entries: list[DigestEntry],
+        buckets: set[int] | None = None,
+    ) -> list[str]:
         """The home's list of its secrets as of `at` (its clock): moves this cell's
-        watermark for that home, and returns the paths this cell must fetch."""
+        watermark for that home, and returns the paths this cell must fetch. With
+        `buckets`, `entries` covers only those buckets; the replicas in the others
+        matched the home's hashes (`differing_buckets`): current as of `at`."""
         listed = {e.path: e for e in entries}
-        wm_key = Key(Kind.REPLICA, _WATERMARK + home_cell)
-        found = get_json(self.barrier, wm_key)
+        found = get_json(self.barrier, Key(Kind.REPLICA, _WATERMARK + home_cell))
         previous: dict[str, Any] = found[0] if found is not None else {"at": 0.0, "lagging": {}}
         lagging: dict[str, float] = {}
         wanted: list[str] = []
         seen: set[str] = set()
-        for item in iter_prefix(self.barrier, Kind.REPLICA, self.kv.mount + "/", page_size=500):
-            record = json.loads(item.value)
-            if record["home"] != home_cell:
-                continue
-            path = item.key.path
+        for path, record in self._replicas_of(home_cell):
+            if buckets is not None and bucket_of(path) not in buckets:
+                continue  # its bucket matched: current as of `at`
             seen.add(path)
             entry = listed.get(path)
             if entry is not None:
@@ -486,10 +554,14 @@ class Replicas:
                 home = self.home(path)
                 if home is None or home.home != self.cell:
                     wanted.append(path)
-        watermark = {"at": at, "lagging": lagging}
-        with contextlib.suppress(ConflictError):
-            self.barrier.put_if(wm_key, encode_json(watermark), found[1] if found else 0)
+        self._save_watermark(home_cell, {"at": at, "lagging": lagging})
         return wanted
+
+    def _save_watermark(self, home_cell: str, watermark: dict[str, Any]) -> None:
+        wm_key = Key(Kind.REPLICA, _WATERMARK + home_cell)
+        found = self.barrier.get(wm_key, consistent=True)
+        with contextlib.suppress(ConflictError):
+            self.barrier.put_if(wm_key, encode_json(watermark), found.version if found else 0)
 
     def age(self, path: str, home: Home | None = None) -> float | None:
         """How stale this cell's copy may be, in seconds: 0 at the home, None when the

@@ -6,14 +6,17 @@ What travels where:
 - a write at a secret's home (an API process tells its local relay, `Written`; or a
   forwarded write the home's relay ran itself) is pushed at once to one relay of every
   other cell, as a `ReplicaBatch` sealed for that cell (`Push`);
-- every `digest_interval` the home cell's leader relay sends each other cell the list
-  of secrets it homes with their metadata sequence (`Digest`); the receiver moves its
-  watermark (replica ages) and names what it lacks, which the home then pushes: this
-  repairs lost pushes and partitions;
+- every `digest_interval` the home cell's leader relay sends each other cell a digest
+  of the secrets it homes: 256 bucket hashes over (path, epoch, generation, metadata
+  sequence) (`DigestBuckets`), then the entries of only the buckets that differ from
+  the receiver's (`Digest`); the receiver moves its watermark (replica ages) and names
+  what it lacks, which the home then pushes: this repairs lost pushes and partitions,
+  at a cost per round that does not grow with the number of secrets in sync;
 - every `directory_interval` each leader refreshes its own cell's directory entry and
   exchanges the whole directory with a relay of another cell (`Directory`);
-- a write for a secret homed elsewhere goes API process -> local relay -> a relay of
-  the home cell (`Write`), sealed to the home's public key all the way;
+- a change (write, patch, delete, undelete, destroy, metadata) for a secret homed
+  elsewhere goes API process -> local relay -> a relay of the home cell (`Forward`),
+  its arguments sealed to the home's public key all the way;
 - a read that needs a fresher replica than the cell has asks the local relay to fetch
   it from the home now (`Refresh` -> `Fetch`).
 
@@ -46,7 +49,15 @@ from keycell.control_plane import directory as directory_mod
 from keycell.control_plane.cellkeys import CellKey, SealError, seal_to
 from keycell.control_plane.directory import CellRecord, Directory, Entry, HybridClock
 from keycell.control_plane.errors import RequestError
-from keycell.control_plane.replicas import DigestEntry, Home, NotHome, ReplicaBatch, Replicas
+from keycell.control_plane.replicas import (
+    DigestEntry,
+    Home,
+    NotHome,
+    ReplicaBatch,
+    Replicas,
+    bucket_hashes,
+    bucket_of,
+)
 from keycell.relay.membership import State
 from keycell.relay.node import Relay
 
@@ -93,10 +104,22 @@ UNKNOWN_OUTCOME = (
     "{path}: the home cell {home!r} did not answer in time; the write may or may not have "
     "landed. Read it back with X-Keycell-Max-Staleness: 0, or retry with options.cas"
 )
+_UNKNOWN_CHANGE = (
+    "{path}: the home cell {home!r} did not answer in time; the change may or may not have "
+    "landed. Read it back with X-Keycell-Max-Staleness: 0 before retrying (repeating a delete, "
+    "undelete, destroy or metadata change is harmless)"
+)
 
 
-def forward_aad(path: str) -> bytes:
-    return f"keycell:forward:{path}".encode()
+def unknown_outcome(path: str, home: str, op: str) -> str:
+    """What a client is told when a forwarded change timed out after it was sent."""
+    template = UNKNOWN_OUTCOME if op in ("write", "patch") else _UNKNOWN_CHANGE
+    return template.format(path=path, home=home)
+
+
+def forward_aad(path: str, op: str) -> bytes:
+    """Binds a forwarded change's sealed arguments to its path and operation."""
+    return f"keycell:forward:{op}:{path}".encode()
 
 
 class CellState:
@@ -203,12 +226,29 @@ def batch_from_pb(msg: pb.ReplicaBatch) -> ReplicaBatch:
     )
 
 
+def _listing(
+    home: str, at: float, entries: list[DigestEntry], buckets: list[int] | None = None
+) -> pb.HomeDigest:
+    return pb.HomeDigest(
+        home=home,
+        at=at,
+        entries=[
+            pb.DigestEntry(path=e.path, epoch=e.epoch, meta_seq=e.meta_seq, generation=e.generation)
+            for e in entries
+        ],
+        buckets=buckets or [],
+    )
+
+
 def _reply(status: int, message: str) -> pb.HandoverReply:
     return pb.HandoverReply(status=status, body=json.dumps({"errors": [message]}).encode())
 
 
-def _error_body(message: str) -> bytes:
-    return json.dumps({"errors": [message]}).encode()
+def _error_body(message: str, data: dict[str, Any] | None = None) -> bytes:
+    body: dict[str, Any] = {"errors": [message]}
+    if data is not None:
+        body["data"] = data  # e.g. a patch of a deleted version: 404 with the version's metadata
+    return json.dumps(body).encode()
 
 
 class CellAgent(pb_grpc.CellsServicer):
@@ -228,6 +268,7 @@ class CellAgent(pb_grpc.CellsServicer):
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._seen_running = False
+        self.digest_mode = "buckets"  # or "full": see _digest_to
         relay.extra_services.append(self._add_to)
 
     def _add_to(self, server: grpc.aio.Server) -> None:
@@ -375,26 +416,75 @@ class CellAgent(pb_grpc.CellsServicer):
     async def digest_round(self) -> None:
         at = time.time()
         entries = await self._blocking(lambda: list(self.state.replicas.homed_here()))
-        digest = pb.HomeDigest(
-            home=self.cell,
-            at=at,
-            entries=[
-                pb.DigestEntry(path=e.path, epoch=e.epoch, meta_seq=e.meta_seq, generation=e.generation)
-                for e in entries
-            ],
-        )
+        listing = _listing(self.cell, at, entries)
+        first: pb.BucketDigest | None = None
+        if self.digest_mode == "buckets":
+            first = pb.BucketDigest(home=self.cell, at=at, hashes=bucket_hashes(entries))
+            if listing.ByteSize() <= first.ByteSize():
+                first = None  # so few secrets that listing them all is smaller (and one trip)
+        by_bucket: dict[int, list[DigestEntry]] = {}
+        if first is not None:
+            for entry in entries:
+                by_bucket.setdefault(bucket_of(entry.path), []).append(entry)
         for cell in self.other_cells():
             try:
-                reply = await self.call_cell(cell, "Digest", digest)
+                wanted = await self._digest_to(cell, listing, first, by_bucket)
             except Unreachable:
                 self.count("digest_unreachable")
                 continue
-            for path in reply.wanted:
+            for path in wanted:
                 await self.push(path, [cell], latest=False)
+        self.count("digest_rounds")
+
+    async def _digest_to(
+        self,
+        cell: str,
+        listing: pb.HomeDigest,
+        first: pb.BucketDigest | None,
+        by_bucket: dict[int, list[DigestEntry]],
+    ) -> list[str]:
+        """One anti-entropy exchange with `cell`: the paths it lacks. Bucketed (`first`):
+        the 256 bucket hashes, then the entries of only the buckets that differ, if
+        any. Otherwise (`digest_mode = "full"`, a few secrets only, or a relay from
+        before bucketed digests) every entry at once."""
+        digest = listing
+        if first is not None:
+            try:
+                answer = await self.call_cell(cell, "DigestBuckets", first)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                answer = None  # a relay from before bucketed digests: list everything
+            if answer is not None:
+                self.count("digest_bytes", first.ByteSize() + answer.ByteSize())
+                differing = sorted(set(answer.differing))
+                self.count("digest_buckets_differing", len(differing))
+                if not differing:
+                    return []
+                some = [e for b in differing for e in by_bucket.get(b, [])]
+                digest = _listing(self.cell, first.at, some, differing)
+        reply = await self.call_cell(cell, "Digest", digest)
+        self.count("digest_bytes", digest.ByteSize() + reply.ByteSize())
+        self.count("digest_entries", len(digest.entries))
+        return list(reply.wanted)
+
+    async def DigestBuckets(
+        self, request: pb.BucketDigest, context: grpc.aio.ServicerContext
+    ) -> pb.BucketReply:
+        try:
+            differing = await self._blocking(
+                self.state.replicas.differing_buckets, request.home, request.at, list(request.hashes)
+            )
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.BucketReply(cell=self.cell, differing=differing)
 
     async def Digest(self, request: pb.HomeDigest, context: grpc.aio.ServicerContext) -> pb.DigestReply:
         entries = [DigestEntry(e.path, e.epoch, e.meta_seq, e.generation) for e in request.entries]
-        wanted = await self._blocking(self.state.replicas.on_digest, request.home, request.at, entries)
+        buckets = set(request.buckets) or None
+        wanted = await self._blocking(
+            self.state.replicas.on_digest, request.home, request.at, entries, buckets
+        )
         return pb.DigestReply(cell=self.cell, wanted=wanted)
 
     async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> pb.ReplicaBatch:
@@ -585,19 +675,21 @@ class CellAgent(pb_grpc.CellsServicer):
         task.add_done_callback(self._tasks.remove)
         return pb.WrittenReply()
 
-    async def Write(self, request: pb.WriteRequest, context: grpc.aio.ServicerContext) -> pb.WriteReply:
+    async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardReply:
+        """A KV change for a secret homed elsewhere: carried on by the origin cell's
+        relay, applied by a relay of the home (then pushed to every other cell)."""
         if request.home != self.cell:
             # The origin cell's relay: carry it to a relay of the home cell.
             try:
-                reply: pb.WriteReply = await self.call_cell(request.home, "Write", request)
+                reply: pb.ForwardReply = await self.call_cell(request.home, "Forward", request)
             except Unreachable as exc:
                 self.count("forward_unreachable")
                 if exc.maybe_delivered:
-                    message = UNKNOWN_OUTCOME.format(path=request.path, home=request.home)
-                    return pb.WriteReply(status=503, body=_error_body(message))
+                    message = unknown_outcome(request.path, request.home, request.op)
+                    return pb.ForwardReply(status=503, body=_error_body(message))
                 home = Home(request.home, 0)
                 message = NotHome(request.path, home, reachable=False).message
-                return pb.WriteReply(status=503, body=_error_body(message))
+                return pb.ForwardReply(status=503, body=_error_body(message))
             self.count("forwarded")
             return reply
         moved = await self._blocking(self.state.replicas.confirmed_home, request.path)
@@ -610,46 +702,51 @@ class CellAgent(pb_grpc.CellsServicer):
             # Homed elsewhere since the sender last heard (a handover): one more hop.
             pem = self.state.public_key(moved.home)
             if pem is None:
-                return pb.WriteReply(
+                return pb.ForwardReply(
                     status=503, body=_error_body(NotHome(request.path, moved, reachable=False).message)
                 )
-            onward = pb.WriteRequest()
+            onward = pb.ForwardRequest()
             onward.CopyFrom(request)
             onward.home, onward.origin_cell = moved.home, "~" + request.origin_cell
             try:
-                onward.sealed_data = await self._blocking(
-                    self._reseal, request.sealed_data, request.path, pem
+                onward.sealed_args = await self._blocking(
+                    self._reseal, request.sealed_args, forward_aad(request.path, request.op), pem
                 )
             except SealError:
-                return pb.WriteReply(
-                    status=400, body=_error_body("the forwarded write does not open in this cell")
+                return pb.ForwardReply(
+                    status=400, body=_error_body("the forwarded change does not open in this cell")
                 )
             try:
-                return await self.call_cell(moved.home, "Write", onward)  # type: ignore[no-any-return]
-            except Unreachable:
-                return pb.WriteReply(
-                    status=503, body=_error_body(NotHome(request.path, moved, reachable=False).message)
-                )
-        status, body = await self._blocking(self._write_here, request)
+                return await self.call_cell(moved.home, "Forward", onward)  # type: ignore[no-any-return]
+            except Unreachable as exc:
+                if exc.maybe_delivered:
+                    message = unknown_outcome(request.path, moved.home, request.op)
+                else:
+                    message = NotHome(request.path, moved, reachable=False).message
+                return pb.ForwardReply(status=503, body=_error_body(message))
+        status, body = await self._blocking(self._change_here, request)
         if status == 200:
             await self.push(request.path)
-        return pb.WriteReply(status=status, body=body)
+        return pb.ForwardReply(status=status, body=body)
 
-    def _reseal(self, sealed: bytes, path: str, pem: str) -> bytes:
-        aad = forward_aad(path)
+    def _reseal(self, sealed: bytes, aad: bytes, pem: str) -> bytes:
         return seal_to(pem, self.state.cell_key().open(sealed, aad), aad)
 
-    def _write_here(self, request: pb.WriteRequest) -> tuple[int, bytes]:
+    def _change_here(self, request: pb.ForwardRequest) -> tuple[int, bytes]:
         replicas = self.state.replicas
         try:
             secret = replicas._secret(request.path)
-            data = json.loads(self.state.cell_key().open(request.sealed_data, forward_aad(request.path)))
-            out = replicas.write(secret, data, cas=request.cas if request.has_cas else None)
+            args = json.loads(
+                self.state.cell_key().open(request.sealed_args, forward_aad(request.path, request.op))
+            )
+            if not isinstance(args, dict):
+                raise ValueError("arguments are not a JSON object")
+            out = replicas.change(secret, request.op, args)
         except RequestError as exc:
-            return exc.status, _error_body(exc.message)
+            return exc.status, _error_body(exc.message, exc.data)
         except (SealError, ValueError):
-            return 400, _error_body("the forwarded write does not open in its home cell")
-        self.count("writes_at_home")
+            return 400, _error_body("the forwarded change does not open in its home cell")
+        self.count("changes_at_home")
         return 200, json.dumps({"data": out}).encode()
 
     # --- the directory ------------------------------------------------------------------

@@ -2,18 +2,21 @@
 home, reads are served from this cell's replica with its age, and a read may bound
 the age it accepts.
 
-- POST/PUT secret/data/:path: at the home (or for a new secret, which this cell then
-  homes) the write is CP in this cell's ledger and the local relay is told to push
-  it; for a secret homed elsewhere the value is sealed to the home cell's public key
-  (from the cell directory) and forwarded through the local relay to a relay of the
-  home cell. When the home cannot be reached: 503 naming the home cell.
+- Every KV change (POST/PUT/PATCH/DELETE secret/data/:path, POST secret/delete/,
+  undelete/ and destroy/:path, POST/PATCH/DELETE secret/metadata/:path): at the home
+  (or for a new secret, which this cell then homes) it is CP in this cell's ledger and
+  the local relay is told to push it; for a secret homed elsewhere its arguments are
+  sealed to the home cell's public key (from the cell directory) and forwarded through
+  the local relay to a relay of the home cell, which applies it with Vault's
+  check-and-set and version rules and answers as it would itself (its 400 on a cas
+  mismatch comes back as is). When the home cannot be reached: 503 naming the home
+  cell, and nothing changed anywhere; a timeout after sending says the outcome is
+  unknown.
 - GET secret/data/:path: served from this cell's ledger, with `X-Keycell-Replica-Age`
   (seconds the copy may be behind its home; 0 at the home) and `X-Keycell-Home-Cell`.
   `X-Keycell-Max-Staleness: 2s` (or `2`, `500ms`) asks for a copy no older than that:
   an older replica is refreshed from the home first, and when the home cannot be
   reached the read is refused with 412 (nothing stale is served under a bound).
-- Other KV writes (patch, delete, undelete, destroy, metadata) on a secret homed
-  elsewhere are refused with 503 naming the home (they are not forwarded yet).
 
 `install(router, services, relay_addr)` wraps the KV routes of a built router; the
 server does it when KEYCELL_RELAY names the cell's relay (functions/wiring.py).
@@ -25,17 +28,18 @@ import contextlib
 import json
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from keycell.cells._pb import cells_pb2 as pb
 from keycell.cells._pb import cells_pb2_grpc as pb_grpc
-from keycell.cells.agent import CHANNEL_OPTIONS, UNKNOWN_OUTCOME, forward_aad
+from keycell.cells.agent import CHANNEL_OPTIONS, forward_aad, unknown_outcome
 from keycell.control_plane import directory as directory_mod
+from keycell.control_plane import kvchange
 from keycell.control_plane.cellkeys import CellKey, seal_to
 from keycell.control_plane.errors import InvalidRequest, NotFound, RequestError
-from keycell.control_plane.kv import _encode_data
 from keycell.control_plane.replicas import Home, NoMajority, NotHome, Replicas
 from keycell.control_plane.router import Context, Operation, OperationDoc, Result, RouteDoc, Router
 from keycell.control_plane.routes.openapi import STR, STR_LIST, obj, ok
@@ -84,47 +88,70 @@ class CellsFrontend:
     # --- writes -----------------------------------------------------------------------
 
     def write(self, secret: str, data: object, cas: object) -> dict[str, Any]:
+        out = self.change(secret, "write", {"data": data, "cas": cas})
+        assert out is not None
+        return out
+
+    def change(self, secret: str, op: str, args: dict[str, Any]) -> dict[str, Any] | None:
+        """Any KV change (control_plane.kvchange): at the secret's home, CP in this
+        cell's ledger, then pushed to the other cells; for a secret homed elsewhere, its
+        arguments sealed to the home's key and forwarded through the local relay."""
         path = self.replicas.full_path(secret)
-        plaintext = _encode_data(data)  # bad input is refused here, before anything travels
-        home = self.replicas.confirmed_home(path) or self._claim(path)
+        kvchange.check(self.services.kv, secret, op, args)  # bad input is refused before anything travels
+        if kvchange.changes_nothing(op, args):
+            return None
+        home = self.replicas.confirmed_home(path) or self._find_home(path, op)
+        if home is None:  # no cell homes it: the change answers here as it would anywhere (404 or no-op)
+            return kvchange.run(self.services.kv, secret, op, args)
         if home.home == self.cell and home.state == "home":
-            out = self.replicas.write(secret, data, cas=cas)
+            out = self.replicas.change(secret, op, args)
             self._written(path)
             return out
         if home.state != "home":
             raise NotHome(path, home)
-        cas_value = None
-        if cas is not None:
-            if (
-                isinstance(cas, bool)
-                or not isinstance(cas, int | str)
-                or not str(cas).strip().lstrip("-").isdigit()
-            ):
-                raise InvalidRequest("error parsing check-and-set parameter")
-            cas_value = int(cas)
         public = self._public_key(home.home)
         stub = self.stub()
         if public is None or stub is None:
             raise NotHome(path, home, reachable=False)
-        request = pb.WriteRequest(
+        request = pb.ForwardRequest(
             path=path,
             home=home.home,
-            sealed_data=seal_to(public, plaintext, forward_aad(path)),
-            has_cas=cas_value is not None,
-            cas=cas_value or 0,
+            op=op,
+            sealed_args=seal_to(public, json.dumps(args).encode(), forward_aad(path, op)),
             origin_cell=self.cell,
         )
         try:
-            reply = stub.Write(request, timeout=self.timeout)
+            reply = stub.Forward(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise RequestError(UNKNOWN_OUTCOME.format(path=path, home=home.home), status=503) from None
+                raise RequestError(unknown_outcome(path, home.home, op), status=503) from None
             raise NotHome(path, home, reachable=False) from None
         body = json.loads(reply.body or b"{}")
         if reply.status != 200:
-            errors = body.get("errors") or ["the home cell refused the write"]
-            raise RequestError(str(errors[0]), status=reply.status)
-        return body["data"]  # type: ignore[no-any-return]
+            errors = body.get("errors") or ["the home cell refused the change"]
+            raise RequestError(str(errors[0]), status=reply.status, data=body.get("data"))
+        return body.get("data")  # type: ignore[no-any-return]
+
+    def _find_home(self, path: str, op: str) -> Home | None:
+        """The home of a secret this cell holds no confirmed home for. A change that
+        may create it claims it (`_claim`); any other asks the other cells through the
+        relay (this cell may not have heard of it yet): None when no cell homes it."""
+        if op in kvchange.CREATES:
+            return self._claim(path)
+        stub = self.stub()
+        if stub is None:
+            return None
+        try:
+            stub.Refresh(pb.RefreshRequest(path=path), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise RequestError(
+                f"this cell holds no copy of {path} and cannot ask every other cell whether one "
+                "homes it now; retry later, or send the change to the secret's home cell",
+                status=503,
+            ) from None
+        return self.replicas.confirmed_home(path)
 
     def _claim(self, path: str) -> Home:
         """The home of a secret this cell has no confirmed home for: found in another
@@ -178,13 +205,6 @@ class CellsFrontend:
         if reply.status != 200:
             raise RequestError(str((body.get("errors") or ["the handover failed"])[0]), status=reply.status)
         return body["data"]  # type: ignore[no-any-return]
-
-    def refuse_elsewhere(self, secret: str) -> None:
-        """For KV changes that are not forwarded: refuse unless this cell is the home."""
-        path = self.replicas.full_path(secret)
-        home = self.replicas.confirmed_home(path)
-        if home is not None and (home.home != self.cell or home.state != "home"):
-            raise NotHome(path, home)
 
     # --- reads ------------------------------------------------------------------------
 
@@ -316,24 +336,17 @@ def install(router: Router, services: Any, relay_addr: str | None) -> CellsFront
     for route in router.routes:
         pattern = route.pattern.pattern
         if pattern.startswith("secret/data/"):
-            _wrap_data(route.handlers, front)
-        elif pattern.startswith(
-            ("secret/delete/", "secret/undelete/", "secret/destroy/", "secret/metadata/")
-        ):
-            _wrap_guard(route.handlers, front)
+            _wrap_reads(route.handlers, front)
+        for prefix, ops in _CHANGES.items():
+            if pattern.startswith(prefix):
+                for operation, extract in ops.items():
+                    if operation in route.handlers:
+                        route.handlers[operation] = _forwarding(front, extract)
     return front
 
 
-def _wrap_data(handlers: dict[Operation, Any], front: CellsFrontend) -> None:
+def _wrap_reads(handlers: dict[Operation, Any], front: CellsFrontend) -> None:
     read = handlers[Operation.READ]
-
-    def write(ctx: Context) -> dict[str, Any]:
-        if "data" not in ctx.data:
-            raise InvalidRequest("no data provided")
-        options = ctx.data.get("options") or {}
-        if not isinstance(options, dict):
-            raise InvalidRequest("'options' must be a map")
-        return front.write(ctx.params["path"], ctx.data["data"], options.get("cas"))
 
     def read_with_age(ctx: Context) -> Result:
         age, home = front.before_read(ctx.params["path"], ctx.request.headers.get(MAX_STALENESS_HEADER))
@@ -344,23 +357,62 @@ def _wrap_data(handlers: dict[Operation, Any], front: CellsFrontend) -> None:
         return Result(data=data, headers=headers)
 
     handlers[Operation.READ] = read_with_age
-    handlers[Operation.UPDATE] = write
-    for op in (Operation.PATCH, Operation.DELETE):
-        if op in handlers:
-            handlers[op] = _guarded(handlers[op], front)
 
 
-def _wrap_guard(handlers: dict[Operation, Any], front: CellsFrontend) -> None:
-    for op in (Operation.UPDATE, Operation.PATCH, Operation.DELETE):
-        if op in handlers:
-            handlers[op] = _guarded(handlers[op], front)
+# What each KV route's change is, with its arguments taken from the request as
+# control_plane/routes/secrets.py takes them: (kvchange op, args).
+Extract = Callable[[Context], tuple[str, dict[str, Any]]]
 
 
-def _guarded(handler: Any, front: CellsFrontend) -> Any:
-    def guarded(ctx: Context) -> Any:
-        front.refuse_elsewhere(ctx.params["path"])
-        result = handler(ctx)
-        front._written(front.replicas.full_path(ctx.params["path"]))  # the home pushes the change now
-        return result
+def _options(ctx: Context) -> dict[str, Any]:
+    options = ctx.data.get("options") or {}
+    if not isinstance(options, dict):
+        raise InvalidRequest("'options' must be a map")
+    return options
 
-    return guarded
+
+def _data(op: str) -> Extract:
+    def extract(ctx: Context) -> tuple[str, dict[str, Any]]:
+        if "data" not in ctx.data:
+            raise InvalidRequest("no data provided")
+        return op, {"data": ctx.data["data"], "cas": _options(ctx).get("cas")}
+
+    return extract
+
+
+def _versions(op: str) -> Extract:
+    return lambda ctx: (op, {"versions": ctx.data.get("versions")})
+
+
+def _metadata(op: str) -> Extract:
+    names = ("max_versions", "cas_required", "delete_version_after", "custom_metadata")
+    return lambda ctx: (op, {name: ctx.data.get(name) for name in names})
+
+
+def _bare(op: str) -> Extract:
+    return lambda ctx: (op, {})
+
+
+_CHANGES: dict[str, dict[Operation, Extract]] = {
+    "secret/data/": {
+        Operation.UPDATE: _data("write"),
+        Operation.PATCH: _data("patch"),
+        Operation.DELETE: _bare("delete_latest"),
+    },
+    "secret/delete/": {Operation.UPDATE: _versions("delete_versions")},
+    "secret/undelete/": {Operation.UPDATE: _versions("undelete_versions")},
+    "secret/destroy/": {Operation.UPDATE: _versions("destroy_versions")},
+    "secret/metadata/": {
+        Operation.UPDATE: _metadata("write_metadata"),
+        Operation.PATCH: _metadata("patch_metadata"),
+        Operation.DELETE: _bare("delete_metadata"),
+    },
+}
+
+
+def _forwarding(front: CellsFrontend, extract: Extract) -> Callable[[Context], dict[str, Any] | None]:
+    def change(ctx: Context) -> dict[str, Any] | None:
+        op, args = extract(ctx)
+        return front.change(ctx.params["path"], op, args)
+
+    return change

@@ -22,8 +22,6 @@ def test_destroy_delete_and_recreate_at_the_home_reach_every_replica(mesh: Mesh)
     assert mesh.wait_for(lambda: all(version_item(mesh, c, "life/db", 1) is None for c in CELLS), 10)
     assert all(version_item(mesh, c, "life/db", 2) is not None for c in CELLS)
 
-    refused = mesh.request("b", "DELETE", "secret/metadata/life/db")
-    assert refused.status == 503 and "homed in cell 'a'" in refused.body["errors"][0]  # type: ignore[index]
     assert mesh.request("a", "DELETE", "secret/metadata/life/db").status == 204
     assert mesh.wait_for(lambda: all(mesh.read(c, "life/db").status == 404 for c in CELLS), 10)
     assert all(version_item(mesh, c, "life/db", 2) is None for c in CELLS)

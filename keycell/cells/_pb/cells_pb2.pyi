@@ -65,14 +65,34 @@ class DigestEntry(_message.Message):
     def __init__(self, path: _Optional[str] = ..., epoch: _Optional[int] = ..., meta_seq: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class HomeDigest(_message.Message):
-    __slots__ = ("home", "at", "entries")
+    __slots__ = ("home", "at", "entries", "buckets")
     HOME_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
     home: str
     at: float
     entries: _containers.RepeatedCompositeFieldContainer[DigestEntry]
-    def __init__(self, home: _Optional[str] = ..., at: _Optional[float] = ..., entries: _Optional[_Iterable[_Union[DigestEntry, _Mapping]]] = ...) -> None: ...
+    buckets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, home: _Optional[str] = ..., at: _Optional[float] = ..., entries: _Optional[_Iterable[_Union[DigestEntry, _Mapping]]] = ..., buckets: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class BucketDigest(_message.Message):
+    __slots__ = ("home", "at", "hashes")
+    HOME_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    home: str
+    at: float
+    hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, home: _Optional[str] = ..., at: _Optional[float] = ..., hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class BucketReply(_message.Message):
+    __slots__ = ("cell", "differing")
+    CELL_FIELD_NUMBER: _ClassVar[int]
+    DIFFERING_FIELD_NUMBER: _ClassVar[int]
+    cell: str
+    differing: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, cell: _Optional[str] = ..., differing: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DigestReply(_message.Message):
     __slots__ = ("cell", "wanted")
@@ -98,23 +118,21 @@ class DirectoryState(_message.Message):
     entries: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, entries: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
-class WriteRequest(_message.Message):
-    __slots__ = ("path", "home", "sealed_data", "has_cas", "cas", "origin_cell")
+class ForwardRequest(_message.Message):
+    __slots__ = ("path", "home", "op", "sealed_args", "origin_cell")
     PATH_FIELD_NUMBER: _ClassVar[int]
     HOME_FIELD_NUMBER: _ClassVar[int]
-    SEALED_DATA_FIELD_NUMBER: _ClassVar[int]
-    HAS_CAS_FIELD_NUMBER: _ClassVar[int]
-    CAS_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    SEALED_ARGS_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_CELL_FIELD_NUMBER: _ClassVar[int]
     path: str
     home: str
-    sealed_data: bytes
-    has_cas: bool
-    cas: int
+    op: str
+    sealed_args: bytes
     origin_cell: str
-    def __init__(self, path: _Optional[str] = ..., home: _Optional[str] = ..., sealed_data: _Optional[bytes] = ..., has_cas: _Optional[bool] = ..., cas: _Optional[int] = ..., origin_cell: _Optional[str] = ...) -> None: ...
+    def __init__(self, path: _Optional[str] = ..., home: _Optional[str] = ..., op: _Optional[str] = ..., sealed_args: _Optional[bytes] = ..., origin_cell: _Optional[str] = ...) -> None: ...
 
-class WriteReply(_message.Message):
+class ForwardReply(_message.Message):
     __slots__ = ("status", "body")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]

@@ -49,15 +49,20 @@ class CellsStub:
                 request_serializer=cells__pb2.HomeDigest.SerializeToString,
                 response_deserializer=cells__pb2.DigestReply.FromString,
                 _registered_method=True)
+        self.DigestBuckets = channel.unary_unary(
+                '/keycell.cells.v1.Cells/DigestBuckets',
+                request_serializer=cells__pb2.BucketDigest.SerializeToString,
+                response_deserializer=cells__pb2.BucketReply.FromString,
+                _registered_method=True)
         self.Fetch = channel.unary_unary(
                 '/keycell.cells.v1.Cells/Fetch',
                 request_serializer=cells__pb2.FetchRequest.SerializeToString,
                 response_deserializer=cells__pb2.ReplicaBatch.FromString,
                 _registered_method=True)
-        self.Write = channel.unary_unary(
-                '/keycell.cells.v1.Cells/Write',
-                request_serializer=cells__pb2.WriteRequest.SerializeToString,
-                response_deserializer=cells__pb2.WriteReply.FromString,
+        self.Forward = channel.unary_unary(
+                '/keycell.cells.v1.Cells/Forward',
+                request_serializer=cells__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=cells__pb2.ForwardReply.FromString,
                 _registered_method=True)
         self.Written = channel.unary_unary(
                 '/keycell.cells.v1.Cells/Written',
@@ -112,14 +117,21 @@ class CellsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DigestBuckets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Fetch(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Write(self, request, context):
-        """From a cell's API process to its local relay, or from that relay to the home's.
+    def Forward(self, request, context):
+        """Any KV change for a secret homed elsewhere: from a cell's API process to its local
+        relay, then from that relay to the home's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,15 +196,20 @@ def add_CellsServicer_to_server(servicer, server):
                     request_deserializer=cells__pb2.HomeDigest.FromString,
                     response_serializer=cells__pb2.DigestReply.SerializeToString,
             ),
+            'DigestBuckets': grpc.unary_unary_rpc_method_handler(
+                    servicer.DigestBuckets,
+                    request_deserializer=cells__pb2.BucketDigest.FromString,
+                    response_serializer=cells__pb2.BucketReply.SerializeToString,
+            ),
             'Fetch': grpc.unary_unary_rpc_method_handler(
                     servicer.Fetch,
                     request_deserializer=cells__pb2.FetchRequest.FromString,
                     response_serializer=cells__pb2.ReplicaBatch.SerializeToString,
             ),
-            'Write': grpc.unary_unary_rpc_method_handler(
-                    servicer.Write,
-                    request_deserializer=cells__pb2.WriteRequest.FromString,
-                    response_serializer=cells__pb2.WriteReply.SerializeToString,
+            'Forward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forward,
+                    request_deserializer=cells__pb2.ForwardRequest.FromString,
+                    response_serializer=cells__pb2.ForwardReply.SerializeToString,
             ),
             'Written': grpc.unary_unary_rpc_method_handler(
                     servicer.Written,
@@ -317,6 +334,33 @@ class Cells:
             _registered_method=True)
 
     @staticmethod
+    def DigestBuckets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycell.cells.v1.Cells/DigestBuckets',
+            cells__pb2.BucketDigest.SerializeToString,
+            cells__pb2.BucketReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Fetch(request,
             target,
             options=(),
@@ -344,7 +388,7 @@ class Cells:
             _registered_method=True)
 
     @staticmethod
-    def Write(request,
+    def Forward(request,
             target,
             options=(),
             channel_credentials=None,
@@ -357,9 +401,9 @@ class Cells:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/keycell.cells.v1.Cells/Write',
-            cells__pb2.WriteRequest.SerializeToString,
-            cells__pb2.WriteReply.FromString,
+            '/keycell.cells.v1.Cells/Forward',
+            cells__pb2.ForwardRequest.SerializeToString,
+            cells__pb2.ForwardReply.FromString,
             options,
             channel_credentials,
             insecure,
