@@ -9,7 +9,7 @@ Load: bench.api's generators (`--load python`, the default here, or wrk when ins
 An audited read writes one entry (with the answer); an audited write two (the request
 entry before the engine runs, the response entry after). Each worker group-commits the
 entries of its requests in flight into one write to the file; its chain head follows
-in the ledger every 5 ms (KEYCELL_AUDIT_ANCHOR=async, what `keycell server` runs). The
+in the ledger every 50 ms (KEYCELL_AUDIT_ANCHOR=async, what `keycell server` runs). The
 same requests against a server that writes the head before each batch's requests go on
 (KEYCELL_AUDIT_ANCHOR=sync) are measured beside them.
 """

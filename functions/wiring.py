@@ -19,7 +19,7 @@ Environment (all optional):
   KEYCELL_AUDIT         off: no audit trail even when a sink is configured
   KEYCELL_AUDIT_ANCHOR  sync (default): each batch's chain head reaches the ledger before its
                         requests go on; async (`keycell server` sets it): the head follows the
-                        sinks every KEYCELL_AUDIT_ANCHOR_MS (default 5) ms, and a writer whose head
+                        sinks every KEYCELL_AUDIT_ANCHOR_MS (default 50) ms, and a writer whose head
                         has not reached the ledger for a second refuses entries
   KEYCELL_RELAY         HOST:PORT of the cell's local relay: revocations are handed to it
                         (sys/revocations) and the server's revocation stream follows it; KV
@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from keycell.adapters.ledgers import default_ledger_url, open_ledger
-from keycell.control_plane.audit import Auditor, AuditSink, FileSink, StdoutSink
+from keycell.control_plane.audit import ANCHOR_INTERVAL, Auditor, AuditSink, FileSink, StdoutSink
 from keycell.control_plane.barrier import Barrier
 from keycell.control_plane.keys import KeyBackend
 from keycell.control_plane.router import Router
@@ -125,7 +125,7 @@ def _anchor_interval(env: dict[str, str]) -> float | None:
         return None
     if mode != "async":
         raise ValueError(f"KEYCELL_AUDIT_ANCHOR is sync or async, not {mode!r}")
-    text = env.get("KEYCELL_AUDIT_ANCHOR_MS", "5")
+    text = env.get("KEYCELL_AUDIT_ANCHOR_MS", f"{ANCHOR_INTERVAL * 1000:g}")
     try:
         millis = float(text)
     except ValueError:
