@@ -109,17 +109,20 @@ def test_heads_follow_the_sinks_and_the_trail_verifies_against_the_ledger(tmp_pa
     routers = [open_router(tmp_path, None), open_router(tmp_path, None, init=False)]
     auditors = [anchored_auditor(r, log) for r in routers]
 
+    failures: list[str] = []
+
     def load(router: Any, n: int) -> None:
         for i in range(30):
-            assert (
-                call(router, "POST", f"secret/data/anchor/{n}-{i % 3}", {"data": {"v": str(i)}}).status == 200
-            )
+            reply = call(router, "POST", f"secret/data/anchor/{n}-{i % 3}", {"data": {"v": str(i)}})
+            if reply.status != 200:
+                failures.append(f"{reply.status} {reply.body}")
 
     threads = [threading.Thread(target=load, args=(r, n)) for n, r in enumerate(routers * 4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert failures == []
     written = entries(log)
     assert len(written) == 2 * 4 * 30 * 2  # a request and a response entry per write
     last = {e["writer"]: e for e in written}
@@ -130,8 +133,8 @@ def test_heads_follow_the_sinks_and_the_trail_verifies_against_the_ledger(tmp_pa
     code, output = verify(log, "--ledger", f"sqlite://{tmp_path / 'cell.db'}")
     assert code == 0 and "WARN" not in output, output
     for auditor in auditors:
+        auditor.close()  # joins the anchoring thread: its counts are final
         assert 1 <= auditor.chain.stats.anchors <= auditor.chain.stats.batches
-        auditor.close()
 
 
 def test_a_crash_leaves_a_tail_past_the_head_which_verify_names(tmp_path: Path) -> None:
