@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from keycell.control_plane import tpm
 from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
-from keycell.control_plane.revocations import RevocationSet
+from keycell.control_plane.revocations import SVID_ID, RevocationSet, spiffe_subject, svid_subject
 from keycell.control_plane.storage import delete_current, get_json, put_json_if
 from keycell.control_plane.svid import (
     DEFAULT_JWT_TTL,
@@ -589,7 +589,7 @@ class Identity:
 
     def revoked_subjects(self) -> list[str]:
         out: list[str] = []
-        for prefix in ("spiffe:", "svid:"):
+        for prefix in (spiffe_subject(""), svid_subject("")):
             out.extend(
                 item.key.path
                 for item in iter_prefix(self.revocations.ledger, Kind.REVOCATION, prefix, page_size=500)
@@ -653,11 +653,11 @@ class Identity:
         X.509 serial in hex). Returns the revocation subject."""
         if spiffe_id is not None:
             try:
-                subject = f"spiffe:{SpiffeId.parse(spiffe_id)}"
+                subject = spiffe_subject(SpiffeId.parse(spiffe_id))
             except SvidError as exc:
                 raise InvalidRequest(f"spiffe_id: {exc}") from None
-        elif isinstance(svid, str) and re.fullmatch(r"[0-9a-f]{1,64}", svid):
-            subject = f"svid:{svid}"
+        elif isinstance(svid, str) and SVID_ID.fullmatch(svid):
+            subject = svid_subject(svid)
         else:
             raise InvalidRequest(
                 "give spiffe_id, or svid (a JWT-SVID's jti or an X.509-SVID's serial in hex)"
@@ -674,10 +674,10 @@ class Identity:
         """Remember that `token` (a TokenEntry) was issued for this JWT-SVID, under its SPIFFE
         ID and its jti, so that revoking either revokes the token too."""
         expires = int(token.expire_time) if token.expire_time is not None else None
-        subjects = [f"spiffe:{svid.spiffe_id}"]
+        subjects = [spiffe_subject(svid.spiffe_id)]
         jti = svid.claims.get("jti")
-        if isinstance(jti, str) and re.fullmatch(r"[0-9a-f]{1,64}", jti):
-            subjects.append(f"svid:{jti}")
+        if isinstance(jti, str) and SVID_ID.fullmatch(jti):
+            subjects.append(svid_subject(jti))
         for subject in subjects:
             key = Key(Kind.IDENTITY_ENTRY, f"login/{subject}/{token.accessor}")
             with contextlib.suppress(ConflictError):

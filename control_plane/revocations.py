@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -77,6 +78,18 @@ class RevocationSet:
 # What a revocation may name; anything else is refused before it reaches the ledger.
 SUBJECT_KINDS = ("token", "lease", "lease-prefix", "spiffe")
 MAX_SUBJECT_BYTES = 1024
+# One SVID: a JWT-SVID's jti or an X.509-SVID's serial, in lower-case hex.
+SVID_ID = re.compile(r"[0-9a-f]{1,64}")
+
+
+def spiffe_subject(spiffe_id: object) -> str:
+    """The revocation subject of a SPIFFE ID: every SVID for it, now and later."""
+    return f"spiffe:{spiffe_id}"
+
+
+def svid_subject(svid_id: str) -> str:
+    """The revocation subject of one SVID (`SVID_ID`: its jti, or its serial in hex)."""
+    return f"svid:{svid_id}"
 
 
 @dataclass(frozen=True)

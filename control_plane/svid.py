@@ -51,6 +51,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from keycell.control_plane.errors import InvalidRequest, NotFound
 from keycell.control_plane.keys import KeyBackend, KeyExistsError, KeySpec
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger
+from keycell.control_plane.revocations import spiffe_subject, svid_subject
 from keycell.control_plane.storage import get_json, put_json_if
 
 AUTHORITIES_KEY = Key(Kind.CONFIG, "identity/authorities")
@@ -850,10 +851,10 @@ def validate_jwt_svid_with(
             raise JwtSvidError(f"the JWT-SVID's {name} is not a time")
         if value > now + CLOCK_LEEWAY:
             raise JwtSvidError(f"the JWT-SVID is not valid yet ({name} is in the future)")
-    if is_revoked(f"spiffe:{sid}"):
+    if is_revoked(spiffe_subject(sid)):
         raise JwtSvidError("the JWT-SVID's SPIFFE ID has been revoked")
     jti = claims.get("jti")
-    if isinstance(jti, str) and is_revoked(f"svid:{jti}"):
+    if isinstance(jti, str) and is_revoked(svid_subject(jti)):
         raise JwtSvidError("the JWT-SVID has been revoked")
     return JwtSvidClaims(str(sid), claims, kid)
 

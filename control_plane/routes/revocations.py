@@ -21,7 +21,7 @@ import re
 from typing import Any
 
 from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
-from keycell.control_plane.revocations import RevocationLog, RevocationRecord
+from keycell.control_plane.revocations import SVID_ID, RevocationLog, RevocationRecord, svid_subject
 from keycell.control_plane.router import Context, Operation, OperationDoc, RouteDoc, Router, field_str
 from keycell.control_plane.routes.openapi import STR, nullable, obj, ok
 
@@ -32,7 +32,7 @@ _SAFE = re.compile(r"[\x21-\x7e]{1,512}")
 _NUMBER: dict[str, Any] = {"type": "number"}
 
 
-def svid_subject(svid: str) -> str:
+def subject_of_svid(svid: str) -> str:
     """The revocation subject of one SVID, as the identity layer checks it: an
     X.509-SVID's serial (`svid:<hex>`) or a JWT-SVID's `jti` (`svid:<jti>`), so that
     revoking an SVID refuses that SVID and not every SVID of its SPIFFE ID (use
@@ -50,7 +50,7 @@ def svid_subject(svid: str) -> str:
             raise InvalidRequest("'svid' is not an X.509-SVID with a spiffe:// URI SAN") from None
         if len([n for n in names if n.startswith("spiffe://")]) != 1:
             raise InvalidRequest("an X.509-SVID carries exactly one spiffe:// URI SAN")
-        return f"svid:{cert.serial_number:x}"
+        return svid_subject(f"{cert.serial_number:x}")
     parts = text.split(".")
     if len(parts) != 3:
         raise InvalidRequest("'svid' is a JWT-SVID (header.payload.signature) or a PEM X.509-SVID")
@@ -62,11 +62,11 @@ def svid_subject(svid: str) -> str:
     if not isinstance(sub, str) or not _SPIFFE.fullmatch(sub):
         raise InvalidRequest("the JWT-SVID's 'sub' is not a SPIFFE ID")
     jti = payload.get("jti")
-    if not isinstance(jti, str) or not re.fullmatch(r"[0-9a-f]{1,64}", jti):
+    if not isinstance(jti, str) or not SVID_ID.fullmatch(jti):
         raise InvalidRequest(
             "this JWT-SVID has no 'jti' to revoke it by; revoke its SPIFFE ID with 'spiffe_id'"
         )
-    return f"svid:{jti}"
+    return svid_subject(jti)
 
 
 def subject_of(services: Any, data: dict[str, Any]) -> str:
@@ -78,7 +78,7 @@ def subject_of(services: Any, data: dict[str, Any]) -> str:
     if way == "svid":
         if len(value) > 16384:
             raise InvalidRequest("'svid' is at most 16 KiB")
-        return svid_subject(value)
+        return subject_of_svid(value)
     if not _SAFE.fullmatch(value):
         raise InvalidRequest(f"'{way}' must be 1 to 512 printable ASCII characters without spaces")
     if way == "lease_id":

@@ -33,6 +33,7 @@ from cryptography.x509.oid import NameOID
 from keycell.client import Client
 from keycell.client.errors import KeycellError, PermissionDenied
 from keycell.client.model import Call
+from keycell.control_plane.revocations import spiffe_subject, svid_subject
 from keycell.control_plane.svid import JwtSvidClaims, jwks_keys, validate_jwt_svid_with
 
 log = logging.getLogger("keycell.agent")
@@ -190,7 +191,7 @@ class Agent:
             self._bump()
 
     def _is_revoked(self, held: HeldX509) -> bool:
-        return f"spiffe:{held.spiffe_id}" in self.revoked or f"svid:{held.serial}" in self.revoked
+        return spiffe_subject(held.spiffe_id) in self.revoked or svid_subject(held.serial) in self.revoked
 
     def _renew_due(self) -> bool:
         now = self.clock()
