@@ -45,6 +45,8 @@ from keycell.relay.cell import CellSink
 from keycell.relay.faults import Faults
 from keycell.relay.membership import Awareness, Member, MemberTable, State, Verdict
 from keycell.relay.profiles import LOCAL, Profile
+from keycell.relay.tls import RELAY, Authorizer, RelayTLS, TLSConfigError, is_loopback, peer_identity
+from keycell.relay.tls import aio_channel as relay_channel
 
 log = logging.getLogger("keycell.relay")
 LINK_QUEUE = 10_000  # envelopes waiting on one stream; beyond, new ones are dropped (as UDP would)
@@ -138,9 +140,18 @@ class Relay(pb_grpc.RelayServicer):
         faults: Faults | None = None,
         seeds: Iterable[str] = (),
         rng: random.Random | None = None,
+        tls: RelayTLS | None = None,
     ) -> None:
-        if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
-            raise ValueError("relays listen on loopback here; put a proxy with TLS in front to go further")
+        if tls is None and not is_loopback(host):
+            raise TLSConfigError(
+                f"relay {name or cell}: listening on {host} needs mutual TLS (keycell relay --tls-cert/"
+                "--tls-key/--tls-ca, or KEYCELL_RELAY_TLS_CERT/_KEY/_CA); plaintext is for loopback only"
+            )
+        if tls is not None and (tls.identity.role != RELAY or tls.identity.cell != cell):
+            raise TLSConfigError(
+                f"relay of cell {cell}: its certificate names {tls.identity.uri}, not a relay of cell {cell}"
+            )
+        self.tls = tls
         self.name = name
         self.cell = cell
         self.host = host
@@ -180,11 +191,16 @@ class Relay(pb_grpc.RelayServicer):
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._server = grpc.aio.server(options=_SERVER_OPTIONS)
+        interceptors = [Authorizer(self.tls.identity)] if self.tls is not None else []
+        self._server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=interceptors)
         pb_grpc.add_RelayServicer_to_server(self, self._server)  # type: ignore[no-untyped-call]
         for add_service in self.extra_services:
             add_service(self._server)
-        self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        bind = f"{self.host}:{self.port}"
+        if self.tls is not None:
+            self.port = self._server.add_secure_port(bind, self.tls.server_credentials())
+        else:
+            self.port = self._server.add_insecure_port(bind)
         if not self.port:
             raise OSError(f"relay {self.name} could not listen on {self.host}")
         await self._server.start()
@@ -291,8 +307,21 @@ class Relay(pb_grpc.RelayServicer):
     async def _run_outbound(self, link: Link) -> None:
         channel = self._channels.get(link.addr)
         if channel is None:
-            channel = grpc.aio.insecure_channel(link.addr, options=_CHANNEL_OPTIONS)
-            self._channels[link.addr] = channel
+            try:
+                channel = relay_channel(link.addr, self.tls, _CHANNEL_OPTIONS)
+            except TLSConfigError as exc:  # a peer off loopback while this relay has no TLS
+                log.warning("%s: %s", self.name, exc)
+                channel = None
+            if channel is not None:
+                self._channels[link.addr] = channel
+        if channel is None:
+            link.close()
+            if self.links.get(link.addr) is link:
+                del self.links[link.addr]
+            self._backoff.setdefault(link.addr, _Backoff()).until = (
+                time.monotonic() + self.profile.backoff_max
+            )
+            return
         stub = pb_grpc.RelayStub(channel)  # type: ignore[no-untyped-call]
 
         async def outgoing() -> AsyncIterator[pb.Envelope]:
@@ -335,10 +364,22 @@ class Relay(pb_grpc.RelayServicer):
         self, request_iterator: AsyncIterator[pb.Envelope], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Envelope]:
         link = Link("", outbound=False)
+        # With mTLS (the Authorizer let only relays of this trust domain in), a peer
+        # speaks for the cell its certificate names and no other.
+        peer_cell = peer.cell if self.tls is not None and (peer := peer_identity(context)) else None
 
         async def read() -> None:
             try:
                 async for env in request_iterator:
+                    if peer_cell is not None and env.sender_cell != peer_cell:
+                        self.counters["refused_impostor"] += 1
+                        log.warning(
+                            "%s: a relay of cell %s sent as cell %r; stream closed",
+                            self.name,
+                            peer_cell,
+                            env.sender_cell,
+                        )
+                        return
                     if not link.addr and env.sender_addr:
                         link.addr = env.sender_addr
                         current = self.links.get(link.addr)
