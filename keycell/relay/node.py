@@ -30,6 +30,7 @@ import contextlib
 import logging
 import random
 import time
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from keycell.relay.tls import RELAY, Authorizer, RelayTLS, TLSConfigError, is_lo
 from keycell.relay.tls import aio_channel as relay_channel
 
 log = logging.getLogger("keycell.relay")
+# sink -> revocation id -> its ledger write in flight (relays of one process share both)
+_INFLIGHT: weakref.WeakKeyDictionary[Any, dict[str, asyncio.Future[float]]] = weakref.WeakKeyDictionary()
 LINK_QUEUE = 10_000  # envelopes waiting on one stream; beyond, new ones are dropped (as UDP would)
 ENTRIES_PER_ENVELOPE = 256  # anti-entropy sends missing entries in chunks
 EXPOSURE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -121,6 +124,18 @@ class Link:
                 self.queue.put_nowait(None)
 
 
+class _Spread:
+    """A revocation this relay is still spreading: the peers known to hold it (they
+    sent it here, or this relay sent it to them), so no send goes to a peer twice nor
+    back to one it came from. Kept while the rumour is hot."""
+
+    __slots__ = ("holders", "origin_cell")
+
+    def __init__(self, origin_cell: str, source_addr: str) -> None:
+        self.origin_cell = origin_cell
+        self.holders: set[str] = {source_addr} if source_addr else set()
+
+
 @dataclass
 class _Backoff:
     failures: int = 0
@@ -183,6 +198,8 @@ class Relay(pb_grpc.RelayServicer):
         self._helping: set[asyncio.Task[None]] = set()
         self._members_cache: tuple[int, list[pb.Member]] = (-1, [])  # indirect probes run for others
         self._pending: set[str] = set()  # revocation ids waiting for the sink (sealed cell, ledger down)
+        self._spreading: dict[str, _Spread] = {}  # hot revocation key -> who holds it
+        self._peer_view: tuple[int, list[str], dict[str, str]] = (-1, [], {})
         self.running = False
         # More gRPC services on this relay's server (keycell/cells adds replication), each
         # added before the server starts.
@@ -263,12 +280,14 @@ class Relay(pb_grpc.RelayServicer):
     def _send(self, addr: str, env: pb.Envelope, link: Link | None = None, *, piggyback: bool = True) -> None:
         if addr == self.addr or not addr or not self.running:
             return
-        if piggyback and self.table is not None:
+        if piggyback and self.table is not None and len(self.rumors):
             room = self.profile.rumors_per_message - len(env.rumors)
             if room > 0:
+                keys: list[str] = []
                 env.rumors.extend(
-                    self.rumors.take(room, self.profile.retransmit_limit(len(self.table.members)))
+                    self.rumors.take(room, self.profile.retransmit_limit(len(self.table.members)), keys)
                 )
+                self._mark_sent(addr, keys)
         kind = env.WhichOneof("body") or "gossip"
         self.counters[f"sent_{kind}"] += 1
         if self.faults is not None:
@@ -570,12 +589,19 @@ class Relay(pb_grpc.RelayServicer):
     def _learn(self, entry: pb.Entry, source_addr: str) -> bool:
         key = entry_key(entry)
         if not self.store.add(key, entry):
+            if source_addr:
+                spread = self._spreading.get(key)
+                if spread is not None and source_addr not in spread.holders:
+                    spread.holders.add(source_addr)
+                    self._retire_if_covered(key, spread)
             return False
         if entry.HasField("revocation"):
             self.counters["revocations_heard"] += 1
             self.heard[entry.revocation.id] = time.time()
-            pushed = self._eager_push(entry, source_addr)
-            self.rumors.put(key, pb.Rumor(entry=entry), sent=pushed)
+            spread = self._spreading[key] = _Spread(entry.revocation.origin_cell, source_addr)
+            rumor = pb.Rumor(entry=entry)
+            pushed = self._eager_push(rumor, source_addr, spread)
+            self.rumors.put(key, rumor, sent=pushed)
             self._apply(entry.revocation)
             return True
         self.rumors.put(key, pb.Rumor(entry=entry), lazy=True)
@@ -597,26 +623,67 @@ class Relay(pb_grpc.RelayServicer):
         if not future.cancelled() and future.exception() is not None:
             log.warning("relay ledger write failed: %s", future.exception())
 
-    def _eager_push(self, entry: pb.Entry, source_addr: str) -> int:
+    def _eager_push(self, rumor: pb.Rumor, source_addr: str, spread: _Spread) -> int:
         """Push a new revocation now to `eager_fanout` relays of this cell; the relay
         that took it from the revoke call (no source) also pushes it to every cross
         link of every other cell, which then spread it in their cells. Relays that
-        heard it from a peer leave other cells to the origin and to gossip, which
-        keeps one relay per other cell in every gossip round. Returns the sends made
-        (they count against the rumour's retransmit limit)."""
-        rumor = pb.Rumor(entry=entry)
+        heard it from a peer leave other cells to the origin cell's relays' gossip.
+        One envelope, serialized once per stream, goes to every target. Returns the
+        sends made (they count against the rumour's retransmit limit)."""
         assert self.table is not None
-        own = [m.addr for m in self._own_cell() if m.addr != source_addr]
+        own, _ = self._peers()
+        if source_addr:
+            own = [a for a in own if a != source_addr]
         targets = self.rng.sample(own, min(self.profile.eager_fanout, len(own)))
         if not source_addr:
             if not self.cross:
                 self._refresh_cross()
             for names in self.cross.values():
                 targets += [m.addr for n in names if (m := self.table.get(n)) is not None]
+        env = self._envelope(rumors=[rumor])
         for addr in targets:
-            self._send(addr, self._envelope(rumors=[rumor]), piggyback=False)
+            self._send(addr, env, piggyback=False)
+            spread.holders.add(addr)
         self.counters["eager_pushes"] += 1
         return len(targets)
+
+    def _mark_sent(self, addr: str, keys: list[str]) -> None:
+        for key in keys:
+            spread = self._spreading.get(key)
+            if spread is not None:
+                spread.holders.add(addr)
+
+    def _retire_if_covered(self, key: str, spread: _Spread) -> bool:
+        """Stop spreading `key` once every live relay of this cell is known to hold it
+        and, on the origin cell's relays, some relay of every other cell (which then
+        spreads it in its own cell). Anti-entropy repairs what a lost send missed."""
+        own, cell_of = self._peers()
+        holders = spread.holders
+        for addr in own:
+            if addr not in holders:
+                return False
+        if spread.origin_cell == self.cell:
+            covered = {cell_of.get(a) for a in holders}
+            for cell in self.cross:
+                if cell not in covered:
+                    return False
+        self.rumors.retire(key)
+        del self._spreading[key]
+        self.counters["rumors_retired"] += 1
+        return True
+
+    def _peers(self) -> tuple[list[str], dict[str, str]]:
+        """Addresses of this cell's live relays, and every live relay's cell by
+        address, rebuilt only when the member table changed."""
+        assert self.table is not None
+        if self._peer_view[0] != self.table.version:
+            live = self.table.live()
+            self._peer_view = (
+                self.table.version,
+                [m.addr for m in live if m.cell == self.cell],
+                {m.addr: m.cell for m in live},
+            )
+        return self._peer_view[1], self._peer_view[2]
 
     def _apply(self, msg: pb.Revocation) -> None:
         rid = msg.id
@@ -628,8 +695,15 @@ class Relay(pb_grpc.RelayServicer):
             self._applied(msg, time.time(), ledger_at=held)
             return
         self._pending.add(rid)
-        rec = rev_from_pb(msg)
-        future = asyncio.get_running_loop().run_in_executor(self.sink.executor, self.sink.apply, rec)
+        # Relays of one process share the sink: one ledger write per revocation, whose
+        # outcome every relay of the process waits on (no thread hop each).
+        inflight = _INFLIGHT.setdefault(self.sink, {})
+        future = inflight.get(rid)
+        loop = asyncio.get_running_loop()
+        if future is None or future.get_loop() is not loop:
+            future = loop.run_in_executor(self.sink.executor, self.sink.apply, rev_from_pb(msg))
+            inflight[rid] = future
+            future.add_done_callback(lambda _: inflight.pop(rid, None))
 
         def done(f: asyncio.Future[float]) -> None:
             if f.cancelled() or not self.running:
@@ -723,10 +797,6 @@ class Relay(pb_grpc.RelayServicer):
 
     # --- peers ---------------------------------------------------------------------------
 
-    def _own_cell(self) -> list[Member]:
-        assert self.table is not None
-        return [m for m in self.table.live() if m.cell == self.cell]
-
     def _refresh_cross(self) -> None:
         assert self.table is not None
         live = self.table.live()
@@ -749,19 +819,6 @@ class Relay(pb_grpc.RelayServicer):
         for cell, names in self.cross.items():
             if name in names:
                 self.cross[cell] = [n for n in names if n != name]
-
-    def _fanout(self, count: int, exclude: str = "") -> list[str]:
-        """`count` random relays of this cell and one linked relay of every other cell."""
-        assert self.table is not None
-        own = [m.addr for m in self._own_cell() if m.addr != exclude]
-        picked = self.rng.sample(own, min(count, len(own)))
-        if not self.cross:
-            self._refresh_cross()
-        for names in self.cross.values():
-            addrs = [m.addr for n in names if (m := self.table.get(n)) is not None and m.addr != exclude]
-            if addrs:
-                picked.append(self.rng.choice(addrs))
-        return picked
 
     def _probe_targets(self) -> list[Member]:
         assert self.table is not None
@@ -845,12 +902,45 @@ class Relay(pb_grpc.RelayServicer):
             await asyncio.sleep(self.profile.gossip_interval)
             if not self.rumors.hot() or self.table is None:
                 continue
-            limit = self.profile.retransmit_limit(len(self.table.members))
-            for addr in self._fanout(self.profile.gossip_nodes):
-                rumors = self.rumors.take(self.profile.rumors_per_message, limit)
-                if not rumors:
-                    break
-                self._send(addr, self._envelope(rumors=rumors), piggyback=False)
+            try:
+                self._gossip_round()
+            except Exception:  # one round's failure must not stop the relay
+                log.exception("%s: gossip round failed", self.name)
+
+    def _gossip_round(self) -> None:
+        """Send the hot rumours to `gossip_nodes` relays of this cell that are not known
+        to hold them all, and, from the origin cell's relays, to a linked relay of
+        every other cell none of whose relays is known to hold them."""
+        assert self.table is not None
+        limit = self.profile.retransmit_limit(len(self.table.members))
+        hot = [(k, s) for k in self.rumors.hot_keys() if (s := self._spreading.get(k)) is not None]
+        if len(self._spreading) > 2 * len(self.rumors) + 16:  # retired by the retransmit limit
+            self._spreading = {k: s for k, s in self._spreading.items() if k in self.rumors}
+        for key, spread in hot:
+            self._retire_if_covered(key, spread)
+        hot = [(k, s) for k, s in hot if k in self._spreading]
+        own, cell_of = self._peers()
+        # (hot rumours with no holders kept, none today, go out as plain gossip)
+        lacking = [a for a in own if any(a not in s.holders for _, s in hot)] if hot else list(own)
+        targets = self.rng.sample(lacking, min(self.profile.gossip_nodes, len(lacking)))
+        mine = [s for _, s in hot if s.origin_cell == self.cell]
+        if mine:
+            if not self.cross:
+                self._refresh_cross()
+            for names in self.cross.values():
+                addrs = [m.addr for n in names if (m := self.table.get(n)) is not None]
+                if not addrs:
+                    continue
+                cell = cell_of.get(addrs[0])
+                if any(all(cell_of.get(a) != cell for a in s.holders) for s in mine):
+                    targets.append(self.rng.choice(addrs))
+        for addr in targets:
+            keys: list[str] = []
+            rumors = self.rumors.take(self.profile.rumors_per_message, limit, keys)
+            if not rumors:
+                break
+            self._mark_sent(addr, keys)
+            self._send(addr, self._envelope(rumors=rumors), piggyback=False)
 
     async def _suspicion_loop(self) -> None:
         tick = min(0.05, self.profile.probe_interval / 4)
