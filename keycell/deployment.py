@@ -68,6 +68,9 @@ class Cell:
     relay_cpu: int = 512
     relay_memory_mb: int = 1024
     relay_port: int = 7946
+    # A secret holding the relays' mTLS material as JSON {"cert", "key", "ca"} (PEMs):
+    # AWS Secrets Manager secret name, handed to the relay task as KEYCELL_RELAY_TLS_*.
+    relay_tls_secret: str = ""
     log_retention_days: int = 365
     rotation_handler: str = "keycell.functions.rotation.app.rotate"
     revocation_handler: str = "keycell.functions.revocation.app.revocation"
@@ -106,6 +109,15 @@ class CellSet:
 
     def relay_host(self, cell: Cell) -> str:
         return f"relay.{cell.id}.{self.dns_zone}"
+
+
+# The relay's mTLS settings (keycell/relay/tls.py) and the JSON field of `relay_tls_secret`
+# each comes from; each value may be a PEM itself, as container secrets hand them over.
+RELAY_TLS_FIELDS = {
+    "KEYCELL_RELAY_TLS_CERT": "cert",
+    "KEYCELL_RELAY_TLS_KEY": "key",
+    "KEYCELL_RELAY_TLS_CA": "ca",
+}
 
 
 def relay_peers(cells: CellSet, cell: Cell) -> list[str]:

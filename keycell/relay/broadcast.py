@@ -63,6 +63,7 @@ class _Queued:
     rumor: Any
     transmits: int = 0
     lazy: bool = False
+    cap: int = 0  # at most this many sends (0: the caller's limit)
 
 
 class RumorQueue:
@@ -93,9 +94,10 @@ class RumorQueue:
         """Stop sending `key` (every peer it would go to is known to hold it)."""
         self._remove(key)
 
-    def put(self, key: str, rumor: Any, *, sent: int = 0, lazy: bool = False) -> None:
+    def put(self, key: str, rumor: Any, *, sent: int = 0, lazy: bool = False, cap: int = 0) -> None:
+        """`cap`: send it at most this many times, below the limit `take` is given."""
         self._remove(key)
-        self._items[key] = _Queued(key, rumor, sent, lazy)
+        self._items[key] = _Queued(key, rumor, sent, lazy, cap)
         self._hot += not lazy
 
     def _remove(self, key: str) -> None:
@@ -114,6 +116,6 @@ class RumorQueue:
             out.append(q.rumor)
             if keys is not None:
                 keys.append(q.key)
-            if q.transmits >= limit:
+            if q.transmits >= limit or (q.cap and q.transmits >= q.cap):
                 self._remove(q.key)
         return out

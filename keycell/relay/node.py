@@ -52,6 +52,8 @@ from keycell.relay.tls import aio_channel as relay_channel
 log = logging.getLogger("keycell.relay")
 # sink -> revocation id -> its ledger write in flight (relays of one process share both)
 _INFLIGHT: weakref.WeakKeyDictionary[Any, dict[str, asyncio.Future[float]]] = weakref.WeakKeyDictionary()
+RECEIPT_SENDS = 2  # piggybacked sends of a cell's receipt by each relay that learns it
+_RECEIPTS: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()  # sink -> receipts kept
 LINK_QUEUE = 10_000  # envelopes waiting on one stream; beyond, new ones are dropped (as UDP would)
 ENTRIES_PER_ENVELOPE = 256  # anti-entropy sends missing entries in chunks
 EXPOSURE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -590,6 +592,8 @@ class Relay(pb_grpc.RelayServicer):
         key = entry_key(entry)
         if not self.store.add(key, entry):
             if source_addr:
+                if key[0] == "r":
+                    self.counters["revocation_copies"] += 1  # heard again
                 spread = self._spreading.get(key)
                 if spread is not None and source_addr not in spread.holders:
                     spread.holders.add(source_addr)
@@ -604,8 +608,12 @@ class Relay(pb_grpc.RelayServicer):
             self.rumors.put(key, rumor, sent=pushed)
             self._apply(entry.revocation)
             return True
-        self.rumors.put(key, pb.Rumor(entry=entry), lazy=True)
-        if self.sink is not None and entry.receipt.cell != self.cell:
+        # A receipt is evidence for sys/revocations/:id, not on the exposure path: it
+        # rides along a couple of times, and anti-entropy brings it everywhere else.
+        self.rumors.put(key, pb.Rumor(entry=entry), lazy=True, cap=RECEIPT_SENDS)
+        stored = _RECEIPTS.setdefault(self.sink, set()) if self.sink is not None else set()
+        if self.sink is not None and entry.receipt.cell != self.cell and key not in stored:
+            stored.add(key)  # relays of one process share the sink: one write per receipt
             rev = self.store.entries.get("r/" + entry.receipt.id)
             receipt = Receipt(entry.receipt.id, entry.receipt.cell, entry.receipt.applied_at)
             loop = asyncio.get_running_loop()
@@ -616,6 +624,7 @@ class Relay(pb_grpc.RelayServicer):
                 rev_from_pb(rev.revocation) if rev is not None else None,
             )
             future.add_done_callback(self._log_failure)
+            future.add_done_callback(lambda f: f.cancelled() or f.exception() is None or stored.discard(key))
         return True
 
     @staticmethod
