@@ -54,6 +54,11 @@ log = logging.getLogger("keycell.relay")
 _INFLIGHT: weakref.WeakKeyDictionary[Any, dict[str, asyncio.Future[float]]] = weakref.WeakKeyDictionary()
 RECEIPT_SENDS = 2  # piggybacked sends of a cell's receipt by each relay that learns it
 _RECEIPTS: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()  # sink -> receipts kept
+# The ledger sweep reads the receipts of revocations minted since the last sweep, less
+# this grace (a revoke call's commit may land a little after its id was minted), and
+# every FULL_SWEEP_EVERY sweeps reads them all.
+SWEEP_GRACE = 60.0
+FULL_SWEEP_EVERY = 60
 LINK_QUEUE = 10_000  # envelopes waiting on one stream; beyond, new ones are dropped (as UDP would)
 ENTRIES_PER_ENVELOPE = 256  # anti-entropy sends missing entries in chunks
 EXPOSURE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -193,6 +198,7 @@ class Relay(pb_grpc.RelayServicer):
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._backoff: dict[str, _Backoff] = {}
         self._acks: dict[int, asyncio.Future[None]] = {}
+        self._nacks: dict[int, int] = {}  # probe seq -> nacks heard from its indirect helpers
         self._seq = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self._subscribers: set[asyncio.Queue[pb.Applied | None]] = set()
@@ -201,6 +207,8 @@ class Relay(pb_grpc.RelayServicer):
         self._members_cache: tuple[int, list[pb.Member]] = (-1, [])  # indirect probes run for others
         self._pending: set[str] = set()  # revocation ids waiting for the sink (sealed cell, ledger down)
         self._spreading: dict[str, _Spread] = {}  # hot revocation key -> who holds it
+        self._swept_at: float | None = None  # wall time the last complete ledger read began
+        self._sweeps = 0
         self._peer_view: tuple[int, list[str], dict[str, str]] = (-1, [], {})
         self.running = False
         # More gRPC services on this relay's server (keycell/cells adds replication), each
@@ -474,6 +482,11 @@ class Relay(pb_grpc.RelayServicer):
         if body == "ping":
             self._send(env.sender_addr, self._envelope(ack=pb.Ack(seq=env.ping.seq)), link)
         elif body == "ack":
+            if env.ack.nack:  # a helper could not reach the target: our link to it works
+                if env.ack.seq in self._nacks:
+                    self._nacks[env.ack.seq] += 1
+                    self.counters["nacks_received"] += 1
+                return
             future = self._acks.pop(env.ack.seq, None)
             if future is not None and not future.done():
                 future.set_result(None)
@@ -624,7 +637,12 @@ class Relay(pb_grpc.RelayServicer):
                 rev_from_pb(rev.revocation) if rev is not None else None,
             )
             future.add_done_callback(self._log_failure)
-            future.add_done_callback(lambda f: f.cancelled() or f.exception() is None or stored.discard(key))
+
+            def forget_on_failure(f: asyncio.Future[None]) -> None:
+                if not f.cancelled() and f.exception() is not None:
+                    stored.discard(key)  # the next copy heard tries again
+
+            future.add_done_callback(forget_on_failure)
         return True
 
     @staticmethod
@@ -745,15 +763,29 @@ class Relay(pb_grpc.RelayServicer):
     async def _reload(self, *, spread: bool = False) -> None:
         """What this cell's ledger holds: a restarted relay starts from it, and every
         `sync_interval` a sweep spreads whatever the ledger has that this relay never
-        heard of (a revoke call whose hand-over to the relay failed)."""
+        heard of (a revoke call whose hand-over to the relay failed). A sweep reads only
+        the receipts of revocations minted since the previous one (ids carry their
+        minting time), and every FULL_SWEEP_EVERY-th sweep reads them all."""
         assert self.sink is not None
         sink = self.sink
         loop = asyncio.get_running_loop()
+        started = time.time()
+        since: float | None = None
+        if spread:
+            self._sweeps += 1
+            if self._swept_at is not None and self._sweeps % FULL_SWEEP_EVERY:
+                since = self._swept_at - SWEEP_GRACE
+
+        def read() -> list[tuple[RevocationRecord | None, Receipt]]:
+            return list(sink.held() if since is None else sink.held_since(since))
+
         try:
-            held = await loop.run_in_executor(sink.executor, lambda: list(sink.held()))
+            held = await loop.run_in_executor(sink.executor, read)
         except Exception as exc:
             log.warning("%s: could not read cell %s's revocations: %s", self.name, self.cell, exc)
             return
+        self._swept_at = started
+        self.counters["sweeps_full" if since is None else "sweeps_recent"] += 1
         for rec, receipt in held:
             if rec is not None and "r/" + rec.id not in self.store:
                 entry = pb.Entry(revocation=rev_to_pb(rec))
@@ -871,7 +903,12 @@ class Relay(pb_grpc.RelayServicer):
 
     async def _probe(self, target: Member, interval: float) -> None:
         """SWIM probe: ping; on no ack within the timeout, ask `indirect_checks` peers
-        to ping it for us; on no ack by the end of the interval, suspect it."""
+        to ping it for us; on no ack by the end of the interval, suspect it.
+
+        Local health (Lifeguard): a probe answered lowers it by one; a failed probe
+        raises it by one for every helper whose nack ("I could not reach it either")
+        did not come back, as missing nacks point at this relay's own links or CPU,
+        or by one when there was no helper to ask."""
         assert self.table is not None
         seq, future = self._new_seq()
         self._send(target.addr, self._envelope(ping=pb.Ping(seq=seq, target=target.name)))
@@ -883,7 +920,9 @@ class Relay(pb_grpc.RelayServicer):
         except TimeoutError:
             pass
         helpers = [m for m in self._probe_targets() if m.name != target.name and m.state == State.ALIVE]
-        for helper in self.rng.sample(helpers, min(self.profile.indirect_checks, len(helpers))):
+        chosen = self.rng.sample(helpers, min(self.profile.indirect_checks, len(helpers)))
+        self._nacks[seq] = 0
+        for helper in chosen:
             req = pb.PingReq(seq=seq, target=target.name, target_addr=target.addr)
             self._send(helper.addr, self._envelope(ping_req=req))
         try:
@@ -891,7 +930,11 @@ class Relay(pb_grpc.RelayServicer):
             return
         except TimeoutError:
             self._acks.pop(seq, None)
-        self.awareness.apply(+1)
+        finally:
+            nacks = self._nacks.pop(seq, 0)
+        missed = len(chosen) - nacks if chosen else 1
+        self.counters["nacks_missed"] += len(chosen) - nacks if chosen else 0
+        self.awareness.apply(missed)
         self.counters["probes_failed"] += 1
         if target.state == State.ALIVE:
             self._on_suspect(target.name, target.incarnation, self.name)
@@ -903,6 +946,7 @@ class Relay(pb_grpc.RelayServicer):
             await asyncio.wait_for(future, self.awareness.scale(self.profile.probe_timeout))
         except TimeoutError:
             self._acks.pop(seq, None)
+            self._send(requester, self._envelope(ack=pb.Ack(seq=req.seq, nack=True)), link)
             return
         self._send(requester, self._envelope(ack=pb.Ack(seq=req.seq)), link)
 

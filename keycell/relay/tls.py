@@ -243,7 +243,7 @@ def allowed(me: PeerId, peer: PeerId | None, method: str) -> bool:
     return peer.role == API and peer.cell == me.cell and method in LOCAL_METHODS
 
 
-class Authorizer(grpc.aio.ServerInterceptor):
+class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Checks every call's peer identity (`allowed`) before its servicer runs."""
 
     def __init__(self, me: PeerId) -> None:
@@ -297,7 +297,7 @@ def _guard(
 
         guarded = guarded_call
     make = getattr(grpc, f"{kind}_rpc_method_handler")
-    return make(  # type: ignore[no-any-return]
+    return make(
         guarded,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,

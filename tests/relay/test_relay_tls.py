@@ -120,7 +120,9 @@ def test_peers_outside_the_trust_domain_or_ca_are_refused(ca: TestCA, tmp_path: 
             workload = creds_for(ca, f"spiffe://{TD}/workload/web")
             async with grpc.aio.secure_channel(relay.addr, workload) as channel:
                 stub = pb_grpc.RelayStub(channel)  # type: ignore[no-untyped-call]
-                call = stub.Stream(iter([pb.Envelope(sender="x", sender_addr="127.0.0.1:1", sender_cell="a")]))
+                call = stub.Stream(
+                    iter([pb.Envelope(sender="x", sender_addr="127.0.0.1:1", sender_cell="a")])
+                )
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     async for _ in call:
                         pass
@@ -153,7 +155,9 @@ def test_an_api_identity_may_use_its_own_relay_but_not_speak_as_a_relay(ca: Test
             assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
             async with grpc.aio.secure_channel(relay.addr, own_api.channel_credentials()) as channel:
                 stub = pb_grpc.RelayStub(channel)  # type: ignore[no-untyped-call]
-                call = stub.Stream(iter([pb.Envelope(sender="x", sender_addr="127.0.0.1:1", sender_cell="a")]))
+                call = stub.Stream(
+                    iter([pb.Envelope(sender="x", sender_addr="127.0.0.1:1", sender_cell="a")])
+                )
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     async for _ in call:
                         pass
@@ -195,7 +199,7 @@ def test_the_cells_service_refuses_callers_that_are_not_relays(ca: TestCA, tmp_p
 
 def test_plaintext_is_refused_off_loopback(ca: TestCA, tmp_path: Path) -> None:
     with pytest.raises(TLSConfigError, match="mutual TLS"):
-        Relay("a-0", "a", host="0.0.0.0")  # noqa: S104 - the refusal under test
+        Relay("a-0", "a", host="0.0.0.0")
     with pytest.raises(TLSConfigError, match="not a relay of cell b"):
         Relay("b-0", "b", host="127.0.0.1", tls=relay_tls(ca, tmp_path, "a"))
     with pytest.raises(TLSConfigError, match="all of"):
