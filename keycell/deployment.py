@@ -68,8 +68,9 @@ class Cell:
     relay_cpu: int = 512
     relay_memory_mb: int = 1024
     relay_port: int = 7946
-    # A secret holding the relays' mTLS material as JSON {"cert", "key", "ca"} (PEMs):
-    # AWS Secrets Manager secret name, handed to the relay task as KEYCELL_RELAY_TLS_*.
+    # The relays' mTLS material (keycell/relay/tls.py), handed to them as KEYCELL_RELAY_TLS_*:
+    # on AWS a Secrets Manager secret name holding JSON {"cert", "key", "ca"} (PEMs); on
+    # GCP the prefix of three Secret Manager secrets <name>-cert, -key, -ca.
     relay_tls_secret: str = ""
     log_retention_days: int = 365
     rotation_handler: str = "keycell.functions.rotation.app.rotate"
@@ -163,6 +164,7 @@ def terraform_variables(cells: CellSet, cell: Cell, **extra: Any) -> dict[str, A
         "relay_port": cell.relay_port,
         "relay_peers": relay_peers(cells, cell),
         "api_max_instances": cell.api_reserved_concurrency,
+        **({"relay_tls_secret": cell.relay_tls_secret} if cell.relay_tls_secret else {}),
         **extra,
     }
 
