@@ -184,6 +184,7 @@ def from_values(
     return RelayTLS.load(cert or "", key or "", ca or "", server_name)
 
 
+@functools.lru_cache(maxsize=4096)
 def is_loopback(host: str) -> bool:
     host = host.strip("[]")
     if host == "localhost":
