@@ -229,3 +229,63 @@ def test_a_relay_speaks_only_for_the_cell_its_certificate_names(ca: TestCA, tmp_
             await relay.stop()
 
     asyncio.run(scenario())
+
+
+def test_an_api_process_hands_over_and_follows_its_relay_over_mtls(ca: TestCA, tmp_path: Path) -> None:
+    """The API side's clients (revocation hand-over, the Subscribe stream) with the
+    cell's API certificate, against a relay that requires mTLS."""
+    import threading
+
+    from keycell.relay.handoff import RelayHandoff
+    from keycell.relay.subscriber import RelaySubscription
+
+    api_tls = from_env(ca.api(tmp_path, "a"))
+    heard: list[str] = []
+    got = threading.Event()
+
+    async def scenario() -> None:
+        relay = Relay("a-0", "a", tls=relay_tls(ca, tmp_path, "a"))
+        await relay.start()
+        loop = asyncio.get_running_loop()
+        subscription = RelaySubscription(
+            relay.addr, lambda e: (heard.append(e.id), got.set()), tls=api_tls
+        ).start()
+        handoff = RelayHandoff(relay.addr, tls=api_tls, timeout=5)
+        try:
+            assert await loop.run_in_executor(None, subscription.ready.wait, 10)
+            rec = revocation("token:via-api", "a")
+            await loop.run_in_executor(None, handoff, rec)
+            assert await loop.run_in_executor(None, got.wait, 10)
+            assert heard == [rec.id]
+            with pytest.raises(TLSConfigError):
+                RelayHandoff("10.0.0.1:7946")  # no plaintext off loopback
+        finally:
+            await loop.run_in_executor(None, subscription.stop)
+            handoff.close()
+            await relay.stop()
+
+    asyncio.run(scenario())
+
+
+def test_keycell_relay_serves_mtls_from_its_options(ca: TestCA, tmp_path: Path) -> None:
+    from keycell.testing.processes import ServerProcess
+
+    env = ca.relay(tmp_path / "tls", "a")
+    folder = tmp_path / "cell"
+    folder.mkdir()
+    process = ServerProcess(
+        "keycell",
+        ["relay", "--cell", "a", "--dev-data-dir", str(folder), "--profile", "local"],
+        what="keycell relay with mTLS",
+        env=env,
+        startup_timeout=60,
+    )
+    port = process.start()
+    try:
+        peer = relay_tls(ca, tmp_path, "b").channel_credentials()
+        reply = asyncio.run(status(f"127.0.0.1:{port}", peer))
+        assert reply.cell == "a"
+        with pytest.raises(grpc.aio.AioRpcError):
+            asyncio.run(status(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(root_certificates=ca.pem)))
+    finally:
+        process.stop()
