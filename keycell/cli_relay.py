@@ -68,6 +68,13 @@ def relay(
     jitter: Annotated[
         float, typer.Option(min=0.0, help="Fault injection: plus up to this many seconds.")
     ] = 0.0,
+    advertise: Annotated[
+        str,
+        typer.Option(
+            envvar="KEYCELL_RELAY_ADVERTISE",
+            help="Host other relays dial to reach this one (default: the --listen host).",
+        ),
+    ] = "",
     tls_cert: Annotated[
         str | None,
         typer.Option(
@@ -127,6 +134,11 @@ def relay(
             f"--listen {listen}: a relay off loopback needs mutual TLS; pass --tls-cert, --tls-key and"
             " --tls-ca (or KEYCELL_RELAY_TLS_CERT/_KEY/_CA). Plaintext is for loopback only."
         )
+    if host in ("0.0.0.0", "::", "[::]") and not advertise:  # noqa: S104 - a check, not a bind
+        errors.print(
+            f"[yellow]warning:[/] --listen {listen} with no --advertise: other relays are told to dial"
+            f" {host}, which they cannot; set --advertise (KEYCELL_RELAY_ADVERTISE) to this relay's host"
+        )
     if tls is not None and tls.identity.cell != cell_id:
         raise _fail(f"the TLS certificate names {tls.identity.uri}, not a relay of cell {cell_id}")
     seeds = [s.strip() for s in join.split(",") if s.strip()]
@@ -148,6 +160,7 @@ def relay(
                 faults=faults,
                 seeds=seeds or [r.addr for r in relays[:2]],
                 tls=tls,
+                advertise=advertise,
             )
             attach_cells(relay, sink.services, api_url=os.environ.get("KEYCELL_API_ADDR", ""))  # issue 9
             await relay.start()

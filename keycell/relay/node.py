@@ -163,7 +163,10 @@ class Relay(pb_grpc.RelayServicer):
         seeds: Iterable[str] = (),
         rng: random.Random | None = None,
         tls: RelayTLS | None = None,
+        advertise: str = "",
     ) -> None:
+        """`advertise`: the host other relays dial (its certificate must name it); by
+        default the listening host, which must then be reachable as it is (not 0.0.0.0)."""
         if tls is None and not is_loopback(host):
             raise TLSConfigError(
                 f"relay {name or cell}: listening on {host} needs mutual TLS (keycell relay --tls-cert/"
@@ -177,6 +180,7 @@ class Relay(pb_grpc.RelayServicer):
         self.name = name
         self.cell = cell
         self.host = host
+        self.advertise = advertise
         self.port = port
         self.addr = ""
         self.profile = profile
@@ -231,7 +235,7 @@ class Relay(pb_grpc.RelayServicer):
         if not self.port:
             raise OSError(f"relay {self.name} could not listen on {self.host}")
         await self._server.start()
-        self.addr = f"{self.host}:{self.port}"
+        self.addr = f"{self.advertise or self.host}:{self.port}"
         if not self.name:  # named by address: a relay restarted on its port is the same member
             self.name = f"{self.cell}@{self.addr}"
         me = Member(self.name, self.addr, self.cell, incarnation=int(time.time() * 1000) % 1_000_000_000)

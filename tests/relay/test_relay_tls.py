@@ -289,3 +289,28 @@ def test_keycell_relay_serves_mtls_from_its_options(ca: TestCA, tmp_path: Path) 
             asyncio.run(status(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(root_certificates=ca.pem)))
     finally:
         process.stop()
+
+
+def test_a_relay_advertises_the_host_its_certificate_names(ca: TestCA, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        first = Relay("a-0", "a", tls=relay_tls(ca, tmp_path, "a"), advertise="localhost")
+        await first.start()
+        second = Relay(
+            "b-0", "b", tls=relay_tls(ca, tmp_path, "b"), advertise="localhost", seeds=[first.addr]
+        )
+        try:
+            await second.start()
+            assert first.addr.startswith("localhost:") and second.addr.startswith("localhost:")
+            assert await wait_for(
+                lambda: (
+                    first.table is not None
+                    and (m := first.table.get("b-0")) is not None
+                    and m.addr == second.addr
+                ),
+                10,
+            )
+        finally:
+            await second.stop()
+            await first.stop()
+
+    asyncio.run(scenario())
