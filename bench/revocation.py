@@ -18,6 +18,12 @@ revocation (relays push only after the ledger write or its conflict); the exposu
 window of a revocation is the latest of those times minus the call's, so it covers
 every relay and every cell ledger. At the end every cell ledger is read back.
 
+`relay_cpu_ms_per_revocation`: CPU time (user + system, every thread) the relay
+processes spent while the revocations were sent and spread, less what they spend
+idle (probes, anti-entropy; measured for 3 s just before), per revocation and for
+all relays together. Unlike the exposure window it hardly depends on what else the
+machine runs, so it is the figure to compare code changes by.
+
 Then the round-based simulator (keycell/relay/simulate.py) for 1,000-10,000 relays:
 rounds until every relay holds a revocation, against log2 n, with the relay's eager
 push and without it (gossip only, as memberlist does).
@@ -43,7 +49,7 @@ from bench.common import machine
 from keycell.relay._pb import relay_pb2 as pb
 from keycell.relay._pb import relay_pb2_grpc as pb_grpc
 from keycell.relay.node import rev_to_pb
-from keycell.relay.profiles import LOCAL
+from keycell.relay.profiles import LOCAL, PROFILES
 from keycell.relay.simulate import report as simulate_report
 from keycell.testing.processes import ServerProcess
 
@@ -56,8 +62,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes (all their threads), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / tick
+
+
 def start_relays(
-    root: Path, relays_per_cell: int, processes_per_cell: int, loss: float
+    root: Path, relays_per_cell: int, processes_per_cell: int, loss: float, profile: str = "local"
 ) -> tuple[list[ServerProcess], dict[str, list[str]]]:
     from keycell.relay.cluster import open_dev_cell
 
@@ -72,7 +92,7 @@ def start_relays(
         for p in range(processes_per_cell):
             count = per_process if p < processes_per_cell - 1 else relays_per_cell - per_process * p
             info = root / f"{cell}-{p}.json"
-            args = ["relay", "--cell", cell, "--dev-data-dir", str(folder), "--profile", "local"]
+            args = ["relay", "--cell", cell, "--dev-data-dir", str(folder), "--profile", profile]
             args += ["--count", str(count), "--loss", str(loss), "--addresses-file", str(info)]
             if join:
                 args += ["--join", join]
@@ -86,7 +106,12 @@ def start_relays(
 
 
 async def measure(
-    root: Path, addrs: dict[str, list[str]], revocations: int, interval: float, settle: float
+    root: Path,
+    addrs: dict[str, list[str]],
+    revocations: int,
+    interval: float,
+    settle: float,
+    pids: list[int] | None = None,
 ) -> dict[str, Any]:
     from keycell.control_plane.revocations import RevocationLog
     from keycell.relay.cluster import open_dev_cell
@@ -120,15 +145,25 @@ async def measure(
     logs = {cell: RevocationLog(open_dev_cell(str(root / cell), cell).revocations) for cell in CELLS}
     rng = random.Random(1)
     issued = []
+    handoffs_failed = 0
+    pids = pids or []
+    idle_cpu, idle_wall = cpu_seconds(pids), time.monotonic()
+    await asyncio.sleep(3.0)
+    idle_rate = (cpu_seconds(pids) - idle_cpu) / (time.monotonic() - idle_wall)
+    busy_cpu, busy_wall = cpu_seconds(pids), time.monotonic()
     for i in range(revocations):
         cell = CELLS[i % len(CELLS)]
         rec = logs[cell].record(f"token:bench-{i}-{rng.getrandbits(32):08x}", reason="bench")
-        await stubs[rng.choice(addrs[cell])].Submit(rev_to_pb(rec), timeout=5)
+        try:
+            await stubs[rng.choice(addrs[cell])].Submit(rev_to_pb(rec), timeout=5)
+        except grpc.aio.AioRpcError:  # as the revocation function: it stands, the sweep spreads it
+            handoffs_failed += 1
         issued.append(rec)
         await asyncio.sleep(interval)
     wait_until = time.monotonic() + 30
     while time.monotonic() < wait_until and any(len(applied.get(r.id, {})) < len(every) for r in issued):
         await asyncio.sleep(0.05)
+    busy = cpu_seconds(pids) - busy_cpu - idle_rate * (time.monotonic() - busy_wall)
     for task in followers:
         task.cancel()
     await asyncio.gather(*followers, return_exceptions=True)
@@ -144,6 +179,7 @@ async def measure(
         log.ledger.close()
     return {
         "revocations": len(issued),
+        "handoffs_failed": handoffs_failed,  # relay too busy to answer Submit within 5 s
         "reached_every_relay": len(windows),
         "every_cell_ledger_holds_every_revocation": ledgers_hold_all,
         "exposure_ms": {
@@ -153,6 +189,9 @@ async def measure(
             "mean": round(statistics.fmean(windows) * 1000, 1) if windows else None,
         },
         "p99_within_target": bool(windows) and percentile(windows, 0.99) <= TARGET_P99,
+        "relay_cpu_ms_per_revocation": round(busy / max(1, len(issued)) * 1000, 1) if pids else None,
+        "relay_idle_cpu_share": round(idle_rate, 3) if pids else None,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -167,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between revoke calls")
     parser.add_argument("--loss", type=float, default=0.05)
     parser.add_argument("--sim-sizes", default="1000,3000,10000")
+    parser.add_argument(
+        "--profile", default="local", choices=sorted(PROFILES), help="relay timings (lan: cheaper probing)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.relays_per_cell, args.processes_per_cell, args.revocations, args.sim_sizes = 3, 1, 10, "1000"
@@ -174,9 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     args.revocations = max(1, min(args.revocations, 5000))
     with tempfile.TemporaryDirectory(prefix="keycell-bench-revocation-") as tmp:
         root = Path(tmp)
-        processes, addrs = start_relays(root, args.relays_per_cell, args.processes_per_cell, args.loss)
+        processes, addrs = start_relays(
+            root, args.relays_per_cell, args.processes_per_cell, args.loss, args.profile
+        )
         try:
-            figures = asyncio.run(measure(root, addrs, args.revocations, args.interval, settle=30))
+            pids = [p.pid for p in processes if p.pid is not None]
+            figures = asyncio.run(measure(root, addrs, args.revocations, args.interval, settle=30, pids=pids))
         finally:
             died = [p for p in processes if p.exited() is not None]
             for process in died:
@@ -195,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
             "relays": args.relays_per_cell * len(CELLS),
             "relay_processes": args.processes_per_cell * len(CELLS),
             "note": "relays of one process share its event loop; each has its own gRPC server and port",
-            "profile": LOCAL.name,
+            "profile": args.profile,
             "loss": args.loss,
             "interval_s": args.interval,
             "pid": os.getpid(),

@@ -136,8 +136,22 @@ class Receipt:
     applied_at: float
 
 
-def new_revocation_id() -> str:
-    return "rv_" + secrets.token_hex(12)
+# A revocation id is "rv_" + 11 hex digits of the minting time in milliseconds + 13
+# random hex digits: ids (and so receipt paths, "<id>/<cell>") sort by time, and the ids
+# minted in one 2**16 ms (~65 s) window share the prefix "rv_" + 7 hex digits, which lets
+# the relay's sweep read only recent receipts (RevocationLog.held_since).
+ID_BUCKET_BITS = 16
+
+
+def new_revocation_id(now: float | None = None) -> str:
+    ms = int((time.time() if now is None else now) * 1000)
+    return f"rv_{ms:011x}{secrets.token_hex(7)[:13]}"
+
+
+def id_bucket_prefixes(since: float, until: float) -> list[str]:
+    """Receipt path prefixes covering ids minted in [since, until]."""
+    first, last = int(since * 1000) >> ID_BUCKET_BITS, int(until * 1000) >> ID_BUCKET_BITS
+    return [f"rv_{b:07x}" for b in range(max(0, first), last + 1)]
 
 
 def check_subject(subject: str) -> str:
@@ -246,10 +260,16 @@ class RevocationLog:
             return None
         return rec, sorted(receipts, key=lambda r: r.applied_at)
 
-    def held(self) -> Iterator[tuple[RevocationRecord | None, Receipt]]:
+    def held_since(self, since: float) -> Iterator[tuple[RevocationRecord | None, Receipt]]:
+        """The receipts of revocations minted since `since` (epoch seconds; ids carry
+        their minting time, so this reads a few id buckets, not every receipt)."""
+        for prefix in id_bucket_prefixes(since, time.time() + 1):
+            yield from self.held(prefix)
+
+    def held(self, prefix: str = "") -> Iterator[tuple[RevocationRecord | None, Receipt]]:
         """Every receipt this cell holds (with its record when it carries one): what a
         restarted relay reloads."""
-        for item in iter_prefix(self.ledger, Kind.REVOCATION_RECEIPT, page_size=500):
+        for item in iter_prefix(self.ledger, Kind.REVOCATION_RECEIPT, prefix, page_size=500):
             value = json.loads(item.value)
             revocation_id = item.key.path.rsplit("/", 1)[0]
             rec = value.get("revocation")

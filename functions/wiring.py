@@ -24,6 +24,9 @@ Environment (all optional):
   KEYCELL_RELAY         HOST:PORT of the cell's local relay: revocations are handed to it
                         (sys/revocations) and the server's revocation stream follows it; KV
                         writes go to each secret's home cell through it (keycell/cells)
+  KEYCELL_RELAY_TLS_CERT, KEYCELL_RELAY_TLS_KEY, KEYCELL_RELAY_TLS_CA
+                        mTLS to that relay: this process's certificate (SPIFFE ID
+                        spiffe://TD/keycell/api/CELL), its key, the mesh CA (keycell/relay/tls.py)
 """
 
 from __future__ import annotations
@@ -80,8 +83,11 @@ def services_from_environment(env: dict[str, str] | None = None) -> CellServices
     install(services, env)  # credential targets and database plugins
     if env.get("KEYCELL_RELAY"):
         from keycell.relay.handoff import RelayHandoff
+        from keycell.relay.tls import from_env as relay_tls_from_env
 
-        services.relay_handoff = RelayHandoff(env["KEYCELL_RELAY"])  # type: ignore[attr-defined]
+        services.relay_handoff = RelayHandoff(  # type: ignore[attr-defined]
+            env["KEYCELL_RELAY"], tls=relay_tls_from_env(env)
+        )
     return services
 
 
@@ -168,6 +174,7 @@ def router_from_environment(env: dict[str, str] | None = None) -> Router:
     relay = (os.environ if env is None else env).get("KEYCELL_RELAY")
     if relay:  # cells under partition (issue 9): homes, forwarding, replica ages
         from keycell.cells.api import install as install_cells
+        from keycell.relay.tls import from_env as relay_tls_from_env
 
-        install_cells(router, services, relay)
+        install_cells(router, services, relay, relay_tls_from_env(os.environ if env is None else env))
     return router

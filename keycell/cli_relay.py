@@ -68,6 +68,34 @@ def relay(
     jitter: Annotated[
         float, typer.Option(min=0.0, help="Fault injection: plus up to this many seconds.")
     ] = 0.0,
+    advertise: Annotated[
+        str,
+        typer.Option(
+            envvar="KEYCELL_RELAY_ADVERTISE",
+            help="Host other relays dial to reach this one (default: the --listen host).",
+        ),
+    ] = "",
+    tls_cert: Annotated[
+        str | None,
+        typer.Option(
+            envvar="KEYCELL_RELAY_TLS_CERT",
+            help="mTLS: this relay's certificate (path or PEM; URI SAN spiffe://TD/keycell/relay/CELL).",
+        ),
+    ] = None,
+    tls_key: Annotated[
+        str | None, typer.Option(envvar="KEYCELL_RELAY_TLS_KEY", help="mTLS: its private key (path or PEM).")
+    ] = None,
+    tls_ca: Annotated[
+        str | None,
+        typer.Option(envvar="KEYCELL_RELAY_TLS_CA", help="mTLS: the mesh's CA bundle (path or PEM)."),
+    ] = None,
+    tls_server_name: Annotated[
+        str,
+        typer.Option(
+            envvar="KEYCELL_RELAY_TLS_SERVER_NAME",
+            help="mTLS: name to check in peers' certificates instead of the dialled host.",
+        ),
+    ] = "",
 ) -> None:
     """Run the cell's revocation relay: SWIM membership and revocation gossip over gRPC.
 
@@ -83,6 +111,7 @@ def relay(
     from keycell.relay.metrics import serve_metrics
     from keycell.relay.node import Relay
     from keycell.relay.profiles import profile as named_profile
+    from keycell.relay.tls import TLSConfigError, from_values, is_loopback
     from keycell.testing.processes import announce_ready
 
     try:
@@ -96,6 +125,22 @@ def relay(
     env["KEYCELL_CELL"] = cell_id
     env.pop("KEYCELL_RELAY", None)  # this process is the relay
     host, port = _host_port(listen, "--listen")
+    try:
+        tls = from_values(tls_cert, tls_key, tls_ca, server_name=tls_server_name)
+    except TLSConfigError as exc:
+        raise _fail(str(exc)) from None
+    if tls is None and not is_loopback(host):
+        raise _fail(
+            f"--listen {listen}: a relay off loopback needs mutual TLS; pass --tls-cert, --tls-key and"
+            " --tls-ca (or KEYCELL_RELAY_TLS_CERT/_KEY/_CA). Plaintext is for loopback only."
+        )
+    if host in ("0.0.0.0", "::", "[::]") and not advertise:  # noqa: S104 - a check, not a bind
+        errors.print(
+            f"[yellow]warning:[/] --listen {listen} with no --advertise: other relays are told to dial"
+            f" {host}, which they cannot; set --advertise (KEYCELL_RELAY_ADVERTISE) to this relay's host"
+        )
+    if tls is not None and tls.identity.cell != cell_id:
+        raise _fail(f"the TLS certificate names {tls.identity.uri}, not a relay of cell {cell_id}")
     seeds = [s.strip() for s in join.split(",") if s.strip()]
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
 
@@ -114,6 +159,8 @@ def relay(
                 sink=sink,
                 faults=faults,
                 seeds=seeds or [r.addr for r in relays[:2]],
+                tls=tls,
+                advertise=advertise,
             )
             attach_cells(relay, sink.services, api_url=os.environ.get("KEYCELL_API_ADDR", ""))  # issue 9
             await relay.start()

@@ -68,6 +68,10 @@ class Cell:
     relay_cpu: int = 512
     relay_memory_mb: int = 1024
     relay_port: int = 7946
+    # The relays' mTLS material (keycell/relay/tls.py), handed to them as KEYCELL_RELAY_TLS_*:
+    # on AWS a Secrets Manager secret name holding JSON {"cert", "key", "ca"} (PEMs); on
+    # GCP the prefix of three Secret Manager secrets <name>-cert, -key, -ca.
+    relay_tls_secret: str = ""
     log_retention_days: int = 365
     rotation_handler: str = "keycell.functions.rotation.app.rotate"
     revocation_handler: str = "keycell.functions.revocation.app.revocation"
@@ -106,6 +110,15 @@ class CellSet:
 
     def relay_host(self, cell: Cell) -> str:
         return f"relay.{cell.id}.{self.dns_zone}"
+
+
+# The relay's mTLS settings (keycell/relay/tls.py) and the JSON field of `relay_tls_secret`
+# each comes from; each value may be a PEM itself, as container secrets hand them over.
+RELAY_TLS_FIELDS = {
+    "KEYCELL_RELAY_TLS_CERT": "cert",
+    "KEYCELL_RELAY_TLS_KEY": "key",
+    "KEYCELL_RELAY_TLS_CA": "ca",
+}
 
 
 def relay_peers(cells: CellSet, cell: Cell) -> list[str]:
@@ -151,6 +164,7 @@ def terraform_variables(cells: CellSet, cell: Cell, **extra: Any) -> dict[str, A
         "relay_port": cell.relay_port,
         "relay_peers": relay_peers(cells, cell),
         "api_max_instances": cell.api_reserved_concurrency,
+        **({"relay_tls_secret": cell.relay_tls_secret} if cell.relay_tls_secret else {}),
         **extra,
     }
 

@@ -133,7 +133,9 @@ class RevocationFeed:
             }
             loop.call_soon_threadsafe(self._publish, [record])
 
-        self.relay = RelaySubscription(addr, pushed).start()
+        from keycell.relay.tls import from_env as relay_tls_from_env
+
+        self.relay = RelaySubscription(addr, pushed, tls=relay_tls_from_env()).start()
 
     def _publish(self, events: list[dict[str, Any]]) -> None:
         if self._known is not None:

@@ -15,5 +15,6 @@ def test_quick_revocation_bench_reaches_every_relay_and_ledger() -> None:
     assert report["every_cell_ledger_holds_every_revocation"] is True
     assert set(report["exposure_ms"]) == {"p50", "p99", "max", "mean"}
     assert report["exposure_ms"]["p50"] <= report["exposure_ms"]["p99"] <= report["exposure_ms"]["max"]
+    assert report["relay_cpu_ms_per_revocation"] is not None  # the relay processes' CPU was read
     sim = report["simulator"]["with_eager_push"][0]
     assert sim["nodes"] == 1000 and sim["rounds_max"] < 1000  # converged, not cut off

@@ -52,13 +52,14 @@ from aws_cdk import aws_route53 as route53
 from aws_cdk import aws_route53_targets as route53_targets
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_s3_assets as s3_assets
+from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_sqs as sqs
 from aws_cdk import aws_ssm as ssm
 from chalice.cdk import Chalice
 from constructs import Construct
 
 from keycell.control_plane.ledger import ATTR_EXPIRES_AT, ATTR_KIND, ATTR_PATH
-from keycell.deployment import Cell, CellSet, relay_peers
+from keycell.deployment import RELAY_TLS_FIELDS, Cell, CellSet, relay_peers
 
 REPO = Path(__file__).resolve().parents[2]
 API_SOURCE = REPO / "functions" / "api"
@@ -691,6 +692,13 @@ class CellStack(cdk.Stack):
             ),
         )
         peers = relay_peers(self.cells, cell)
+        tls_secrets: dict[str, ecs.Secret] | None = None
+        if cell.relay_tls_secret:  # mTLS between relays (keycell/relay/tls.py)
+            tls_secret = secretsmanager.Secret.from_secret_name_v2(self, "RelayTls", cell.relay_tls_secret)
+            tls_secrets = {
+                env: ecs.Secret.from_secrets_manager(tls_secret, field)
+                for env, field in RELAY_TLS_FIELDS.items()
+            }
         task.add_container(
             "relay",
             image=ecs.ContainerImage.from_registry(cell.relay_image),
@@ -701,6 +709,7 @@ class CellStack(cdk.Stack):
                 "KEYCELL_RELAY_PEERS": ",".join(peers),
                 "KEYCELL_RELAY_PROFILE": "wan",
             },
+            secrets=tls_secrets,
             port_mappings=[ecs.PortMapping(container_port=cell.relay_port, protocol=ecs.Protocol.TCP)],
             readonly_root_filesystem=True,
             user="10001",

@@ -359,6 +359,24 @@ resource "google_cloud_run_v2_service" "relay" {
         }
       }
 
+      # mTLS between relays (keycell/relay/tls.py), when relay_tls_secret names the secrets
+      dynamic "env" {
+        for_each = var.relay_tls_secret == "" ? {} : {
+          KEYCELL_RELAY_TLS_CERT = "${var.relay_tls_secret}-cert"
+          KEYCELL_RELAY_TLS_KEY  = "${var.relay_tls_secret}-key"
+          KEYCELL_RELAY_TLS_CA   = "${var.relay_tls_secret}-ca"
+        }
+        content {
+          name = env.key
+          value_source {
+            secret_key_ref {
+              secret  = env.value
+              version = "latest"
+            }
+          }
+        }
+      }
+
       ports {
         name           = "h2c" # gRPC end to end
         container_port = var.relay_port

@@ -51,6 +51,12 @@ variable "relay_peers" {
   default     = []
 }
 
+variable "relay_tls_secret" {
+  description = "Prefix of three Secret Manager secrets (<prefix>-cert, -key, -ca) with the relays' mTLS PEMs; empty: none"
+  type        = string
+  default     = ""
+}
+
 variable "api_max_instances" {
   description = "Upper bound on API instances: the cell's share of the project's quota"
   type        = number

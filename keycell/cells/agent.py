@@ -60,6 +60,7 @@ from keycell.control_plane.replicas import (
 )
 from keycell.relay.membership import State
 from keycell.relay.node import Relay
+from keycell.relay.tls import aio_channel as relay_channel
 
 log = logging.getLogger("keycell.cells")
 T = TypeVar("T")
@@ -339,7 +340,10 @@ class CellAgent(pb_grpc.CellsServicer):
                 await asyncio.sleep(delay)
         channel = self._channels.get(addr)
         if channel is None:
-            channel = self._channels[addr] = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+            try:
+                channel = self._channels[addr] = relay_channel(addr, self.relay.tls, CHANNEL_OPTIONS)
+            except ValueError:  # a relay off loopback while this one has no TLS
+                raise Unreachable(addr) from None
         stub = pb_grpc.CellsStub(channel)  # type: ignore[no-untyped-call]
         try:
             return await getattr(stub, method)(request, timeout=self.timing.call_timeout)

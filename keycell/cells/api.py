@@ -43,6 +43,7 @@ from keycell.control_plane.errors import InvalidRequest, NotFound, RequestError
 from keycell.control_plane.replicas import Home, NoMajority, NotHome, Replicas
 from keycell.control_plane.router import Context, Operation, OperationDoc, Result, RouteDoc, Router
 from keycell.control_plane.routes.openapi import STR, STR_LIST, obj, ok
+from keycell.relay import tls as relay_tls
 
 AGE_HEADER = "X-Keycell-Replica-Age"
 HOME_HEADER = "X-Keycell-Home-Cell"
@@ -64,7 +65,16 @@ def parse_staleness(text: str) -> float:
 
 
 class CellsFrontend:
-    def __init__(self, services: Any, relay_addr: str | None, *, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        services: Any,
+        relay_addr: str | None,
+        *,
+        timeout: float = 5.0,
+        tls: relay_tls.RelayTLS | None = None,
+    ) -> None:
+        """`tls`: this process's certificate (an API identity of its cell) for a relay with mTLS."""
+        self.tls = tls
         self.services = services
         self.cell: str = services.config.cell_id
         self.relay_addr = relay_addr
@@ -82,7 +92,8 @@ class CellsFrontend:
 
     def stub(self) -> Any:
         if self._stub is None and self.relay_addr:
-            self._stub = pb_grpc.CellsStub(grpc.insecure_channel(self.relay_addr, options=CHANNEL_OPTIONS))  # type: ignore[no-untyped-call]
+            channel = relay_tls.channel(self.relay_addr, self.tls, CHANNEL_OPTIONS)
+            self._stub = pb_grpc.CellsStub(channel)  # type: ignore[no-untyped-call]
         return self._stub
 
     # --- writes -----------------------------------------------------------------------
@@ -246,10 +257,12 @@ class CellsFrontend:
         return self.replicas.age(path, home), home.home
 
 
-def install(router: Router, services: Any, relay_addr: str | None) -> CellsFrontend:
+def install(
+    router: Router, services: Any, relay_addr: str | None, tls: relay_tls.RelayTLS | None = None
+) -> CellsFrontend:
     """Wrap the KV v2 routes at secret/ of `router` with homes and replica ages, and
     add sys/cells (the cell directory: service discovery for clients)."""
-    front = CellsFrontend(services, relay_addr)
+    front = CellsFrontend(services, relay_addr, tls=tls)
 
     def cells(ctx: Context) -> dict[str, Any]:
         entries = directory_mod.load(services.barrier)

@@ -63,6 +63,7 @@ class _Queued:
     rumor: Any
     transmits: int = 0
     lazy: bool = False
+    cap: int = 0  # at most this many sends (0: the caller's limit)
 
 
 class RumorQueue:
@@ -80,12 +81,23 @@ class RumorQueue:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
     def hot(self) -> bool:
         return self._hot > 0
 
-    def put(self, key: str, rumor: Any, *, sent: int = 0, lazy: bool = False) -> None:
+    def hot_keys(self) -> list[str]:
+        return [q.key for q in self._items.values() if not q.lazy] if self._hot else []
+
+    def retire(self, key: str) -> None:
+        """Stop sending `key` (every peer it would go to is known to hold it)."""
         self._remove(key)
-        self._items[key] = _Queued(key, rumor, sent, lazy)
+
+    def put(self, key: str, rumor: Any, *, sent: int = 0, lazy: bool = False, cap: int = 0) -> None:
+        """`cap`: send it at most this many times, below the limit `take` is given."""
+        self._remove(key)
+        self._items[key] = _Queued(key, rumor, sent, lazy, cap)
         self._hot += not lazy
 
     def _remove(self, key: str) -> None:
@@ -93,7 +105,8 @@ class RumorQueue:
         if old is not None and not old.lazy:
             self._hot -= 1
 
-    def take(self, count: int, limit: int) -> list[Any]:
+    def take(self, count: int, limit: int, keys: list[str] | None = None) -> list[Any]:
+        """Up to `count` rumours, least sent first; `keys` (if given) gets their keys."""
         if not self._items:
             return []
         chosen = sorted(self._items.values(), key=lambda q: (q.lazy, q.transmits))[:count]
@@ -101,6 +114,8 @@ class RumorQueue:
         for q in chosen:
             q.transmits += 1
             out.append(q.rumor)
-            if q.transmits >= limit:
+            if keys is not None:
+                keys.append(q.key)
+            if q.transmits >= limit or (q.cap and q.transmits >= q.cap):
                 self._remove(q.key)
         return out

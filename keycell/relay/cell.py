@@ -35,6 +35,8 @@ class CellSink(Protocol):
 
     def held(self) -> Iterator[tuple[RevocationRecord | None, Receipt]]: ...
 
+    def held_since(self, since: float) -> Iterator[tuple[RevocationRecord | None, Receipt]]: ...
+
 
 class LedgerSink:
     """A cell's ledger as the relay sees it. Opening the barrier follows the cell's
@@ -110,6 +112,11 @@ class LedgerSink:
     def held(self) -> Iterator[tuple[RevocationRecord | None, Receipt]]:
         self._open()
         return self.log.held()
+
+    def held_since(self, since: float) -> Iterator[tuple[RevocationRecord | None, Receipt]]:
+        """Receipts of revocations minted since `since` (a few id buckets, not a full scan)."""
+        self._open()
+        return self.log.held_since(since)
 
     def subjects(self) -> set[str]:
         """Every subject the cell's revocation set holds (a full scan: tests and benches)."""

@@ -37,9 +37,10 @@ class Member:
 
 
 class Awareness:
-    """Lifeguard's local health multiplier: grows when this relay misses acks or has
-    to refute a suspicion about itself (it is probably the slow one), shrinks with
-    every successful probe; probe interval and timeout are scaled by (score + 1)."""
+    """Lifeguard's local health multiplier: grows when this relay's failed probe also
+    missed its helpers' nacks (one per missing nack) or when it has to refute a
+    suspicion about itself (it is probably the slow one), shrinks with every
+    successful probe; probe interval and timeout are scaled by (score + 1)."""
 
     def __init__(self, ceiling: int) -> None:
         self.ceiling = ceiling

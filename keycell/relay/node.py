@@ -30,6 +30,7 @@ import contextlib
 import logging
 import random
 import time
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -45,8 +46,19 @@ from keycell.relay.cell import CellSink
 from keycell.relay.faults import Faults
 from keycell.relay.membership import Awareness, Member, MemberTable, State, Verdict
 from keycell.relay.profiles import LOCAL, Profile
+from keycell.relay.tls import RELAY, Authorizer, RelayTLS, TLSConfigError, is_loopback, peer_identity
+from keycell.relay.tls import aio_channel as relay_channel
 
 log = logging.getLogger("keycell.relay")
+# sink -> revocation id -> its ledger write in flight (relays of one process share both)
+_INFLIGHT: weakref.WeakKeyDictionary[Any, dict[str, asyncio.Future[float]]] = weakref.WeakKeyDictionary()
+RECEIPT_SENDS = 2  # piggybacked sends of a cell's receipt by each relay that learns it
+_RECEIPTS: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()  # sink -> receipts kept
+# The ledger sweep reads the receipts of revocations minted since the last sweep, less
+# this grace (a revoke call's commit may land a little after its id was minted), and
+# every FULL_SWEEP_EVERY sweeps reads them all.
+SWEEP_GRACE = 60.0
+FULL_SWEEP_EVERY = 60
 LINK_QUEUE = 10_000  # envelopes waiting on one stream; beyond, new ones are dropped (as UDP would)
 ENTRIES_PER_ENVELOPE = 256  # anti-entropy sends missing entries in chunks
 EXPOSURE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -119,6 +131,18 @@ class Link:
                 self.queue.put_nowait(None)
 
 
+class _Spread:
+    """A revocation this relay is still spreading: the peers known to hold it (they
+    sent it here, or this relay sent it to them), so no send goes to a peer twice nor
+    back to one it came from. Kept while the rumour is hot."""
+
+    __slots__ = ("holders", "origin_cell")
+
+    def __init__(self, origin_cell: str, source_addr: str) -> None:
+        self.origin_cell = origin_cell
+        self.holders: set[str] = {source_addr} if source_addr else set()
+
+
 @dataclass
 class _Backoff:
     failures: int = 0
@@ -138,12 +162,25 @@ class Relay(pb_grpc.RelayServicer):
         faults: Faults | None = None,
         seeds: Iterable[str] = (),
         rng: random.Random | None = None,
+        tls: RelayTLS | None = None,
+        advertise: str = "",
     ) -> None:
-        if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
-            raise ValueError("relays listen on loopback here; put a proxy with TLS in front to go further")
+        """`advertise`: the host other relays dial (its certificate must name it); by
+        default the listening host, which must then be reachable as it is (not 0.0.0.0)."""
+        if tls is None and not is_loopback(host):
+            raise TLSConfigError(
+                f"relay {name or cell}: listening on {host} needs mutual TLS (keycell relay --tls-cert/"
+                "--tls-key/--tls-ca, or KEYCELL_RELAY_TLS_CERT/_KEY/_CA); plaintext is for loopback only"
+            )
+        if tls is not None and (tls.identity.role != RELAY or tls.identity.cell != cell):
+            raise TLSConfigError(
+                f"relay of cell {cell}: its certificate names {tls.identity.uri}, not a relay of cell {cell}"
+            )
+        self.tls = tls
         self.name = name
         self.cell = cell
         self.host = host
+        self.advertise = advertise
         self.port = port
         self.addr = ""
         self.profile = profile
@@ -165,6 +202,7 @@ class Relay(pb_grpc.RelayServicer):
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._backoff: dict[str, _Backoff] = {}
         self._acks: dict[int, asyncio.Future[None]] = {}
+        self._nacks: dict[int, int] = {}  # probe seq -> nacks heard from its indirect helpers
         self._seq = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self._subscribers: set[asyncio.Queue[pb.Applied | None]] = set()
@@ -172,6 +210,10 @@ class Relay(pb_grpc.RelayServicer):
         self._helping: set[asyncio.Task[None]] = set()
         self._members_cache: tuple[int, list[pb.Member]] = (-1, [])  # indirect probes run for others
         self._pending: set[str] = set()  # revocation ids waiting for the sink (sealed cell, ledger down)
+        self._spreading: dict[str, _Spread] = {}  # hot revocation key -> who holds it
+        self._swept_at: float | None = None  # wall time the last complete ledger read began
+        self._sweeps = 0
+        self._peer_view: tuple[int, list[str], dict[str, str]] = (-1, [], {})
         self.running = False
         # More gRPC services on this relay's server (keycell/cells adds replication), each
         # added before the server starts.
@@ -180,15 +222,20 @@ class Relay(pb_grpc.RelayServicer):
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._server = grpc.aio.server(options=_SERVER_OPTIONS)
+        interceptors = [Authorizer(self.tls.identity)] if self.tls is not None else []
+        self._server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=interceptors)
         pb_grpc.add_RelayServicer_to_server(self, self._server)  # type: ignore[no-untyped-call]
         for add_service in self.extra_services:
             add_service(self._server)
-        self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        bind = f"{self.host}:{self.port}"
+        if self.tls is not None:
+            self.port = self._server.add_secure_port(bind, self.tls.server_credentials())
+        else:
+            self.port = self._server.add_insecure_port(bind)
         if not self.port:
             raise OSError(f"relay {self.name} could not listen on {self.host}")
         await self._server.start()
-        self.addr = f"{self.host}:{self.port}"
+        self.addr = f"{self.advertise or self.host}:{self.port}"
         if not self.name:  # named by address: a relay restarted on its port is the same member
             self.name = f"{self.cell}@{self.addr}"
         me = Member(self.name, self.addr, self.cell, incarnation=int(time.time() * 1000) % 1_000_000_000)
@@ -247,12 +294,14 @@ class Relay(pb_grpc.RelayServicer):
     def _send(self, addr: str, env: pb.Envelope, link: Link | None = None, *, piggyback: bool = True) -> None:
         if addr == self.addr or not addr or not self.running:
             return
-        if piggyback and self.table is not None:
+        if piggyback and self.table is not None and len(self.rumors):
             room = self.profile.rumors_per_message - len(env.rumors)
             if room > 0:
+                keys: list[str] = []
                 env.rumors.extend(
-                    self.rumors.take(room, self.profile.retransmit_limit(len(self.table.members)))
+                    self.rumors.take(room, self.profile.retransmit_limit(len(self.table.members)), keys)
                 )
+                self._mark_sent(addr, keys)
         kind = env.WhichOneof("body") or "gossip"
         self.counters[f"sent_{kind}"] += 1
         if self.faults is not None:
@@ -291,8 +340,21 @@ class Relay(pb_grpc.RelayServicer):
     async def _run_outbound(self, link: Link) -> None:
         channel = self._channels.get(link.addr)
         if channel is None:
-            channel = grpc.aio.insecure_channel(link.addr, options=_CHANNEL_OPTIONS)
-            self._channels[link.addr] = channel
+            try:
+                channel = relay_channel(link.addr, self.tls, _CHANNEL_OPTIONS)
+            except TLSConfigError as exc:  # a peer off loopback while this relay has no TLS
+                log.warning("%s: %s", self.name, exc)
+                channel = None
+            if channel is not None:
+                self._channels[link.addr] = channel
+        if channel is None:
+            link.close()
+            if self.links.get(link.addr) is link:
+                del self.links[link.addr]
+            self._backoff.setdefault(link.addr, _Backoff()).until = (
+                time.monotonic() + self.profile.backoff_max
+            )
+            return
         stub = pb_grpc.RelayStub(channel)  # type: ignore[no-untyped-call]
 
         async def outgoing() -> AsyncIterator[pb.Envelope]:
@@ -335,10 +397,22 @@ class Relay(pb_grpc.RelayServicer):
         self, request_iterator: AsyncIterator[pb.Envelope], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Envelope]:
         link = Link("", outbound=False)
+        # With mTLS (the Authorizer let only relays of this trust domain in), a peer
+        # speaks for the cell its certificate names and no other.
+        peer_cell = peer.cell if self.tls is not None and (peer := peer_identity(context)) else None
 
         async def read() -> None:
             try:
                 async for env in request_iterator:
+                    if peer_cell is not None and env.sender_cell != peer_cell:
+                        self.counters["refused_impostor"] += 1
+                        log.warning(
+                            "%s: a relay of cell %s sent as cell %r; stream closed",
+                            self.name,
+                            peer_cell,
+                            env.sender_cell,
+                        )
+                        return
                     if not link.addr and env.sender_addr:
                         link.addr = env.sender_addr
                         current = self.links.get(link.addr)
@@ -412,6 +486,11 @@ class Relay(pb_grpc.RelayServicer):
         if body == "ping":
             self._send(env.sender_addr, self._envelope(ack=pb.Ack(seq=env.ping.seq)), link)
         elif body == "ack":
+            if env.ack.nack:  # a helper could not reach the target: our link to it works
+                if env.ack.seq in self._nacks:
+                    self._nacks[env.ack.seq] += 1
+                    self.counters["nacks_received"] += 1
+                return
             future = self._acks.pop(env.ack.seq, None)
             if future is not None and not future.done():
                 future.set_result(None)
@@ -529,16 +608,29 @@ class Relay(pb_grpc.RelayServicer):
     def _learn(self, entry: pb.Entry, source_addr: str) -> bool:
         key = entry_key(entry)
         if not self.store.add(key, entry):
+            if source_addr:
+                if key[0] == "r":
+                    self.counters["revocation_copies"] += 1  # heard again
+                spread = self._spreading.get(key)
+                if spread is not None and source_addr not in spread.holders:
+                    spread.holders.add(source_addr)
+                    self._retire_if_covered(key, spread)
             return False
         if entry.HasField("revocation"):
             self.counters["revocations_heard"] += 1
             self.heard[entry.revocation.id] = time.time()
-            pushed = self._eager_push(entry, source_addr)
-            self.rumors.put(key, pb.Rumor(entry=entry), sent=pushed)
+            spread = self._spreading[key] = _Spread(entry.revocation.origin_cell, source_addr)
+            rumor = pb.Rumor(entry=entry)
+            pushed = self._eager_push(rumor, source_addr, spread)
+            self.rumors.put(key, rumor, sent=pushed)
             self._apply(entry.revocation)
             return True
-        self.rumors.put(key, pb.Rumor(entry=entry), lazy=True)
-        if self.sink is not None and entry.receipt.cell != self.cell:
+        # A receipt is evidence for sys/revocations/:id, not on the exposure path: it
+        # rides along a couple of times, and anti-entropy brings it everywhere else.
+        self.rumors.put(key, pb.Rumor(entry=entry), lazy=True, cap=RECEIPT_SENDS)
+        stored = _RECEIPTS.setdefault(self.sink, set()) if self.sink is not None else set()
+        if self.sink is not None and entry.receipt.cell != self.cell and key not in stored:
+            stored.add(key)  # relays of one process share the sink: one write per receipt
             rev = self.store.entries.get("r/" + entry.receipt.id)
             receipt = Receipt(entry.receipt.id, entry.receipt.cell, entry.receipt.applied_at)
             loop = asyncio.get_running_loop()
@@ -549,6 +641,12 @@ class Relay(pb_grpc.RelayServicer):
                 rev_from_pb(rev.revocation) if rev is not None else None,
             )
             future.add_done_callback(self._log_failure)
+
+            def forget_on_failure(f: asyncio.Future[None]) -> None:
+                if not f.cancelled() and f.exception() is not None:
+                    stored.discard(key)  # the next copy heard tries again
+
+            future.add_done_callback(forget_on_failure)
         return True
 
     @staticmethod
@@ -556,26 +654,67 @@ class Relay(pb_grpc.RelayServicer):
         if not future.cancelled() and future.exception() is not None:
             log.warning("relay ledger write failed: %s", future.exception())
 
-    def _eager_push(self, entry: pb.Entry, source_addr: str) -> int:
+    def _eager_push(self, rumor: pb.Rumor, source_addr: str, spread: _Spread) -> int:
         """Push a new revocation now to `eager_fanout` relays of this cell; the relay
         that took it from the revoke call (no source) also pushes it to every cross
         link of every other cell, which then spread it in their cells. Relays that
-        heard it from a peer leave other cells to the origin and to gossip, which
-        keeps one relay per other cell in every gossip round. Returns the sends made
-        (they count against the rumour's retransmit limit)."""
-        rumor = pb.Rumor(entry=entry)
+        heard it from a peer leave other cells to the origin cell's relays' gossip.
+        One envelope, serialized once per stream, goes to every target. Returns the
+        sends made (they count against the rumour's retransmit limit)."""
         assert self.table is not None
-        own = [m.addr for m in self._own_cell() if m.addr != source_addr]
+        own, _ = self._peers()
+        if source_addr:
+            own = [a for a in own if a != source_addr]
         targets = self.rng.sample(own, min(self.profile.eager_fanout, len(own)))
         if not source_addr:
             if not self.cross:
                 self._refresh_cross()
             for names in self.cross.values():
                 targets += [m.addr for n in names if (m := self.table.get(n)) is not None]
+        env = self._envelope(rumors=[rumor])
         for addr in targets:
-            self._send(addr, self._envelope(rumors=[rumor]), piggyback=False)
+            self._send(addr, env, piggyback=False)
+            spread.holders.add(addr)
         self.counters["eager_pushes"] += 1
         return len(targets)
+
+    def _mark_sent(self, addr: str, keys: list[str]) -> None:
+        for key in keys:
+            spread = self._spreading.get(key)
+            if spread is not None:
+                spread.holders.add(addr)
+
+    def _retire_if_covered(self, key: str, spread: _Spread) -> bool:
+        """Stop spreading `key` once every live relay of this cell is known to hold it
+        and, on the origin cell's relays, some relay of every other cell (which then
+        spreads it in its own cell). Anti-entropy repairs what a lost send missed."""
+        own, cell_of = self._peers()
+        holders = spread.holders
+        for addr in own:
+            if addr not in holders:
+                return False
+        if spread.origin_cell == self.cell:
+            covered = {cell_of.get(a) for a in holders}
+            for cell in self.cross:
+                if cell not in covered:
+                    return False
+        self.rumors.retire(key)
+        del self._spreading[key]
+        self.counters["rumors_retired"] += 1
+        return True
+
+    def _peers(self) -> tuple[list[str], dict[str, str]]:
+        """Addresses of this cell's live relays, and every live relay's cell by
+        address, rebuilt only when the member table changed."""
+        assert self.table is not None
+        if self._peer_view[0] != self.table.version:
+            live = self.table.live()
+            self._peer_view = (
+                self.table.version,
+                [m.addr for m in live if m.cell == self.cell],
+                {m.addr: m.cell for m in live},
+            )
+        return self._peer_view[1], self._peer_view[2]
 
     def _apply(self, msg: pb.Revocation) -> None:
         rid = msg.id
@@ -587,8 +726,15 @@ class Relay(pb_grpc.RelayServicer):
             self._applied(msg, time.time(), ledger_at=held)
             return
         self._pending.add(rid)
-        rec = rev_from_pb(msg)
-        future = asyncio.get_running_loop().run_in_executor(self.sink.executor, self.sink.apply, rec)
+        # Relays of one process share the sink: one ledger write per revocation, whose
+        # outcome every relay of the process waits on (no thread hop each).
+        inflight = _INFLIGHT.setdefault(self.sink, {})
+        future = inflight.get(rid)
+        loop = asyncio.get_running_loop()
+        if future is None or future.get_loop() is not loop:
+            future = loop.run_in_executor(self.sink.executor, self.sink.apply, rev_from_pb(msg))
+            inflight[rid] = future
+            future.add_done_callback(lambda _: inflight.pop(rid, None))
 
         def done(f: asyncio.Future[float]) -> None:
             if f.cancelled() or not self.running:
@@ -621,15 +767,29 @@ class Relay(pb_grpc.RelayServicer):
     async def _reload(self, *, spread: bool = False) -> None:
         """What this cell's ledger holds: a restarted relay starts from it, and every
         `sync_interval` a sweep spreads whatever the ledger has that this relay never
-        heard of (a revoke call whose hand-over to the relay failed)."""
+        heard of (a revoke call whose hand-over to the relay failed). A sweep reads only
+        the receipts of revocations minted since the previous one (ids carry their
+        minting time), and every FULL_SWEEP_EVERY-th sweep reads them all."""
         assert self.sink is not None
         sink = self.sink
         loop = asyncio.get_running_loop()
+        started = time.time()
+        since: float | None = None
+        if spread:
+            self._sweeps += 1
+            if self._swept_at is not None and self._sweeps % FULL_SWEEP_EVERY:
+                since = self._swept_at - SWEEP_GRACE
+
+        def read() -> list[tuple[RevocationRecord | None, Receipt]]:
+            return list(sink.held() if since is None else sink.held_since(since))
+
         try:
-            held = await loop.run_in_executor(sink.executor, lambda: list(sink.held()))
+            held = await loop.run_in_executor(sink.executor, read)
         except Exception as exc:
             log.warning("%s: could not read cell %s's revocations: %s", self.name, self.cell, exc)
             return
+        self._swept_at = started
+        self.counters["sweeps_full" if since is None else "sweeps_recent"] += 1
         for rec, receipt in held:
             if rec is not None and "r/" + rec.id not in self.store:
                 entry = pb.Entry(revocation=rev_to_pb(rec))
@@ -682,10 +842,6 @@ class Relay(pb_grpc.RelayServicer):
 
     # --- peers ---------------------------------------------------------------------------
 
-    def _own_cell(self) -> list[Member]:
-        assert self.table is not None
-        return [m for m in self.table.live() if m.cell == self.cell]
-
     def _refresh_cross(self) -> None:
         assert self.table is not None
         live = self.table.live()
@@ -708,19 +864,6 @@ class Relay(pb_grpc.RelayServicer):
         for cell, names in self.cross.items():
             if name in names:
                 self.cross[cell] = [n for n in names if n != name]
-
-    def _fanout(self, count: int, exclude: str = "") -> list[str]:
-        """`count` random relays of this cell and one linked relay of every other cell."""
-        assert self.table is not None
-        own = [m.addr for m in self._own_cell() if m.addr != exclude]
-        picked = self.rng.sample(own, min(count, len(own)))
-        if not self.cross:
-            self._refresh_cross()
-        for names in self.cross.values():
-            addrs = [m.addr for n in names if (m := self.table.get(n)) is not None and m.addr != exclude]
-            if addrs:
-                picked.append(self.rng.choice(addrs))
-        return picked
 
     def _probe_targets(self) -> list[Member]:
         assert self.table is not None
@@ -764,7 +907,12 @@ class Relay(pb_grpc.RelayServicer):
 
     async def _probe(self, target: Member, interval: float) -> None:
         """SWIM probe: ping; on no ack within the timeout, ask `indirect_checks` peers
-        to ping it for us; on no ack by the end of the interval, suspect it."""
+        to ping it for us; on no ack by the end of the interval, suspect it.
+
+        Local health (Lifeguard): a probe answered lowers it by one; a failed probe
+        raises it by one for every helper whose nack ("I could not reach it either")
+        did not come back, as missing nacks point at this relay's own links or CPU,
+        or by one when there was no helper to ask."""
         assert self.table is not None
         seq, future = self._new_seq()
         self._send(target.addr, self._envelope(ping=pb.Ping(seq=seq, target=target.name)))
@@ -776,7 +924,9 @@ class Relay(pb_grpc.RelayServicer):
         except TimeoutError:
             pass
         helpers = [m for m in self._probe_targets() if m.name != target.name and m.state == State.ALIVE]
-        for helper in self.rng.sample(helpers, min(self.profile.indirect_checks, len(helpers))):
+        chosen = self.rng.sample(helpers, min(self.profile.indirect_checks, len(helpers)))
+        self._nacks[seq] = 0
+        for helper in chosen:
             req = pb.PingReq(seq=seq, target=target.name, target_addr=target.addr)
             self._send(helper.addr, self._envelope(ping_req=req))
         try:
@@ -784,7 +934,11 @@ class Relay(pb_grpc.RelayServicer):
             return
         except TimeoutError:
             self._acks.pop(seq, None)
-        self.awareness.apply(+1)
+        finally:
+            nacks = self._nacks.pop(seq, 0)
+        missed = len(chosen) - nacks if chosen else 1
+        self.counters["nacks_missed"] += len(chosen) - nacks if chosen else 0
+        self.awareness.apply(missed)
         self.counters["probes_failed"] += 1
         if target.state == State.ALIVE:
             self._on_suspect(target.name, target.incarnation, self.name)
@@ -796,6 +950,7 @@ class Relay(pb_grpc.RelayServicer):
             await asyncio.wait_for(future, self.awareness.scale(self.profile.probe_timeout))
         except TimeoutError:
             self._acks.pop(seq, None)
+            self._send(requester, self._envelope(ack=pb.Ack(seq=req.seq, nack=True)), link)
             return
         self._send(requester, self._envelope(ack=pb.Ack(seq=req.seq)), link)
 
@@ -804,12 +959,45 @@ class Relay(pb_grpc.RelayServicer):
             await asyncio.sleep(self.profile.gossip_interval)
             if not self.rumors.hot() or self.table is None:
                 continue
-            limit = self.profile.retransmit_limit(len(self.table.members))
-            for addr in self._fanout(self.profile.gossip_nodes):
-                rumors = self.rumors.take(self.profile.rumors_per_message, limit)
-                if not rumors:
-                    break
-                self._send(addr, self._envelope(rumors=rumors), piggyback=False)
+            try:
+                self._gossip_round()
+            except Exception:  # one round's failure must not stop the relay
+                log.exception("%s: gossip round failed", self.name)
+
+    def _gossip_round(self) -> None:
+        """Send the hot rumours to `gossip_nodes` relays of this cell that are not known
+        to hold them all, and, from the origin cell's relays, to a linked relay of
+        every other cell none of whose relays is known to hold them."""
+        assert self.table is not None
+        limit = self.profile.retransmit_limit(len(self.table.members))
+        hot = [(k, s) for k in self.rumors.hot_keys() if (s := self._spreading.get(k)) is not None]
+        if len(self._spreading) > 2 * len(self.rumors) + 16:  # retired by the retransmit limit
+            self._spreading = {k: s for k, s in self._spreading.items() if k in self.rumors}
+        for key, spread in hot:
+            self._retire_if_covered(key, spread)
+        hot = [(k, s) for k, s in hot if k in self._spreading]
+        own, cell_of = self._peers()
+        # (hot rumours with no holders kept, none today, go out as plain gossip)
+        lacking = [a for a in own if any(a not in s.holders for _, s in hot)] if hot else list(own)
+        targets = self.rng.sample(lacking, min(self.profile.gossip_nodes, len(lacking)))
+        mine = [s for _, s in hot if s.origin_cell == self.cell]
+        if mine:
+            if not self.cross:
+                self._refresh_cross()
+            for names in self.cross.values():
+                addrs = [m.addr for n in names if (m := self.table.get(n)) is not None]
+                if not addrs:
+                    continue
+                cell = cell_of.get(addrs[0])
+                if any(all(cell_of.get(a) != cell for a in s.holders) for s in mine):
+                    targets.append(self.rng.choice(addrs))
+        for addr in targets:
+            keys: list[str] = []
+            rumors = self.rumors.take(self.profile.rumors_per_message, limit, keys)
+            if not rumors:
+                break
+            self._mark_sent(addr, keys)
+            self._send(addr, self._envelope(rumors=rumors), piggyback=False)
 
     async def _suspicion_loop(self) -> None:
         tick = min(0.05, self.profile.probe_interval / 4)

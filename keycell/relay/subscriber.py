@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from keycell.relay import tls as relay_tls
 from keycell.relay._pb import relay_pb2 as pb
 from keycell.relay._pb import relay_pb2_grpc as pb_grpc
 
@@ -49,7 +50,11 @@ class RelaySubscription:
         *,
         replay: bool = False,
         backoff: tuple[float, float] = (0.05, 2.0),
+        tls: relay_tls.RelayTLS | None = None,
     ) -> None:
+        if tls is None:
+            relay_tls.require_loopback(addr, "KEYCELL_RELAY")
+        self.tls = tls
         self.addr = addr
         self.on_revocation = on_revocation
         self.replay = replay
@@ -77,7 +82,7 @@ class RelaySubscription:
         wait = self.backoff[0]
         while not self._stop.is_set():
             try:
-                with grpc.insecure_channel(self.addr) as channel:
+                with relay_tls.channel(self.addr, self.tls) as channel:
                     stub = pb_grpc.RelayStub(channel)  # type: ignore[no-untyped-call]
                     call = stub.Subscribe(pb.SubscribeRequest(replay=self.replay))
                     self._call = call

@@ -79,6 +79,10 @@ class ServerProcess:
         self.port = int(words[1])
         return self.port
 
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
     def exited(self) -> int | None:
         """The child's exit code if it has exited, else None."""
         return None if self._process is None else self._process.poll()

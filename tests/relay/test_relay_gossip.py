@@ -214,3 +214,27 @@ def test_relay_metrics_are_served_as_prometheus_text(sinks) -> None:
             await cluster.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_relay_sends_a_revocation_to_each_peer_at_most_once_and_then_stops(sinks) -> None:
+    """Holders are tracked per revocation: nothing goes back to the relay it came from
+    or twice to one peer, and the rumour is retired once the whole cell holds it."""
+
+    async def scenario() -> None:
+        cluster = Cluster(sinks={"a": sinks["a"]}, seed=5)
+        await cluster.start({"a": 6})
+        try:
+            assert await cluster.wait_for(cluster.converged_members, 10)
+            rec = revocation("token:once", "a")
+            sinks["a"].log.apply(rec)
+            cluster.relays["a-0"].submit(rec)
+            assert await cluster.wait_for(lambda: everywhere(cluster, rec.id), 5)
+            assert await cluster.wait_for(lambda: not any(r.rumors.hot() for r in cluster.live()), 5)
+            n = len(cluster.live())
+            copies = sum(r.counters["revocation_copies"] for r in cluster.live())
+            assert copies <= n * (n - 1) - (n - 1)  # every ordered pair at most once, first copies aside
+            assert sum(r.counters["rumors_retired"] for r in cluster.live()) >= 1
+        finally:
+            await cluster.stop()
+
+    asyncio.run(scenario())

@@ -126,3 +126,37 @@ def test_stale_rumours_about_a_relay_itself_are_not_refuted_again() -> None:
     assert t.suspect("me", 5, "other") == Verdict.IGNORED  # the same old rumour, heard again
     assert t.dead_("me", 4) == Verdict.IGNORED
     assert t.me.incarnation == 6 and t.refutations == 1
+
+
+def test_helpers_nack_an_unreachable_target_and_missing_nacks_raise_local_health() -> None:
+    """Lifeguard: a relay asked to probe for another answers with a nack when the target
+    stays silent; the asker's local health rises only for the nacks that did not come."""
+    import asyncio
+
+    from keycell.relay.cluster import Cluster
+
+    async def scenario() -> None:
+        cluster = Cluster(seed=3)
+        await cluster.start({"a": 3})
+        try:
+            assert await cluster.wait_for(cluster.converged_members, 10)
+            asker, helper = cluster.relays["a-0"], cluster.relays["a-1"]
+            assert asker.table is not None
+            target = asker.table.get("a-2")
+            assert target is not None
+            await cluster.kill("a-2")
+            before = asker.awareness.score
+            await asker._probe(target, asker.profile.probe_interval)
+            assert asker.counters["nacks_received"] >= 1  # the helper could not reach it either
+            assert asker.counters["nacks_missed"] == 0
+            assert asker.awareness.score <= before  # nothing points at the asker itself
+
+            cluster.faults.groups[helper.addr] = "island"  # now the helper cannot answer
+            cluster.faults.partition(asker.cell, "island")
+            await asker._probe(target, asker.profile.probe_interval)
+            assert asker.counters["nacks_missed"] >= 1
+            assert asker.awareness.score >= 1
+        finally:
+            await cluster.stop()
+
+    asyncio.run(scenario())

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0brelay.proto\x12\x10keycell.relay.v1\"v\n\nRevocation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x13\n\x0borigin_cell\x18\x03 \x01(\t\x12\x12\n\nrevoked_at\x18\x04 \x01(\x01\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\"7\n\x07Receipt\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x02 \x01(\t\x12\x12\n\napplied_at\x18\x03 \x01(\x01\"q\n\x05\x45ntry\x12\x32\n\nrevocation\x18\x01 \x01(\x0b\x32\x1c.keycell.relay.v1.RevocationH\x00\x12,\n\x07receipt\x18\x02 \x01(\x0b\x32\x19.keycell.relay.v1.ReceiptH\x00\x42\x06\n\x04kind\"o\n\x06Member\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x03 \x01(\t\x12\x13\n\x0bincarnation\x18\x04 \x01(\x04\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.keycell.relay.v1.State\"1\n\x05\x41live\x12(\n\x06member\x18\x01 \x01(\x0b\x32\x18.keycell.relay.v1.Member\"<\n\x07Suspect\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\x0e\n\x06source\x18\x03 \x01(\t\"9\n\x04\x44\x65\x61\x64\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\x0e\n\x06source\x18\x03 \x01(\t\"\xb9\x01\n\x05Rumor\x12(\n\x05\x61live\x18\x01 \x01(\x0b\x32\x17.keycell.relay.v1.AliveH\x00\x12,\n\x07suspect\x18\x02 \x01(\x0b\x32\x19.keycell.relay.v1.SuspectH\x00\x12&\n\x04\x64\x65\x61\x64\x18\x03 \x01(\x0b\x32\x16.keycell.relay.v1.DeadH\x00\x12(\n\x05\x65ntry\x18\x04 \x01(\x0b\x32\x17.keycell.relay.v1.EntryH\x00\x42\x06\n\x04kind\"#\n\x04Ping\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06target\x18\x02 \x01(\t\"\x12\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\";\n\x07PingReq\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x13\n\x0btarget_addr\x18\x03 \x01(\t\"(\n\x06\x44igest\x12\x0f\n\x07\x62uckets\x18\x01 \x03(\x06\x12\r\n\x05reply\x18\x02 \x01(\x08\"7\n\x07KeyList\x12\x0f\n\x07\x62uckets\x18\x01 \x03(\r\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\r\n\x05reply\x18\x03 \x01(\x08\"@\n\x04Sync\x12)\n\x07members\x18\x01 \x03(\x0b\x32\x18.keycell.relay.v1.Member\x12\r\n\x05reply\x18\x02 \x01(\x08\"\xf1\x02\n\x08\x45nvelope\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x13\n\x0bsender_addr\x18\x02 \x01(\t\x12\x13\n\x0bsender_cell\x18\x03 \x01(\t\x12&\n\x04ping\x18\n \x01(\x0b\x32\x16.keycell.relay.v1.PingH\x00\x12$\n\x03\x61\x63k\x18\x0b \x01(\x0b\x32\x15.keycell.relay.v1.AckH\x00\x12-\n\x08ping_req\x18\x0c \x01(\x0b\x32\x19.keycell.relay.v1.PingReqH\x00\x12*\n\x06\x64igest\x18\r \x01(\x0b\x32\x18.keycell.relay.v1.DigestH\x00\x12)\n\x04keys\x18\x0e \x01(\x0b\x32\x19.keycell.relay.v1.KeyListH\x00\x12&\n\x04sync\x18\x0f \x01(\x0b\x32\x16.keycell.relay.v1.SyncH\x00\x12\'\n\x06rumors\x18\x14 \x03(\x0b\x32\x17.keycell.relay.v1.RumorB\x06\n\x04\x62ody\"\x1f\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\"\n\x10SubscribeRequest\x12\x0e\n\x06replay\x18\x01 \x01(\x08\"^\n\x07\x41pplied\x12\x30\n\nrevocation\x18\x01 \x01(\x0b\x32\x1c.keycell.relay.v1.Revocation\x12\r\n\x05relay\x18\x02 \x01(\t\x12\x12\n\napplied_at\x18\x03 \x01(\x01\"\x0f\n\rStatusRequest\"|\n\x0bStatusReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x02 \x01(\t\x12)\n\x07members\x18\x03 \x03(\x0b\x32\x18.keycell.relay.v1.Member\x12\x16\n\x0erevocation_ids\x18\x04 \x03(\t\x12\x0e\n\x06health\x18\x05 \x01(\r*)\n\x05State\x12\t\n\x05\x41LIVE\x10\x00\x12\x0b\n\x07SUSPECT\x10\x01\x12\x08\n\x04\x44\x45\x41\x44\x10\x02\x32\xac\x02\n\x05Relay\x12\x44\n\x06Stream\x12\x1a.keycell.relay.v1.Envelope\x1a\x1a.keycell.relay.v1.Envelope(\x01\x30\x01\x12\x45\n\x06Submit\x12\x1c.keycell.relay.v1.Revocation\x1a\x1d.keycell.relay.v1.SubmitReply\x12L\n\tSubscribe\x12\".keycell.relay.v1.SubscribeRequest\x1a\x19.keycell.relay.v1.Applied0\x01\x12H\n\x06Status\x12\x1f.keycell.relay.v1.StatusRequest\x1a\x1d.keycell.relay.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0brelay.proto\x12\x10keycell.relay.v1\"v\n\nRevocation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x13\n\x0borigin_cell\x18\x03 \x01(\t\x12\x12\n\nrevoked_at\x18\x04 \x01(\x01\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\"7\n\x07Receipt\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x02 \x01(\t\x12\x12\n\napplied_at\x18\x03 \x01(\x01\"q\n\x05\x45ntry\x12\x32\n\nrevocation\x18\x01 \x01(\x0b\x32\x1c.keycell.relay.v1.RevocationH\x00\x12,\n\x07receipt\x18\x02 \x01(\x0b\x32\x19.keycell.relay.v1.ReceiptH\x00\x42\x06\n\x04kind\"o\n\x06Member\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x03 \x01(\t\x12\x13\n\x0bincarnation\x18\x04 \x01(\x04\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.keycell.relay.v1.State\"1\n\x05\x41live\x12(\n\x06member\x18\x01 \x01(\x0b\x32\x18.keycell.relay.v1.Member\"<\n\x07Suspect\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\x0e\n\x06source\x18\x03 \x01(\t\"9\n\x04\x44\x65\x61\x64\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\x0e\n\x06source\x18\x03 \x01(\t\"\xb9\x01\n\x05Rumor\x12(\n\x05\x61live\x18\x01 \x01(\x0b\x32\x17.keycell.relay.v1.AliveH\x00\x12,\n\x07suspect\x18\x02 \x01(\x0b\x32\x19.keycell.relay.v1.SuspectH\x00\x12&\n\x04\x64\x65\x61\x64\x18\x03 \x01(\x0b\x32\x16.keycell.relay.v1.DeadH\x00\x12(\n\x05\x65ntry\x18\x04 \x01(\x0b\x32\x17.keycell.relay.v1.EntryH\x00\x42\x06\n\x04kind\"#\n\x04Ping\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06target\x18\x02 \x01(\t\" \n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04nack\x18\x02 \x01(\x08\";\n\x07PingReq\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x13\n\x0btarget_addr\x18\x03 \x01(\t\"(\n\x06\x44igest\x12\x0f\n\x07\x62uckets\x18\x01 \x03(\x06\x12\r\n\x05reply\x18\x02 \x01(\x08\"7\n\x07KeyList\x12\x0f\n\x07\x62uckets\x18\x01 \x03(\r\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\r\n\x05reply\x18\x03 \x01(\x08\"@\n\x04Sync\x12)\n\x07members\x18\x01 \x03(\x0b\x32\x18.keycell.relay.v1.Member\x12\r\n\x05reply\x18\x02 \x01(\x08\"\xf1\x02\n\x08\x45nvelope\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x13\n\x0bsender_addr\x18\x02 \x01(\t\x12\x13\n\x0bsender_cell\x18\x03 \x01(\t\x12&\n\x04ping\x18\n \x01(\x0b\x32\x16.keycell.relay.v1.PingH\x00\x12$\n\x03\x61\x63k\x18\x0b \x01(\x0b\x32\x15.keycell.relay.v1.AckH\x00\x12-\n\x08ping_req\x18\x0c \x01(\x0b\x32\x19.keycell.relay.v1.PingReqH\x00\x12*\n\x06\x64igest\x18\r \x01(\x0b\x32\x18.keycell.relay.v1.DigestH\x00\x12)\n\x04keys\x18\x0e \x01(\x0b\x32\x19.keycell.relay.v1.KeyListH\x00\x12&\n\x04sync\x18\x0f \x01(\x0b\x32\x16.keycell.relay.v1.SyncH\x00\x12\'\n\x06rumors\x18\x14 \x03(\x0b\x32\x17.keycell.relay.v1.RumorB\x06\n\x04\x62ody\"\x1f\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\"\n\x10SubscribeRequest\x12\x0e\n\x06replay\x18\x01 \x01(\x08\"^\n\x07\x41pplied\x12\x30\n\nrevocation\x18\x01 \x01(\x0b\x32\x1c.keycell.relay.v1.Revocation\x12\r\n\x05relay\x18\x02 \x01(\t\x12\x12\n\napplied_at\x18\x03 \x01(\x01\"\x0f\n\rStatusRequest\"|\n\x0bStatusReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x02 \x01(\t\x12)\n\x07members\x18\x03 \x03(\x0b\x32\x18.keycell.relay.v1.Member\x12\x16\n\x0erevocation_ids\x18\x04 \x03(\t\x12\x0e\n\x06health\x18\x05 \x01(\r*)\n\x05State\x12\t\n\x05\x41LIVE\x10\x00\x12\x0b\n\x07SUSPECT\x10\x01\x12\x08\n\x04\x44\x45\x41\x44\x10\x02\x32\xac\x02\n\x05Relay\x12\x44\n\x06Stream\x12\x1a.keycell.relay.v1.Envelope\x1a\x1a.keycell.relay.v1.Envelope(\x01\x30\x01\x12\x45\n\x06Submit\x12\x1c.keycell.relay.v1.Revocation\x1a\x1d.keycell.relay.v1.SubmitReply\x12L\n\tSubscribe\x12\".keycell.relay.v1.SubscribeRequest\x1a\x19.keycell.relay.v1.Applied0\x01\x12H\n\x06Status\x12\x1f.keycell.relay.v1.StatusRequest\x1a\x1d.keycell.relay.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'relay_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STATE']._serialized_start=1761
-  _globals['_STATE']._serialized_end=1802
+  _globals['_STATE']._serialized_start=1775
+  _globals['_STATE']._serialized_end=1816
   _globals['_REVOCATION']._serialized_start=33
   _globals['_REVOCATION']._serialized_end=151
   _globals['_RECEIPT']._serialized_start=153
@@ -52,27 +52,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PING']._serialized_start=798
   _globals['_PING']._serialized_end=833
   _globals['_ACK']._serialized_start=835
-  _globals['_ACK']._serialized_end=853
-  _globals['_PINGREQ']._serialized_start=855
-  _globals['_PINGREQ']._serialized_end=914
-  _globals['_DIGEST']._serialized_start=916
-  _globals['_DIGEST']._serialized_end=956
-  _globals['_KEYLIST']._serialized_start=958
-  _globals['_KEYLIST']._serialized_end=1013
-  _globals['_SYNC']._serialized_start=1015
-  _globals['_SYNC']._serialized_end=1079
-  _globals['_ENVELOPE']._serialized_start=1082
-  _globals['_ENVELOPE']._serialized_end=1451
-  _globals['_SUBMITREPLY']._serialized_start=1453
-  _globals['_SUBMITREPLY']._serialized_end=1484
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1486
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1520
-  _globals['_APPLIED']._serialized_start=1522
-  _globals['_APPLIED']._serialized_end=1616
-  _globals['_STATUSREQUEST']._serialized_start=1618
-  _globals['_STATUSREQUEST']._serialized_end=1633
-  _globals['_STATUSREPLY']._serialized_start=1635
-  _globals['_STATUSREPLY']._serialized_end=1759
-  _globals['_RELAY']._serialized_start=1805
-  _globals['_RELAY']._serialized_end=2105
+  _globals['_ACK']._serialized_end=867
+  _globals['_PINGREQ']._serialized_start=869
+  _globals['_PINGREQ']._serialized_end=928
+  _globals['_DIGEST']._serialized_start=930
+  _globals['_DIGEST']._serialized_end=970
+  _globals['_KEYLIST']._serialized_start=972
+  _globals['_KEYLIST']._serialized_end=1027
+  _globals['_SYNC']._serialized_start=1029
+  _globals['_SYNC']._serialized_end=1093
+  _globals['_ENVELOPE']._serialized_start=1096
+  _globals['_ENVELOPE']._serialized_end=1465
+  _globals['_SUBMITREPLY']._serialized_start=1467
+  _globals['_SUBMITREPLY']._serialized_end=1498
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1500
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1534
+  _globals['_APPLIED']._serialized_start=1536
+  _globals['_APPLIED']._serialized_end=1630
+  _globals['_STATUSREQUEST']._serialized_start=1632
+  _globals['_STATUSREQUEST']._serialized_end=1647
+  _globals['_STATUSREPLY']._serialized_start=1649
+  _globals['_STATUSREPLY']._serialized_end=1773
+  _globals['_RELAY']._serialized_start=1819
+  _globals['_RELAY']._serialized_end=2119
 # @@protoc_insertion_point(module_scope)

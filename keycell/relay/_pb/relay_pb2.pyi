@@ -111,10 +111,12 @@ class Ping(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., target: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("seq",)
+    __slots__ = ("seq", "nack")
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    NACK_FIELD_NUMBER: _ClassVar[int]
     seq: int
-    def __init__(self, seq: _Optional[int] = ...) -> None: ...
+    nack: bool
+    def __init__(self, seq: _Optional[int] = ..., nack: _Optional[bool] = ...) -> None: ...
 
 class PingReq(_message.Message):
     __slots__ = ("seq", "target", "target_addr")
