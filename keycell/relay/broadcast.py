@@ -10,7 +10,7 @@ in O(1) and two relays find the buckets they disagree on from 64 numbers.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,11 +105,21 @@ class RumorQueue:
         if old is not None and not old.lazy:
             self._hot -= 1
 
-    def take(self, count: int, limit: int, keys: list[str] | None = None) -> list[Any]:
-        """Up to `count` rumours, least sent first; `keys` (if given) gets their keys."""
+    def take(
+        self,
+        count: int,
+        limit: int,
+        keys: list[str] | None = None,
+        held: Callable[[str], bool] | None = None,
+    ) -> list[Any]:
+        """Up to `count` rumours, least sent first, leaving out those `held(key)` says
+        the addressee holds already; `keys` (if given) gets their keys."""
         if not self._items:
             return []
-        chosen = sorted(self._items.values(), key=lambda q: (q.lazy, q.transmits))[:count]
+        waiting = (
+            self._items.values() if held is None else [q for q in self._items.values() if not held(q.key)]
+        )
+        chosen = sorted(waiting, key=lambda q: (q.lazy, q.transmits))[:count]
         out = []
         for q in chosen:
             q.transmits += 1

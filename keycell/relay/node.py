@@ -298,9 +298,8 @@ class Relay(pb_grpc.RelayServicer):
             room = self.profile.rumors_per_message - len(env.rumors)
             if room > 0:
                 keys: list[str] = []
-                env.rumors.extend(
-                    self.rumors.take(room, self.profile.retransmit_limit(len(self.table.members)), keys)
-                )
+                limit = self.profile.retransmit_limit(len(self.table.members))
+                env.rumors.extend(self.rumors.take(room, limit, keys, self._held_by(addr)))
                 self._mark_sent(addr, keys)
         kind = env.WhichOneof("body") or "gossip"
         self.counters[f"sent_{kind}"] += 1
@@ -678,6 +677,17 @@ class Relay(pb_grpc.RelayServicer):
         self.counters["eager_pushes"] += 1
         return len(targets)
 
+    def _held_by(self, addr: str) -> Callable[[str], bool]:
+        """Whether `addr` is known to hold the entry under a key (it sent it here, or was
+        sent it): such a rumour is not sent to it again."""
+        spreading = self._spreading
+
+        def held(key: str) -> bool:
+            spread = spreading.get(key)
+            return spread is not None and addr in spread.holders
+
+        return held
+
     def _mark_sent(self, addr: str, keys: list[str]) -> None:
         for key in keys:
             spread = self._spreading.get(key)
@@ -993,7 +1003,7 @@ class Relay(pb_grpc.RelayServicer):
                     targets.append(self.rng.choice(addrs))
         for addr in targets:
             keys: list[str] = []
-            rumors = self.rumors.take(self.profile.rumors_per_message, limit, keys)
+            rumors = self.rumors.take(self.profile.rumors_per_message, limit, keys, self._held_by(addr))
             if not rumors:
                 break
             self._mark_sent(addr, keys)
