@@ -55,6 +55,7 @@ RELAY_METHODS = frozenset(
         "/keycell.cells.v1.Cells/Directory",
         "/keycell.cells.v1.Cells/Push",
         "/keycell.cells.v1.Cells/Digest",
+        "/keycell.cells.v1.Cells/DigestBuckets",
         "/keycell.cells.v1.Cells/Fetch",
         "/keycell.cells.v1.Cells/Reserve",
         "/keycell.cells.v1.Cells/Accept",
@@ -66,7 +67,7 @@ LOCAL_METHODS = frozenset(
         "/keycell.relay.v1.Relay/Submit",
         "/keycell.relay.v1.Relay/Subscribe",
         "/keycell.relay.v1.Relay/Status",
-        "/keycell.cells.v1.Cells/Write",
+        "/keycell.cells.v1.Cells/Forward",
         "/keycell.cells.v1.Cells/Written",
         "/keycell.cells.v1.Cells/Refresh",
         "/keycell.cells.v1.Cells/Claim",
@@ -240,7 +241,7 @@ def allowed(me: PeerId, peer: PeerId | None, method: str) -> bool:
     if peer is None or peer.trust_domain != me.trust_domain:
         return False
     if peer.role == RELAY:
-        return True
+        return method in RELAY_METHODS or method in LOCAL_METHODS  # a method added later: named first
     return peer.role == API and peer.cell == me.cell and method in LOCAL_METHODS
 
 

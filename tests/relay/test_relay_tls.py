@@ -20,7 +20,18 @@ from keycell.control_plane.revocations import RevocationRecord, new_revocation_i
 from keycell.relay._pb import relay_pb2 as pb
 from keycell.relay._pb import relay_pb2_grpc as pb_grpc
 from keycell.relay.node import Relay
-from keycell.relay.tls import RelayTLS, TLSConfigError, from_env, from_values
+from keycell.relay.tls import (
+    API,
+    LOCAL_METHODS,
+    RELAY,
+    RELAY_METHODS,
+    PeerId,
+    RelayTLS,
+    TLSConfigError,
+    allowed,
+    from_env,
+    from_values,
+)
 from keycell.testing.relay_tls import TestCA
 
 TD = "mesh.test"
@@ -195,6 +206,25 @@ def test_the_cells_service_refuses_callers_that_are_not_relays(ca: TestCA, tmp_p
             await relay.stop()
 
     asyncio.run(scenario())
+
+
+def test_every_method_of_the_mesh_services_has_its_callers_named() -> None:
+    """A method not in either list is refused to everyone: each one the relay and the
+    Cells service serve is named, relay-to-relay or also for the cell's own API."""
+    served = {
+        f"/{service.full_name}/{method.name}"
+        for module in (pb, cells_pb)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
+    assert served == RELAY_METHODS | LOCAL_METHODS
+    assert not RELAY_METHODS & LOCAL_METHODS
+    me, relay_b, api_a = PeerId(TD, RELAY, "a"), PeerId(TD, RELAY, "b"), PeerId(TD, API, "a")
+    forward = "/keycell.cells.v1.Cells/Forward"
+    assert allowed(me, relay_b, forward) and allowed(me, api_a, forward)  # both forward KV changes
+    assert allowed(me, relay_b, "/keycell.cells.v1.Cells/DigestBuckets")
+    assert not allowed(me, api_a, "/keycell.cells.v1.Cells/DigestBuckets")
+    assert not allowed(me, relay_b, "/keycell.cells.v1.Cells/NotAMethod")
 
 
 def test_plaintext_is_refused_off_loopback(ca: TestCA, tmp_path: Path) -> None:
