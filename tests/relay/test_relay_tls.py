@@ -128,16 +128,7 @@ def test_peers_outside_the_trust_domain_or_ca_are_refused(ca: TestCA, tmp_path: 
             assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
             # A peer in the trust domain but not a keycell relay or API: no stream.
-            workload = creds_for(ca, f"spiffe://{TD}/workload/web")
-            async with grpc.aio.secure_channel(relay.addr, workload) as channel:
-                stub = pb_grpc.RelayStub(channel)  # type: ignore[no-untyped-call]
-                call = stub.Stream(
-                    iter([pb.Envelope(sender="x", sender_addr="127.0.0.1:1", sender_cell="a")])
-                )
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    async for _ in call:
-                        pass
-                assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            await stream_refused(relay.addr, creds_for(ca, f"spiffe://{TD}/workload/web"))
 
             # The stranger relay (other CA) never joins: its streams fail the handshake.
             await stranger.start()
@@ -152,6 +143,17 @@ def test_peers_outside_the_trust_domain_or_ca_are_refused(ca: TestCA, tmp_path: 
     asyncio.run(scenario())
 
 
+async def stream_refused(addr: str, creds: grpc.ChannelCredentials) -> None:
+    """Opening a relay-to-relay stream with these credentials is refused (PERMISSION_DENIED)."""
+    async with grpc.aio.secure_channel(addr, creds) as channel:
+        stub = pb_grpc.RelayStub(channel)  # type: ignore[no-untyped-call]
+        call = stub.Stream(iter([pb.Envelope(sender="x", sender_addr="127.0.0.1:1", sender_cell="a")]))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in call:
+                pass
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
 def test_an_api_identity_may_use_its_own_relay_but_not_speak_as_a_relay(ca: TestCA, tmp_path: Path) -> None:
     async def scenario() -> None:
         relay = Relay("a-0", "a", tls=relay_tls(ca, tmp_path, "a"))
@@ -164,15 +166,7 @@ def test_an_api_identity_may_use_its_own_relay_but_not_speak_as_a_relay(ca: Test
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await status(relay.addr, other_api.channel_credentials())
             assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-            async with grpc.aio.secure_channel(relay.addr, own_api.channel_credentials()) as channel:
-                stub = pb_grpc.RelayStub(channel)  # type: ignore[no-untyped-call]
-                call = stub.Stream(
-                    iter([pb.Envelope(sender="x", sender_addr="127.0.0.1:1", sender_cell="a")])
-                )
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    async for _ in call:
-                        pass
-                assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            await stream_refused(relay.addr, own_api.channel_credentials())
         finally:
             await relay.stop()
 
