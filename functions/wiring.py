@@ -5,7 +5,24 @@ Environment (all optional):
   KEYCELL_CELL          this cell's id (default "local")
   KEYCELL_TRUST_DOMAIN  the SPIFFE trust domain (default "example.org")
   KEYCELL_AWS_IID_TAGS  ec2: AWS instance identity attestation adds aws_iid:tag: selectors read from EC2
-  KEYCELL_KEY_BACKEND   software | pkcs11 (KEYCELL_PKCS11_MODULE/_TOKEN/_PIN) | aws-kms
+  KEYCELL_KEY_BACKEND   where keys live (default software):
+                        software
+                        pkcs11      KEYCELL_PKCS11_MODULE, _TOKEN, _PIN (optional _FIPS_LEVEL)
+                        aws-kms     AWS_REGION; credentials and AWS_ENDPOINT_URL as boto3 reads them
+                        cloudhsm    KEYCELL_CLOUDHSM_CLUSTER_ID, _PIN ("user:password"), optional
+                                    _MODULE (default the CloudHSM client's) and _TOKEN; AWS_REGION
+                        azure-mhsm  KEYCELL_AZURE_MHSM_URL (https://NAME.managedhsm.azure.net);
+                                    the identity is azure-identity's DefaultAzureCredential (the
+                                    managed identity on App Service / Container Apps: it reads
+                                    IDENTITY_ENDPOINT, AZURE_CLIENT_ID... from the process
+                                    environment); optional KEYCELL_AZURE_MHSM_CA (a PEM CA bundle
+                                    for a private endpoint) and KEYCELL_AZURE_MHSM_VERIFY_CHALLENGE=0
+                                    (only for a host outside the HSM's domain, such as an emulator)
+                        gcp-kms     KEYCELL_GCP_KMS_KEY_RING (projects/P/locations/L/keyRings/R;
+                                    created on first use); Application Default Credentials;
+                                    optional KEYCELL_GCP_KMS_ENDPOINT (HOST:PORT, default the
+                                    service's) and KEYCELL_GCP_KMS_INSECURE=1 (plaintext gRPC
+                                    without credentials, to a loopback endpoint only: emulators)
   KEYCELL_SEAL          shamir (default) | hsm (auto-unseal through the key backend)
   KEYCELL_BOOT_KEY, KEYCELL_BOOT_ID
                         set by `keycell server` for its workers: they share unseal state
@@ -33,8 +50,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from keycell.adapters.ledgers import default_ledger_url, open_ledger
 from keycell.control_plane.audit import ANCHOR_INTERVAL, Auditor, AuditSink, FileSink, StdoutSink
@@ -44,8 +63,12 @@ from keycell.control_plane.router import Router
 from keycell.control_plane.routes import build_router
 from keycell.control_plane.services import CellConfig, CellServices
 
+KEY_BACKENDS = ("software", "pkcs11", "aws-kms", "cloudhsm", "azure-mhsm", "gcp-kms")
+
 
 def key_backend_from_environment(env: dict[str, str]) -> KeyBackend | Callable[[Barrier], KeyBackend]:
+    """The key backend KEYCELL_KEY_BACKEND names, configured from `env` (see the module
+    docstring). A missing or malformed setting is a ValueError naming the variable."""
     kind = env.get("KEYCELL_KEY_BACKEND", "software")
     if kind == "software":
         from keycell.adapters.keys.software import SoftwareKeyBackend
@@ -57,12 +80,101 @@ def key_backend_from_environment(env: dict[str, str]) -> KeyBackend | Callable[[
     if kind == "pkcs11":
         from keycell.adapters.keys.pkcs11 import Pkcs11KeyBackend
 
-        return Pkcs11KeyBackend.from_env()
+        return Pkcs11KeyBackend.from_env(env)
     if kind == "aws-kms":
         from keycell.adapters.keys.aws_kms import AwsKmsKeyBackend
 
         return AwsKmsKeyBackend(region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1")
-    raise ValueError(f"unknown KEYCELL_KEY_BACKEND {kind!r}; use software, pkcs11 or aws-kms")
+    if kind == "cloudhsm":
+        from keycell.adapters.keys.cloudhsm import CloudHsmKeyBackend
+
+        return CloudHsmKeyBackend.from_env(env)
+    if kind == "azure-mhsm":
+        return _azure_mhsm(env)
+    if kind == "gcp-kms":
+        return _gcp_kms(env)
+    raise ValueError(f"unknown KEYCELL_KEY_BACKEND {kind!r}; use one of {', '.join(KEY_BACKENDS)}")
+
+
+def _flag(env: dict[str, str], name: str, default: bool) -> bool:
+    text = env.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text in ("1", "true", "yes"):
+        return True
+    if text in ("0", "false", "no"):
+        return False
+    raise ValueError(f"{name} is 1 or 0, not {text!r}")
+
+
+def _azure_mhsm(env: dict[str, str]) -> KeyBackend:
+    url = env.get("KEYCELL_AZURE_MHSM_URL", "").strip()
+    if not url:
+        raise ValueError(
+            "set KEYCELL_AZURE_MHSM_URL (https://NAME.managedhsm.azure.net) to use the azure-mhsm key backend"
+        )
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme != "https" or not parts.hostname or parts.username or parts.password:
+        raise ValueError(
+            "KEYCELL_AZURE_MHSM_URL is the HSM's https:// URI (https://NAME.managedhsm.azure.net), "
+            "without credentials in it"
+        )
+    ca = env.get("KEYCELL_AZURE_MHSM_CA") or None
+    if ca is not None and not os.path.isfile(ca):
+        raise ValueError(f"KEYCELL_AZURE_MHSM_CA names no file ({ca!r}); it is a PEM CA bundle")
+    verify_challenge = _flag(env, "KEYCELL_AZURE_MHSM_VERIFY_CHALLENGE", True)
+    from azure.identity import DefaultAzureCredential
+
+    from keycell.adapters.keys.azure_mhsm import AzureManagedHsmKeyBackend
+
+    return AzureManagedHsmKeyBackend(
+        url,
+        DefaultAzureCredential(),
+        connection_verify=ca,
+        verify_challenge_resource=verify_challenge,
+    )
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _gcp_kms(env: dict[str, str]) -> KeyBackend:
+    ring = env.get("KEYCELL_GCP_KMS_KEY_RING", "").strip()
+    if not ring:
+        raise ValueError(
+            "set KEYCELL_GCP_KMS_KEY_RING (projects/P/locations/L/keyRings/R) to use the gcp-kms key backend"
+        )
+    match = re.fullmatch(r"projects/([^/\s]+)/locations/([^/\s]+)/keyRings/([^/\s]+)", ring)
+    if match is None:
+        raise ValueError(f"KEYCELL_GCP_KMS_KEY_RING is projects/P/locations/L/keyRings/R, not {ring!r}")
+    project, location, key_ring = match.groups()
+    endpoint = env.get("KEYCELL_GCP_KMS_ENDPOINT", "").strip() or None
+    if endpoint is not None and (
+        "://" in endpoint or "/" in endpoint or not re.fullmatch(r".+:\d{1,5}", endpoint)
+    ):
+        raise ValueError(f"KEYCELL_GCP_KMS_ENDPOINT is HOST:PORT (no scheme, no path), not {endpoint!r}")
+    insecure = _flag(env, "KEYCELL_GCP_KMS_INSECURE", False)
+    from keycell.adapters.keys.gcp_kms import GcpKmsKeyBackend
+
+    if insecure:
+        if endpoint is None or endpoint.rsplit(":", 1)[0] not in _LOOPBACK:
+            raise ValueError(
+                "KEYCELL_GCP_KMS_INSECURE=1 (plaintext, no credentials) is for a loopback "
+                "KEYCELL_GCP_KMS_ENDPOINT only (127.0.0.1:PORT, localhost:PORT)"
+            )
+        import grpc
+        from google.cloud.kms_v1.services.key_management_service.transports import (
+            KeyManagementServiceGrpcTransport,
+        )
+
+        transport = KeyManagementServiceGrpcTransport(channel=grpc.insecure_channel(endpoint))
+        return GcpKmsKeyBackend(project=project, location=location, key_ring=key_ring, transport=transport)
+    options = {"api_endpoint": endpoint} if endpoint is not None else None
+    return GcpKmsKeyBackend(project=project, location=location, key_ring=key_ring, client_options=options)
 
 
 def services_from_environment(env: dict[str, str] | None = None) -> CellServices:

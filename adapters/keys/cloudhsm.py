@@ -29,6 +29,7 @@ mode is FIPS 140-3 Level 3. Keys describe `fips_level=3`.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -99,19 +100,23 @@ class CloudHsmKeyBackend(Pkcs11KeyBackend):
         )
 
     @classmethod
-    def from_env(cls, *, fips_mode: bool = False, **options: Any) -> CloudHsmKeyBackend:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, fips_mode: bool = False, **options: Any
+    ) -> CloudHsmKeyBackend:
         """Configured by KEYCELL_CLOUDHSM_CLUSTER_ID and KEYCELL_CLOUDHSM_PIN, optionally
-        KEYCELL_CLOUDHSM_MODULE and KEYCELL_CLOUDHSM_TOKEN; AWS settings as boto3 reads them."""
-        missing = [
-            v for v in ("KEYCELL_CLOUDHSM_CLUSTER_ID", "KEYCELL_CLOUDHSM_PIN") if not os.environ.get(v)
-        ]
+        KEYCELL_CLOUDHSM_MODULE and KEYCELL_CLOUDHSM_TOKEN, read from `env` (default: the
+        process environment); the region from AWS_REGION / AWS_DEFAULT_REGION there, other
+        AWS settings as boto3 reads them."""
+        env = os.environ if env is None else env
+        missing = [v for v in ("KEYCELL_CLOUDHSM_CLUSTER_ID", "KEYCELL_CLOUDHSM_PIN") if not env.get(v)]
         if missing:
             raise KeyInputError("set " + ", ".join(missing) + " to use the cloudhsm key backend")
+        options.setdefault("region_name", env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None)
         return cls(
-            os.environ["KEYCELL_CLOUDHSM_CLUSTER_ID"],
-            os.environ["KEYCELL_CLOUDHSM_PIN"],
-            module=os.environ.get("KEYCELL_CLOUDHSM_MODULE", DEFAULT_MODULE),
-            token_label=os.environ.get("KEYCELL_CLOUDHSM_TOKEN") or None,
+            env["KEYCELL_CLOUDHSM_CLUSTER_ID"],
+            env["KEYCELL_CLOUDHSM_PIN"],
+            module=env.get("KEYCELL_CLOUDHSM_MODULE") or DEFAULT_MODULE,
+            token_label=env.get("KEYCELL_CLOUDHSM_TOKEN") or None,
             fips_mode=fips_mode,
             **options,
         )

@@ -76,7 +76,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -596,23 +596,27 @@ class Pkcs11KeyBackend:
             raise
 
     @classmethod
-    def from_env(cls, *, fips_mode: bool = False, **options: Any) -> Pkcs11KeyBackend:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, fips_mode: bool = False, **options: Any
+    ) -> Pkcs11KeyBackend:
         """Configured by KEYCELL_PKCS11_MODULE, KEYCELL_PKCS11_TOKEN, KEYCELL_PKCS11_PIN and
-        optionally KEYCELL_PKCS11_FIPS_LEVEL (the level the HSM's certificate states)."""
+        optionally KEYCELL_PKCS11_FIPS_LEVEL (the level the HSM's certificate states), read
+        from `env` (default: the process environment)."""
+        env = os.environ if env is None else env
         missing = [
             v
             for v in ("KEYCELL_PKCS11_MODULE", "KEYCELL_PKCS11_TOKEN", "KEYCELL_PKCS11_PIN")
-            if not os.environ.get(v)
+            if not env.get(v)
         ]
         if missing:
             raise KeyInputError("set " + ", ".join(missing) + " to use the pkcs11 key backend")
-        level = os.environ.get("KEYCELL_PKCS11_FIPS_LEVEL")
+        level = env.get("KEYCELL_PKCS11_FIPS_LEVEL")
         if level is not None and not level.isdigit():
             raise KeyInputError("KEYCELL_PKCS11_FIPS_LEVEL is a FIPS 140 security level, 1 to 4")
         return cls(
-            os.environ["KEYCELL_PKCS11_MODULE"],
-            os.environ["KEYCELL_PKCS11_TOKEN"],
-            os.environ["KEYCELL_PKCS11_PIN"],
+            env["KEYCELL_PKCS11_MODULE"],
+            env["KEYCELL_PKCS11_TOKEN"],
+            env["KEYCELL_PKCS11_PIN"],
             fips_level=int(level) if level else None,
             fips_mode=fips_mode,
             **options,

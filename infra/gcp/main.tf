@@ -7,12 +7,12 @@ locals {
   prefix = "${var.deployment_name}-${var.cell_id}"
   ledger = "${local.prefix}-ledger"
   common_env = {
-    KEYCELL_CELL         = var.cell_id
-    KEYCELL_LEDGER       = "firestore://${var.project}/${local.ledger}/ledger"
-    KEYCELL_KEY_BACKEND  = "gcp-kms"
-    KEYCELL_GCP_KEY_RING = google_kms_key_ring.cell.id
-    KEYCELL_SEAL         = "hsm"
-    KEYCELL_AUDIT_STDOUT = "1"
+    KEYCELL_CELL             = var.cell_id
+    KEYCELL_LEDGER           = "firestore://${var.project}/${local.ledger}/ledger"
+    KEYCELL_KEY_BACKEND      = "gcp-kms"
+    KEYCELL_GCP_KMS_KEY_RING = google_kms_key_ring.cell.id
+    KEYCELL_SEAL             = "hsm"
+    KEYCELL_AUDIT_STDOUT     = "1"
   }
   # The API is `keycell server`; the event services' commands come from the rotation and
   # revocation work (variables, so they follow it without editing this module).
