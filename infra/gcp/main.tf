@@ -35,23 +35,6 @@ resource "google_kms_key_ring" "cell" {
   location = var.region
 }
 
-# Wraps the cell's barrier keyring (auto-unseal) and the data keys of replicated secrets.
-resource "google_kms_crypto_key" "seal" {
-  name            = "${local.prefix}-seal"
-  key_ring        = google_kms_key_ring.cell.id
-  purpose         = "ENCRYPT_DECRYPT"
-  rotation_period = var.key_rotation_period
-
-  version_template {
-    algorithm        = "GOOGLE_SYMMETRIC_ENCRYPTION"
-    protection_level = "HSM"
-  }
-
-  lifecycle {
-    prevent_destroy = true
-  }
-}
-
 # Encrypts the cell's own stores (Firestore, Pub/Sub) at rest.
 resource "google_kms_crypto_key" "storage" {
   name            = "${local.prefix}-storage"
@@ -153,12 +136,37 @@ resource "google_project_iam_member" "ledger" {
   }
 }
 
-# Use of the seal key only (encrypt/decrypt); nobody here may manage or destroy it.
-resource "google_kms_crypto_key_iam_member" "seal" {
-  for_each      = local.ledger_users
-  crypto_key_id = google_kms_crypto_key.seal.id
-  role          = "roles/cloudkms.cryptoKeyEncrypterDecrypter"
-  member        = "serviceAccount:${each.value}"
+# The cell keeps its own keys in the ring (adapters/keys/gcp_kms.py creates them by
+# name, as HSM keys: the barrier's seal key, transit keys, identity signing keys) and
+# runs their lifecycle: new versions, primary changes, disable, destroy (crypto-shredding).
+# This role holds what that adapter calls and nothing else: no IAM changes, no key ring
+# creation (Terraform makes the ring), no import. Granted on this ring only.
+resource "google_project_iam_custom_role" "cell_keys" {
+  project = var.project
+  role_id = replace("${local.prefix}_cell_keys", "-", "_")
+  title   = "Keycell cell ${var.cell_id}: its keys in its ring"
+  permissions = [
+    "cloudkms.keyRings.get",
+    "cloudkms.cryptoKeys.create",
+    "cloudkms.cryptoKeys.get",
+    "cloudkms.cryptoKeys.update",
+    "cloudkms.cryptoKeyVersions.create",
+    "cloudkms.cryptoKeyVersions.get",
+    "cloudkms.cryptoKeyVersions.list",
+    "cloudkms.cryptoKeyVersions.update",
+    "cloudkms.cryptoKeyVersions.destroy",
+    "cloudkms.cryptoKeyVersions.useToEncrypt",
+    "cloudkms.cryptoKeyVersions.useToDecrypt",
+    "cloudkms.cryptoKeyVersions.useToSign",
+    "cloudkms.cryptoKeyVersions.viewPublicKey",
+  ]
+}
+
+resource "google_kms_key_ring_iam_member" "cell_keys" {
+  for_each    = local.ledger_users
+  key_ring_id = google_kms_key_ring.cell.id
+  role        = google_project_iam_custom_role.cell_keys.id
+  member      = "serviceAccount:${each.value}"
 }
 
 # --- Secret Manager rotation notices ------------------------------------------------

@@ -73,7 +73,7 @@ def test_the_key_ring_holds_hsm_keys_that_rotate_and_cannot_be_destroyed_by_terr
     resources: dict[tuple[str, str], Any], module: dict[str, Any]
 ) -> None:
     keys = {n: body for (k, n), body in resources.items() if k == "google_kms_crypto_key"}
-    assert set(keys) == {"seal", "storage"}
+    assert set(keys) == {"storage"}  # the cell makes its own keys in the ring (below)
     for body in keys.values():
         assert first(body["version_template"])["protection_level"] == "HSM"
         assert body["rotation_period"] == "${var.key_rotation_period}"
@@ -152,5 +152,43 @@ def test_no_identity_gets_a_basic_role_or_is_public_by_default(
     ledger = resources[("google_project_iam_member", "ledger")]
     assert ledger["role"] == "roles/datastore.user"
     assert "databases/${local.ledger}" in first(ledger["condition"])["expression"]
-    seal = resources[("google_kms_crypto_key_iam_member", "seal")]
-    assert seal["role"] == "roles/cloudkms.cryptoKeyEncrypterDecrypter"
+    keys = resources[("google_kms_key_ring_iam_member", "cell_keys")]
+    assert keys["role"] == "${google_project_iam_custom_role.cell_keys.id}"
+    assert keys["key_ring_id"] == "${google_kms_key_ring.cell.id}"  # this ring, not the project
+
+
+# What each Cloud KMS call the key adapter makes needs (Cloud KMS's permission reference).
+KMS_PERMISSIONS = {
+    "get_key_ring": "cloudkms.keyRings.get",
+    "create_crypto_key": "cloudkms.cryptoKeys.create",
+    "get_crypto_key": "cloudkms.cryptoKeys.get",
+    "update_crypto_key": "cloudkms.cryptoKeys.update",
+    "update_crypto_key_primary_version": "cloudkms.cryptoKeys.update",
+    "create_crypto_key_version": "cloudkms.cryptoKeyVersions.create",
+    "get_crypto_key_version": "cloudkms.cryptoKeyVersions.get",
+    "list_crypto_key_versions": "cloudkms.cryptoKeyVersions.list",
+    "update_crypto_key_version": "cloudkms.cryptoKeyVersions.update",
+    "destroy_crypto_key_version": "cloudkms.cryptoKeyVersions.destroy",
+    "encrypt": "cloudkms.cryptoKeyVersions.useToEncrypt",
+    "decrypt": "cloudkms.cryptoKeyVersions.useToDecrypt",
+    "asymmetric_sign": "cloudkms.cryptoKeyVersions.useToSign",
+    "get_public_key": "cloudkms.cryptoKeyVersions.viewPublicKey",
+    "create_key_ring": "cloudkms.keyRings.create",
+}
+
+
+def test_the_cells_role_holds_what_the_key_adapter_calls_and_no_more(
+    resources: dict[tuple[str, str], Any],
+) -> None:
+    """Every Cloud KMS method adapters/keys/gcp_kms.py calls on its ring is allowed by the
+    role the functions and the relay get on the ring; nothing else is. (The ring itself
+    is Terraform's: creating one is the adapter's fallback for a ring that does not
+    exist, which the role leaves out on purpose.)"""
+    source = (MODULE.parents[1] / "adapters" / "keys" / "gcp_kms.py").read_text()
+    called = set(re.findall(r"_client\.([a-z_]+)\(", source))
+    assert called and called <= set(KMS_PERMISSIONS), called - set(KMS_PERMISSIONS)
+    needed = {KMS_PERMISSIONS[m] for m in called if m != "create_key_ring"}
+    role = resources[("google_project_iam_custom_role", "cell_keys")]
+    assert set(role["permissions"]) == needed
+    binding = resources[("google_kms_key_ring_iam_member", "cell_keys")]
+    assert binding["for_each"] == "${local.ledger_users}"  # every function and the relay
