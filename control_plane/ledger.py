@@ -75,6 +75,7 @@ class Kind(StrEnum):
     REVOCATION_RECEIPT = "revocation-receipt"  # path: revocation id/cell; value: when that cell applied it
     SECRET_HOME = "secret-home"  # noqa: S105  # path: mount/secret path; value: home cell, epoch (issue 9)
     REPLICA = "replica"  # path: mount/secret path; value: home, epoch, meta seq, confirmed time (issue 9)
+    ROTATION_DUE = "rotation-due"  # path: zero-padded due epoch second/secret; the sweep's index
 
 
 @dataclass(frozen=True, slots=True)

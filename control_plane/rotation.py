@@ -38,6 +38,7 @@ Values are JSON objects (`{"username": ..., "password": ...}`), as in Secrets Ma
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -461,7 +462,10 @@ class LedgerVersionStore:
     the rotation in flight and the tokens it finished; each version's value is a
     SECRET_VERSION item sealed in its own envelope (AAD: name and version). A version
     item is written in the same transaction that names it PENDING and deleted in the
-    one that drops it from PREVIOUS, so nothing is orphaned."""
+    one that drops it from PREVIOUS, so nothing is orphaned. A ROTATION_DUE item per
+    secret with a schedule (path: its due second, zero-padded, then its name) is
+    written in the same transaction as each change of `next_due`: the sweep reads the
+    index up to now instead of every record."""
 
     VERSION_PREFIX = "rotation/"
     supersedes_pending = False
@@ -481,6 +485,23 @@ class LedgerVersionStore:
 
     def _version_key(self, name: str, version: str) -> Key:
         return Key(Kind.SECRET_VERSION, f"{self.VERSION_PREFIX}{name}#{version}")
+
+    @staticmethod
+    def _due_key(name: str, due: float) -> Key:
+        return Key(Kind.ROTATION_DUE, f"{int(due):012d}/{name}")
+
+    def _due_ops(self, name: str, before: float | None, after: float | None) -> list[Op]:
+        """The index's change when `next_due` goes from `before` to `after`."""
+        if before is not None and after is not None and int(before) == int(after):
+            return []
+        ops: list[Op] = []
+        if before is not None:
+            old = self.ledger.get(self._due_key(name, before), consistent=True)
+            if old is not None:
+                ops.append(Delete(old.key, old.version))
+        if after is not None and self.ledger.get(self._due_key(name, after), consistent=True) is None:
+            ops.append(Put(self._due_key(name, after), encode_json({"name": name}), 0))
+        return ops
 
     @staticmethod
     def _aad(name: str, version: str) -> bytes:
@@ -521,9 +542,11 @@ class LedgerVersionStore:
         ops for the same transaction, or None when there is nothing to do."""
         for _ in range(_ATTEMPTS):
             record, version = self._load(name)
+            due = record.get("next_due")
             extra = change(record)
             if extra is None:
                 return
+            extra = [*extra, *self._due_ops(name, due, record.get("next_due"))]
             try:
                 self.ledger.transact([Put(self._record_key(name), encode_json(record), version), *extra])
             except ConflictError:
@@ -569,6 +592,7 @@ class LedgerVersionStore:
                 [
                     Put(self._record_key(name), encode_json(record), 0),
                     Put(self._version_key(name, token), self._seal(name, token, value), 0),
+                    *self._due_ops(name, None, now + interval if interval else None),
                 ]
             )
         except ConflictError:
@@ -598,6 +622,38 @@ class LedgerVersionStore:
         for item in iter_prefix(self.ledger, Kind.ROTATION, prefix, page_size=500):
             yield self._to_state(json.loads(item.value))
 
+    def due_states(self, now: float, prefix: str = "") -> Iterator[SecretState]:
+        """The secrets due by `now` (under `prefix`), from the index: it is read in due
+        order up to `now`, so a sweep's work follows what is due, not what exists. An
+        index item its record no longer backs (a race with a change) is skipped."""
+        check_prefix(prefix)
+        for item in iter_prefix(self.ledger, Kind.ROTATION_DUE, page_size=500):
+            due, _, name = item.key.path.partition("/")
+            if int(due) > now:
+                return
+            if not name.startswith(prefix):
+                continue
+            try:
+                state = self.state(name)
+            except NotFound:
+                continue
+            if state.next_due is not None and int(state.next_due) == int(due):
+                yield state
+
+    def index_due(self, prefix: str = "") -> int:
+        """Write the index items missing for secrets under `prefix` (records made before
+        the index existed); returns how many were added."""
+        added = 0
+        for state in self.states(prefix):
+            if state.next_due is None:
+                continue
+            key = self._due_key(state.name, state.next_due)
+            if self.ledger.get(key, consistent=True) is None:
+                with contextlib.suppress(ConflictError):
+                    self.ledger.put_if(key, encode_json({"name": state.name}), 0)
+                    added += 1
+        return added
+
     def configure(
         self, name: str, *, interval: int | None = None, params: Mapping[str, Any] | None = None
     ) -> None:
@@ -614,7 +670,10 @@ class LedgerVersionStore:
     def delete(self, name: str) -> None:
         """The record and every version item (the target is not touched)."""
         record, version = self._load(name)
-        ops: list[Op] = [Delete(self._record_key(name), version)]
+        ops: list[Op] = [
+            Delete(self._record_key(name), version),
+            *self._due_ops(name, record.get("next_due"), None),
+        ]
         for stage in ("current", "previous", "pending"):
             vid = record.get(stage)
             if vid:
@@ -742,9 +801,15 @@ class SweepReport:
     rotated: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)  # due, their splay slot still ahead
     failed: dict[str, str] = field(default_factory=dict)  # name -> error type and message
+    indexed: int = 0  # index items a full sweep added
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rotated": self.rotated, "waiting": self.waiting, "failed": self.failed}
+        return {
+            "rotated": self.rotated,
+            "waiting": self.waiting,
+            "failed": self.failed,
+            "indexed": self.indexed,
+        }
 
 
 def sweep(
@@ -756,12 +821,17 @@ def sweep(
     prefix: str = "",
     limit: int = 1000,
     sweep_id: str = "",
+    full: bool = False,
 ) -> SweepReport:
     """Rotate every secret whose splay slot has come (a scheduled event's work). The
     token is derived from the secret's due time, so two sweeps racing, or one
-    redelivered, rotate each secret once."""
+    redelivered, rotate each secret once. The due index says which secrets are due;
+    `full` first reads every record and writes the index items missing (once, after
+    an upgrade from a version without the index)."""
     report = SweepReport()
-    for slot in plan_due(list(store.states(prefix)), now, window):
+    if full:
+        report.indexed = store.index_due(prefix)
+    for slot in plan_due(list(store.due_states(now, prefix)), now, window):
         if slot.at > now:
             report.waiting.append(slot.name)
             continue

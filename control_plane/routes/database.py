@@ -267,7 +267,12 @@ def register_rotation(router: Router, services: Any) -> None:
         prefix = ctx.data.get("prefix", "")
         if not isinstance(prefix, str):
             raise InvalidRequest("prefix is a string")
-        return sweep(rotator, store, services.clock(), window=window, prefix=prefix, limit=limit).to_dict()
+        full = ctx.data.get("full", False)
+        if not isinstance(full, bool):
+            raise InvalidRequest("full is true or false")
+        return sweep(
+            rotator, store, services.clock(), window=window, prefix=prefix, limit=limit, full=full
+        ).to_dict()
 
     name = r"(?P<name>.+)"
     _add(

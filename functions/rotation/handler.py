@@ -86,7 +86,12 @@ def _handle(raw: RawEvent, ctx: RotationContext) -> dict[str, Any]:
         elif request.action == SWEEP:
             prefix = str(request.detail.get("prefix", ""))
             report = sweep(
-                services.rotator, services.rotation_store, services.clock(), window=ctx.window, prefix=prefix
+                services.rotator,
+                services.rotation_store,
+                services.clock(),
+                window=ctx.window,
+                prefix=prefix,
+                full=request.detail.get("full") is True,
             )
             outcome.update(report.to_dict())
             outcome["leases_tidied"] = services.leases.tidy_expired()

@@ -13,7 +13,7 @@ import pytest
 from keycell.adapters.targets.generic import GenericTarget
 from keycell.adapters.targets.postgres import PostgresTarget, user_dsn
 from keycell.control_plane.errors import InvalidRequest, NotFound, Unavailable
-from keycell.control_plane.ledger import Kind, iter_prefix
+from keycell.control_plane.ledger import Delete, Kind, iter_prefix
 from keycell.control_plane.rotation import (
     STEPS,
     LedgerVersionStore,
@@ -321,6 +321,70 @@ def test_iam_rotation_deactivates_the_old_key_and_deletes_the_one_before(
 
 
 # --- scheduling with splay ----------------------------------------------------------------
+
+
+class CountingLedger:
+    """The store's ledger, counting scans per kind (what a sweep reads)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.scanned: dict[Kind, int] = {}
+
+    def scan(self, kind: Kind, *args: Any, **kwargs: Any) -> Any:
+        page = self.inner.scan(kind, *args, **kwargs)
+        self.scanned[kind] = self.scanned.get(kind, 0) + len(page.items)
+        return page
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def due_index(store: LedgerVersionStore) -> list[str]:
+    return [item.key.path for item in iter_prefix(store.ledger, Kind.ROTATION_DUE)]
+
+
+def test_the_sweep_reads_the_due_index_not_every_record(any_store: LedgerVersionStore) -> None:
+    """Every ledger: a sweep reads the index up to now (the due secrets' items), never
+    the ROTATION records of secrets not due; each change of a schedule moves its item
+    in the same transaction; a full sweep writes the items a record lacks."""
+    store = any_store
+    clock = ManualClock(1_800_000_000.0)
+    store.clock = clock
+    rotator = Rotator(store, {"generic": GenericTarget()})
+    for i in range(12):
+        rotator.enroll(store, f"idx/later/{i:02d}", target="generic", params={}, interval=86_400)
+    rotator.enroll(store, "idx/never", target="generic", params={}, interval=0)
+    soon = [f"idx/soon/{i}" for i in range(3)]
+    for name in soon:
+        rotator.enroll(store, name, target="generic", params={}, interval=60)
+    index = due_index(store)
+    assert len(index) == 15 and not any(path.endswith("/idx/never") for path in index)
+    clock.advance(120)
+    counting = CountingLedger(store.ledger)
+    store.ledger = counting
+    report = sweep(rotator, store, clock(), window=0, prefix="idx/")
+    store.ledger = counting.inner
+    assert sorted(report.rotated) == soon and report.waiting == []
+    assert counting.scanned.get(Kind.ROTATION, 0) == 0  # no record scan
+    assert counting.scanned[Kind.ROTATION_DUE] <= 15  # one page of the index, read up to now
+    # Each rotated secret's item moved to its new due second; nothing else changed.
+    after = due_index(store)
+    assert len(after) == 15
+    for name in soon:
+        state = store.state(name)
+        assert f"{int(state.next_due):012d}/{name}" in after
+    store.configure("idx/later/00", interval=0)  # unscheduled: its item goes
+    store.delete("idx/later/01")  # deleted: its item goes
+    assert len(due_index(store)) == 13
+    # Records without items (written before the index): only a full sweep finds them.
+    store.ledger.transact(
+        [Delete(item.key, item.version) for item in iter_prefix(store.ledger, Kind.ROTATION_DUE)]
+    )
+    clock.advance(86_400)
+    assert sweep(rotator, store, clock(), window=0, prefix="idx/").rotated == []
+    full = sweep(rotator, store, clock(), window=0, prefix="idx/", full=True)
+    assert full.indexed == 13 and len(full.rotated) == 13
+    assert len(due_index(store)) == 13
 
 
 def test_rotations_due_in_the_same_minute_spread_across_the_window(store: LedgerVersionStore) -> None:
