@@ -874,8 +874,12 @@ class Relay(pb_grpc.RelayServicer):
             return
         self._swept_at = started
         self.counters["sweeps_full" if since is None else "sweeps_recent"] += 1
+        # A receipt kept without its record takes the expiry of one that has it (this
+        # cell's own receipt of that revocation carries the record).
+        expiry_of = {rec.id: rec.expires_at or 0 for rec, _ in held if rec is not None}
         for rec, receipt in held:
-            if rec is not None and self.expired(rec.expires_at or 0):
+            expires = expiry_of.get(receipt.id, 0)
+            if self.expired(expires):
                 continue  # the ledger drops it by its own TTL; the relay has no more use for it
             if rec is not None and "r/" + rec.id not in self.store:
                 entry = pb.Entry(revocation=rev_to_pb(rec))
@@ -890,7 +894,6 @@ class Relay(pb_grpc.RelayServicer):
                         self._apply(entry.revocation)
             key = f"a/{receipt.id}/{receipt.cell}"
             if key not in self.store:
-                expires = (rec.expires_at or 0) if rec is not None else 0
                 found = self._with_expiry(
                     pb.Entry(
                         receipt=pb.Receipt(
@@ -903,7 +906,7 @@ class Relay(pb_grpc.RelayServicer):
                 )
                 if spread:
                     self._learn(found, "")
-                elif not self.expired(entry_expiry(found)):
+                else:
                     self._store(key, found)
 
     # --- anti-entropy -------------------------------------------------------------------
