@@ -202,9 +202,12 @@ def test_an_expired_revocation_submitted_or_gossiped_is_not_stored_but_one_in_it
             late_receipt = pb.Receipt(
                 id=old.id, cell="c", applied_at=time.time(), expires_at=old.expires_at or 0
             )
+            # and a receipt as a relay predating Receipt.expires_at sends it (field absent)
+            unaware = pb.Receipt(id=recent.id, cell="c", applied_at=time.time())
             rumors = [
                 pb.Rumor(entry=pb.Entry(revocation=rev_to_pb(old))),
                 pb.Rumor(entry=pb.Entry(receipt=late_receipt)),
+                pb.Rumor(entry=pb.Entry(receipt=unaware)),
             ]
 
             async def gossip() -> None:
@@ -217,11 +220,19 @@ def test_an_expired_revocation_submitted_or_gossiped_is_not_stored_but_one_in_it
             await asyncio.sleep(2 * LOCAL.push_pull_interval)
             assert not any(k in r.store for k in keys_of(old) for r in cluster.live())
             assert old.subject not in sinks["a"].subjects()
+            # the receipt took its revocation's expiry, and spread with it
+            assert relay.store.entries[f"a/{recent.id}/c"].receipt.expires_at == recent.expires_at
+            assert await cluster.wait_for(
+                lambda: all(f"a/{recent.id}/c" in r.store for r in cluster.live()), 5
+            )
 
             # the one inside its grace goes once the grace is over, and stays gone
             clock.advance(31)
             assert await cluster.wait_for(
                 lambda: not any(recent.id in r.revocation_ids() for r in cluster.live()), 5
+            )
+            assert await cluster.wait_for(
+                lambda: not any(k in r.store for k in keys_of(recent) for r in cluster.live()), 5
             )
             assert not (await stub.Submit(rev_to_pb(recent), timeout=5)).accepted
             assert recent.subject in sinks["a"].subjects()  # the ledger is left to its TTL
