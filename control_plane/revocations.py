@@ -237,8 +237,9 @@ class RevocationLog:
         value: dict[str, Any] = {"cell": receipt.cell, "applied_at": receipt.applied_at}
         if rec is not None:
             value["revocation"] = rec.as_json()
+        expires = rec.expires_at if rec is not None else None  # goes when its revocation does
         try:
-            put_json_if(self.ledger, _receipt_key(receipt.id, receipt.cell), value, 0)
+            put_json_if(self.ledger, _receipt_key(receipt.id, receipt.cell), value, 0, expires_at=expires)
         except ConflictError:
             return False
         return True

@@ -2,9 +2,12 @@
 TransmitLimitedQueue) and the store of revocation entries with its digest.
 
 Entries are a grow-only map (key -> Entry): `r/<id>` for a revocation, `a/<id>/<cell>`
-for a cell's receipt. The digest for push-pull anti-entropy is per bucket: each
-bucket's hash is the XOR of its keys' 64-bit hashes, so adding an entry updates it
-in O(1) and two relays find the buckets they disagree on from 64 numbers.
+for a cell's receipt, from which an entry leaves only once it has expired (the relay
+drops an expired entry by a rule every relay applies alike, and refuses it after, so
+the map stays grow-only among the live entries). The digest for push-pull
+anti-entropy is per bucket: each bucket's hash is the XOR of its keys' 64-bit hashes,
+so adding or removing an entry updates it in O(1) and two relays find the buckets
+they disagree on from 64 numbers.
 """
 
 from __future__ import annotations
@@ -45,6 +48,16 @@ class EntryStore:
         self.digest[h % BUCKETS] ^= h
         self._keys[h % BUCKETS].add(key)
         return True
+
+    def remove(self, key: str) -> Any | None:
+        """Drop `key` (XOR its hash out of its bucket's digest); the entry, or None."""
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            return None
+        h = key_hash(key)
+        self.digest[h % BUCKETS] ^= h
+        self._keys[h % BUCKETS].discard(key)
+        return entry
 
     def differing(self, theirs: Iterable[int]) -> list[int]:
         return [i for i, (a, b) in enumerate(zip(self.digest, theirs, strict=False)) if a != b]

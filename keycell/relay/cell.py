@@ -37,6 +37,8 @@ class CellSink(Protocol):
 
     def held_since(self, since: float) -> Iterator[tuple[RevocationRecord | None, Receipt]]: ...
 
+    def forget(self, revocation_id: str) -> None: ...
+
 
 class LedgerSink:
     """A cell's ledger as the relay sees it. Opening the barrier follows the cell's
@@ -53,7 +55,7 @@ class LedgerSink:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"relay-ledger-{self.cell}")
         self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"relay-receipts-{self.cell}")
         self._applied: dict[str, float] = {}  # revocation id -> when this cell's ledger held it
-        self._receipts: set[tuple[str, str]] = set()  # (revocation id, cell) receipts kept
+        self._receipts: dict[str, set[str]] = {}  # revocation id -> cells whose receipts are kept
 
     def _open(self) -> None:
         if self.services.barrier.sealed:
@@ -101,13 +103,18 @@ class LedgerSink:
         return self._applied.get(revocation_id)
 
     def store_receipt(self, receipt: Receipt, rec: RevocationRecord | None) -> None:
-        key = (receipt.id, receipt.cell)
-        if key in self._receipts:
+        if receipt.cell in self._receipts.get(receipt.id, ()):
             return
         self._open()
         if self.log.applied_at(receipt.id, receipt.cell) is None:
             self.log.store_receipt(receipt, rec)
-        self._receipts.add(key)
+        self._receipts.setdefault(receipt.id, set()).add(receipt.cell)
+
+    def forget(self, revocation_id: str) -> None:
+        """A relay dropped this expired revocation: so goes the memory of what was
+        written (the ledger keeps its items until their own TTL)."""
+        self._applied.pop(revocation_id, None)
+        self._receipts.pop(revocation_id, None)
 
     def held(self) -> Iterator[tuple[RevocationRecord | None, Receipt]]:
         self._open()

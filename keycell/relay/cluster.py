@@ -27,8 +27,11 @@ class Cluster:
         faults: Faults | None = None,
         sinks: dict[str, CellSink] | None = None,
         seed: int | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock`: the relays' clock for entry expiry (a test's ManualClock moves it)."""
         self.profile = profile
+        self.clock = clock
         self.faults = faults if faults is not None else Faults()
         self.sinks = sinks or {}
         self.relays: dict[str, Relay] = {}
@@ -44,6 +47,7 @@ class Cluster:
             faults=self.faults,
             seeds=list(seeds),
             rng=random.Random(self.rng.random()),  # noqa: S311
+            clock=self.clock,
         )
         await relay.start()
         self.faults.groups[relay.addr] = cell
@@ -78,6 +82,7 @@ class Cluster:
             faults=self.faults,
             seeds=seeds,
             rng=random.Random(self.rng.random()),  # noqa: S311
+            clock=self.clock,
         )
         await relay.start()
         self.relays[name] = relay

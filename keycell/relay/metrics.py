@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 
 from keycell.relay.membership import State
-from keycell.relay.node import EXPOSURE_BUCKETS, Relay
+from keycell.relay.node import Relay
 
 
 def render(relays: Iterable[Relay]) -> str:
@@ -55,16 +55,37 @@ def render(relays: Iterable[Relay]) -> str:
         for r in relays
     ]
     lines += [
+        "# HELP keycell_relay_entries Revocation and receipt entries this relay holds.",
+        "# TYPE keycell_relay_entries gauge",
+    ]
+    lines += [f'keycell_relay_entries{{relay="{r.name}"}} {len(r.store)}' for r in relays]
+    lines += [
+        "# HELP keycell_relay_entries_expired_total Entries dropped once their revocation expired (expires_at + grace).",
+        "# TYPE keycell_relay_entries_expired_total counter",
+    ]
+    lines += [
+        f'keycell_relay_entries_expired_total{{relay="{r.name}"}} {r.counters["entries_expired"]}'
+        for r in relays
+    ]
+    lines += [
+        "# HELP keycell_relay_expired_refused_total Expired entries refused (submitted, gossiped or offered by anti-entropy).",
+        "# TYPE keycell_relay_expired_refused_total counter",
+    ]
+    lines += [
+        f'keycell_relay_expired_refused_total{{relay="{r.name}"}} {r.counters["expired_refused"]}'
+        for r in relays
+    ]
+    lines += [
         "# HELP keycell_relay_exposure_seconds From the revoke call to applied in this relay's cell.",
         "# TYPE keycell_relay_exposure_seconds histogram",
     ]
     for r in relays:
-        for bound in EXPOSURE_BUCKETS:
-            n = sum(1 for e in r.exposure if e <= bound)
+        hist = r.exposure
+        for bound, n in zip(hist.bounds, hist.counts, strict=True):
             lines.append(f'keycell_relay_exposure_seconds_bucket{{relay="{r.name}",le="{bound}"}} {n}')
-        lines.append(f'keycell_relay_exposure_seconds_bucket{{relay="{r.name}",le="+Inf"}} {len(r.exposure)}')
-        lines.append(f'keycell_relay_exposure_seconds_sum{{relay="{r.name}"}} {sum(r.exposure):.6f}')
-        lines.append(f'keycell_relay_exposure_seconds_count{{relay="{r.name}"}} {len(r.exposure)}')
+        lines.append(f'keycell_relay_exposure_seconds_bucket{{relay="{r.name}",le="+Inf"}} {hist.count}')
+        lines.append(f'keycell_relay_exposure_seconds_sum{{relay="{r.name}"}} {hist.sum:.6f}')
+        lines.append(f'keycell_relay_exposure_seconds_count{{relay="{r.name}"}} {hist.count}')
     return "\n".join(lines) + "\n"
 
 

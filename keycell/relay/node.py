@@ -21,12 +21,24 @@ pushed at once to `eager_fanout` relays of this cell and one relay of every othe
 cell, and queued for piggybacking (retransmit limit grows with log n). Once the
 cell's ledger holds it, the relay pushes it to its subscribers (the cell's API
 processes) and spreads this cell's receipt lazily, by piggyback and anti-entropy.
+
+Expiry: a revocation whose `expires_at` (> 0) plus the profile's `expiry_grace` has
+passed on the relay's clock revokes nothing that could still be used, so the relay
+drops it with its receipts (which carry the same `expires_at`) from its entry store
+and every table kept about it, a bounded number per push-pull tick, and refuses such
+an entry from then on, whether submitted, gossiped or offered by anti-entropy. Every
+relay applies that one rule, so a relay that still holds an entry (a lagging clock, a
+partition) cannot bring it back into those that dropped it, and the digests agree
+again once it drops it too. A receipt without `expires_at` (from a relay that
+predates the field) takes its revocation's when this relay holds it, else it never
+expires. The cell's ledger is not touched: its items expire by their own TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import random
 import time
@@ -99,10 +111,35 @@ def rev_from_pb(msg: pb.Revocation) -> RevocationRecord:
     )
 
 
+def entry_expiry(entry: pb.Entry) -> int:
+    """The entry's revocation's expires_at (epoch seconds; 0: never, or not known)."""
+    if entry.HasField("revocation"):
+        return int(entry.revocation.expires_at)
+    return int(entry.receipt.expires_at)
+
+
 def entry_key(entry: pb.Entry) -> str:
     if entry.HasField("revocation"):
         return "r/" + entry.revocation.id
     return f"a/{entry.receipt.id}/{entry.receipt.cell}"
+
+
+class Histogram:
+    """Counts per bucket bound, sum and count: a Prometheus histogram's figures in
+    fixed memory, however many revocations a long-lived relay sees."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)  # observations <= each bound (cumulative)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.count += 1
+        self.sum += value
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
 
 
 class Link:
@@ -164,9 +201,11 @@ class Relay(pb_grpc.RelayServicer):
         rng: random.Random | None = None,
         tls: RelayTLS | None = None,
         advertise: str = "",
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """`advertise`: the host other relays dial (its certificate must name it); by
-        default the listening host, which must then be reachable as it is (not 0.0.0.0)."""
+        default the listening host, which must then be reachable as it is (not 0.0.0.0).
+        `clock`: epoch seconds, read for entry expiry only (tests move it by hand)."""
         if tls is None and not is_loopback(host):
             raise TLSConfigError(
                 f"relay {name or cell}: listening on {host} needs mutual TLS (keycell relay --tls-cert/"
@@ -189,6 +228,9 @@ class Relay(pb_grpc.RelayServicer):
         self.seeds = [s for s in seeds if s]
         self.rng = rng or random.Random()  # noqa: S311 - peer choice, not a secret
         self.store = EntryStore()
+        self.clock = clock
+        self._expiring: list[tuple[int, str]] = []  # heap of (expires_at, key): entries that expire
+        self._cells: set[str] = {cell}  # cells whose receipts this relay has held
         self.rumors = RumorQueue()
         self.awareness = Awareness(profile.awareness_max)
         self.links: dict[str, Link] = {}
@@ -196,7 +238,7 @@ class Relay(pb_grpc.RelayServicer):
         self.heard: dict[str, float] = {}  # revocation id -> when this relay first heard of it
         self.cross: dict[str, list[str]] = {}  # other cell -> member names this relay links to
         self.counters: Counter[str] = Counter()
-        self.exposure: list[float] = []  # seconds from revoke call to applied here, per revocation
+        self.exposure = Histogram(EXPOSURE_BUCKETS)  # seconds from revoke call to applied here
         self.table: MemberTable | None = None
         self._server: grpc.aio.Server | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -604,9 +646,40 @@ class Relay(pb_grpc.RelayServicer):
         self.counters["submitted"] += 1
         return self._learn(pb.Entry(revocation=rev_to_pb(rec)), "")
 
+    def expired(self, expires_at: int) -> bool:
+        """Whether an entry with this expires_at is past it by more than the grace."""
+        return expires_at > 0 and expires_at + self.profile.expiry_grace < self.clock()
+
+    def _with_expiry(self, entry: pb.Entry) -> pb.Entry:
+        """A receipt without expires_at takes its revocation's, if this relay holds it."""
+        if entry.HasField("receipt") and not entry.receipt.expires_at:
+            rev = self.store.entries.get("r/" + entry.receipt.id)
+            if rev is not None and rev.revocation.expires_at:
+                r = entry.receipt
+                receipt = pb.Receipt(
+                    id=r.id, cell=r.cell, applied_at=r.applied_at, expires_at=rev.revocation.expires_at
+                )
+                return pb.Entry(receipt=receipt)
+        return entry
+
+    def _store(self, key: str, entry: pb.Entry) -> bool:
+        """Add to the entry store, noting when the entry expires."""
+        if not self.store.add(key, entry):
+            return False
+        expires = entry_expiry(entry)
+        if expires > 0:
+            heapq.heappush(self._expiring, (expires, key))
+        if entry.HasField("receipt"):
+            self._cells.add(entry.receipt.cell)
+        return True
+
     def _learn(self, entry: pb.Entry, source_addr: str) -> bool:
         key = entry_key(entry)
-        if not self.store.add(key, entry):
+        entry = self._with_expiry(entry)
+        if self.expired(entry_expiry(entry)):
+            self.counters["expired_refused"] += 1  # dropped everywhere by now, or soon
+            return False
+        if not self._store(key, entry):
             if source_addr:
                 if key[0] == "r":
                     self.counters["revocation_copies"] += 1  # heard again
@@ -760,10 +833,10 @@ class Relay(pb_grpc.RelayServicer):
         future.add_done_callback(done)
 
     def _applied(self, msg: pb.Revocation, at: float, ledger_at: float | None = None) -> None:
-        if msg.id in self.applied:
+        if msg.id in self.applied or "r/" + msg.id not in self.store:  # (dropped as expired meanwhile)
             return
         self.applied[msg.id] = at
-        self.exposure.append(max(0.0, at - msg.revoked_at))
+        self.exposure.observe(max(0.0, at - msg.revoked_at))
         self.counters["revocations_applied"] += 1
         event = pb.Applied(revocation=msg, relay=self.name, applied_at=at)
         for queue in list(self._subscribers):
@@ -772,7 +845,8 @@ class Relay(pb_grpc.RelayServicer):
             except asyncio.QueueFull:
                 self._subscribers.discard(queue)  # too far behind: it reconnects with replay
         if ledger_at is not None:
-            self._learn(pb.Entry(receipt=pb.Receipt(id=msg.id, cell=self.cell, applied_at=ledger_at)), "")
+            receipt = pb.Receipt(id=msg.id, cell=self.cell, applied_at=ledger_at, expires_at=msg.expires_at)
+            self._learn(pb.Entry(receipt=receipt), "")
 
     async def _reload(self, *, spread: bool = False) -> None:
         """What this cell's ledger holds: a restarted relay starts from it, and every
@@ -800,27 +874,40 @@ class Relay(pb_grpc.RelayServicer):
             return
         self._swept_at = started
         self.counters["sweeps_full" if since is None else "sweeps_recent"] += 1
+        # A receipt kept without its record takes the expiry of one that has it (this
+        # cell's own receipt of that revocation carries the record).
+        expiry_of = {rec.id: rec.expires_at or 0 for rec, _ in held if rec is not None}
         for rec, receipt in held:
+            expires = expiry_of.get(receipt.id, 0)
+            if self.expired(expires):
+                continue  # the ledger drops it by its own TTL; the relay has no more use for it
             if rec is not None and "r/" + rec.id not in self.store:
                 entry = pb.Entry(revocation=rev_to_pb(rec))
                 if spread:
                     self.counters["swept"] += 1
                     self._learn(entry, "")
                 else:
-                    self.store.add("r/" + rec.id, entry)
+                    self._store("r/" + rec.id, entry)
                     if receipt.cell == self.cell:
                         self.applied.setdefault(rec.id, receipt.applied_at)
                     else:
                         self._apply(entry.revocation)
             key = f"a/{receipt.id}/{receipt.cell}"
             if key not in self.store:
-                found = pb.Entry(
-                    receipt=pb.Receipt(id=receipt.id, cell=receipt.cell, applied_at=receipt.applied_at)
+                found = self._with_expiry(
+                    pb.Entry(
+                        receipt=pb.Receipt(
+                            id=receipt.id,
+                            cell=receipt.cell,
+                            applied_at=receipt.applied_at,
+                            expires_at=expires,
+                        )
+                    )
                 )
                 if spread:
                     self._learn(found, "")
                 else:
-                    self.store.add(key, found)
+                    self._store(key, found)
 
     # --- anti-entropy -------------------------------------------------------------------
 
@@ -842,7 +929,9 @@ class Relay(pb_grpc.RelayServicer):
     def _on_keys(self, env: pb.Envelope, link: Link) -> None:
         theirs = set(env.keys.keys)
         mine = self.store.keys_in(env.keys.buckets)
-        missing = [self.store.entries[k] for k in mine if k not in theirs]
+        entries = self.store.entries
+        # (an expired entry not dropped yet is not offered: the peer would refuse it)
+        missing = [e for k in mine if k not in theirs and not self.expired(entry_expiry(e := entries[k]))]
         for start in range(0, len(missing), ENTRIES_PER_ENVELOPE):
             chunk = [pb.Rumor(entry=e) for e in missing[start : start + ENTRIES_PER_ENVELOPE]]
             self._send(env.sender_addr, self._envelope(rumors=chunk), link, piggyback=False)
@@ -1056,3 +1145,44 @@ class Relay(pb_grpc.RelayServicer):
                 entry = self.store.entries.get("r/" + rid)
                 if entry is not None:
                     self._apply(entry.revocation)
+            self.prune()
+
+    # --- expiry ------------------------------------------------------------------------------
+
+    def prune(self) -> int:
+        """Drop expired entries (at most `prune_per_tick` expiring keys looked at, each
+        revocation with its receipts); how many entries went."""
+        grace = self.profile.expiry_grace
+        now = self.clock()
+        heap = self._expiring
+        dropped = 0
+        for _ in range(self.profile.prune_per_tick):
+            if not heap or heap[0][0] + grace >= now:
+                break
+            _, key = heapq.heappop(heap)
+            dropped += self._drop(key)
+            if key.startswith("r/"):
+                rid = key[2:]
+                for cell in self._cells:  # its receipts, whichever expires_at they carry
+                    dropped += self._drop(f"a/{rid}/{cell}")
+        return dropped
+
+    def _drop(self, key: str) -> int:
+        """Forget one entry everywhere this relay (and its process's sink) keeps it."""
+        if self.store.remove(key) is None:
+            return 0
+        self.counters["entries_expired"] += 1
+        self.rumors.retire(key)
+        self._spreading.pop(key, None)
+        if key.startswith("r/"):
+            rid = key[2:]
+            self.heard.pop(rid, None)
+            self.applied.pop(rid, None)
+            self._pending.discard(rid)
+            if self.sink is not None:
+                self.sink.forget(rid)
+        elif self.sink is not None:
+            stored = _RECEIPTS.get(self.sink)
+            if stored is not None:
+                stored.discard(key)
+        return 1

@@ -36,6 +36,11 @@ class Profile:
     backoff_base: float  # stream reconnect backoff: base * 2^failures, capped
     backoff_max: float
     rumors_per_message: int  # piggybacked rumours per envelope
+    # An entry whose revocation expired (`expires_at` > 0) is dropped once expires_at +
+    # this grace has passed on the relay's clock; the grace covers clock skew between
+    # relays, so none refuses an entry another still spreads as live.
+    expiry_grace: float = 300.0
+    prune_per_tick: int = 1000  # expired entries dropped per push-pull loop tick at most
 
     def retransmit_limit(self, members: int) -> int:
         return self.retransmit_mult * max(1, math.ceil(math.log10(members + 1)))

@@ -33,14 +33,16 @@ class Revocation(_message.Message):
     def __init__(self, id: _Optional[str] = ..., subject: _Optional[str] = ..., origin_cell: _Optional[str] = ..., revoked_at: _Optional[float] = ..., reason: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
 
 class Receipt(_message.Message):
-    __slots__ = ("id", "cell", "applied_at")
+    __slots__ = ("id", "cell", "applied_at", "expires_at")
     ID_FIELD_NUMBER: _ClassVar[int]
     CELL_FIELD_NUMBER: _ClassVar[int]
     APPLIED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     id: str
     cell: str
     applied_at: float
-    def __init__(self, id: _Optional[str] = ..., cell: _Optional[str] = ..., applied_at: _Optional[float] = ...) -> None: ...
+    expires_at: int
+    def __init__(self, id: _Optional[str] = ..., cell: _Optional[str] = ..., applied_at: _Optional[float] = ..., expires_at: _Optional[int] = ...) -> None: ...
 
 class Entry(_message.Message):
     __slots__ = ("revocation", "receipt")
