@@ -24,18 +24,18 @@ def render(relays: Iterable[Relay]) -> str:
             lines.append(
                 f'keycell_relay_members{{relay="{r.name}",cell="{r.cell}",state="{state.name.lower()}"}} {count}'
             )
-    lines += [
-        "# HELP keycell_relay_suspicions_total Suspicions this relay started or joined.",
-        "# TYPE keycell_relay_suspicions_total counter",
-    ]
-    for r in relays:
-        suspicions = r.table.suspicions_started if r.table is not None else 0
-        lines.append(f'keycell_relay_suspicions_total{{relay="{r.name}"}} {suspicions}')
-    lines += [
-        "# HELP keycell_relay_local_health Lifeguard local health multiplier (0 is healthy).",
-        "# TYPE keycell_relay_local_health gauge",
-    ]
-    lines += [f'keycell_relay_local_health{{relay="{r.name}"}} {r.awareness.score}' for r in relays]
+    lines += _per_relay(
+        "keycell_relay_suspicions_total",
+        "counter",
+        "Suspicions this relay started or joined.",
+        [(r, r.table.suspicions_started if r.table is not None else 0) for r in relays],
+    )
+    lines += _per_relay(
+        "keycell_relay_local_health",
+        "gauge",
+        "Lifeguard local health multiplier (0 is healthy).",
+        [(r, r.awareness.score) for r in relays],
+    )
     lines += [
         "# HELP keycell_relay_messages_total Envelopes sent by kind, and dropped (fault injection) or unsent (no stream).",
         "# TYPE keycell_relay_messages_total counter",
@@ -46,35 +46,30 @@ def render(relays: Iterable[Relay]) -> str:
                 lines.append(f'keycell_relay_messages_total{{relay="{r.name}",kind="{key[5:]}"}} {value}')
             elif key in ("dropped", "unsent", "received"):
                 lines.append(f'keycell_relay_messages_total{{relay="{r.name}",kind="{key}"}} {value}')
-    lines += [
-        "# HELP keycell_relay_revocations_applied_total Revocations this relay's cell ledger holds, as applied by it.",
-        "# TYPE keycell_relay_revocations_applied_total counter",
-    ]
-    lines += [
-        f'keycell_relay_revocations_applied_total{{relay="{r.name}"}} {r.counters["revocations_applied"]}'
-        for r in relays
-    ]
-    lines += [
-        "# HELP keycell_relay_entries Revocation and receipt entries this relay holds.",
-        "# TYPE keycell_relay_entries gauge",
-    ]
-    lines += [f'keycell_relay_entries{{relay="{r.name}"}} {len(r.store)}' for r in relays]
-    lines += [
-        "# HELP keycell_relay_entries_expired_total Entries dropped once their revocation expired (expires_at + grace).",
-        "# TYPE keycell_relay_entries_expired_total counter",
-    ]
-    lines += [
-        f'keycell_relay_entries_expired_total{{relay="{r.name}"}} {r.counters["entries_expired"]}'
-        for r in relays
-    ]
-    lines += [
-        "# HELP keycell_relay_expired_refused_total Expired entries refused (submitted, gossiped or offered by anti-entropy).",
-        "# TYPE keycell_relay_expired_refused_total counter",
-    ]
-    lines += [
-        f'keycell_relay_expired_refused_total{{relay="{r.name}"}} {r.counters["expired_refused"]}'
-        for r in relays
-    ]
+    lines += _per_relay(
+        "keycell_relay_revocations_applied_total",
+        "counter",
+        "Revocations this relay's cell ledger holds, as applied by it.",
+        [(r, r.counters["revocations_applied"]) for r in relays],
+    )
+    lines += _per_relay(
+        "keycell_relay_entries",
+        "gauge",
+        "Revocation and receipt entries this relay holds.",
+        [(r, len(r.store)) for r in relays],
+    )
+    lines += _per_relay(
+        "keycell_relay_entries_expired_total",
+        "counter",
+        "Entries dropped once their revocation expired (expires_at + grace).",
+        [(r, r.counters["entries_expired"]) for r in relays],
+    )
+    lines += _per_relay(
+        "keycell_relay_expired_refused_total",
+        "counter",
+        "Expired entries refused (submitted, gossiped or offered by anti-entropy).",
+        [(r, r.counters["expired_refused"]) for r in relays],
+    )
     lines += [
         "# HELP keycell_relay_exposure_seconds From the revoke call to applied in this relay's cell.",
         "# TYPE keycell_relay_exposure_seconds histogram",
@@ -87,6 +82,15 @@ def render(relays: Iterable[Relay]) -> str:
         lines.append(f'keycell_relay_exposure_seconds_sum{{relay="{r.name}"}} {hist.sum:.6f}')
         lines.append(f'keycell_relay_exposure_seconds_count{{relay="{r.name}"}} {hist.count}')
     return "\n".join(lines) + "\n"
+
+
+def _per_relay(name: str, kind: str, text: str, samples: list[tuple[Relay, object]]) -> list[str]:
+    """One metric family with one sample per relay (label `relay`)."""
+    return [
+        f"# HELP {name} {text}",
+        f"# TYPE {name} {kind}",
+        *(f'{name}{{relay="{r.name}"}} {value}' for r, value in samples),
+    ]
 
 
 async def serve_metrics(host: str, port: int, relays: Callable[[], Iterable[Relay]]) -> asyncio.Server:
