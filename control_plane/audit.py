@@ -197,31 +197,21 @@ class Hasher:
     def redact(self, value: Any, plain: frozenset[str] = frozenset()) -> Any:
         """Every string and number below `value` as a digest; keys stay readable;
         at this level, the fields named in `plain` are kept as they are."""
-        kind = type(value)  # exact types first: this runs for every value of every entry
-        if kind is str:
+        if isinstance(value, str):  # the common leaf first: this runs for every value
             return self.digest(value)
-        if value is None or kind is bool:
+        if value is None or isinstance(value, bool):
             return value
-        if kind is dict or isinstance(value, Mapping):
-            out: dict[str, Any] = {}
-            for k, v in value.items():
-                if k in plain and type(v) is not dict and not isinstance(v, Mapping):
-                    out[str(k)] = v
-                else:
-                    out[str(k)] = self.redact(v)
-            return out
-        if kind is list or kind is tuple:
+        if isinstance(value, (dict, Mapping)):  # dict first: no ABC lookup for the common case
+            return {
+                str(k): (v if k in plain and not isinstance(v, Mapping) else self.redact(v))
+                for k, v in value.items()
+            }
+        if isinstance(value, list | tuple):
             return [self.redact(v) for v in value]
-        if isinstance(value, str):
-            return self.digest(value)
-        if isinstance(value, bool):
-            return value
         if isinstance(value, int):
             return self.digest(str(value))  # what json.dumps writes for an int
         if isinstance(value, float):
             return self.digest(json.dumps(value))
-        if isinstance(value, list | tuple):
-            return [self.redact(v) for v in value]
         return self.digest(str(value))
 
     def redact_body(self, body: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -139,9 +139,6 @@ def _azure_mhsm(env: dict[str, str]) -> KeyBackend:
     )
 
 
-_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
 def _gcp_kms(env: dict[str, str]) -> KeyBackend:
     ring = env.get("KEYCELL_GCP_KMS_KEY_RING", "").strip()
     if not ring:
@@ -161,7 +158,9 @@ def _gcp_kms(env: dict[str, str]) -> KeyBackend:
     from keycell.adapters.keys.gcp_kms import GcpKmsKeyBackend
 
     if insecure:
-        if endpoint is None or endpoint.rsplit(":", 1)[0] not in _LOOPBACK:
+        from keycell.relay.tls import is_loopback
+
+        if endpoint is None or not is_loopback(endpoint.rsplit(":", 1)[0]):
             raise ValueError(
                 "KEYCELL_GCP_KMS_INSECURE=1 (plaintext, no credentials) is for a loopback "
                 "KEYCELL_GCP_KMS_ENDPOINT only (127.0.0.1:PORT, localhost:PORT)"
@@ -278,15 +277,15 @@ def audit_rotation_steps(services: CellServices, auditor: Auditor) -> None:
 
 
 def router_from_environment(env: dict[str, str] | None = None) -> Router:
+    env = dict(os.environ if env is None else env)
     services = services_from_environment(env)
     router = build_router(services)
     router.auditor = auditor_from_environment(services, env)
     if router.auditor is not None:
         audit_rotation_steps(services, router.auditor)
-    relay = (os.environ if env is None else env).get("KEYCELL_RELAY")
-    if relay:  # cells under partition (issue 9): homes, forwarding, replica ages
+    handoff = getattr(services, "relay_handoff", None)  # set when KEYCELL_RELAY names the relay
+    if handoff is not None:  # cells under partition (issue 9): homes, forwarding, replica ages
         from keycell.cells.api import install as install_cells
-        from keycell.relay.tls import from_env as relay_tls_from_env
 
-        install_cells(router, services, relay, relay_tls_from_env(os.environ if env is None else env))
+        install_cells(router, services, handoff.addr, handoff.tls)
     return router

@@ -85,9 +85,9 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if router().auditor is None:
             status, headers, payload = handle_http(scope, body)
         else:
-            # With an audit trail each request waits for its entries' chain commit (an
-            # fsync'd conditional write) without holding the loop: the requests in
-            # flight share one commit (audit.AsyncCommitter).
+            # With an audit trail each request waits for its entries' batch (the requests
+            # in flight share one write to the sinks, audit.AsyncCommitter) without
+            # holding the loop for anything that waits on a device.
             status, headers, payload = await handle_http_async(scope, body)
     finally:
         admission.leave()
@@ -345,7 +345,8 @@ _committer: AsyncCommitter | None = None
 
 
 async def handle_http_async(scope: dict[str, Any], body: bytes) -> _Reply:
-    """One request on the event loop, its audit entries group-committed off the loop."""
+    """One request on the event loop, its audit entries group-committed with those of
+    the other requests in flight (on the loop for local sinks, else on a thread)."""
     global _committer
     prepared = _to_request(scope, body)
     if not isinstance(prepared, Request):

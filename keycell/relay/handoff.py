@@ -15,6 +15,7 @@ class RelayHandoff:
     def __init__(self, addr: str, *, timeout: float = 1.0, tls: relay_tls.RelayTLS | None = None) -> None:
         """`tls`: this process's certificate (an API identity of its cell) for a relay with mTLS."""
         self.addr = addr
+        self.tls = tls
         self.timeout = timeout
         self._channel = relay_tls.channel(addr, tls)
         self._stub = pb_grpc.RelayStub(self._channel)  # type: ignore[no-untyped-call]
