@@ -76,7 +76,7 @@ class RevocationSet:
 # --- revocation records and receipts (the relay's unit of gossip, issue 8) ----------------
 
 # What a revocation may name; anything else is refused before it reaches the ledger.
-SUBJECT_KINDS = ("token", "lease", "lease-prefix", "spiffe")
+SUBJECT_KINDS = ("token", "lease", "lease-prefix", "spiffe", "svid")
 MAX_SUBJECT_BYTES = 1024
 # One SVID: a JWT-SVID's jti or an X.509-SVID's serial, in lower-case hex.
 SVID_ID = re.compile(r"[0-9a-f]{1,64}")
@@ -198,10 +198,8 @@ class RevocationLog:
         return rec
 
     def apply(self, rec: RevocationRecord) -> float:
-        """Make this cell's ledger hold `rec`; when it first did (this cell's receipt)."""
-        held = self.applied_at(rec.id, self.cell)
-        if held is not None:
-            return held
+        """Make this cell's ledger hold `rec`; when it first did (this cell's receipt:
+        a repeat finds it through the conflict, not a read before every write)."""
         subject_record = {
             "origin_cell": rec.origin_cell,
             "revoked_at": rec.revoked_at,

@@ -176,6 +176,19 @@ def _gcp_kms(env: dict[str, str]) -> KeyBackend:
     return GcpKmsKeyBackend(project=project, location=location, key_ring=key_ring, client_options=options)
 
 
+def dev_environment(data_dir: str, cell: str | None = None) -> dict[str, str]:
+    """A throwaway cell (`keycell server --dev`, dev relays): SQLite ledger, software
+    keys in a plain file (development only), sealed by that key so every process
+    unseals itself."""
+    return {
+        "KEYCELL_LEDGER": f"sqlite://{os.path.join(data_dir, 'cell.db')}",
+        "KEYCELL_KEY_BACKEND": "software",
+        "KEYCELL_SOFTWARE_KEYS": f"sqlite://{os.path.join(data_dir, 'dev-keys.db')}",
+        "KEYCELL_SEAL": "hsm",
+        "KEYCELL_CELL": cell or os.environ.get("KEYCELL_CELL", "dev"),
+    }
+
+
 def services_from_environment(env: dict[str, str] | None = None) -> CellServices:
     env = dict(os.environ if env is None else env)
     ledger = open_ledger(env.get("KEYCELL_LEDGER") or default_ledger_url())

@@ -280,7 +280,8 @@ def server(
     """Serve the regional API (Vault's HTTP API) on this machine."""
     import tempfile
 
-    from keycell.server import dev_environment, serve
+    from keycell.functions.wiring import dev_environment
+    from keycell.server import serve
 
     host, _, port_text = listen.rpartition(":")
     if not host or not port_text.isdigit():

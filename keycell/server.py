@@ -424,15 +424,3 @@ def serve(host: str, port: int, *, workers: int) -> None:
     else:
         config.load_app()
         uvicorn.Server(config).run(sockets=[sock])
-
-
-def dev_environment(data_dir: str) -> dict[str, str]:
-    """A throwaway cell: SQLite ledger, software keys in a plain file (development
-    only), sealed by that key so every worker unseals itself."""
-    return {
-        "KEYCELL_LEDGER": f"sqlite://{os.path.join(data_dir, 'cell.db')}",
-        "KEYCELL_KEY_BACKEND": "software",
-        "KEYCELL_SOFTWARE_KEYS": f"sqlite://{os.path.join(data_dir, 'dev-keys.db')}",
-        "KEYCELL_SEAL": "hsm",
-        "KEYCELL_CELL": os.environ.get("KEYCELL_CELL", "dev"),
-    }

@@ -21,13 +21,19 @@ import re
 from typing import Any
 
 from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
-from keycell.control_plane.revocations import SVID_ID, RevocationLog, RevocationRecord, svid_subject
+from keycell.control_plane.revocations import (
+    SVID_ID,
+    RevocationLog,
+    RevocationRecord,
+    spiffe_subject,
+    svid_subject,
+)
 from keycell.control_plane.router import Context, Operation, OperationDoc, RouteDoc, Router, field_str
 from keycell.control_plane.routes.openapi import STR, nullable, obj, ok
+from keycell.control_plane.svid import SpiffeId, SvidError
 
 _WAYS = ("lease_id", "prefix", "accessor", "token", "spiffe_id", "svid")
 _ID = re.compile(r"rv_[0-9a-f]{24}")
-_SPIFFE = re.compile(r"spiffe://[A-Za-z0-9._-]+(/[\x21-\x7e]*)?")
 _SAFE = re.compile(r"[\x21-\x7e]{1,512}")
 _NUMBER: dict[str, Any] = {"type": "number"}
 
@@ -59,7 +65,7 @@ def subject_of_svid(svid: str) -> str:
     except (ValueError, binascii.Error):
         raise InvalidRequest("the JWT-SVID's payload is not base64url JSON") from None
     sub = payload.get("sub") if isinstance(payload, dict) else None
-    if not isinstance(sub, str) or not _SPIFFE.fullmatch(sub):
+    if not isinstance(sub, str) or _spiffe_id(sub) is None:
         raise InvalidRequest("the JWT-SVID's 'sub' is not a SPIFFE ID")
     jti = payload.get("jti")
     if not isinstance(jti, str) or not SVID_ID.fullmatch(jti):
@@ -67,6 +73,14 @@ def subject_of_svid(svid: str) -> str:
             "this JWT-SVID has no 'jti' to revoke it by; revoke its SPIFFE ID with 'spiffe_id'"
         )
     return svid_subject(jti)
+
+
+def _spiffe_id(text: str) -> SpiffeId | None:
+    """The SPIFFE ID in `text` as the identity layer checks it (canonical form), or None."""
+    try:
+        return SpiffeId.parse(text)
+    except SvidError:
+        return None
 
 
 def subject_of(services: Any, data: dict[str, Any]) -> str:
@@ -99,9 +113,10 @@ def subject_of(services: Any, data: dict[str, Any]) -> str:
             ) from None
         return "token:" + str(entry.accessor)
     if way == "spiffe_id":
-        if not _SPIFFE.fullmatch(value):
+        spiffe_id = _spiffe_id(value)
+        if spiffe_id is None:
             raise InvalidRequest("'spiffe_id' must look like spiffe://trust-domain/path")
-        return "spiffe:" + value
+        return spiffe_subject(spiffe_id)
     raise AssertionError(way)  # every way in _WAYS is handled above
 
 

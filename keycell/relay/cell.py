@@ -106,8 +106,7 @@ class LedgerSink:
         if receipt.cell in self._receipts.get(receipt.id, ()):
             return
         self._open()
-        if self.log.applied_at(receipt.id, receipt.cell) is None:
-            self.log.store_receipt(receipt, rec)
+        self.log.store_receipt(receipt, rec)  # a conditional put: one already kept stays
         self._receipts.setdefault(receipt.id, set()).add(receipt.cell)
 
     def forget(self, revocation_id: str) -> None:

@@ -114,15 +114,9 @@ class Cluster:
 def dev_cell_env(folder: str, cell: str) -> dict[str, str]:
     """A throwaway cell's configuration (SQLite ledger, software keys in their own
     file, auto-unsealed through them), as `keycell server --dev` makes one."""
-    import os
+    from keycell.functions.wiring import dev_environment
 
-    return {
-        "KEYCELL_LEDGER": f"sqlite://{os.path.join(folder, 'cell.db')}",
-        "KEYCELL_KEY_BACKEND": "software",
-        "KEYCELL_SOFTWARE_KEYS": f"sqlite://{os.path.join(folder, 'dev-keys.db')}",
-        "KEYCELL_SEAL": "hsm",
-        "KEYCELL_CELL": cell,
-    }
+    return dev_environment(folder, cell)
 
 
 def open_dev_cell(folder: str, cell: str) -> CellServices:

@@ -868,7 +868,7 @@ class Relay(pb_grpc.RelayServicer):
             return list(sink.held() if since is None else sink.held_since(since))
 
         try:
-            held = await loop.run_in_executor(sink.executor, read)
+            held = await loop.run_in_executor(sink.background, read)  # not ahead of applies
         except Exception as exc:
             log.warning("%s: could not read cell %s's revocations: %s", self.name, self.cell, exc)
             return

@@ -7,6 +7,7 @@ background thread, over real gRPC."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import threading
 import time
@@ -79,6 +80,12 @@ def test_the_revocation_function_commits_then_hands_over_to_the_relay(
         assert data["id"] in relay.revocation_ids()
         status, shown = call(client, "GET", f"sys/revocations/{data['id']}", root)
         assert status == 200 and set(shown["data"]["cells"]) == {"a"}
+        # One SVID (a JWT-SVID by its jti), the same path: committed, handed over.
+        claims = base64.urlsafe_b64encode(b'{"sub":"spiffe://example.org/ci","jti":"ab12"}').rstrip(b"=")
+        status, body = call(client, "POST", "sys/revocations", root, {"svid": f"e30.{claims.decode()}.c2ln"})
+        assert status == 200 and body["data"]["subject"] == "svid:ab12", body
+        assert body["data"]["id"] in relay.revocation_ids()
+        assert services.revocations.is_revoked("svid:ab12")
     finally:
         loop.run(cluster.stop())
         api.configure(None)
