@@ -34,7 +34,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
@@ -44,10 +44,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from keycell.control_plane import tpm
-from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
+from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied, Unavailable
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
 from keycell.control_plane.revocations import SVID_ID, RevocationSet, spiffe_subject, svid_subject
-from keycell.control_plane.storage import delete_current, get_json, put_json_if
+from keycell.control_plane.storage import delete_current, get_json, put_json_current, put_json_if
 from keycell.control_plane.svid import (
     DEFAULT_JWT_TTL,
     DEFAULT_X509_TTL,
@@ -122,7 +122,6 @@ class AttestedAgent:
     method: str
     selectors: tuple[str, ...]
     attested_at: float = 0.0
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def parse_selectors(value: object) -> tuple[str, ...]:
@@ -245,14 +244,8 @@ class Identity:
             ):
                 raise InvalidRequest('tpm is {"ek_hashes": ["<sha256 hex of an EK public key>", ...]}')
             record["tpm"] = {"ek_hashes": sorted(set(hashes_))}
-        for _ in range(8):
-            found = self.ledger.get(CONFIG_KEY, consistent=True)
-            try:
-                put_json_if(self.ledger, CONFIG_KEY, record, 0 if found is None else found.version)
-                return
-            except ConflictError:
-                continue
-        raise InvalidRequest("the identity config is being written concurrently; retry")
+        if not put_json_current(self.ledger, CONFIG_KEY, record):
+            raise InvalidRequest("the identity config is being written concurrently; retry")
 
     def _config(self) -> dict[str, Any]:
         found = get_json(self.ledger, CONFIG_KEY)
@@ -348,22 +341,17 @@ class Identity:
             agent = self._attest_tpm(data.get("challenge_id"), data.get("secret"))
         else:
             raise InvalidRequest("method is join_token, aws_iid, k8s_psat or tpm")
-        if self.revocations.is_revoked(f"spiffe:{agent.agent_id}"):
+        if self.revocations.is_revoked(spiffe_subject(agent.agent_id)):
             raise PermissionDenied("this agent's SPIFFE ID has been revoked")
-        record = {"agent_id": agent.agent_id, "method": agent.method, "selectors": list(agent.selectors)}
-        key = Key(Kind.IDENTITY_ENTRY, f"agent/{agent.agent_id}")
-        for _ in range(8):
-            found = self.ledger.get(key, consistent=True)
-            try:
-                put_json_if(
-                    self.ledger,
-                    key,
-                    {**record, "attested_at": self.clock()},
-                    0 if found is None else found.version,
-                )
-                break
-            except ConflictError:
-                continue
+        record = {
+            "agent_id": agent.agent_id,
+            "method": agent.method,
+            "selectors": list(agent.selectors),
+            "attested_at": self.clock(),
+        }
+        if not put_json_current(self.ledger, Key(Kind.IDENTITY_ENTRY, f"agent/{agent.agent_id}"), record):
+            # Not recorded, the agent could not use what it attested for: say so now.
+            raise Unavailable("this agent's record kept changing while it attested; retry")
         return agent
 
     def _attest_join_token(self, token: object) -> AttestedAgent:
@@ -543,7 +531,7 @@ class Identity:
         return AttestedAgent(agent_id, "k8s_psat", tuple(sorted(selectors)), self.clock())
 
     def agent(self, agent_id: str) -> AttestedAgent:
-        if self.revocations.is_revoked(f"spiffe:{agent_id}"):
+        if self.revocations.is_revoked(spiffe_subject(agent_id)):
             raise PermissionDenied("this agent's SPIFFE ID has been revoked")
         found = get_json(self.ledger, Key(Kind.IDENTITY_ENTRY, f"agent/{agent_id}"))
         if found is None:
@@ -563,14 +551,14 @@ class Identity:
         node_selectors = set(agent.selectors)
         parents = {agent.agent_id}
         for e in entries:
-            if e.parent_id == server and set(e.selectors) <= node_selectors:
+            if e.parent_id == server and selectors_match(e.selectors, node_selectors):
                 parents.add(e.spiffe_id)
         return [e for e in entries if e.parent_id in parents and e.parent_id != server]
 
     def _entry_for(self, agent: AttestedAgent, entry_id: str) -> Entry:
         for e in self.entries_for(agent):
             if e.id == entry_id:
-                if self.revocations.is_revoked(f"spiffe:{e.spiffe_id}"):
+                if self.revocations.is_revoked(spiffe_subject(e.spiffe_id)):
                     raise PermissionDenied(f"{e.spiffe_id} has been revoked")
                 return e
         raise PermissionDenied("this agent is not authorized for that entry")

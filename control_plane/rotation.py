@@ -647,11 +647,11 @@ class LedgerVersionStore:
         for state in self.states(prefix):
             if state.next_due is None:
                 continue
-            key = self._due_key(state.name, state.next_due)
-            if self.ledger.get(key, consistent=True) is None:
-                with contextlib.suppress(ConflictError):
-                    self.ledger.put_if(key, encode_json({"name": state.name}), 0)
-                    added += 1
+            with contextlib.suppress(ConflictError):  # already indexed
+                self.ledger.put_if(
+                    self._due_key(state.name, state.next_due), encode_json({"name": state.name}), 0
+                )
+                added += 1
         return added
 
     def configure(

@@ -39,6 +39,19 @@ def encode_json(record: dict[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
 
 
+def put_json_current(ledger: Ledger, key: Key, record: Any) -> bool:
+    """Write `record` over whatever version of `key` is current (or create it); False
+    when concurrent writers kept moving it."""
+    for _ in range(ATTEMPTS):
+        item = ledger.get(key, consistent=True)
+        try:
+            put_json_if(ledger, key, record, 0 if item is None else item.version)
+            return True
+        except ConflictError:
+            continue
+    return False
+
+
 def delete_current(ledger: Ledger, key: Key) -> bool:
     """Delete whatever version of `key` is current (an absent key is not an error, as
     Vault's deletes are not); False when concurrent writers kept moving it."""

@@ -396,11 +396,11 @@ class IdentityCA:
             return found[0]
         return self.ensure()
 
-    def ensure(self, trust_domain: str | None = None) -> AuthoritySet:
+    def ensure(self) -> AuthoritySet:
         found = self._load()
         if found is not None:
             return found[0]
-        domain = check_trust_domain(trust_domain or self.default_trust_domain)
+        domain = check_trust_domain(self.default_trust_domain)
         token = uuid.uuid4().hex[:8]
         root_key = f"spiffe-root-{token}"
         self._create_key(root_key)

@@ -155,14 +155,19 @@ def register(router: Router, services: Any) -> None:
         ),
     )
 
+    agent_policy_checked = False
+
     def attest(ctx: Context) -> Result:
+        nonlocal agent_policy_checked
         agent = identity.attest(ctx.data)
-        try:
-            current = services.policies.read(AGENT_POLICY)["policy"]
-        except NotFound:
-            current = None
-        if current != AGENT_POLICY_TEXT:
-            services.policies.write(AGENT_POLICY, AGENT_POLICY_TEXT)
+        if not agent_policy_checked:  # once per process, not a read on every attestation
+            try:
+                current = services.policies.read(AGENT_POLICY)["policy"]
+            except NotFound:
+                current = None
+            if current != AGENT_POLICY_TEXT:  # missing, or an older release's
+                services.policies.write(AGENT_POLICY, AGENT_POLICY_TEXT)
+            agent_policy_checked = True
         token, entry = services.tokens.create(
             None,
             policies=[AGENT_POLICY],

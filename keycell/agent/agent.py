@@ -33,6 +33,7 @@ from cryptography.x509.oid import NameOID
 from keycell.client import Client
 from keycell.client.errors import KeycellError, PermissionDenied
 from keycell.client.model import Call
+from keycell.control_plane.identity import selectors_match
 from keycell.control_plane.revocations import spiffe_subject, svid_subject
 from keycell.control_plane.svid import JwtSvidClaims, jwks_keys, validate_jwt_svid_with
 
@@ -97,7 +98,6 @@ class Agent:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.issued = 0  # X.509-SVIDs obtained, for tests and figures
         self._token_renew_at = float("inf")
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -174,9 +174,7 @@ class Agent:
                 changed = True
             self.bundle = data["bundle"]
             self.trust_domain = data["trust_domain"]
-            authorities = {a["id"]: a["state"] for a in data["authorities"]}
-            if authorities != self.authorities:
-                self.authorities = authorities
+            self.authorities = {a["id"]: a["state"] for a in data["authorities"]}
             revoked = frozenset(data["revoked"])
             if revoked != self.revoked:
                 self.revoked, changed = revoked, True
@@ -197,7 +195,7 @@ class Agent:
         now = self.clock()
         renewed = False
         for entry_id, entry in list(self.entries.items()):
-            if f"spiffe:{entry['spiffe_id']}" in self.revoked:
+            if spiffe_subject(entry["spiffe_id"]) in self.revoked:
                 continue
             held = self.x509.get(entry_id)
             signer = self.authorities.get(held.authority) if held is not None else None
@@ -230,7 +228,6 @@ class Agent:
         )
         issued_at = self.clock()
         expires_at = float(data["expires_at"])
-        self.issued += 1
         return HeldX509(
             entry_id,
             data["spiffe_id"],
@@ -264,7 +261,8 @@ class Agent:
             return [
                 e
                 for e in self.entries.values()
-                if set(e["selectors"]) <= have and f"spiffe:{e['spiffe_id']}" not in self.revoked
+                if selectors_match(e["selectors"], have)
+                and spiffe_subject(e["spiffe_id"]) not in self.revoked
             ]
 
     def x509_for(self, entries: list[dict[str, Any]]) -> list[HeldX509]:
