@@ -217,6 +217,12 @@ def save(ledger: Ledger, entries: Iterable[Entry]) -> int:
     return written
 
 
+def get(ledger: Ledger, cell: str) -> Entry | None:
+    """One cell's entry (one read, where `load` scans them all)."""
+    found = get_json(ledger, _key(cell))
+    return None if found is None else Entry.from_json(found[0])
+
+
 def load(ledger: Ledger) -> dict[str, Entry]:
     out: dict[str, Entry] = {}
     for item in iter_prefix(ledger, Kind.CELL, "directory/", page_size=200):

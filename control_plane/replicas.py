@@ -317,11 +317,6 @@ class Replicas:
             raise NotHome(path, home)
         return home
 
-    def write(self, secret: str, data: object, *, cas: object = None) -> dict[str, Any]:
-        """A write at this cell, which must be the secret's home."""
-        self.home_for_write(self.full_path(secret))
-        return self.kv.write(secret, data, cas=cas)
-
     def change(self, secret: str, op: str, args: Mapping[str, Any]) -> dict[str, Any] | None:
         """Any KV change (control_plane.kvchange) at this cell, which must be the home."""
         self.home_for_write(self.full_path(secret))

@@ -262,7 +262,6 @@ class CellAgent(pb_grpc.CellsServicer):
         self.timing = timing or CELL_TIMINGS.get(relay.profile.name, CELL_TIMINGS["lan"])
         self.rng = random.Random()  # noqa: S311 - peer choice, not a secret
         self.counters: dict[str, int] = {}
-        self.lag: list[float] = []  # seconds from a home's export to the apply here (pushes received)
         self.observers: list[
             Callable[[str, int], None]
         ] = []  # (path, meta_seq) once a pushed replica is installed
@@ -402,9 +401,6 @@ class CellAgent(pb_grpc.CellsServicer):
         if not missing:
             for observe in self.observers:
                 observe(batch.path, batch.meta_seq)
-        if batch.at:
-            self.lag.append(max(0.0, time.time() - batch.at))
-            del self.lag[:-10_000]
         return pb.PushReply(missing=missing)
 
     async def _digest_loop(self) -> None:
@@ -420,11 +416,18 @@ class CellAgent(pb_grpc.CellsServicer):
     async def digest_round(self) -> None:
         at = time.time()
         entries = await self._blocking(lambda: list(self.state.replicas.homed_here()))
-        listing = _listing(self.cell, at, entries)
+        built: list[pb.HomeDigest] = []
+
+        def listing() -> pb.HomeDigest:  # every entry: built only when it is sent or compared
+            if not built:
+                built.append(_listing(self.cell, at, entries))
+            return built[0]
+
         first: pb.BucketDigest | None = None
         if self.digest_mode == "buckets":
             first = pb.BucketDigest(home=self.cell, at=at, hashes=bucket_hashes(entries))
-            if listing.ByteSize() <= first.ByteSize():
+            # An entry takes 2 bytes at the least: past that many, listing is larger.
+            if 2 * len(entries) <= first.ByteSize() and listing().ByteSize() <= first.ByteSize():
                 first = None  # so few secrets that listing them all is smaller (and one trip)
         by_bucket: dict[int, list[DigestEntry]] = {}
         if first is not None:
@@ -443,7 +446,7 @@ class CellAgent(pb_grpc.CellsServicer):
     async def _digest_to(
         self,
         cell: str,
-        listing: pb.HomeDigest,
+        listing: Callable[[], pb.HomeDigest],
         first: pb.BucketDigest | None,
         by_bucket: dict[int, list[DigestEntry]],
     ) -> list[str]:
@@ -451,7 +454,7 @@ class CellAgent(pb_grpc.CellsServicer):
         the 256 bucket hashes, then the entries of only the buckets that differ, if
         any. Otherwise (`digest_mode = "full"`, a few secrets only, or a relay from
         before bucketed digests) every entry at once."""
-        digest = listing
+        digest: pb.HomeDigest | None = None
         if first is not None:
             try:
                 answer = await self.call_cell(cell, "DigestBuckets", first)
@@ -467,6 +470,8 @@ class CellAgent(pb_grpc.CellsServicer):
                     return []
                 some = [e for b in differing for e in by_bucket.get(b, [])]
                 digest = _listing(self.cell, first.at, some, differing)
+        if digest is None:
+            digest = listing()
         reply = await self.call_cell(cell, "Digest", digest)
         self.count("digest_bytes", digest.ByteSize() + reply.ByteSize())
         self.count("digest_entries", len(digest.entries))

@@ -98,11 +98,6 @@ class CellsFrontend:
 
     # --- writes -----------------------------------------------------------------------
 
-    def write(self, secret: str, data: object, cas: object) -> dict[str, Any]:
-        out = self.change(secret, "write", {"data": data, "cas": cas})
-        assert out is not None
-        return out
-
     def change(self, secret: str, op: str, args: dict[str, Any]) -> dict[str, Any] | None:
         """Any KV change (control_plane.kvchange): at the secret's home, CP in this
         cell's ledger, then pushed to the other cells; for a secret homed elsewhere, its
@@ -184,7 +179,7 @@ class CellsFrontend:
         return Home(reply.home.home, reply.home.epoch, reply.home.state or "home", reply.home.to)
 
     def _public_key(self, cell: str) -> str | None:
-        record = directory_mod.load(self.services.barrier).get(cell)
+        record = directory_mod.get(self.services.barrier, cell)
         if record is None or record.removed or not record.record.public_key:
             return None
         return record.record.public_key

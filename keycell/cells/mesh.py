@@ -9,7 +9,6 @@ real gRPC socket). The relays' fault injection partitions cells.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import threading
 import time
@@ -193,7 +192,3 @@ class Mesh:
         if reply.status != 200 or reply.body is None:
             return None
         return reply.body["data"]["data"]  # type: ignore[no-any-return]
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
