@@ -24,7 +24,6 @@ breach again skips what is done.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import secrets
@@ -35,7 +34,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
+
+from keycell.client.errors import ConnectionFailed
+from keycell.client.transport import Transport
 
 MAX_DEPTH = 8  # lease paths are a few segments deep; a listing deeper than this is refused
 
@@ -52,40 +54,31 @@ class Api:
         self.token = token
         self.tokens = dict(tokens or {})  # API URL -> the token for that cell, when cells differ
         self.timeout = timeout
-        self._local = threading.local()
+        self._transports: dict[str, Transport] = {}
+        self._lock = threading.Lock()
 
-    def _connection(self, url: str) -> http.client.HTTPConnection:
-        conns: dict[str, http.client.HTTPConnection] = self._local.__dict__.setdefault("conns", {})
-        conn = conns.get(url)
-        if conn is None:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise BreachError(f"{url!r} is not an http:// or https:// URL")
-            cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-            conn = cls(parts.hostname, parts.port, timeout=self.timeout)
-            conns[url] = conn
-        return conn
+    def _transport(self, url: str) -> Transport:
+        with self._lock:
+            transport = self._transports.get(url)
+            if transport is None:
+                try:
+                    transport = self._transports[url] = Transport(url, timeout=self.timeout)
+                except ValueError:
+                    raise BreachError(f"{url!r} is not an http:// or https:// URL") from None
+            return transport
 
     def call(
         self, url: str, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
     ) -> tuple[int, dict[str, Any]]:
-        if token is None:
-            token = self.tokens.get(url, self.token)
-        headers = {"X-Vault-Token": token, "Content-Type": "application/json"}
-        payload = None if body is None else json.dumps(body).encode()
-        for attempt in range(2):  # one reconnect: a keep-alive connection the server closed
-            conn = self._connection(url)
-            try:
-                conn.request(method, "/v1/" + path, body=payload, headers=headers)
-                reply = conn.getresponse()
-                raw = reply.read()
-                return reply.status, (json.loads(raw) if raw else {})
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                self._local.conns.pop(url, None)
-                if attempt == 1:
-                    raise BreachError(f"cannot reach {url}: {exc}") from None
-        raise AssertionError("unreachable")
+        """One call through the client's transport (a keep-alive connection per thread;
+        a request is sent again only on a kept-alive connection the server had closed,
+        never after a timeout, so a revocation is never made twice)."""
+        headers = {"X-Vault-Token": self.tokens.get(url, self.token) if token is None else token}
+        try:
+            reply = self._transport(url).send(method, path, headers, body)
+        except ConnectionFailed as exc:
+            raise BreachError(f"cannot reach {url}: {'; '.join(exc.errors)}") from None
+        return reply.status, (json.loads(reply.body) if reply.body else {})
 
     def ok(self, url: str, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         status, answer = self.call(url, method, path, body)

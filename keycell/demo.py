@@ -22,8 +22,6 @@
    reader requests failed (must be 0), each stolen token tried against every cell
    (must be refused everywhere), and a self-contained HTML report with the
    propagation chart. Exits non-zero if any promise is broken.
-
-The credentials are Keycell tokens, not dynamic PostgreSQL users (not wired in yet).
 """
 
 from __future__ import annotations
@@ -72,7 +70,6 @@ Check = tuple[str, bool, str]
 class Issued:
     cell: str
     token: str = field(repr=False)
-    accessor: str
 
 
 @dataclass
@@ -252,17 +249,8 @@ class ThreeCells:
 
         seeds: list[str] = []
         for cell in CELLS:
-            saved = {k: os.environ.get(k) for k in envs[cell]}
-            os.environ.update(envs[cell])  # the pkcs11 backend reads its token from here
-            try:
-                services = services_from_environment(envs[cell])
-                services.ensure_unsealed()
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
+            services = services_from_environment(envs[cell])  # reads its settings from envs[cell] only
+            services.ensure_unsealed()
             relay = Relay(
                 "",
                 cell,
@@ -649,7 +637,7 @@ def _issue(
             status, made = api.call(cells.urls[cell], "POST", "auth/jwt/login", body, token="")
         if status != 200:
             return None
-        return Issued(cell, made["auth"]["client_token"], made["auth"]["accessor"])
+        return Issued(cell, made["auth"]["client_token"])
 
     issued: list[Issued] = []
     how = "JWT-SVIDs from the agents -> auth/jwt/login" if sockets else "auth/token/create"

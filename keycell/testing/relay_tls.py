@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from keycell.relay.tls import API, RELAY, PeerId
+
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
@@ -115,10 +117,8 @@ class TestCA:
 
     def relay(self, folder: Path | str, cell: str, label: str = "") -> dict[str, str]:
         """A relay of `cell`: spiffe://<trust domain>/keycell/relay/<cell>."""
-        return self.write(
-            folder, label or f"relay-{cell}", f"spiffe://{self.trust_domain}/keycell/relay/{cell}"
-        )
+        return self.write(folder, label or f"relay-{cell}", PeerId(self.trust_domain, RELAY, cell).uri)
 
     def api(self, folder: Path | str, cell: str, label: str = "") -> dict[str, str]:
         """An API process of `cell`: spiffe://<trust domain>/keycell/api/<cell>."""
-        return self.write(folder, label or f"api-{cell}", f"spiffe://{self.trust_domain}/keycell/api/{cell}")
+        return self.write(folder, label or f"api-{cell}", PeerId(self.trust_domain, API, cell).uri)
