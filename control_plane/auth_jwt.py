@@ -36,7 +36,11 @@ JWT-SVIDs (issue 6): with `spiffe_trust_domain: true` in the config, a JWT whose
 is one of the cell's own JWT-SVID keys is checked as a JWT-SVID (svid.validate_jwt_svid:
 header, signature, trust domain, audience against the role's bound_audiences, expiry,
 revocation of its SPIFFE ID or of the SVID itself), and a role's `bound_spiffe_ids`
-(patterns where `*` matches within one path segment) must match its `sub`. The token
+(patterns where `*` matches within one path segment) must match its `sub`. Every bound
+check of the role (bound_audiences, bound_subject, bound_claims, user_claim) applies to
+an SVID as to any JWT; since any workload of the trust domain can hold an SVID for the
+audience it picks, a role that names neither bound_spiffe_ids nor bound_subject refuses
+SVIDs unless it sets `allow_any_spiffe_id: true`. The token
 carries {"spiffe_id": ...} in its metadata and is recorded against the SPIFFE ID and
 the SVID, so revoking either revokes the tokens they logged in (identity.revoke).
 
@@ -140,6 +144,7 @@ _ROLE_FIELDS = (
     "not_before_leeway",
     "clock_skew_leeway",
     "bound_spiffe_ids",
+    "allow_any_spiffe_id",
 )
 
 
@@ -422,6 +427,10 @@ class JwtAuth:
                         "bound_spiffe_ids are SPIFFE ID patterns: spiffe://TD/path, '*' in a segment"
                     )
             role["bound_spiffe_ids"] = patterns
+        if has("allow_any_spiffe_id"):
+            if not isinstance(data["allow_any_spiffe_id"], bool):
+                raise InvalidRequest("allow_any_spiffe_id must be a boolean")
+            role["allow_any_spiffe_id"] = data["allow_any_spiffe_id"]
 
         defaults: dict[str, Any] = {
             "bound_audiences": [],
@@ -439,6 +448,7 @@ class JwtAuth:
             "not_before_leeway": 0,
             "clock_skew_leeway": 0,
             "bound_spiffe_ids": [],
+            "allow_any_spiffe_id": False,
         }
         for field, value in defaults.items():
             role.setdefault(field, value)
@@ -519,6 +529,7 @@ class JwtAuth:
             "max_age": 0,
             "user_claim_json_pointer": False,
             "bound_spiffe_ids": list(role.get("bound_spiffe_ids", [])),
+            "allow_any_spiffe_id": bool(role.get("allow_any_spiffe_id", False)),
         }
 
     def delete_role(self, name: str) -> None:
@@ -568,13 +579,21 @@ class JwtAuth:
         if settings.get("bound_spiffe_ids"):
             raise PermissionDenied("this role accepts JWT-SVIDs of the cell's trust domain only")
         claims = self._verified_claims(config, jwt_text)
-        self._check_claims(config, settings, claims)
-
-        user = _scalar_text(_claim(claims, settings["user_claim"]))
-        if not user:
-            raise PermissionDenied(f'claim "{settings["user_claim"][:100]}" not found in token')
+        self._check_times(settings, claims)
+        issuer = config.get("bound_issuer")
+        if issuer and claims.get("iss") != issuer:
+            raise PermissionDenied("the JWT's issuer (iss) does not match the configured bound_issuer")
+        self._check_bounds(settings, claims)
+        user = self._user(settings, claims)
         token, entry = self._issue(settings, f"jwt-{user[:200]}", {"role": role_name})
         return token, entry, self.tokens.auth_data(token, entry)
+
+    @staticmethod
+    def _user(role: Mapping[str, Any], claims: Mapping[str, Any]) -> str:
+        user = _scalar_text(_claim(claims, role["user_claim"]))
+        if not user:
+            raise PermissionDenied(f'claim "{role["user_claim"][:100]}" not found in token')
+        return user
 
     def _issue(self, settings: Mapping[str, Any], display_name: str, meta: dict[str, str]) -> Any:
         """The login's token, shaped by the role's token settings."""
@@ -622,13 +641,22 @@ class JwtAuth:
     def _login_svid(
         self, role_name: str, settings: Mapping[str, Any], svid: Any
     ) -> tuple[str, TokenEntry, dict[str, Any]]:
+        # Any workload of the trust domain can hold an SVID for an audience it picks, so
+        # a role must say which SPIFFE IDs it takes, or say that it takes them all.
         patterns = settings.get("bound_spiffe_ids") or []
+        if not (patterns or settings["bound_subject"] or settings.get("allow_any_spiffe_id")):
+            raise PermissionDenied(
+                "this role names no bound_spiffe_ids or bound_subject, so it refuses JWT-SVIDs; "
+                "set allow_any_spiffe_id on the role to accept any SPIFFE ID of the trust domain"
+            )
         if patterns and not any(_spiffe_match(p, svid.spiffe_id) for p in patterns):
             raise PermissionDenied("the JWT-SVID's SPIFFE ID does not match the role's bound_spiffe_ids")
-        if settings["bound_subject"] and svid.spiffe_id != settings["bound_subject"]:
-            raise PermissionDenied("the JWT's subject (sub) does not match the role's bound_subject")
+        # The SVID's own checks (svid.validate_jwt_svid) replace the times, the issuer and
+        # the signature; every bound check of the role applies as to any JWT.
+        self._check_bounds(settings, svid.claims)
+        user = self._user(settings, svid.claims)
         token, entry = self._issue(
-            settings, f"jwt-{svid.spiffe_id[:200]}", {"role": role_name, "spiffe_id": svid.spiffe_id}
+            settings, f"jwt-{user[:200]}", {"role": role_name, "spiffe_id": svid.spiffe_id}
         )
         self.spiffe.record_login(svid, entry)
         return token, entry, self.tokens.auth_data(token, entry)
@@ -694,9 +722,7 @@ class JwtAuth:
             keys.append(serialization.load_pem_public_key(pem.encode()))
         return [k for k in keys if isinstance(k, wanted)]
 
-    def _check_claims(
-        self, config: Mapping[str, Any], role: Mapping[str, Any], claims: Mapping[str, Any]
-    ) -> None:
+    def _check_times(self, role: Mapping[str, Any], claims: Mapping[str, Any]) -> None:
         now = self.clock()
         exp_leeway = role["expiration_leeway"] or DEFAULT_EXPIRATION_LEEWAY
         nbf_leeway = role["not_before_leeway"] or DEFAULT_NOT_BEFORE_LEEWAY
@@ -721,10 +747,9 @@ class JwtAuth:
             if iat > now + skew:
                 raise PermissionDenied("the JWT was issued in the future (iat)")
 
-        issuer = config.get("bound_issuer")
-        if issuer and claims.get("iss") != issuer:
-            raise PermissionDenied("the JWT's issuer (iss) does not match the configured bound_issuer")
-
+    @staticmethod
+    def _check_bounds(role: Mapping[str, Any], claims: Mapping[str, Any]) -> None:
+        """The role's bound checks: audience, subject and bound claims."""
         aud = claims.get("aud")
         audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
         bound_audiences = role["bound_audiences"]

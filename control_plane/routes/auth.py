@@ -415,6 +415,15 @@ _JWT_ROLE_REQUEST = obj(
         "token_period": DURATION,
         "token_explicit_max_ttl": DURATION,
         "token_no_default_policy": BOOL,
+        "bound_spiffe_ids": {
+            **STR_LIST_OR_CSV,
+            "description": "SPIFFE ID patterns ('*' within one path segment) a JWT-SVID's sub must match",
+        },
+        "allow_any_spiffe_id": {
+            **BOOL,
+            "description": "accept a JWT-SVID of any SPIFFE ID of the trust domain; without it a role "
+            "that names neither bound_spiffe_ids nor bound_subject refuses JWT-SVIDs (default false)",
+        },
     }
 )
 _JWT_ROLE = obj(
@@ -430,6 +439,8 @@ _JWT_ROLE = obj(
         "token_period": INT,
         "token_explicit_max_ttl": INT,
         "token_no_default_policy": BOOL,
+        "bound_spiffe_ids": STR_LIST,
+        "allow_any_spiffe_id": BOOL,
     },
     ("role_type", "user_claim", "token_policies"),
 )
