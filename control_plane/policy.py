@@ -6,8 +6,8 @@ A policy is HCL or JSON, as in Vault:
     path "secret/data/+/conf" { capabilities = ["update"] }
 
 Capabilities: create, read, update, patch, delete, list, sudo, deny. `*` is a glob
-and only the last character of a path; `+` stands for exactly one path segment
-("+*" is refused, as Vault refuses it). A leading "/" is dropped.
+and only the last character of a path; `+` stands for exactly one path segment,
+never an empty one ("+*" is refused, as Vault refuses it). A leading "/" is dropped.
 
 How a token's policies decide (Vault's rules, `ACL`):
 
@@ -252,7 +252,11 @@ class _Pattern:
             return False
         last = len(self.segments) - 1
         for i, segment in enumerate(self.segments):
-            if segment == "+" or segment == parts[i]:
+            if segment == "+":
+                if parts[i]:  # one segment, never an empty one ("a//b" or a list's "a/")
+                    continue
+                return False
+            if segment == parts[i]:
                 continue
             if self.glob and i == last and parts[i].startswith(segment):
                 continue
@@ -298,10 +302,14 @@ class ACL:
         {"deny"} when no rule matches or the deciding rule denies, else the capabilities."""
         if self.root:
             return {"root"}
-        found = self._decide(path.removeprefix("/"), listing=False)
-        if found is None or not found:
-            return {"deny"}
-        return set(found)
+        path = path.removeprefix("/")
+        found = self._decide(path, listing=False)
+        granted = set() if found is None or "deny" in found else set(found)
+        # `list` as a LIST on this path is decided (an exact rule for "foo" lists "foo/").
+        granted.discard("list")
+        if self.allows(path, "list"):
+            granted.add("list")
+        return granted or {"deny"}
 
     def allows(self, path: str, capability: str) -> bool:
         """May a token with these policies do `capability` on `path`?"""

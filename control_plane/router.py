@@ -296,19 +296,19 @@ class Router:
         ctx: Context | None = None
         auditor = self.auditor
         try:
-            request.path = request.path.strip("/")
+            operation = request.operation
+            request.path, acl_path = acl_paths(request.path, operation)
             found = self.match(request.path)
             if found is None:
                 raise UnsupportedOperation(f"no handler for route {request.path!r}", status=404)
             matched, params = found
-            operation = request.operation
             handler = matched.handlers.get(operation)
             if handler is None:
                 raise UnsupportedOperation(f"unsupported operation {operation.value!r} on {request.path!r}")
             ctx = Context(request, params)
             self.services.ensure_unsealed()  # HSM seal mode: a fresh process opens the barrier itself
             if matched.authenticated:
-                self._authenticate(ctx, matched, operation)
+                self._authenticate(ctx, matched, operation, acl_path)
             if (
                 auditor is not None
                 and not (matched.pure_reads and operation in _READS)
@@ -343,7 +343,7 @@ class Router:
             observe(request, matched, response.status, elapsed)
         return response
 
-    def _authenticate(self, ctx: Context, route: Route, operation: Operation) -> None:
+    def _authenticate(self, ctx: Context, route: Route, operation: Operation, path: str) -> None:
         services = self.services
         if services.barrier.sealed:
             raise SealedError()
@@ -352,7 +352,6 @@ class Router:
             raise PermissionDenied("permission denied: no token; send X-Vault-Token")
         entry = services.tokens.use(token)  # counts a use of a use-limited token
         acl = services.policies.acl_for(entry.policies)
-        path = ctx.request.path
         if operation in _WRITE:
             wanted = route.write_capability(ctx) if route.write_capability else None
             candidates = [wanted] if wanted is not None else list(_WRITE)
@@ -407,6 +406,22 @@ class Router:
         if data is not None:
             body.update({"request_id": request_id, "data": data})
         return Response(status, body)
+
+
+def acl_paths(path: str, operation: Operation) -> tuple[str, str]:
+    """The path routes match (no trailing slash) and the path the ACL checks: Vault's, the
+    path as sent, where a list always ends in "/" (so a rule for "team/" grants LIST
+    team and LIST team/, and sys/capabilities-self on "team/" says what LIST does).
+    An empty segment ("a//b", also "a/%2Fb" once decoded) is refused here, before
+    routing: it would name a second path for the same secret, and a `+` rule would
+    match it."""
+    path = path.removeprefix("/")
+    if "" in path.split("/")[:-1]:
+        raise InvalidRequest("invalid path: it has an empty segment ('//')")
+    routed = path.removesuffix("/")
+    if operation is Operation.LIST:
+        return routed, routed + "/"
+    return routed, path
 
 
 # --- helpers the route modules share ------------------------------------------------------

@@ -317,8 +317,10 @@ def _to_request(scope: dict[str, Any], body: bytes) -> Request | _Reply:
     raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1").split("?")[0]
     if not raw_path.startswith("/v1/"):
         return 404, [(b"content-type", b"application/json")], _NOT_FOUND
-    segments = [unquote(s) for s in raw_path[4:].strip("/").split("/") if s != ""]
-    if not segments or len(segments) > MAX_DEPTH:
+    # Empty segments and a trailing "/" go through: the router refuses the one (400)
+    # and hands the other to the ACL, as Vault's does.
+    segments = [unquote(s) for s in raw_path[4:].split("/")]
+    if not any(segments) or len(segments) - (segments[-1] == "") > MAX_DEPTH:
         return 404, [(b"content-type", b"application/json")], _NOT_FOUND
     headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope.get("headers", [])}
     client = scope.get("client") or ("", 0)

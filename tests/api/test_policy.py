@@ -73,6 +73,20 @@ def test_plus_matches_exactly_one_segment() -> None:
     assert not policies.allows("secret/config", "read")
 
 
+def test_plus_never_matches_an_empty_segment() -> None:
+    policies = acl(rule("secret/data/pub/+/conf", "read"), rule("secret/metadata/+", "list"))
+    assert policies.allows("secret/data/pub/x/conf", "read")
+    assert not policies.allows("secret/data/pub//conf", "read")
+    assert not policies.allows("secret/metadata/", "list")
+    assert policies.capabilities("secret/metadata/") == {"deny"}
+
+
+def test_capabilities_on_a_folder_say_what_a_list_of_it_is_allowed() -> None:
+    policies = acl(rule("secret/metadata/app", "list", "read"), rule("secret/metadata/app/*", "read"))
+    assert policies.allows("secret/metadata/app/", "list")
+    assert policies.capabilities("secret/metadata/app/") == {"list", "read"}
+
+
 def test_plus_with_a_trailing_glob() -> None:
     policies = acl(rule("secret/+/teams/*", "list"))
     assert policies.allows("secret/eu/teams/a/b", "list")
