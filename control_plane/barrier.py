@@ -3,9 +3,21 @@
 The barrier is itself a `Ledger`: engines read and write plaintext through it and
 never see ciphertext, while the ledger underneath only ever holds ciphertext. Each
 value is sealed with AES-256-GCM under the keyring's active *term* key, with the
-item's ledger key (`kind:path`) as associated data, so a ciphertext copied to another
-key fails to decrypt. The blob records its term, so rotating the term (`rotate`) is
-online: new writes use the new term, old values stay readable.
+item's ledger key (`kind:path`) and the ledger version it is written at as associated
+data: a ciphertext copied to another key fails to decrypt, and so does an older
+ciphertext of the same key put back by whoever can write the ledger (the conditional-
+write ledger gives every write the version expected + 1, so the barrier knows it before
+the write). The blob records its term, so rotating the term (`rotate`) is online: new
+writes use the new term, old values stay readable.
+
+Blobs of format 1 (before issue 20) bind the ledger key only. A cell made then keeps
+reading them until `migrate` (run by the seal each time it opens the barrier; a no-op
+once done) has rewritten every one in format 2, page by page with compare-and-set, and
+marked the keyring (`min_format` 2); from then on, as in every cell made since, a
+format-1 blob is refused. Every process of a cell must run code that knows format 2.
+Not covered by the binding: an item deleted (or expired) and then created again starts
+at version 1, so its version-1 ciphertext of before the delete could be put back; and
+one who rewrites both the value and the version of a row can roll the pair back.
 
 The keyring (every term key) is stored in the ledger encrypted under the cell's root
 key; the root key exists only in memory while the cell is unsealed and is rebuilt
@@ -51,7 +63,9 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 # format byte + term (u32) + nonce: what the barrier adds in front of each value.
 _HEADER = struct.Struct(">BI")
-_FORMAT = 1
+_FORMAT_KEY_ONLY = 1  # associated data: the ledger key (cells made before issue 20)
+_FORMAT = 2  # associated data: the ledger key and the item's ledger version
+_VERSION = struct.Struct(">Q")
 OVERHEAD = _HEADER.size + NONCE_BYTES + TAG_BYTES
 
 KEYRING_KEY = Key(Kind.KEYRING, "current")
@@ -98,15 +112,17 @@ class Term:
 class Keyring:
     """The barrier's term keys. Serialized only to be encrypted by the root key."""
 
-    def __init__(self, terms: list[Term]) -> None:
+    def __init__(self, terms: list[Term], *, min_format: int = _FORMAT_KEY_ONLY) -> None:
         if not terms:
             raise ValueError("a keyring has at least one term")
         self._terms = {t.number: t for t in terms}
         self.active = max(self._terms)
+        # The oldest blob format the barrier reads: 1 until `Barrier.migrate` is done.
+        self.min_format = min_format
 
     @classmethod
     def generate(cls) -> Keyring:
-        return cls([Term(1, bytearray(os.urandom(KEY_BYTES)), int(time.time()))])
+        return cls([Term(1, bytearray(os.urandom(KEY_BYTES)), int(time.time()))], min_format=_FORMAT)
 
     def term(self, number: int) -> Term | None:
         return self._terms.get(number)
@@ -119,11 +135,12 @@ class Keyring:
         """A new keyring with one more term, active; this one is unchanged."""
         fresh = Term(self.active + 1, bytearray(os.urandom(KEY_BYTES)), int(time.time()))
         copies = [Term(t.number, bytearray(t.key), t.created_at) for t in self._terms.values()]
-        return Keyring([*copies, fresh])
+        return Keyring([*copies, fresh], min_format=self.min_format)
 
     def to_bytes(self) -> bytearray:
         body = {
             "active": self.active,
+            "min_format": self.min_format,
             "terms": [
                 {"term": t.number, "key": t.key.hex(), "created_at": t.created_at}
                 for t in sorted(self._terms.values(), key=lambda t: t.number)
@@ -135,7 +152,8 @@ class Keyring:
     def from_bytes(cls, raw: bytes | bytearray) -> Keyring:
         body = json.loads(bytes(raw))
         keyring = cls(
-            [Term(int(t["term"]), bytearray.fromhex(t["key"]), int(t["created_at"])) for t in body["terms"]]
+            [Term(int(t["term"]), bytearray.fromhex(t["key"]), int(t["created_at"])) for t in body["terms"]],
+            min_format=int(body.get("min_format", _FORMAT_KEY_ONLY)),
         )
         keyring.active = int(body["active"])
         return keyring
@@ -170,6 +188,18 @@ def decrypt_keyring(root_key: bytes | bytearray, blob: bytes) -> Keyring:
         zeroize(plain)
 
 
+def _aad(key: Key, version: int) -> bytes:
+    # Ledger paths are printable, so the NUL cannot occur in the key part.
+    return str(key).encode() + b"\x00" + _VERSION.pack(version)
+
+
+def _next_version(expected_version: int) -> int:
+    """The version a write at `expected_version` lands at (the ledger's contract)."""
+    if isinstance(expected_version, bool) or not isinstance(expected_version, int) or expected_version < 0:
+        raise InvalidItemError("an expected version is a non-negative integer (0: absent)")
+    return expected_version + 1
+
+
 class Barrier:
     """A `Ledger` that encrypts on the way in and decrypts on the way out."""
 
@@ -179,7 +209,7 @@ class Barrier:
         self._root: bytearray | None = None
         self._keyring: Keyring | None = None
         self._on_seal: list[Callable[[], None]] = []
-        self._recent: dict[Key, tuple[bytes, bytes]] = {}  # key -> (ciphertext, plaintext)
+        self._recent: dict[Key, tuple[int, bytes, bytes]] = {}  # key -> (version, ciphertext, plaintext)
 
     def on_seal(self, hook: Callable[[], None]) -> None:
         """Run `hook` whenever the barrier seals (e.g. to zeroize a data key cache)."""
@@ -268,22 +298,33 @@ class Barrier:
 
     # --- value encryption ------------------------------------------------------------------
 
-    def encrypt(self, key: Key, plaintext: bytes) -> bytes:
+    def encrypt(self, key: Key, plaintext: bytes, version: int) -> bytes:
+        """The blob for `key` written at ledger `version` (the write's expected version + 1)."""
         keyring = self._require_keyring()
         term = keyring.term(keyring.active)
         if term is None:  # sealed concurrently
             raise SealedError()
         nonce = os.urandom(NONCE_BYTES)
-        sealed = AESGCM(bytes(term.key)).encrypt(nonce, plaintext, str(key).encode())
+        sealed = AESGCM(bytes(term.key)).encrypt(nonce, plaintext, _aad(key, version))
         return _HEADER.pack(_FORMAT, term.number) + nonce + sealed
 
-    def decrypt(self, key: Key, blob: bytes) -> bytes:
+    def decrypt(self, key: Key, blob: bytes, version: int) -> bytes:
+        """The plaintext of `blob`, stored for `key` at ledger `version`."""
         keyring = self._require_keyring()
         if len(blob) < OVERHEAD:
             raise BarrierIntegrityError(f"the stored value of {key} is truncated")
         fmt, number = _HEADER.unpack_from(blob)
-        if fmt != _FORMAT:
+        if fmt == _FORMAT_KEY_ONLY and keyring.min_format <= _FORMAT_KEY_ONLY:
+            # Another process may have finished the migration since this one loaded it.
+            keyring = self._reload()
+        if fmt == _FORMAT_KEY_ONLY and keyring.min_format > _FORMAT_KEY_ONLY:
+            raise BarrierIntegrityError(
+                f"the stored value of {key} is in the old format without its version, which this "
+                "cell no longer reads (put back from before the migration?)"
+            )
+        if fmt not in (_FORMAT, _FORMAT_KEY_ONLY):
             raise BarrierIntegrityError(f"the stored value of {key} has an unknown format")
+        aad = _aad(key, version) if fmt == _FORMAT else str(key).encode()
         term = keyring.term(number)
         if term is None and number > keyring.active:
             term = self._reload().term(number)  # another process rotated
@@ -293,11 +334,64 @@ class Barrier:
             )
         body = blob[_HEADER.size :]
         try:
-            return AESGCM(bytes(term.key)).decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], str(key).encode())
+            return AESGCM(bytes(term.key)).decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], aad)
         except InvalidTag:
             raise BarrierIntegrityError(
-                f"the stored value of {key} failed authentication (altered, or moved from another key)"
+                f"the stored value of {key} failed authentication (altered, moved from another key, "
+                "or an older value put back)"
             ) from None
+
+    # --- migration from format 1 -------------------------------------------------------------
+
+    def migrate(self, *, page_size: int = 200) -> int:
+        """Rewrite every format-1 blob in format 2, then mark the keyring so that format 1
+        is refused; how many items were rewritten. A no-op (no ledger read) once done.
+        Safe beside other writers and other processes migrating: each rewrite is a
+        compare-and-set at the version read, and a lost race means the item was written
+        meanwhile, in format 2."""
+        if self._require_keyring().min_format >= _FORMAT:
+            return 0
+        rewritten = 0
+        for kind in Kind:
+            if kind in OUTSIDE_BARRIER:
+                continue
+            cursor: str | None = None
+            while True:
+                page = self.ledger.scan(kind, "", limit=page_size, cursor=cursor)
+                for item in page.items:
+                    if item.value[:1] != bytes([_FORMAT_KEY_ONLY]):
+                        continue
+                    plain = self.decrypt(item.key, item.value, item.version)
+                    blob = self.encrypt(item.key, plain, item.version + 1)
+                    with contextlib.suppress(ConflictError):
+                        self.ledger.put_if(item.key, blob, item.version, expires_at=item.expires_at)
+                        rewritten += 1
+                cursor = page.cursor
+                if cursor is None:
+                    break
+        self._mark_migrated()
+        return rewritten
+
+    def _mark_migrated(self) -> None:
+        with self._lock:
+            self._require_keyring()
+            assert self._root is not None
+            while True:
+                stored = self.ledger.get(KEYRING_KEY, consistent=True)
+                if stored is None:
+                    raise BarrierError("the keyring is missing from the ledger")
+                current = decrypt_keyring(self._root, stored.value)
+                if current.min_format < _FORMAT:
+                    current.min_format = _FORMAT
+                    try:
+                        self.ledger.put_if(KEYRING_KEY, encrypt_keyring(self._root, current), stored.version)
+                    except ConflictError:
+                        current.zeroize()
+                        continue  # rotated meanwhile: mark the rotated keyring
+                if self._keyring is not None:
+                    self._keyring.zeroize()
+                self._keyring = current
+                return
 
     # --- the Ledger protocol, in plaintext ------------------------------------------------------
 
@@ -311,21 +405,22 @@ class Barrier:
         # written: the same stored ciphertext decrypts to the same plaintext, so a
         # small cache keyed by it skips AES-GCM. Cleared on seal.
         cached = self._recent.get(key)
-        if cached is not None and cached[0] == item.value:
-            return Item(key, cached[1], item.version, item.expires_at)
-        plain = self.decrypt(key, item.value)
+        if cached is not None and cached[0] == item.version and cached[1] == item.value:
+            return Item(key, cached[2], item.version, item.expires_at)
+        plain = self.decrypt(key, item.value, item.version)
         if len(self._recent) >= RECENT_ITEMS:
             # Drop the oldest; another thread may be doing the same.
             with contextlib.suppress(StopIteration, RuntimeError, KeyError):
                 self._recent.pop(next(iter(self._recent)))
-        self._recent[key] = (item.value, plain)
+        self._recent[key] = (item.version, item.value, plain)
         return Item(key, plain, item.version, item.expires_at)
 
     def put_if(self, key: Key, value: bytes, expected_version: int, *, expires_at: int | None = None) -> Item:
         self._check_kind(validate_key(key))
         if not isinstance(value, bytes):
             raise InvalidItemError(f"a ledger value must be bytes, not {type(value).__name__}")
-        stored = self.ledger.put_if(key, self.encrypt(key, value), expected_version, expires_at=expires_at)
+        blob = self.encrypt(key, value, _next_version(expected_version))
+        stored = self.ledger.put_if(key, blob, expected_version, expires_at=expires_at)
         return Item(key, value, stored.version, stored.expires_at)
 
     def delete_if(self, key: Key, expected_version: int) -> None:
@@ -339,7 +434,12 @@ class Barrier:
             self._check_kind(op.key)
         self._require_keyring()
         sealed_ops: list[Op] = [
-            Put(op.key, self.encrypt(op.key, op.value), op.expected_version, op.expires_at)
+            Put(
+                op.key,
+                self.encrypt(op.key, op.value, _next_version(op.expected_version)),
+                op.expected_version,
+                op.expires_at,
+            )
             if isinstance(op, Put)
             else op
             for op in checked
@@ -364,7 +464,10 @@ class Barrier:
         self._require_keyring()
         page = self.ledger.scan(kind, prefix, limit=limit, cursor=cursor, consistent=consistent)
         return Page(
-            [Item(i.key, self.decrypt(i.key, i.value), i.version, i.expires_at) for i in page.items],
+            [
+                Item(i.key, self.decrypt(i.key, i.value, i.version), i.version, i.expires_at)
+                for i in page.items
+            ],
             page.cursor,
         )
 

@@ -296,7 +296,7 @@ class Seal:
             from keycell.control_plane.tokens import root_token_ops
 
             for op in root_token_ops(token, now=int(time.time())):
-                ops.append(Put(op.key, self.barrier.encrypt(op.key, op.value), 0, op.expires_at))
+                ops.append(Put(op.key, self.barrier.encrypt(op.key, op.value, 1), 0, op.expires_at))
             try:
                 self.ledger.transact(ops)
             except ConflictError:
@@ -527,6 +527,7 @@ class Seal:
             self.barrier.open(root, keyring)
         finally:
             zeroize(root)
+        self.barrier.migrate()  # a cell made before version-bound blobs (see barrier); no-op after
 
     @staticmethod
     def _decrypt_or(root: bytearray, blob: bytes, failure: str) -> Keyring:
