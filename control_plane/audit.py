@@ -90,6 +90,7 @@ import orjson
 
 from keycell.control_plane.errors import Unavailable
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, LedgerError, iter_prefix
+from keycell.control_plane.private_files import open_private, private_dir
 from keycell.control_plane.router import Response
 from keycell.control_plane.timefmt import rfc3339
 
@@ -298,9 +299,8 @@ class FileSink:
         self.local = not fsync
         self.path = path
         self.fsync = fsync
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        private_dir(os.path.dirname(os.path.abspath(path)))
+        self._fd = open_private(path, os.O_WRONLY | os.O_APPEND)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[object]:

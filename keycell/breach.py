@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import threading
 import time
@@ -38,6 +37,7 @@ from urllib.parse import quote
 
 from keycell.client.errors import ConnectionFailed
 from keycell.client.transport import Transport
+from keycell.control_plane.private_files import write_private
 
 MAX_DEPTH = 8  # lease paths are a few segments deep; a listing deeper than this is refused
 
@@ -240,9 +240,7 @@ class State:
         if self.path is None:
             return
         with self.lock:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(self.data))
-            os.replace(tmp, self.path)
+            write_private(self.path, json.dumps(self.data).encode())
 
 
 def default_state_file(cells: dict[str, str], prefix: str) -> Path:

@@ -16,6 +16,7 @@ from keycell.adapters.ledgers import LedgerURLError, default_ledger_url, open_le
 from keycell.cli_identity import agent, entry_app
 from keycell.cli_rotation import rotate as rotate_command
 from keycell.control_plane.ledger import Key, Kind, LedgerError, iter_prefix
+from keycell.control_plane.private_files import private_dir, write_private
 
 app = typer.Typer(
     name="keycell",
@@ -216,8 +217,7 @@ def audit_merge(
         errors.print(f"FAIL {problem}", markup=False, highlight=False)
     data = b"".join(encode_line(entry) for entry in timeline)
     if output:
-        with open(output, "wb") as handle:
-            handle.write(data)
+        write_private(output, data)
     else:
         typer.echo(data.decode(), nl=False)
     raise typer.Exit(1 if problems else 0)
@@ -300,7 +300,7 @@ def server(
     else:
         if not data_dir:
             raise _fail("--data-dir is required (or use --dev)")
-        os.makedirs(data_dir, exist_ok=True)
+        private_dir(data_dir)
         os.environ.setdefault(
             "KEYCELL_LEDGER", f"sqlite://{os.path.join(os.path.abspath(data_dir), 'cell.db')}"
         )

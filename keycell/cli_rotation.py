@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import time
 import urllib.error
@@ -25,6 +24,8 @@ from urllib.parse import quote
 import typer
 from rich.console import Console
 from rich.progress import Progress
+
+from keycell.control_plane.private_files import write_private
 
 errors = Console(stderr=True)
 
@@ -90,9 +91,7 @@ def rotate(
     started = time.monotonic()
 
     def save() -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, path)
+        write_private(path, json.dumps(state).encode())
 
     def one(name: str) -> tuple[str, dict[str, Any]]:
         tok = f"{state['run']}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"

@@ -47,6 +47,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from keycell.breach import Api, Outcome, State, discover, exposure, report, revoke, rotate
+from keycell.control_plane.private_files import private_dir
 
 CELLS = ("us-east-1", "eu-west-1", "ap-southeast-1")
 PARTITIONED = "ap-southeast-1"
@@ -151,7 +152,7 @@ class ThreeCells:
         except SoftHsmMissingError:
             return None
         directory = self.folder / "softhsm"
-        (directory / "tokens").mkdir(parents=True, exist_ok=True)
+        private_dir(directory / "tokens")  # the cells' SoftHSM2 tokens: their KEKs
         conf = directory / "softhsm2.conf"
         conf.write_text(
             f"directories.tokendir = {directory / 'tokens'}\nobjectstore.backend = file\n"
@@ -221,7 +222,7 @@ class ThreeCells:
         envs = {cell: self.cell_env(cell, hsm) for cell in CELLS}
         api = Api("")
         for cell in CELLS:
-            (self.folder / cell).mkdir(parents=True, exist_ok=True)
+            private_dir(self.folder / cell)
             env = {**envs[cell], "KEYCELL_RELAY": f"127.0.0.1:{ports[cell]}"}
             server = keycell_server(self.folder / cell, workers=workers, env=env)
             self.urls[cell] = f"http://127.0.0.1:{server.start()}"

@@ -45,6 +45,7 @@ from keycell.control_plane.ledger import (
     validate_scan,
     validate_version,
 )
+from keycell.control_plane.private_files import open_private, private_dir, private_file
 
 # One past the largest code point a valid path can hold (ledger paths exclude
 # category C, and U+10FFFF is a noncharacter), so `prefix + _AFTER` bounds a range.
@@ -78,7 +79,8 @@ class SqliteLedger:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
+        private_file(self.path)  # SQLite gives its -wal and -shm files this file's mode
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -119,7 +121,7 @@ class SqliteLedger:
         # An flock belongs to the open file, which a forked child shares: each process
         # opens its own.
         self._writers_pid = os.getpid()
-        return os.open(f"{self.path}.writers", os.O_RDWR | os.O_CREAT, 0o600)
+        return open_private(f"{self.path}.writers")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

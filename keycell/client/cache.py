@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from typing import Any
 
 from keycell.client.errors import KeycellError
 from keycell.client.model import Credential, auth_credential
+from keycell.control_plane.private_files import open_private, private_dir, write_private
 
 
 def wrapping_key(wrapping_token: str) -> str:
@@ -66,8 +66,8 @@ class WrappedSecretCache:
                 yield self._memory
                 return
             folder = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            private_dir(folder)
+            lock_fd = open_private(self.path + ".lock")
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
                 entries = self._load()
@@ -97,17 +97,7 @@ class WrappedSecretCache:
         assert self.path is not None
         now = self.clock()
         live = {k: v for k, v in entries.items() if float(v.get("expires_at", 0)) > now}
-        fd, temporary = tempfile.mkstemp(dir=folder, prefix=".keycell-cache-")  # created 0600
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(json.dumps(live).encode())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        write_private(self.path, json.dumps(live).encode())
 
     # --- entries ----------------------------------------------------------------------
 
