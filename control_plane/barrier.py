@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import struct
 import threading
@@ -57,6 +58,8 @@ from keycell.control_plane.ledger import (
     validate_key,
     validate_ops,
 )
+
+log = logging.getLogger("keycell.barrier")
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -308,13 +311,14 @@ class Barrier:
         sealed = AESGCM(bytes(term.key)).encrypt(nonce, plaintext, _aad(key, version))
         return _HEADER.pack(_FORMAT, term.number) + nonce + sealed
 
-    def decrypt(self, key: Key, blob: bytes, version: int) -> bytes:
-        """The plaintext of `blob`, stored for `key` at ledger `version`."""
+    def decrypt(self, key: Key, blob: bytes, version: int, *, recheck: bool = True) -> bytes:
+        """The plaintext of `blob`, stored for `key` at ledger `version`. `recheck`: before
+        reading a format-1 blob, reload the keyring in case the migration is done."""
         keyring = self._require_keyring()
         if len(blob) < OVERHEAD:
             raise BarrierIntegrityError(f"the stored value of {key} is truncated")
         fmt, number = _HEADER.unpack_from(blob)
-        if fmt == _FORMAT_KEY_ONLY and keyring.min_format <= _FORMAT_KEY_ONLY:
+        if fmt == _FORMAT_KEY_ONLY and keyring.min_format <= _FORMAT_KEY_ONLY and recheck:
             # Another process may have finished the migration since this one loaded it.
             keyring = self._reload()
         if fmt == _FORMAT_KEY_ONLY and keyring.min_format > _FORMAT_KEY_ONLY:
@@ -361,7 +365,12 @@ class Barrier:
                 for item in page.items:
                     if item.value[:1] != bytes([_FORMAT_KEY_ONLY]):
                         continue
-                    plain = self.decrypt(item.key, item.value, item.version)
+                    try:
+                        plain = self.decrypt(item.key, item.value, item.version, recheck=False)
+                    except BarrierIntegrityError:
+                        # Unreadable before the migration too; left for the operator.
+                        log.warning("barrier migration: %s does not decrypt; left as it is", item.key)
+                        continue
                     blob = self.encrypt(item.key, plain, item.version + 1)
                     with contextlib.suppress(ConflictError):
                         self.ledger.put_if(item.key, blob, item.version, expires_at=item.expires_at)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import threading
 import time
@@ -47,8 +48,10 @@ from keycell.control_plane.barrier import (
     zeroize,
 )
 from keycell.control_plane.keys import KeyBackend, KeySpec, UnknownKeyError
-from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, Put
+from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, LedgerError, Put
 from keycell.control_plane.unseal_sharing import SharedUnseal
+
+log = logging.getLogger("keycell.seal")
 
 CONFIG_KEY = Key(Kind.SEAL, "config")
 WRAPPED_ROOT_KEY = Key(Kind.SEAL, "root-key-wrapped")
@@ -527,7 +530,12 @@ class Seal:
             self.barrier.open(root, keyring)
         finally:
             zeroize(root)
-        self.barrier.migrate()  # a cell made before version-bound blobs (see barrier); no-op after
+        try:
+            self.barrier.migrate()  # a cell made before version-bound blobs (see barrier); no-op after
+        except LedgerError as exc:  # the cell is open and reads format 1; the next opening retries
+            log.warning(
+                "barrier migration did not finish (%s); it resumes at the next unseal", type(exc).__name__
+            )
 
     @staticmethod
     def _decrypt_or(root: bytearray, blob: bytes, failure: str) -> Keyring:

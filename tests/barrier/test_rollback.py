@@ -132,3 +132,16 @@ def test_a_legacy_cell_reads_old_items_until_they_are_rewritten(cell: Cell) -> N
     assert cell.barrier.migrate() == 0
     item = cell.barrier.get(POLICY)
     assert item is not None and item.value == b"legacy" and item.version == 2
+
+
+def test_an_item_that_does_not_decrypt_does_not_stop_the_migration(cell: Cell) -> None:
+    root, keyring = make_legacy(cell)
+    broken, fine = Key(Kind.POLICY, "broken"), Key(Kind.POLICY, "fine")
+    cell.ledger.put_if(broken, legacy_blob(keyring, Key(Kind.POLICY, "elsewhere"), b"moved"), 0)
+    cell.ledger.put_if(fine, legacy_blob(keyring, fine, b"fine"), 0)
+    cell.barrier.open(root, keyring)
+    assert cell.barrier.migrate() == 1
+    item = cell.barrier.get(fine)
+    assert item is not None and item.value == b"fine"
+    with pytest.raises(BarrierIntegrityError):
+        cell.barrier.get(broken)
