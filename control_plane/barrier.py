@@ -45,6 +45,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keycell.control_plane.ledger import (
+    MAX_TRANSACTION_BYTES,
+    MAX_TRANSACTION_ITEMS,
     ConflictError,
     InvalidItemError,
     Item,
@@ -55,6 +57,7 @@ from keycell.control_plane.ledger import (
     Op,
     Page,
     Put,
+    item_size,
     validate_key,
     validate_ops,
 )
@@ -362,6 +365,7 @@ class Barrier:
             cursor: str | None = None
             while True:
                 page = self.ledger.scan(kind, "", limit=page_size, cursor=cursor)
+                batch: list[Put] = []
                 for item in page.items:
                     if item.value[:1] != bytes([_FORMAT_KEY_ONLY]):
                         continue
@@ -372,14 +376,43 @@ class Barrier:
                         log.warning("barrier migration: %s does not decrypt; left as it is", item.key)
                         continue
                     blob = self.encrypt(item.key, plain, item.version + 1)
-                    with contextlib.suppress(ConflictError):
-                        self.ledger.put_if(item.key, blob, item.version, expires_at=item.expires_at)
-                        rewritten += 1
+                    batch.append(Put(item.key, blob, item.version, item.expires_at))
+                rewritten += self._rewrite(batch)
                 cursor = page.cursor
                 if cursor is None:
                     break
         self._mark_migrated()
         return rewritten
+
+    def _rewrite(self, puts: list[Put]) -> int:
+        """Write `puts` (each conditional on the version read), one transaction per chunk
+        (one commit, not one per item); a chunk with an item written meanwhile (so in
+        format 2 already) is retried item by item. How many were written."""
+        written = 0
+        start = 0
+        while start < len(puts):
+            chunk: list[Put] = []
+            size = 0
+            for put in puts[start:]:
+                cost = item_size(put.key, put.value, put.expires_at)
+                if chunk and (
+                    len(chunk) == MAX_TRANSACTION_ITEMS or size + cost > MAX_TRANSACTION_BYTES // 2
+                ):
+                    break
+                chunk.append(put)
+                size += cost
+            start += len(chunk)
+            try:
+                self.ledger.transact(chunk)
+                written += len(chunk)
+            except ConflictError:
+                for one in chunk:
+                    with contextlib.suppress(ConflictError):
+                        self.ledger.put_if(
+                            one.key, one.value, one.expected_version, expires_at=one.expires_at
+                        )
+                        written += 1
+        return written
 
     def _mark_migrated(self) -> None:
         with self._lock:

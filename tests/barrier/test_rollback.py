@@ -145,3 +145,15 @@ def test_an_item_that_does_not_decrypt_does_not_stop_the_migration(cell: Cell) -
     assert item is not None and item.value == b"fine"
     with pytest.raises(BarrierIntegrityError):
         cell.barrier.get(broken)
+
+
+def test_a_migration_chunk_with_an_item_written_meanwhile_is_retried_item_by_item(cell: Cell) -> None:
+    root, keyring = make_legacy(cell)
+    keys = [Key(Kind.POLICY, f"q{i}") for i in range(3)]
+    for key in keys:
+        cell.ledger.put_if(key, legacy_blob(keyring, key, key.path.encode()), 0)
+    cell.barrier.open(root, keyring)
+    puts = [Put(k, cell.barrier.encrypt(k, k.path.encode(), 2), 1) for k in keys]
+    cell.barrier.put_if(keys[1], b"written meanwhile", 1)  # now at version 2, format 2
+    assert cell.barrier._rewrite(puts) == 2
+    assert [cell.barrier.get(k).value for k in keys] == [b"q0", b"written meanwhile", b"q2"]  # type: ignore[union-attr]
