@@ -409,19 +409,18 @@ class Router:
 
 
 def acl_paths(path: str, operation: Operation) -> tuple[str, str]:
-    """The path routes match (no trailing slash) and the path the ACL checks: Vault's, the
-    path as sent, where a list always ends in "/" (so a rule for "team/" grants LIST
-    team and LIST team/, and sys/capabilities-self on "team/" says what LIST does).
-    An empty segment ("a//b", also "a/%2Fb" once decoded) is refused here, before
-    routing: it would name a second path for the same secret, and a `+` rule would
-    match it."""
+    """The path routes match (no trailing slash) and the path the ACL checks. A list is
+    checked as Vault checks it, on the folder with its trailing "/" (so a rule for
+    "team/" grants LIST team and LIST team/, and sys/capabilities-self on "team/" says
+    what LIST does); anything else on the path the handler acts on, so a rule for
+    "conf/" never grants a read of "conf". An empty segment ("a//b", also "a/%2Fb" once
+    decoded) is refused here, before routing: it would name a second path for the same
+    secret, and a `+` rule would match it."""
     path = path.removeprefix("/")
     if "" in path.split("/")[:-1]:
         raise InvalidRequest("invalid path: it has an empty segment ('//')")
     routed = path.removesuffix("/")
-    if operation is Operation.LIST:
-        return routed, routed + "/"
-    return routed, path
+    return routed, routed + "/" if operation is Operation.LIST else routed
 
 
 # --- helpers the route modules share ------------------------------------------------------

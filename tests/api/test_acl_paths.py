@@ -120,3 +120,10 @@ def test_plus_never_matches_an_empty_segment(url: str) -> None:
     assert "list" not in capabilities(url, token, "secret/metadata/")
     status, _ = call(url, "LIST", "secret/metadata/", token)
     assert status == 403
+
+
+def test_a_rule_for_a_folder_does_not_grant_a_read_of_the_secret_of_that_name(url: str) -> None:
+    token = token_with(url, 'path "secret/data/pub/conf/" { capabilities = ["read"] }')
+    for path in ("secret/data/pub/conf", "secret/data/pub/conf/", "secret/data/pub/conf%2F"):
+        status, _ = call(url, "GET", path, token)
+        assert status == 403, path
