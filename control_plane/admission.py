@@ -17,8 +17,10 @@ Lambda instance has its own):
 Limits come from the environment (`AdmissionConfig.from_env`): KEYCELL_RATE_GLOBAL
 and KEYCELL_RATE_PER_IDENTITY (requests a second, 0 turns the limit off),
 KEYCELL_MAX_INFLIGHT and KEYCELL_MAX_QUEUE, and the largest request body,
-KEYCELL_MAX_REQUEST_SIZE (bytes, Vault's `max_request_size`). The defaults are far above what one
-worker serves, so they only bite when configured or under abuse.
+KEYCELL_MAX_REQUEST_SIZE (bytes, Vault's `max_request_size`), and the time it may take
+to arrive, KEYCELL_HTTP_READ_TIMEOUT (seconds, Vault's `http_read_timeout`). The
+defaults are far above what one worker serves, so they only bite when configured or
+under abuse.
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ class AdmissionConfig:
     # Largest request body accepted, in bytes (Vault's listener `max_request_size`,
     # default 32 MiB); past it the answer is 413 before the rest is read.
     max_request_size: int = 32 * 1024 * 1024
+    # Seconds a request body may take to arrive once admitted (Vault's listener
+    # `http_read_timeout`, 30 s): a slow upload holds its admission slot at most this long.
+    read_timeout: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AdmissionConfig:
@@ -109,6 +114,8 @@ class AdmissionConfig:
             max_inflight=max(1, int(_env_number(env, "KEYCELL_MAX_INFLIGHT", base.max_inflight))),
             max_queue=int(_env_number(env, "KEYCELL_MAX_QUEUE", base.max_queue)),
             max_request_size=max(1, int(_env_number(env, "KEYCELL_MAX_REQUEST_SIZE", base.max_request_size))),
+            read_timeout=_env_number(env, "KEYCELL_HTTP_READ_TIMEOUT", base.read_timeout)
+            or base.read_timeout,
         )
 
 

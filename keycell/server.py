@@ -10,6 +10,10 @@ a sixth of a KV read. Vault's LIST method becomes GET ?list=true here.
 `keycell server` configures the cell through the environment (keycell.functions.wiring)
 so that every worker builds the same cell; `--dev` makes a throwaway cell that is
 initialized and unsealed before the workers start, like `vault server -dev`.
+
+At the edge, before the router: HTTPS with `ServerTLS` (Vault's tls_* listener
+options); a body past max_request_size is a 413, read inside the admission window and
+within the read timeout (408 past it); malformed HTTP is a 400 in Vault's error shape.
 """
 
 from __future__ import annotations
@@ -87,7 +91,10 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     try:
         # The body is read inside the in-flight window, so slow or large uploads count
         # against it (and are shed past it) like any other request.
-        body = await _read_body(receive, limit)
+        try:
+            body = await asyncio.wait_for(_read_body(receive, limit), http.admission_config().read_timeout)
+        except TimeoutError:
+            body = _reply(http.error(408, "the request body did not arrive in time", {"Connection": "close"}))
         if body is None:
             return  # the client went away
         if isinstance(body, tuple):
@@ -312,8 +319,8 @@ async def revocation_stream(scope: dict[str, Any], receive: Any, send: Any, hear
     accessor, everything, leases = decided
     own = f"token:{accessor}"
     try:
-        queue = _feed.subscribe()  # its first scan reads the ledger, which may have sealed since
-    except Exception as exc:  # its first scan reads the ledger: the same mapping
+        queue = _feed.subscribe()
+    except Exception as exc:  # its first scan reads the ledger, which may have sealed since
         await _send(send, _stream_error(exc))
         return
     headers = [

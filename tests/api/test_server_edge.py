@@ -154,6 +154,26 @@ def test_a_body_being_uploaded_holds_an_admission_slot(limited: tuple[str, int])
     assert requests.get(f"{url}/v1/sys/health", timeout=10).status_code == 200
 
 
+def test_a_body_that_does_not_arrive_in_time_is_408_and_frees_its_slot(tmp_path: Path) -> None:
+    env = {"KEYCELL_HTTP_READ_TIMEOUT": "0.5", "KEYCELL_MAX_INFLIGHT": "1", "KEYCELL_MAX_QUEUE": "0"}
+    server = keycell_server(tmp_path, dev_root_token=ROOT, workers=1, env=env)
+    port = server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(b"POST /v1/sys/health HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{")
+            answer = b""
+            while b"\r\n0\r\n\r\n" not in answer:
+                chunk = slow.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        status, body, _ = status_and_json(answer)
+        assert status == 408 and body == {"errors": ["the request body did not arrive in time"]}
+        assert requests.get(f"http://127.0.0.1:{port}/v1/sys/health", timeout=10).status_code == 200
+    finally:
+        server.stop()
+
+
 # --- item 3: malformed JSON is a 400, never a 5xx ---------------------------------------------
 
 
