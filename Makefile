@@ -10,13 +10,14 @@ UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 VENV := .venv
 RUN := $(UV) run --frozen
 
-.PHONY: help setup system-deps test lint bench demo clean
+.PHONY: help setup system-deps test lint bench fuzz demo clean
 
 help:
 	@echo "make demo    three cells on loopback and a breach: revoke, rotate, partition, heal"
 	@echo "make test    install what the tests need, then run the whole suite"
 	@echo "make lint    ruff, and mypy (strict on control_plane/)"
 	@echo "make bench   run the benchmarks in bench/, printing JSON"
+	@echo "make fuzz    the API fuzz tests, bigger: prints cases run and 5xx answers (must be 0)"
 	@echo "make localstack-test   the AWS-backed suites against LocalStack (Docker)"
 
 $(CURDIR)/.tools/bin/uv:
@@ -44,6 +45,13 @@ bench: setup
 	@bash .ci/system-deps.sh --bench
 	$(UV) sync --frozen --group bench
 	$(RUN) --group bench python -m bench
+
+# tests/api/test_fuzz.py at FUZZ_EXAMPLES examples per operation and mode (25 in `make
+# test`); each test prints a `fuzz:` line with the cases run and the 5xx answers.
+FUZZ_EXAMPLES ?= 60
+fuzz: setup
+	KEYCELL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(RUN) pytest tests/api/test_fuzz.py -q -s \
+		--timeout 3600 | grep -E "^fuzz:|passed|failed|Error"; exit $${PIPESTATUS[0]}
 
 demo: setup
 	$(RUN) keycell demo

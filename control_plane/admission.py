@@ -16,8 +16,11 @@ Lambda instance has its own):
 
 Limits come from the environment (`AdmissionConfig.from_env`): KEYCELL_RATE_GLOBAL
 and KEYCELL_RATE_PER_IDENTITY (requests a second, 0 turns the limit off),
-KEYCELL_MAX_INFLIGHT and KEYCELL_MAX_QUEUE. The defaults are far above what one
-worker serves, so they only bite when configured or under abuse.
+KEYCELL_MAX_INFLIGHT and KEYCELL_MAX_QUEUE, and the largest request body,
+KEYCELL_MAX_REQUEST_SIZE (bytes, Vault's `max_request_size`), and the time it may take
+to arrive, KEYCELL_HTTP_READ_TIMEOUT (seconds, Vault's `http_read_timeout`). The
+defaults are far above what one worker serves, so they only bite when configured or
+under abuse.
 """
 
 from __future__ import annotations
@@ -93,6 +96,12 @@ class AdmissionConfig:
     max_inflight: int = 64  # requests admitted at once per worker (AdmissionGate)
     max_queue: int = 2048  # requests waiting for admission per worker
     max_identities: int = 65_536  # per-identity buckets kept (least recently used dropped)
+    # Largest request body accepted, in bytes (Vault's listener `max_request_size`,
+    # default 32 MiB); past it the answer is 413 before the rest is read.
+    max_request_size: int = 32 * 1024 * 1024
+    # Seconds a request body may take to arrive once admitted (Vault's listener
+    # `http_read_timeout`, 30 s): a slow upload holds its admission slot at most this long.
+    read_timeout: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AdmissionConfig:
@@ -104,6 +113,9 @@ class AdmissionConfig:
             burst_seconds=_env_number(env, "KEYCELL_RATE_BURST_SECONDS", base.burst_seconds) or 1.0,
             max_inflight=max(1, int(_env_number(env, "KEYCELL_MAX_INFLIGHT", base.max_inflight))),
             max_queue=int(_env_number(env, "KEYCELL_MAX_QUEUE", base.max_queue)),
+            max_request_size=max(1, int(_env_number(env, "KEYCELL_MAX_REQUEST_SIZE", base.max_request_size))),
+            read_timeout=_env_number(env, "KEYCELL_HTTP_READ_TIMEOUT", base.read_timeout)
+            or base.read_timeout,
         )
 
 

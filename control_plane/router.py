@@ -378,7 +378,11 @@ class Router:
         if wrap_ttl and route.wrappable and (result.data is not None or result.auth is not None):
             ttl = self.services.wrapping_ttl(wrap_ttl)
             inner = self._envelope(request_id, result)
-            wrap_info = self.services.wrapping.wrap(inner, ttl=ttl, creation_path=request.path)
+            # Vault names the accessor of a token the wrapped response carries.
+            accessor = str((result.auth or {}).get("accessor") or "")
+            wrap_info = self.services.wrapping.wrap(
+                inner, ttl=ttl, creation_path=request.path, wrapped_accessor=accessor
+            )
             body = self._envelope(request_id, Result())
             body["wrap_info"] = wrap_info
             return Response(200, body, result.headers)

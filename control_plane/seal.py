@@ -69,6 +69,17 @@ class SealMode(StrEnum):
 # --- errors ---------------------------------------------------------------------------
 
 
+MIN_CHOSEN_ROOT_TOKEN = 8
+
+
+def chosen_root_token_ok(token: str, *, short_ok: bool = False) -> bool:
+    """Whether `token` may be a chosen root token: printable, no spaces, and at least
+    MIN_CHOSEN_ROOT_TOKEN characters unless `short_ok`."""
+    if not token or not token.isprintable() or " " in token:
+        return False
+    return short_ok or len(token) >= MIN_CHOSEN_ROOT_TOKEN
+
+
 class SealError(Exception):
     """Base of the seal's errors."""
 
@@ -267,15 +278,19 @@ class Seal:
 
     # --- init -------------------------------------------------------------------------
 
-    def init(self, shares: int, threshold: int, *, root_token: str | None = None) -> InitResult:
+    def init(
+        self, shares: int, threshold: int, *, root_token: str | None = None, short_root_token_ok: bool = False
+    ) -> InitResult:
         """`root_token` chooses the root token's value (development servers only, like
-        `vault server -dev-root-token-id`); otherwise it is random."""
+        `vault server -dev-root-token-id`); otherwise it is random. It has at least
+        MIN_CHOSEN_ROOT_TOKEN characters unless `short_root_token_ok` (Vault's dev
+        habit, `-dev-root-token-id=root`)."""
         mode = SealMode.HSM if self.key_backend is not None else SealMode.SHAMIR
         self._check_split(shares, threshold)
-        if root_token is not None and (
-            len(root_token) < 8 or not root_token.isprintable() or " " in root_token
-        ):
-            raise ShareError("a chosen root token is at least 8 printable characters without spaces")
+        if root_token is not None and not chosen_root_token_ok(root_token, short_ok=short_root_token_ok):
+            raise ShareError(
+                f"a chosen root token is at least {MIN_CHOSEN_ROOT_TOKEN} printable characters without spaces"
+            )
         if self.config() is not None:
             raise AlreadyInitializedError()
         root = bytearray(os.urandom(KEY_BYTES))

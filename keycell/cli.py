@@ -51,7 +51,7 @@ KindArgument = Annotated[Kind, typer.Argument(help="Item kind.", case_sensitive=
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {message}")
+    errors.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, whatever the width
     return typer.Exit(code)
 
 
@@ -266,33 +266,122 @@ def demo(
 @app.command()
 def server(
     listen: Annotated[
-        str, typer.Option(help="HOST:PORT to listen on (port 0: any free port).")
+        str,
+        typer.Option(
+            "--listen",
+            "-dev-listen-address",
+            help="HOST:PORT to listen on (port 0: any free port). Off loopback it needs TLS.",
+        ),
     ] = "127.0.0.1:8200",
     data_dir: Annotated[
         str | None, typer.Option(help="Folder for the cell's ledger (not with --dev).")
     ] = None,
     dev: Annotated[
-        bool, typer.Option(help="A throwaway cell, initialized and unsealed, like `vault server -dev`.")
+        bool,
+        typer.Option(
+            "--dev", "-dev", help="A throwaway cell, initialized and unsealed, like `vault server -dev`."
+        ),
     ] = False,
-    dev_root_token: Annotated[str | None, typer.Option(help="With --dev: the root token to create.")] = None,
+    dev_root_token: Annotated[
+        str | None, typer.Option(help="With --dev: the root token to create (8 characters or more).")
+    ] = None,
+    dev_root_token_id: Annotated[
+        str | None,
+        typer.Option(
+            "--dev-root-token-id",
+            "-dev-root-token-id",
+            help="Vault's spelling of --dev-root-token; with --dev only, and it may be short (`root`).",
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes sharing the socket.")] = 2,
+    max_request_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Largest request body in bytes, past it 413 (Vault's max_request_size; default 32 MiB;"
+            " env KEYCELL_MAX_REQUEST_SIZE).",
+        ),
+    ] = None,
+    tls_cert_file: Annotated[
+        str | None,
+        typer.Option(envvar="KEYCELL_TLS_CERT_FILE", help="PEM certificate (chain) the listener serves."),
+    ] = None,
+    tls_key_file: Annotated[
+        str | None, typer.Option(envvar="KEYCELL_TLS_KEY_FILE", help="PEM private key of --tls-cert-file.")
+    ] = None,
+    tls_client_ca_file: Annotated[
+        str | None,
+        typer.Option(
+            envvar="KEYCELL_TLS_CLIENT_CA_FILE",
+            help="PEM CA bundle: clients must present a certificate it signed (mutual TLS).",
+        ),
+    ] = None,
+    tls_disable: Annotated[
+        bool,
+        typer.Option(
+            help="Plain HTTP off loopback: only behind a proxy that terminates TLS (Cloud Run, a load balancer)."
+        ),
+    ] = False,
 ) -> None:
     """Serve the regional API (Vault's HTTP API) on this machine."""
+    import shutil
+    import signal
     import tempfile
 
+    from keycell.control_plane.seal import MIN_CHOSEN_ROOT_TOKEN, chosen_root_token_ok
     from keycell.functions.wiring import dev_environment
-    from keycell.server import serve
+    from keycell.relay.tls import is_loopback
+    from keycell.server import ServerTLS, TLSFilesError, serve
 
     host, _, port_text = listen.rpartition(":")
     if not host or not port_text.isdigit():
         raise _fail(f"--listen takes HOST:PORT, not {listen!r}")
+    if (dev_root_token or dev_root_token_id) and not dev:
+        flag = "--dev-root-token" if dev_root_token else "-dev-root-token-id"
+        raise _fail(f"{flag} chooses a development server's root token: it needs --dev")
+    if dev_root_token and dev_root_token_id:
+        raise _fail("pass one of --dev-root-token and -dev-root-token-id")
+    root_token = dev_root_token or dev_root_token_id
+    if dev_root_token is not None and not chosen_root_token_ok(dev_root_token):
+        raise _fail(
+            f"--dev-root-token must be at least {MIN_CHOSEN_ROOT_TOKEN} printable characters without"
+            " spaces (Vault's -dev-root-token-id=... takes a shorter one in dev mode)"
+        )
+    if dev_root_token_id is not None and not chosen_root_token_ok(dev_root_token_id, short_ok=True):
+        raise _fail("-dev-root-token-id must be printable characters without spaces")
+    tls: ServerTLS | None = None
+    if tls_cert_file or tls_key_file or tls_client_ca_file:
+        if tls_disable:
+            raise _fail("--tls-disable contradicts --tls-cert-file/--tls-key-file/--tls-client-ca-file")
+        if not (tls_cert_file and tls_key_file):
+            raise _fail("TLS needs both --tls-cert-file and --tls-key-file")
+        try:
+            tls = ServerTLS.load(tls_cert_file, tls_key_file, tls_client_ca_file)
+        except TLSFilesError as exc:
+            raise _fail(str(exc)) from None
+    elif not is_loopback(host) and not tls_disable:
+        raise _fail(
+            f"--listen {listen} would carry tokens in cleartext off this host: pass --tls-cert-file and"
+            " --tls-key-file, or --tls-disable when a proxy in front terminates TLS"
+        )
+    if max_request_size is not None:
+        os.environ["KEYCELL_MAX_REQUEST_SIZE"] = str(max_request_size)
+    throwaway: str | None = None
     if dev:
+        if dev_root_token_id is not None and len(dev_root_token_id) < MIN_CHOSEN_ROOT_TOKEN:
+            errors.print(
+                f"[bold yellow]warning:[/] the root token {dev_root_token_id!r} is short and guessable;"
+                " accepted only because this is a development server"
+            )
         folder = data_dir or tempfile.mkdtemp(prefix="keycell-dev-")
+        throwaway = None if data_dir else folder
         os.environ.update(dev_environment(folder))
         from keycell.functions.wiring import services_from_environment
 
         services = services_from_environment()
-        result = services.seal.init(1, 1, root_token=dev_root_token)
+        result = services.seal.init(
+            1, 1, root_token=root_token, short_root_token_ok=dev_root_token_id is not None
+        )
         services.after_unseal()
         errors.print("[bold yellow]development server[/]: in-memory-grade storage in " + folder)
         errors.print(f"root token: {result.root_token}")
@@ -318,7 +407,18 @@ def server(
     # A long-lived process: each worker's audit chain head follows its sinks (every few
     # ms) instead of holding every batch for its conditional write (control_plane/audit.py).
     os.environ.setdefault("KEYCELL_AUDIT_ANCHOR", "async")
-    serve(host, int(port_text), workers=workers)
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again once its own handler
+    # is gone: this handler turns that into an exit that runs the clean-up below.
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        serve(host, int(port_text), workers=workers, tls=tls)
+    finally:
+        if throwaway is not None:  # --dev without --data-dir: its folder goes with it
+            shutil.rmtree(throwaway, ignore_errors=True)
 
 
 app.command("relay")(cli_relay.relay)

@@ -10,6 +10,10 @@ a sixth of a KV read. Vault's LIST method becomes GET ?list=true here.
 `keycell server` configures the cell through the environment (keycell.functions.wiring)
 so that every worker builds the same cell; `--dev` makes a throwaway cell that is
 initialized and unsealed before the workers start, like `vault server -dev`.
+
+At the edge, before the router: HTTPS with `ServerTLS` (Vault's tls_* listener
+options); a body past max_request_size is a 413, read inside the admission window and
+within the read timeout (408 past it); malformed HTTP is a 400 in Vault's error shape.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import json
 import logging
 import os
 import socket
+import ssl
 import sys
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -29,8 +35,10 @@ from uvicorn.supervisors import Multiprocess
 
 from keycell.control_plane.admission import AdmissionConfig, AdmissionGate, classify
 from keycell.control_plane.audit import AsyncCommitter
+from keycell.control_plane.barrier import SealedError
 from keycell.control_plane.errors import PermissionDenied, RequestError
-from keycell.control_plane.ledger import Kind, iter_prefix
+from keycell.control_plane.keys import KeyBackendError
+from keycell.control_plane.ledger import Kind, LedgerUnavailableError, iter_prefix
 from keycell.control_plane.router import Request
 from keycell.functions.api import http
 from keycell.functions.api.app import MAX_DEPTH, router
@@ -38,6 +46,7 @@ from keycell.testing.processes import announce_ready
 
 log = logging.getLogger("keycell.server")
 _NOT_FOUND = b'{"errors":["unsupported path"]}'
+_MALFORMED = b'{"errors":["malformed HTTP request"]}'
 _SHED = (
     b'{"errors":["the cell is overloaded and is shedding new requests first; retry after the '
     b"Retry-After header's seconds (revocations and renewals are served first)\"]}"
@@ -69,12 +78,10 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["path"] == EVENTS_PATH and scope["method"].upper() == "GET":
         await revocation_stream(scope, receive, send)
         return
-    body = b""
-    more = True
-    while more:
-        message = await receive()
-        body += message.get("body", b"")
-        more = message.get("more_body", False)
+    limit = http.admission_config().max_request_size
+    if _declared_length(scope) > limit:  # refused before a byte of the body is read
+        await _send(send, _reply(http.too_large(limit)))
+        return
     admission = gate()
     if not await admission.enter(classify(scope["method"], scope["path"][4:])):
         headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
@@ -82,17 +89,58 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": _SHED})
         return
     try:
-        if router().auditor is None:
-            status, headers, payload = handle_http(scope, body)
+        # The body is read inside the in-flight window, so slow or large uploads count
+        # against it (and are shed past it) like any other request.
+        try:
+            body = await asyncio.wait_for(_read_body(receive, limit), http.admission_config().read_timeout)
+        except TimeoutError:
+            body = _reply(http.error(408, "the request body did not arrive in time", {"Connection": "close"}))
+        if body is None:
+            return  # the client went away
+        if isinstance(body, tuple):
+            reply = body
+        elif router().auditor is None:
+            reply = handle_http(scope, body)
         else:
             # With an audit trail each request waits for its entries' batch (the requests
             # in flight share one write to the sinks, audit.AsyncCommitter) without
             # holding the loop for anything that waits on a device.
-            status, headers, payload = await handle_http_async(scope, body)
+            reply = await handle_http_async(scope, body)
     finally:
         admission.leave()
+    await _send(send, reply)
+
+
+async def _send(send: Any, reply: _Reply) -> None:
+    status, headers, payload = reply
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
+
+
+def _declared_length(scope: dict[str, Any]) -> int:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0  # the parser refused a malformed one
+    return 0
+
+
+async def _read_body(receive: Any, limit: int) -> bytes | _Reply | None:
+    """The request body (its chunks joined once: linear in its size), the 413 once it
+    passes `limit`, or None when the client disconnected first."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return _reply(http.too_large(limit))
+        if chunk:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 # --- revocation events (server-sent events) ---------------------------------------------------
@@ -219,18 +267,36 @@ def _authorize_events(
         return _json_error(403, "permission denied: no token; send X-Vault-Token")
     services = router().services
     try:
-        services.ensure_unsealed()
+        try:
+            services.ensure_unsealed()
+        except KeyBackendError as exc:  # HSM seal: the key backend would not open the barrier
+            log.warning("auto-unseal failed for the event stream: %s", type(exc).__name__)
         if services.barrier.sealed:
             return _json_error(503, "Vault is sealed")
         entry = services.tokens.use(token)
         acl = services.policies.acl_for(entry.policies)
     except PermissionDenied:
         return _json_error(403, "permission denied")
-    except RequestError as exc:
-        return _json_error(exc.status, exc.message)
+    except Exception as exc:  # mapped as the router maps errors: never a plain-text 500
+        return _stream_error(exc)
     query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
     leases = {f"lease:{lease}" for lease in query.get("leases", "").split(",") if lease}
     return entry.accessor, bool(acl.allows("sys/events/revocations", "read")), leases
+
+
+def _stream_error(exc: Exception) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The event stream's reply to a failure before it opens, mapped as the router maps
+    errors (control_plane/router.py): never a plain-text 500."""
+    if isinstance(exc, RequestError):
+        return _json_error(exc.status, exc.message)
+    if isinstance(exc, SealedError):
+        return _json_error(503, "Vault is sealed")
+    if isinstance(exc, LedgerUnavailableError):
+        return _json_error(503, "the cell's ledger is unavailable; retry later")
+    if isinstance(exc, KeyBackendError):
+        return _json_error(503, "the cell's key backend is unavailable; retry later")
+    log.error("internal error opening the event stream (%s)", type(exc).__name__)
+    return _json_error(500, "internal error")
 
 
 def _sse(event: str, data: dict[str, Any], event_id: int | None = None) -> bytes:
@@ -248,13 +314,15 @@ async def revocation_stream(scope: dict[str, Any], receive: Any, send: Any, hear
     revoked it sends that event and closes."""
     decided = _authorize_events(scope)
     if isinstance(decided[0], int):
-        status, headers, payload = decided
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await _send(send, decided)
         return
     accessor, everything, leases = decided
     own = f"token:{accessor}"
-    queue = _feed.subscribe()
+    try:
+        queue = _feed.subscribe()
+    except Exception as exc:  # its first scan reads the ledger, which may have sealed since
+        await _send(send, _stream_error(exc))
+        return
     headers = [
         (b"content-type", b"text/event-stream"),
         (b"cache-control", b"no-store"),
@@ -395,6 +463,20 @@ class VaultHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._at_request_start = True
 
+    def send_400_response(self, msg: str) -> None:
+        """The parser's refusal of malformed HTTP in Vault's error shape (uvicorn's own
+        is plain text); the connection closes, as the parser cannot go on."""
+        body = _MALFORMED
+        head = [
+            b"HTTP/1.1 400 Bad Request\r\n",
+            b"content-type: application/json\r\n",
+            b"cache-control: no-store\r\n",
+            b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
 
 def listen(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -405,8 +487,56 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(host: str, port: int, *, workers: int) -> None:
-    """Serve until interrupted; prints `READY <port>` once listening."""
+class TLSFilesError(ValueError):
+    """A listener certificate, key or client CA that cannot be used (the message names it)."""
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """The API listener's TLS (Vault's `tls_cert_file`, `tls_key_file`,
+    `tls_client_ca_file`): TLS 1.2 or later; with a client CA, every client presents a
+    certificate that CA signed."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+    @classmethod
+    def load(cls, cert_file: str, key_file: str, client_ca_file: str | None = None) -> ServerTLS:
+        """The settings, once the files load into a server context (so a bad file is
+        named here, not by every worker)."""
+        tls = cls(cert_file, key_file, client_ca_file)
+        tls.context()
+        return tls
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSFilesError(
+                f"cannot load --tls-cert-file {self.cert_file} with --tls-key-file {self.key_file}:"
+                f" {getattr(exc, 'strerror', None) or exc.__class__.__name__}"
+            ) from None
+        if self.client_ca_file:
+            try:
+                context.load_verify_locations(cafile=self.client_ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise TLSFilesError(
+                    f"cannot load --tls-client-ca-file {self.client_ca_file}:"
+                    f" {getattr(exc, 'strerror', None) or exc.__class__.__name__}"
+                ) from None
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def context_factory(self, config: Any, default: Any) -> ssl.SSLContext:
+        """uvicorn's `ssl_context_factory`: each worker builds this context itself."""
+        return self.context()
+
+
+def serve(host: str, port: int, *, workers: int, tls: ServerTLS | None = None) -> None:
+    """Serve until interrupted (HTTPS with `tls`); prints `READY <port>` once listening."""
     sock = listen(host, port)
     config = uvicorn.Config(
         "keycell.server:asgi_app",
@@ -418,6 +548,8 @@ def serve(host: str, port: int, *, workers: int) -> None:
         log_level="warning",
         timeout_keep_alive=30,
         server_header=False,
+        ws="none",  # no WebSocket upgrades: Vault's API has none
+        ssl_context_factory=tls.context_factory if tls is not None else None,
     )
     announce_ready(sock.getsockname()[1])
     sys.stdout.flush()

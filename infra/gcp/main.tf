@@ -15,9 +15,12 @@ locals {
     KEYCELL_AUDIT_STDOUT     = "1"
   }
   # The API is `keycell server`; the event services' commands come from the rotation and
-  # revocation work (variables, so they follow it without editing this module).
+  # revocation work (variables, so they follow it without editing this module). Cloud Run
+  # serves the API's URL over HTTPS only and terminates TLS in front of the container, so
+  # the container's own listener is plain HTTP (`--tls-disable`; keycell server refuses a
+  # cleartext listener off loopback without it).
   functions = {
-    api        = ["keycell", "server", "--listen", "0.0.0.0:8080"]
+    api        = ["keycell", "server", "--listen", "0.0.0.0:8080", "--tls-disable"]
     rotation   = var.rotation_command
     revocation = var.revocation_command
   }

@@ -31,9 +31,11 @@ class _Base(Operations):
         retry: RetryPolicy | None = None,
         rate_limiter: RateLimiter | None = None,
         timeout: float = 30.0,
+        verify: bool | str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
-        self.transport = Transport(self.url, timeout=timeout)
+        # verify: a CA bundle, True, False, or None for $VAULT_CACERT (transport.tls_context).
+        self.transport = Transport(self.url, timeout=timeout, verify=verify)
         self.retry = retry or RetryPolicy()
         self.rate_limiter = rate_limiter
         self.role = role

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import ssl
 import threading
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,8 +15,25 @@ from keycell.client.errors import ConnectionFailed
 from keycell.client.model import Response
 
 
+def tls_context(verify: bool | str | None = None) -> ssl.SSLContext:
+    """The context HTTPS requests verify the server with, as Vault's clients choose it:
+    `verify` a CA bundle's path, True (the system's CAs), False (no verification: tests
+    against a throwaway certificate only), or None: $VAULT_CACERT, else $VAULT_CAPATH,
+    else the system's CAs ($VAULT_SKIP_VERIFY is not honoured)."""
+    if verify is None:
+        verify = os.environ.get("VAULT_CACERT") or True
+        if verify is True and os.environ.get("VAULT_CAPATH"):
+            return ssl.create_default_context(capath=os.environ["VAULT_CAPATH"])
+    if verify is False:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=None if verify is True else verify)
+
+
 class Transport:
-    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 30.0, verify: bool | str | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -22,11 +41,14 @@ class Transport:
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.timeout = timeout
+        self.tls = tls_context(verify) if parts.scheme == "https" else None
         self._local = threading.local()
 
     def connect(self, timeout: float | None = None) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        return cls(self.host, self.port, timeout=self.timeout if timeout is None else timeout)
+        timeout = self.timeout if timeout is None else timeout
+        if self.tls is not None:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.tls)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
     def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)

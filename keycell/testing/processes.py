@@ -140,11 +140,22 @@ def keycell_server(
     dev_root_token: str | None = None,
     workers: int = 2,
     env: dict[str, str] | None = None,
+    args: list[str] | None = None,
 ) -> ServerProcess:
     """`keycell server` on 127.0.0.1 (any free port) over `data_dir`: a development
     cell (initialized, unsealed, with this root token) or, without a token, a cell that
-    starts sealed. Call `.start()` for its port."""
-    args = ["server", "--listen", "127.0.0.1:0", "--workers", str(workers), "--data-dir", str(data_dir)]
+    starts sealed; `args` are more options (`--tls-cert-file F`, ...). Call `.start()`
+    for its port."""
+    args = [
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        str(workers),
+        "--data-dir",
+        str(data_dir),
+        *(args or []),
+    ]
     if dev_root_token is not None:
         args += ["--dev", "--dev-root-token", dev_root_token]
     what = "keycell server --dev" if dev_root_token is not None else "keycell server"

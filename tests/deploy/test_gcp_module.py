@@ -130,6 +130,16 @@ def test_functions_run_on_cloud_run_and_only_the_api_takes_outside_traffic(
     assert invokers["member"] == "serviceAccount:${google_service_account.pubsub_push.email}"
 
 
+def test_the_api_is_plain_http_only_behind_cloud_runs_tls_front_end(module: dict[str, Any]) -> None:
+    """Cloud Run terminates TLS for the service's HTTPS URL and hands requests to the
+    container's port: `keycell server` there listens off loopback, so it must say
+    --tls-disable (it refuses a cleartext non-loopback listener otherwise)."""
+    command = first(module["main.tf"]["locals"])["functions"]["api"]
+    assert command[:2] == ["keycell", "server"]
+    assert command[command.index("--listen") + 1] == "0.0.0.0:8080"
+    assert "--tls-disable" in command and "--tls-cert-file" not in command
+
+
 def test_the_relays_are_always_on_cloud_run_instances(resources: dict[tuple[str, str], Any]) -> None:
     relay = resources[("google_cloud_run_v2_service", "relay")]
     template = first(relay["template"])

@@ -1,9 +1,16 @@
-"""schemathesis against the served OpenAPI document (GET /v1/sys/openapi), over real HTTP
-against `keycell server` (uvicorn, one worker) on 127.0.0.1.
+"""Fuzzing the API as an outsider would, over real HTTP against `keycell server`
+(uvicorn, one worker) on 127.0.0.1: no request input may produce a 5xx (issue 20).
 
-Every documented operation is fuzzed with the stateless checks: no 5xx, and every
-response conforms to the spec (status code, content type, body schema). Generation is
-bounded (a few examples per operation and mode, no shrinking) to keep CI fast.
+- schemathesis against the served OpenAPI document (GET /v1/sys/openapi): every
+  documented operation with the stateless checks (no 5xx, and every response conforms
+  to the spec: status code, content type, body schema), positive and negative data;
+- a fuzz of the request-body parser (hypothesis): arbitrary bytes, JSON of every
+  shape, nesting far past the depth limit, truncated and mutated bodies, first into
+  the parser in process, then POSTed and PUT to the cell's write paths.
+
+Generation is bounded by KEYCELL_FUZZ_EXAMPLES (examples per operation and mode; 25
+in `make test`, no shrinking); `make fuzz` runs the same tests bigger and each prints
+how many cases ran and how many answered 5xx (must be 0).
 
 Two servers, because some operations would take the server under test away:
 - a dev server (initialized, unsealed, a root token) for everything but the seal
@@ -16,6 +23,8 @@ Two servers, because some operations would take the server under test away:
 
 from __future__ import annotations
 
+import json
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -26,6 +35,7 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -42,13 +52,15 @@ from keycell.control_plane.router import Operation, Router
 from keycell.control_plane.routes import build_router
 from keycell.control_plane.routes.openapi import documented_operations
 from keycell.control_plane.services import CellServices
+from keycell.functions.api import http
 from keycell.testing.processes import keycell_server
 
 ROOT = "kc.dev-root-token-for-schemathesis"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-MAX_EXAMPLES = 25  # per operation and generation mode
+MAX_EXAMPLES = int(os.environ.get("KEYCELL_FUZZ_EXAMPLES", "25"))  # per operation and generation mode
 SPEC_PATH = "/v1/sys/openapi"
 CALLS: Counter[tuple[str, str]] = Counter()  # requests sent, by operation
+SERVER_ERRORS: Counter[tuple[str, str]] = Counter()  # 5xx answers the client did not ask for, by operation
 # Operations that change the seal (or the shares): fuzzed on a server of their own.
 SEAL_LIFECYCLE = {
     ("GET", "/sys/init"),
@@ -169,7 +181,10 @@ def _fuzz_mode(
         sent = headers()
         CALLS[_label(operation)] += 1
         try:
-            case.call_and_validate(base_url=base_url, headers=sent, checks=checks, timeout=15)
+            response = case.call(base_url=base_url, headers=sent, timeout=15)
+            if response.status_code >= 500 and not_a_server_error in checks:
+                SERVER_ERRORS[_label(operation)] += 1
+            case.validate_response(response, checks=checks)
         except (Exception, FailureGroup) as exc:  # a failed check, or the server went away
             curl = case.as_curl_command(headers=sent)
             failures.append(f"{' '.join(_label(operation))} [{mode.value}]: {exc}\n  {curl}")
@@ -227,6 +242,11 @@ def test_every_operation_passes_schemathesis(
     # The dev server is still usable: nothing the fuzzing sent took it away.
     health = requests.get(f"{dev_url}/v1/sys/health", timeout=15)
     assert health.status_code == 200
+    print(
+        f"\nfuzz: schemathesis {sum(CALLS.values())} cases over {len(tested)} operations, "
+        f"{sum(SERVER_ERRORS.values())} answered 5xx"
+    )
+    assert sum(SERVER_ERRORS.values()) == 0, dict(SERVER_ERRORS)
     assert not failures, f"{len(failures)} operation(s) failed:\n\n" + "\n\n".join(failures)
 
 
@@ -273,3 +293,116 @@ def _sample(name: str) -> str:
     return {"hash": "sha2-256", "path": "app/db", "lease": "auth/token/create/abc", "prefix": "auth/jwt"}.get(
         name, "sample"
     )
+
+
+# --- the request-body parser ----------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@st.composite
+def deep(draw: st.DrawFn) -> bytes:
+    """Nesting around the depth limit and far past it, closed or not."""
+    depth = draw(
+        st.integers(1, 3)
+        | st.integers(http.MAX_JSON_DEPTH - 3, http.MAX_JSON_DEPTH + 3)
+        | st.integers(1, 50_000)
+    )
+    opener, closer = draw(st.sampled_from([(b"[", b"]"), (b'{"a":', b"}"), (b'{"data":{"v":[', b"]}}")]))
+    body = opener * depth + draw(st.sampled_from([b"1", b'""', b"", b"[]"]))
+    return body + (closer * depth if draw(st.booleans()) else b"")
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    """A valid JSON object, cut short, with bytes flipped or inserted."""
+    body = bytearray(json.dumps({"data": draw(JSON_VALUES)}).encode())
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(body)))
+        action = draw(st.sampled_from(["flip", "insert", "cut"]))
+        if action == "cut":
+            del body[at:]
+        elif action == "insert":
+            body[at:at] = draw(st.binary(min_size=1, max_size=4))
+        elif at < len(body):
+            body[at] ^= draw(st.integers(1, 255))
+    return bytes(body)
+
+
+BODIES = (
+    st.binary(max_size=512)
+    | JSON_VALUES.map(lambda value: json.dumps(value).encode())
+    | st.dictionaries(st.text(max_size=10), JSON_VALUES, max_size=6).map(
+        lambda value: json.dumps(value).encode()
+    )
+    | st.text(max_size=200).map(lambda text: text.encode("utf-8", "surrogatepass"))
+    | st.sampled_from(
+        [b"NaN", b'{"a": NaN}', b'{"a": Infinity}', b'{"a": 1' + b"0" * 5000 + b"}", b"\xef\xbb\xbf{}"]
+    )
+    | deep()
+    | mutated()
+)
+# Write paths a body reaches (none that revokes: a body must not take the root token away).
+BODY_PATHS = [
+    "secret/data/fuzz",
+    "secret/metadata/fuzz",
+    "secret/config",
+    "transit/keys/fuzz",
+    "transit/encrypt/fuzz",
+    "auth/token/create",
+    "auth/token/lookup",
+    "auth/jwt/login",
+    "sys/policies/acl/fuzz",
+    "sys/wrapping/wrap",
+    "sys/leases/lookup",
+    "sys/capabilities-self",
+    "identity/entries",
+    "database/roles/fuzz",
+]
+
+
+@settings(
+    max_examples=MAX_EXAMPLES * 40, deadline=None, database=None, phases=[Phase.explicit, Phase.generate]
+)
+@given(body=BODIES)
+def test_body_parser_answers_an_object_or_a_reason_for_any_bytes(body: bytes) -> None:
+    parsed = http.parse_body(body)
+    assert isinstance(parsed, dict | str)
+    if isinstance(parsed, dict):
+        assert not http.too_deep(parsed, http.MAX_JSON_DEPTH)
+
+
+def test_bodies_never_answer_5xx(dev_url: str) -> None:
+    session = requests.Session()
+    statuses: Counter[int] = Counter()
+    bad: list[str] = []
+
+    @settings(
+        max_examples=MAX_EXAMPLES * 16,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(body=BODIES, path=st.sampled_from(BODY_PATHS), method=st.sampled_from(["POST", "PUT"]))
+    def send(body: bytes, path: str, method: str) -> None:
+        reply = session.request(
+            method, f"{dev_url}/v1/{path}", data=body, headers={"X-Vault-Token": ROOT}, timeout=15
+        )
+        statuses[reply.status_code] += 1
+        if reply.status_code >= 500 or (reply.status_code >= 400 and "errors" not in reply.json()):
+            bad.append(f"{method} {path} {body[:80]!r} -> {reply.status_code} {reply.text[:200]}")
+
+    send()
+    server_errors = sum(count for status, count in statuses.items() if status >= 500)
+    print(
+        f"\nfuzz: bodies {sum(statuses.values())} cases, {server_errors} answered 5xx; statuses {dict(statuses)}"
+    )
+    assert not bad, "\n".join(bad[:20])
+    assert requests.get(f"{dev_url}/v1/sys/health", timeout=15).status_code == 200
