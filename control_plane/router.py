@@ -35,6 +35,7 @@ from keycell.control_plane.errors import (
     RequestError,
     UnsupportedOperation,
 )
+from keycell.control_plane.freshness import STALENESS_HEADER, header_value
 from keycell.control_plane.keys import KeyBackendError
 from keycell.control_plane.ledger import LedgerUnavailableError
 
@@ -334,6 +335,8 @@ class Router:
         except Exception as exc:  # a bug: never leak detail, always log the type
             log.exception("internal error on %s %s (%s)", request.method, request.path, type(exc).__name__)
             response = self._error(request_id, 500, "internal error")
+        if ctx is not None and ctx.entry is not None:
+            self._stamp_staleness(response)
         elapsed = time.perf_counter() - started
         if auditor is not None and not (
             yield auditor.response_record(request_id, request, ctx, response, elapsed)
@@ -342,6 +345,17 @@ class Router:
         for observe in self.observers:
             observe(request, matched, response.status, elapsed)
         return response
+
+    def _stamp_staleness(self, response: Response) -> None:
+        """Every authenticated answer says how stale this cell's revocation view may be
+        (freshness.py): the max over peers, in seconds."""
+        view = getattr(self.services, "freshness", None)
+        if view is None:
+            return
+        try:
+            response.headers[STALENESS_HEADER] = header_value(view.staleness())
+        except (LedgerUnavailableError, SealedError):
+            response.headers[STALENESS_HEADER] = "inf"  # unknown is as stale as it gets
 
     def _authenticate(self, ctx: Context, route: Route, operation: Operation) -> None:
         services = self.services
