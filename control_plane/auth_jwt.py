@@ -56,6 +56,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
+from keycell.control_plane.freshness import bound_from_record, parse_bound
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
 from keycell.control_plane.storage import delete_current, get_json, put_json_if
 from keycell.control_plane.tokens import (
@@ -422,6 +423,11 @@ class JwtAuth:
                         "bound_spiffe_ids are SPIFFE ID patterns: spiffe://TD/path, '*' in a segment"
                     )
             role["bound_spiffe_ids"] = patterns
+        bound = parse_bound(data, bound_from_record(role))
+        role.pop("max_revocation_staleness", None)
+        role.pop("on_stale", None)
+        if bound is not None:
+            role.update(bound.as_json())
 
         defaults: dict[str, Any] = {
             "bound_audiences": [],
@@ -590,6 +596,7 @@ class JwtAuth:
             display_name=display_name,
             meta=meta,
             path=LOGIN_PATH,
+            stale_bound=bound_from_record(settings),
         )
 
     def _jwt_svid(self, config: Mapping[str, Any], role: Mapping[str, Any], jwt_text: object) -> Any:

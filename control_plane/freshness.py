@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from keycell.control_plane.errors import InvalidRequest, Unavailable
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, Put
 from keycell.control_plane.storage import encode_json, get_json, put_json_if
 
@@ -209,8 +210,8 @@ class FreshnessView:
         self._marks: dict[str, Watermark] = {}
         self._read_at = -math.inf
 
-    def marks(self) -> dict[str, Watermark]:
-        if self.clock() - self._read_at >= self.refresh:
+    def marks(self, *, fresh: bool = False) -> dict[str, Watermark]:
+        if fresh or self.clock() - self._read_at >= self.refresh:
             self._marks = self.freshness.watermarks(self.peers())
             self._read_at = self.clock()
         now = self.freshness.clock()
@@ -223,8 +224,77 @@ class FreshnessView:
         return max_staleness(self.marks())
 
     def stale_peers(self, bound: float) -> list[str]:
-        return sorted(p for p, w in self.marks().items() if w.staleness > bound)
+        """Peers staler than `bound`; before refusing anything on the cached view's word,
+        read the ledger again (refusals are rare, so this costs little)."""
+        if not any(w.staleness > bound for w in self.marks().values()):
+            return []
+        return sorted(p for p, w in self.marks(fresh=True).items() if w.staleness > bound)
 
 
 def _since(now: float, watermark: float | None) -> float:
     return math.inf if watermark is None else max(0.0, now - watermark)
+
+
+# --- per-role bounds (issue 18 §3) --------------------------------------------------------
+
+ON_STALE = ("refuse", "local-only", "serve")
+
+
+@dataclass(frozen=True)
+class StaleBound:
+    """A role's (or mount's) revocation freshness bound: while any peer's staleness is
+    over `max_staleness` seconds, credentials of that role are refused (`refuse`), served
+    only when this cell issued them (`local-only`), or served with the header (`serve`)."""
+
+    max_staleness: float
+    on_stale: str = "refuse"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"max_revocation_staleness": self.max_staleness, "on_stale": self.on_stale}
+
+
+def parse_bound(data: Any, current: StaleBound | None = None) -> StaleBound | None:
+    """`max_revocation_staleness` (seconds > 0; null or 0 clears it) and `on_stale` from a
+    role or mount write; `current` when neither is given. InvalidRequest otherwise."""
+    if not isinstance(data, dict) or ("max_revocation_staleness" not in data and "on_stale" not in data):
+        return current
+    raw = data.get("max_revocation_staleness", None if current is None else current.max_staleness)
+    mode = data.get("on_stale", "refuse" if current is None else current.on_stale)
+    if mode not in ON_STALE:
+        raise InvalidRequest("on_stale must be one of " + ", ".join(ON_STALE))
+    if raw in (None, "", 0):
+        if "on_stale" in data and "max_revocation_staleness" not in data and current is None:
+            raise InvalidRequest("on_stale needs max_revocation_staleness (seconds)")
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise InvalidRequest("max_revocation_staleness is a number of seconds")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise InvalidRequest("max_revocation_staleness is a number of seconds") from None
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > 86400 * 365:
+        raise InvalidRequest("max_revocation_staleness is seconds, > 0 and at most a year")
+    return StaleBound(seconds, str(mode))
+
+
+def bound_from_record(record: Any) -> StaleBound | None:
+    if not isinstance(record, dict) or not record.get("max_revocation_staleness"):
+        return None
+    return StaleBound(float(record["max_revocation_staleness"]), str(record.get("on_stale", "refuse")))
+
+
+def enforce(view: FreshnessView, bound: StaleBound | None, issuing_cell: str, what: str) -> None:
+    """Refuse (503, naming the stale peers) what `bound` says a stale cell must not serve.
+    `issuing_cell`: the cell that issued the credential ("" when it is this cell)."""
+    if bound is None or bound.on_stale == "serve":
+        return
+    local = view.freshness.cell
+    if bound.on_stale == "local-only" and issuing_cell in ("", local):
+        return
+    stale = view.stale_peers(bound.max_staleness)
+    if not stale:
+        return
+    raise Unavailable(
+        f"{what}: this cell's revocation view of {', '.join(stale)} is older than "
+        f"{bound.max_staleness:g} s (on_stale={bound.on_stale}); retry when it catches up"
+    )

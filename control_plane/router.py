@@ -35,7 +35,7 @@ from keycell.control_plane.errors import (
     RequestError,
     UnsupportedOperation,
 )
-from keycell.control_plane.freshness import STALENESS_HEADER, header_value
+from keycell.control_plane.freshness import STALENESS_HEADER, bound_from_record, enforce, header_value
 from keycell.control_plane.keys import KeyBackendError
 from keycell.control_plane.ledger import LedgerUnavailableError
 
@@ -365,6 +365,9 @@ class Router:
         if not token:
             raise PermissionDenied("permission denied: no token; send X-Vault-Token")
         entry = services.tokens.use(token)  # counts a use of a use-limited token
+        if entry.stale_bound and getattr(services, "freshness", None) is not None:
+            # the token's role bounds how stale this cell's revocation view may be (issue 18)
+            enforce(services.freshness, bound_from_record(entry.stale_bound), entry.cell, "refused")
         acl = services.policies.acl_for(entry.policies)
         path = ctx.request.path
         if operation in _WRITE:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from keycell.control_plane.errors import InvalidRequest
+from keycell.control_plane.freshness import ON_STALE, parse_bound
 from keycell.control_plane.router import (
     Context,
     Operation,
@@ -62,6 +63,7 @@ def register(router: Router, services: Any) -> None:
                 num_uses=field_int(data, "num_uses", 0) or 0,
                 path=path,
                 sudo=ctx.acl.allows(ctx.request.path, "sudo"),
+                stale_bound=parse_bound(data),
             )
             if data.get("id"):
                 raise InvalidRequest("custom token IDs are not supported; omit 'id'")
@@ -415,6 +417,8 @@ _JWT_ROLE_REQUEST = obj(
         "token_period": DURATION,
         "token_explicit_max_ttl": DURATION,
         "token_no_default_policy": BOOL,
+        "max_revocation_staleness": nullable({"type": "number"}),
+        "on_stale": {"type": "string", "enum": list(ON_STALE)},
     }
 )
 _JWT_ROLE = obj(
