@@ -60,6 +60,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
+from keycell.control_plane.freshness import bound_from_record, parse_bound
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
 from keycell.control_plane.storage import delete_current, get_json, put_json_if
 from keycell.control_plane.tokens import (
@@ -431,6 +432,11 @@ class JwtAuth:
             if not isinstance(data["allow_any_spiffe_id"], bool):
                 raise InvalidRequest("allow_any_spiffe_id must be a boolean")
             role["allow_any_spiffe_id"] = data["allow_any_spiffe_id"]
+        bound = parse_bound(data, bound_from_record(role))
+        role.pop("max_revocation_staleness", None)
+        role.pop("on_stale", None)
+        if bound is not None:
+            role.update(bound.as_json())
 
         defaults: dict[str, Any] = {
             "bound_audiences": [],
@@ -609,6 +615,7 @@ class JwtAuth:
             display_name=display_name,
             meta=meta,
             path=LOGIN_PATH,
+            stale_bound=bound_from_record(settings),
         )
 
     def _jwt_svid(self, config: Mapping[str, Any], role: Mapping[str, Any], jwt_text: object) -> Any:

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from keycell.control_plane.errors import InvalidRequest, NotFound, RequestError, Unavailable
+from keycell.control_plane.freshness import parse_bound
 from keycell.control_plane.leases import Lease, Leases
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
 from keycell.control_plane.storage import get_json, put_json_if
@@ -248,6 +249,9 @@ class DatabaseEngine:
             "default_ttl": default_ttl,
             "max_ttl": max_ttl,
         }
+        bound = parse_bound(dict(data))  # issue 18: checked by database/creds before issuing
+        if bound is not None:
+            record.update(bound.as_json())
         key = self._role_key(name)
         found = self.ledger.get(key, consistent=True)
         put_json_if(self.ledger, key, record, 0 if found is None else found.version)

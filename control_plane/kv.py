@@ -49,6 +49,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from keycell.control_plane.envelope import Envelope, Envelopes
 from keycell.control_plane.errors import InvalidRequest, NotFound, Unavailable
+from keycell.control_plane.freshness import StaleBound, bound_from_record, parse_bound
 from keycell.control_plane.ledger import (
     MAX_PATH_BYTES,
     MAX_TRANSACTION_ITEMS,
@@ -134,11 +135,19 @@ class KvV2:
     @_storage_errors
     def read_config(self) -> dict[str, Any]:
         config = self._config()
+        bound = bound_from_record(config.get("stale_bound"))
         return {
             "cas_required": config["cas_required"],
             "delete_version_after": _go_duration(config["delete_version_after"]),
             "max_versions": config["max_versions"],
+            "max_revocation_staleness": None if bound is None else bound.max_staleness,
+            "on_stale": None if bound is None else bound.on_stale,
         }
+
+    @_storage_errors
+    def stale_bound(self) -> StaleBound | None:
+        """The mount's revocation freshness bound (issue 18), None when unset."""
+        return bound_from_record(self._config().get("stale_bound"))
 
     @_storage_errors
     def write_config(
@@ -146,9 +155,14 @@ class KvV2:
         max_versions: object = None,
         cas_required: object = None,
         delete_version_after: object = None,
+        bound: Mapping[str, Any] | None = None,
     ) -> None:
-        """Only the settings given (not None) change, as in Vault."""
+        """Only the settings given (not None) change, as in Vault. `bound`: the write's
+        body, for `max_revocation_staleness` and `on_stale` (freshness.parse_bound)."""
         changes: dict[str, Any] = {}
+        if bound is not None and ("max_revocation_staleness" in bound or "on_stale" in bound):
+            parsed = parse_bound(dict(bound), bound_from_record(self._config().get("stale_bound")))
+            changes["stale_bound"] = {} if parsed is None else parsed.as_json()
         if max_versions is not None:
             changes["max_versions"] = _uint32("max_versions", max_versions)
         if cas_required is not None:

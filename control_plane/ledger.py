@@ -76,6 +76,8 @@ class Kind(StrEnum):
     SECRET_HOME = "secret-home"  # noqa: S105  # path: mount/secret path; value: home cell, epoch (issue 9)
     REPLICA = "replica"  # path: mount/secret path; value: home, epoch, meta seq, confirmed time (issue 9)
     ROTATION_DUE = "rotation-due"  # path: zero-padded due epoch second/secret; the sweep's index
+    REVOCATION_SEQ = "revocation-seq"  # path: origin cell/zero-padded seq; value: its minting time (issue 18)
+    REVOCATION_CLOCK = "revocation-clock"  # path: mint|heartbeat|frontier/cell; freshness (issue 18)
 
 
 @dataclass(frozen=True, slots=True)

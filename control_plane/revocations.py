@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keycell.control_plane.errors import InvalidRequest
+from keycell.control_plane.freshness import Mint, seq_marker
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, Put, iter_prefix
 from keycell.control_plane.storage import encode_json, get_json, put_json_if
 
@@ -103,6 +104,7 @@ class RevocationRecord:
     revoked_at: float
     reason: str
     expires_at: int | None = None
+    seq: int = 0  # the origin cell's sequence number (freshness.py); 0: minted without one
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -112,6 +114,7 @@ class RevocationRecord:
             "revoked_at": self.revoked_at,
             "reason": self.reason,
             "expires_at": self.expires_at,
+            "seq": self.seq,
         }
 
     @classmethod
@@ -124,6 +127,7 @@ class RevocationRecord:
             float(record["revoked_at"]),
             str(record.get("reason", "")),
             int(expires) if expires else None,
+            int(record.get("seq") or 0),
         )
 
 
@@ -134,6 +138,7 @@ class Receipt:
     id: str
     cell: str
     applied_at: float
+    path: str = ""  # the delivery path that brought it there first (PATHS), "" when not known
 
 
 # A revocation id is "rv_" + 11 hex digits of the minting time in milliseconds + 13
@@ -166,6 +171,11 @@ def check_subject(subject: str) -> str:
     return subject
 
 
+# The paths a revocation takes to a cell (issue 18): minted there, the relay mesh, a
+# direct call to the cell's API, a write into the cell's ledger by another cell.
+PATHS = ("origin", "relay", "direct", "ledger")
+
+
 def _receipt_key(revocation_id: str, cell: str) -> Key:
     return Key(Kind.REVOCATION_RECEIPT, f"{revocation_id}/{cell}")
 
@@ -186,45 +196,64 @@ class RevocationLog:
         self.cell = revocations.cell
 
     def record(self, subject: str, *, reason: str, expires_at: int | None = None) -> RevocationRecord:
-        rec = RevocationRecord(
-            new_revocation_id(),
-            check_subject(subject),
-            self.cell,
-            self.revocations.clock(),
-            reason,
-            expires_at,
-        )
-        self.apply(rec)
-        return rec
+        """Mint: number and stamp the revocation with this cell's counter (freshness.Mint)
+        in the same commit as the subject, its receipt and its seq marker."""
+        check_subject(subject)
+        mint = Mint(self.ledger, self.cell, self.revocations.clock)
+        while True:
+            seq, stamp, counter = mint.next_put()
+            rec = RevocationRecord(
+                new_revocation_id(stamp), subject, self.cell, stamp, reason, expires_at, seq
+            )
+            puts = self._apply_puts(rec, "origin", stamp)
+            try:
+                self.ledger.transact([counter, *puts])
+                return rec
+            except ConflictError:
+                pass
+            if mint.read()[2] != counter.expected_version:
+                continue  # another mint (or a heartbeat) won the counter: number it again
+            try:  # the subject was revoked already: the rest still commits together
+                self.ledger.transact([counter, *puts[1:]])
+                return rec
+            except ConflictError:
+                continue
 
-    def apply(self, rec: RevocationRecord) -> float:
-        """Make this cell's ledger hold `rec`; when it first did (this cell's receipt:
-        a repeat finds it through the conflict, not a read before every write)."""
+    def _apply_puts(self, rec: RevocationRecord, path: str, applied: float) -> list[Put]:
+        """Subject, this cell's receipt, and (for a numbered revocation) its seq marker."""
         subject_record = {
             "origin_cell": rec.origin_cell,
             "revoked_at": rec.revoked_at,
             "reason": rec.reason,
             "id": rec.id,
         }
+        receipt = {"cell": self.cell, "applied_at": applied, "path": path, "revocation": rec.as_json()}
+        puts = [
+            Put(Key(Kind.REVOCATION, rec.subject), encode_json(subject_record), 0, rec.expires_at),
+            Put(_receipt_key(rec.id, self.cell), encode_json(receipt), 0, rec.expires_at),
+        ]
+        if rec.seq > 0:
+            puts.append(seq_marker(rec.origin_cell, rec.seq, rec.revoked_at, path))
+        return puts
+
+    def apply(self, rec: RevocationRecord, path: str = "relay") -> float:
+        """Make this cell's ledger hold `rec`; when it first did (this cell's receipt:
+        a repeat finds it through the conflict, not a read before every write). `path`
+        names what brought it (PATHS); the receipt keeps the first one's."""
         applied = self.revocations.clock()
-        receipt = {"cell": self.cell, "applied_at": applied, "revocation": rec.as_json()}
-        subject_key = Key(Kind.REVOCATION, rec.subject)
-        receipt_key = _receipt_key(rec.id, self.cell)
-        try:  # both in one commit: the common case costs one fsync
-            self.ledger.transact(
-                [
-                    Put(subject_key, encode_json(subject_record), 0, rec.expires_at),
-                    Put(receipt_key, encode_json(receipt), 0, rec.expires_at),
-                ]
-            )
+        puts = self._apply_puts(rec, path, applied)
+        try:  # all in one commit: the common case costs one fsync
+            self.ledger.transact(puts)
             return applied
         except ConflictError:
             pass  # the subject was revoked already (maybe by another record), or the receipt is there
-        # Subject first, then the receipt: a receipt never claims a subject the set lacks.
-        with contextlib.suppress(ConflictError):
-            put_json_if(self.ledger, subject_key, subject_record, 0, expires_at=rec.expires_at)
+        # Subject first, then the seq marker and the receipt: a receipt never claims a
+        # subject the set lacks, nor a marker a revocation the set lacks.
+        for put in puts[:1] + puts[2:]:
+            with contextlib.suppress(ConflictError):
+                self.ledger.transact([put])
         try:
-            put_json_if(self.ledger, receipt_key, receipt, 0, expires_at=rec.expires_at)
+            self.ledger.transact([puts[1]])
         except ConflictError:
             again = self.applied_at(rec.id, self.cell)
             return applied if again is None else again
@@ -233,6 +262,8 @@ class RevocationLog:
     def store_receipt(self, receipt: Receipt, rec: RevocationRecord | None = None) -> bool:
         """Keep another cell's receipt; False if it was already kept."""
         value: dict[str, Any] = {"cell": receipt.cell, "applied_at": receipt.applied_at}
+        if receipt.path:
+            value["path"] = receipt.path
         if rec is not None:
             value["revocation"] = rec.as_json()
         expires = rec.expires_at if rec is not None else None  # goes when its revocation does
@@ -241,6 +272,13 @@ class RevocationLog:
         except ConflictError:
             return False
         return True
+
+    def receipt(self, revocation_id: str, cell: str) -> Receipt | None:
+        found = get_json(self.ledger, _receipt_key(revocation_id, cell))
+        if found is None:
+            return None
+        value = found[0]
+        return Receipt(revocation_id, cell, float(value["applied_at"]), str(value.get("path", "")))
 
     def applied_at(self, revocation_id: str, cell: str) -> float | None:
         found = get_json(self.ledger, _receipt_key(revocation_id, cell))
@@ -252,7 +290,11 @@ class RevocationLog:
         receipts: list[Receipt] = []
         for item in iter_prefix(self.ledger, Kind.REVOCATION_RECEIPT, revocation_id + "/", page_size=100):
             value = json.loads(item.value)
-            receipts.append(Receipt(revocation_id, str(value["cell"]), float(value["applied_at"])))
+            receipts.append(
+                Receipt(
+                    revocation_id, str(value["cell"]), float(value["applied_at"]), str(value.get("path", ""))
+                )
+            )
             if rec is None and isinstance(value.get("revocation"), dict):
                 rec = RevocationRecord.from_json(value["revocation"])
         if rec is None:

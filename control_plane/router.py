@@ -35,6 +35,7 @@ from keycell.control_plane.errors import (
     RequestError,
     UnsupportedOperation,
 )
+from keycell.control_plane.freshness import STALENESS_HEADER, bound_from_record, enforce, header_value
 from keycell.control_plane.keys import KeyBackendError
 from keycell.control_plane.ledger import LedgerUnavailableError
 
@@ -334,6 +335,8 @@ class Router:
         except Exception as exc:  # a bug: never leak detail, always log the type
             log.exception("internal error on %s %s (%s)", request.method, request.path, type(exc).__name__)
             response = self._error(request_id, 500, "internal error")
+        if ctx is not None and ctx.entry is not None:
+            self._stamp_staleness(response)
         elapsed = time.perf_counter() - started
         if auditor is not None and not (
             yield auditor.response_record(request_id, request, ctx, response, elapsed)
@@ -343,6 +346,17 @@ class Router:
             observe(request, matched, response.status, elapsed)
         return response
 
+    def _stamp_staleness(self, response: Response) -> None:
+        """Every authenticated answer says how stale this cell's revocation view may be
+        (freshness.py): the max over peers, in seconds."""
+        view = getattr(self.services, "freshness", None)
+        if view is None:
+            return
+        try:
+            response.headers[STALENESS_HEADER] = header_value(view.staleness())
+        except (LedgerUnavailableError, SealedError):
+            response.headers[STALENESS_HEADER] = "inf"  # unknown is as stale as it gets
+
     def _authenticate(self, ctx: Context, route: Route, operation: Operation, path: str) -> None:
         services = self.services
         if services.barrier.sealed:
@@ -351,6 +365,9 @@ class Router:
         if not token:
             raise PermissionDenied("permission denied: no token; send X-Vault-Token")
         entry = services.tokens.use(token)  # counts a use of a use-limited token
+        if entry.stale_bound and getattr(services, "freshness", None) is not None:
+            # the token's role bounds how stale this cell's revocation view may be (issue 18)
+            enforce(services.freshness, bound_from_record(entry.stale_bound), entry.cell, "refused")
         acl = services.policies.acl_for(entry.policies)
         if operation in _WRITE:
             wanted = route.write_capability(ctx) if route.write_capability else None

@@ -17,10 +17,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from keycell.control_plane import directory
 from keycell.control_plane.auth_jwt import JwtAuth
 from keycell.control_plane.barrier import Barrier
 from keycell.control_plane.database import DatabaseEngine
 from keycell.control_plane.envelope import DataKeyCache, Envelopes
+from keycell.control_plane.freshness import Freshness, FreshnessView
 from keycell.control_plane.identity import Identity
 from keycell.control_plane.keys import KeyBackend, KeySpec, UnknownKeyError
 from keycell.control_plane.kv import KvV2
@@ -72,6 +74,8 @@ class CellServices:
             self.seal = Seal(ledger, self.barrier, sharing=sharing)
         self.started = clock()
         self.revocations = RevocationSet(self.barrier, config.cell_id, clock=clock)
+        # Per-peer revocation watermarks (issue 18); the peers are the cell directory's.
+        self.freshness = FreshnessView(Freshness(self.barrier, config.cell_id, clock), self.peer_cells)
         self.tokens = TokenStore(self.barrier, self.revocations, clock=clock)
         self.policies = PolicyStore(self.barrier)
         self.jwt = JwtAuth(self.barrier, self.tokens, clock=clock)
@@ -124,6 +128,11 @@ class CellServices:
             revoker_data={"accessor": entry.accessor},
         )
         return str(lease.lease_id)
+
+    def peer_cells(self) -> list[str]:
+        """The other live cells of the directory."""
+        entries = directory.load(self.barrier)
+        return sorted(c for c, e in entries.items() if not e.removed and c != self.config.cell_id)
 
     def wrapping_ttl(self, header: str) -> int:
         return parse_duration(header)

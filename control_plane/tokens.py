@@ -57,6 +57,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from keycell.control_plane.errors import InvalidRequest, PermissionDenied, Unavailable
+from keycell.control_plane.freshness import StaleBound
 from keycell.control_plane.ledger import (
     Check,
     ConflictError,
@@ -118,6 +119,9 @@ class TokenEntry:
     max_ttl: int = 0  # the creating auth method's max TTL (a role's token_max_ttl); 0: the store's
     last_renewal_time: int | None = None
     depth: int = 0  # 0 for an orphan, parent's depth + 1 otherwise
+    cell: str = ""  # the issuing cell ("" in records older than issue 18: this cell)
+    # the role's revocation freshness bound (freshness.StaleBound as JSON), {} when none
+    stale_bound: dict[str, Any] = field(default_factory=dict)
 
     def ttl(self, now: float) -> int:
         """Seconds left; 0 for a token that never expires."""
@@ -146,6 +150,8 @@ class TokenEntry:
             "max_ttl": self.max_ttl,
             "last_renewal_time": self.last_renewal_time,
             "depth": self.depth,
+            "cell": self.cell,
+            "stale_bound": dict(self.stale_bound),
         }
 
     @classmethod
@@ -172,6 +178,8 @@ class TokenEntry:
                 None if record.get("last_renewal_time") is None else int(record["last_renewal_time"])
             ),
             depth=int(record.get("depth", 0)),
+            cell=str(record.get("cell", "")),
+            stale_bound=dict(record.get("stale_bound") or {}),
         )
 
 
@@ -382,6 +390,7 @@ class TokenStore:
         path: str = "auth/token/create",
         sudo: bool = False,
         entity_id: str = "",
+        stale_bound: StaleBound | None = None,
     ) -> tuple[str, TokenEntry]:
         """POST auth/token/create and create-orphan; auth methods' logins (`parent=None`).
 
@@ -499,6 +508,13 @@ class TokenStore:
             entity_id=entity_id if orphan or parent is None else parent.entity_id,
             max_ttl=backend_max,
             depth=depth,
+            cell=self.revocations.cell,
+            # a child keeps its parent's bound unless it states its own
+            stale_bound=(
+                stale_bound.as_json()
+                if stale_bound is not None
+                else (dict(parent.stale_bound) if parent is not None else {})
+            ),
         )
         token = new_token()
         self._store_new(token, entry)

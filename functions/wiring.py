@@ -41,6 +41,10 @@ Environment (all optional):
   KEYCELL_RELAY         HOST:PORT of the cell's local relay: revocations are handed to it
                         (sys/revocations) and the server's revocation stream follows it; KV
                         writes go to each secret's home cell through it (keycell/cells)
+  KEYCELL_PEER_TOKEN    a token with sudo on sys/revocations/apply in every other cell: each
+                        revocation minted here also goes straight to the other cells' APIs
+                        (from the cell directory), and this cell's freshness heartbeat every
+                        KEYCELL_HEARTBEAT_S (default 0.25) seconds (keycell/cells/paths.py)
   KEYCELL_RELAY_TLS_CERT, KEYCELL_RELAY_TLS_KEY, KEYCELL_RELAY_TLS_CA
                         mTLS to that relay: this process's certificate (SPIFFE ID
                         spiffe://TD/keycell/api/CELL), its key, the mesh CA (keycell/relay/tls.py)
@@ -301,4 +305,10 @@ def router_from_environment(env: dict[str, str] | None = None) -> Router:
         from keycell.cells.api import install as install_cells
 
         install_cells(router, services, handoff.addr, handoff.tls)
+    if env.get("KEYCELL_PEER_TOKEN"):  # the direct revocation path and heartbeats (issue 18)
+        from keycell.cells.paths import DirectPath
+
+        services.revocation_paths = DirectPath(  # type: ignore[attr-defined]
+            services, env["KEYCELL_PEER_TOKEN"], heartbeat_every=float(env.get("KEYCELL_HEARTBEAT_S", "0.25"))
+        ).start()
     return router

@@ -276,11 +276,13 @@ def revoke(
     cell it could not reach) and every lease issued under the prefix from then on."""
     url = plan.cells[plan.via]
     started = time.monotonic()
+    direct = DirectFanout(api, plan)
     for prefix in plan.prefixes if tombstone else []:
         if prefix not in state.data["prefix_revocations"]:
             answer = api.ok(url, "POST", "sys/revocations", {"prefix": prefix, "reason": reason})
             state.data["prefix_revocations"][prefix] = answer["data"]["id"]
             state.save()
+            direct.deliver(answer["data"])
     enforced = set(state.data["enforced"])
     todo = [c for c in plan.credentials if c.key not in state.data["revoked"]]
     outcome.revoked_before += len(plan.credentials) - len(todo)
@@ -303,6 +305,7 @@ def revoke(
                 with state.lock:
                     state.data["enforced"].append(cred.key)
             answer = api.ok(url, "POST", "sys/revocations", {**cred.subject, "reason": reason})
+            direct.deliver(answer["data"])
         except BreachError as exc:
             with state.lock:
                 outcome.failed[cred.key] = str(exc)
@@ -321,6 +324,51 @@ def revoke(
                 saved = time.monotonic()
     state.save()
     outcome.revoke_seconds += time.monotonic() - started
+
+
+DIRECT_ATTEMPTS = 2
+DIRECT_TIMEOUT = 1.0  # seconds per try: a cut-off cell must not hold the runbook up
+_RECORD_FIELDS = ("id", "subject", "origin_cell", "revoked_at", "reason", "seq")
+
+
+class DirectFanout:
+    """The direct path from the runbook too (issue 18): each revocation `plan.via`
+    commits goes to every other cell's API (POST sys/revocations/apply), in parallel,
+    at most DIRECT_ATTEMPTS tries of DIRECT_TIMEOUT each, besides the relays and the via
+    cell's own direct path. Idempotent. A cell that fails is not tried again in this
+    run: the other paths (and the relays' anti-entropy after a heal) still carry it."""
+
+    def __init__(self, api: Api, plan: Plan) -> None:
+        self.api = Api(api.token, timeout=DIRECT_TIMEOUT, tokens=api.tokens)
+        self.cells = {c: u for c, u in plan.cells.items() if c != plan.via and c not in plan.unreachable}
+        self.down: set[str] = set()
+        self.delivered: dict[str, int] = dict.fromkeys(self.cells, 0)
+        self._lock = threading.Lock()
+
+    def deliver(self, record: dict[str, Any]) -> None:
+        body = {"revocations": [{k: record.get(k) for k in _RECORD_FIELDS}]}
+        targets = {c: u for c, u in self.cells.items() if c not in self.down}
+        if not targets:
+            return
+        with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+            for cell, took in zip(
+                targets, pool.map(lambda u: self._send(u, body), targets.values()), strict=True
+            ):
+                with self._lock:
+                    if took:
+                        self.delivered[cell] += 1
+                    else:
+                        self.down.add(cell)
+
+    def _send(self, url: str, body: dict[str, Any]) -> bool:
+        for _ in range(DIRECT_ATTEMPTS):
+            try:
+                status, _answer = self.api.call(url, "POST", "sys/revocations/apply", body)
+            except BreachError:
+                continue
+            if status == 200:
+                return True
+        return False
 
 
 def rotate(

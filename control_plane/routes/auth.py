@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from keycell.control_plane.errors import InvalidRequest
+from keycell.control_plane.freshness import ON_STALE, parse_bound
 from keycell.control_plane.router import (
     Context,
     Operation,
@@ -62,6 +63,7 @@ def register(router: Router, services: Any) -> None:
                 num_uses=field_int(data, "num_uses", 0) or 0,
                 path=path,
                 sudo=ctx.acl.allows(ctx.request.path, "sudo"),
+                stale_bound=parse_bound(data),
             )
             if data.get("id"):
                 raise InvalidRequest("custom token IDs are not supported; omit 'id'")
@@ -424,6 +426,8 @@ _JWT_ROLE_REQUEST = obj(
             "description": "accept a JWT-SVID of any SPIFFE ID of the trust domain; without it a role "
             "that names neither bound_spiffe_ids nor bound_subject refuses JWT-SVIDs (default false)",
         },
+        "max_revocation_staleness": nullable({"type": "number"}),
+        "on_stale": {"type": "string", "enum": list(ON_STALE)},
     }
 )
 _JWT_ROLE = obj(

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from keycell.control_plane.errors import InvalidRequest
+from keycell.control_plane.freshness import bound_from_record, enforce
 from keycell.control_plane.ledger import InvalidItemError, InvalidKeyError
 from keycell.control_plane.rotation import Stage, sweep, validate_name
 from keycell.control_plane.router import (
@@ -72,6 +73,12 @@ def register_database(router: Router, services: Any) -> None:
         db.write_role(ctx.params["name"], ctx.data)
 
     def creds(ctx: Context) -> Result:
+        freshness = getattr(services, "freshness", None)
+        if freshness is not None and ctx.entry is not None:  # the role's bound (issue 18)
+            role = db.read_role(ctx.params["name"])
+            enforce(
+                freshness, bound_from_record(role), ctx.entry.cell, f"database/creds/{ctx.params['name']}"
+            )
         data, lease = db.creds(ctx.params["name"])
         return Result(
             data=data,

@@ -17,14 +17,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from typing import Any
 
 from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
+from keycell.control_plane.freshness import Heartbeat, max_staleness
 from keycell.control_plane.revocations import (
     SVID_ID,
     RevocationLog,
     RevocationRecord,
+    check_subject,
     spiffe_subject,
     svid_subject,
 )
@@ -137,7 +140,34 @@ def register(router: Router, services: Any) -> None:
                 relay = "handed-over"
             except Exception:  # the relay picks it up from the ledger later
                 relay = "unreachable"
-        return {**_describe(rec), "relay": relay}
+        paths = getattr(services, "revocation_paths", None)  # direct and ledger (issue 18)
+        if paths is not None:
+            paths.deliver(rec)  # in the background, with bounded retries: the reply never waits
+        return {**_describe(rec), "relay": relay, "seq": rec.seq}
+
+    def apply(ctx: Context) -> dict[str, Any]:
+        """A peer cell delivers revocations (and its heartbeat) directly: each is applied
+        as the relay would (idempotent), and the reply is this cell's receipts."""
+        records = _records(ctx.data.get("revocations", []), services.config.cell_id)
+        heartbeat = _heartbeat(ctx.data.get("heartbeat"), services.config.cell_id)
+        applied: dict[str, Any] = {}
+        for rec in records:
+            at = log.apply(rec, "direct")
+            receipt = log.receipt(rec.id, services.config.cell_id)
+            applied[rec.id] = {"applied_at": at, "path": receipt.path if receipt else "direct"}
+        if heartbeat is not None:
+            services.freshness.freshness.note_heartbeat(heartbeat, "direct")
+        return {"cell": services.config.cell_id, "applied": applied}
+
+    def freshness(ctx: Context) -> dict[str, Any]:
+        marks = services.freshness.freshness.watermarks(services.peer_cells())
+        worst = max_staleness(marks)
+        return {
+            "cell": services.config.cell_id,
+            "peers": {peer: mark.as_json() for peer, mark in marks.items()},
+            "max_staleness_seconds": None if math.isinf(worst) else round(worst, 6),
+            "stale_peers_unknown": sorted(p for p, m in marks.items() if m.watermark is None),
+        }
 
     def read(ctx: Context) -> dict[str, Any]:
         rid = ctx.params["id"]
@@ -145,9 +175,10 @@ def register(router: Router, services: Any) -> None:
         if found is None:
             raise NotFound(f"no revocation {rid} in this cell (yet)")
         rec, receipts = found
-        cells = {
+        cells: dict[str, dict[str, Any]] = {
             r.cell: {
                 "applied_at": r.applied_at,
+                "path": r.path or None,
                 "exposure_seconds": round(max(0.0, r.applied_at - rec.revoked_at), 6),
             }
             for r in receipts
@@ -155,10 +186,67 @@ def register(router: Router, services: Any) -> None:
         return {
             **_describe(rec),
             "cells": cells,
-            "exposure_window_seconds": max(c["exposure_seconds"] for c in cells.values()) if cells else None,
+            "exposure_window_seconds": (
+                max(float(c["exposure_seconds"]) for c in cells.values()) if cells else None
+            ),
         }
 
-    cell_schema = obj({"applied_at": _NUMBER, "exposure_seconds": _NUMBER})
+    cell_schema = obj({"applied_at": _NUMBER, "exposure_seconds": _NUMBER, "path": nullable(STR)})
+    peer_schema = obj(
+        {
+            "watermark": nullable(_NUMBER),
+            "staleness_seconds": nullable(_NUMBER),
+            "contiguous_seq": {"type": "integer"},
+            "path": nullable(STR),
+        }
+    )
+    router.add(
+        r"sys/revocations/freshness",
+        {Operation.READ: freshness},
+        family="sys",
+        doc=RouteDoc(
+            "/sys/revocations/freshness",
+            "Per peer cell: the time up to which this cell holds every revocation minted there.",
+            operations={
+                Operation.READ: OperationDoc(
+                    "Read revocation freshness",
+                    responses=ok(
+                        obj(
+                            {
+                                "cell": STR,
+                                "peers": {"type": "object", "additionalProperties": peer_schema},
+                                "max_staleness_seconds": nullable(_NUMBER),
+                                "stale_peers_unknown": {"type": "array", "items": STR},
+                            }
+                        )
+                    ),
+                )
+            },
+        ),
+    )
+    router.add(
+        r"sys/revocations/apply",
+        {Operation.UPDATE: apply},
+        sudo=True,
+        family="sys",
+        doc=RouteDoc(
+            "/sys/revocations/apply",
+            "Another cell delivers revocations it minted (the direct path), and its heartbeat.",
+            operations={
+                Operation.UPDATE: OperationDoc(
+                    "Apply revocations from a peer cell",
+                    body=obj(
+                        {
+                            "revocations": {"type": "array", "items": {"type": "object"}},
+                            "heartbeat": obj({"cell": STR, "seq": {"type": "integer"}, "at": _NUMBER}),
+                        }
+                    ),
+                    body_required=True,
+                    responses=ok(obj({"cell": STR, "applied": {"type": "object"}})),
+                )
+            },
+        ),
+    )
     record_schema = {"id": STR, "subject": STR, "origin_cell": STR, "revoked_at": _NUMBER, "reason": STR}
     router.add(
         r"sys/revocations",
@@ -203,6 +291,42 @@ def register(router: Router, services: Any) -> None:
             },
         ),
     )
+
+
+MAX_APPLY = 500  # revocations per direct delivery
+
+
+def _records(value: object, cell: str) -> list[RevocationRecord]:
+    """Peer-delivered records, checked before any is applied (no partial write)."""
+    if not isinstance(value, list) or len(value) > MAX_APPLY:
+        raise InvalidRequest(f"'revocations' is a list of at most {MAX_APPLY} revocation records")
+    out = []
+    for item in value:
+        try:
+            rec = RevocationRecord.from_json(item)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise InvalidRequest(
+                "each revocation has id, subject, origin_cell, revoked_at, reason, seq"
+            ) from None
+        if not _ID.fullmatch(rec.id) or rec.seq < 0 or not math.isfinite(rec.revoked_at):
+            raise InvalidRequest("a revocation's id is rv_ + 24 hex digits, its seq >= 0")
+        if not _SAFE.fullmatch(rec.origin_cell) or rec.origin_cell == cell:
+            raise InvalidRequest("a delivered revocation names another cell as its origin")
+        check_subject(rec.subject)
+        out.append(rec)
+    return out
+
+
+def _heartbeat(value: object, cell: str) -> Heartbeat | None:
+    if value is None:
+        return None
+    try:
+        hb = Heartbeat.from_json(value)  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise InvalidRequest("'heartbeat' is {cell, seq, at}") from None
+    if hb.seq < 0 or not math.isfinite(hb.at) or not _SAFE.fullmatch(hb.cell) or hb.cell == cell:
+        raise InvalidRequest("'heartbeat' names another cell, a seq >= 0 and a time")
+    return hb
 
 
 def _describe(rec: RevocationRecord) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from keycell.control_plane.errors import InvalidRequest, NotFound
+from keycell.control_plane.freshness import enforce
 from keycell.control_plane.router import Context, Operation, OperationDoc, RouteDoc, Router
 from keycell.control_plane.routes.openapi import (
     ANY_OBJECT,
@@ -23,11 +24,16 @@ from keycell.control_plane.transit import MAX_NAME_CHARS
 
 
 def register(router: Router, services: Any) -> None:
-    register_kv(router, services.kv, "secret")
+    register_kv(router, services.kv, "secret", getattr(services, "freshness", None))
     register_transit(router, services.transit, "transit")
 
 
-def register_kv(router: Router, kv: Any, mount: str) -> None:
+def register_kv(router: Router, kv: Any, mount: str, freshness: Any = None) -> None:
+    def guard(ctx: Context) -> None:
+        """The mount's revocation freshness bound (issue 18): checked before any work."""
+        if freshness is not None and ctx.entry is not None:
+            enforce(freshness, kv.stale_bound(), ctx.entry.cell, f"{mount}/")
+
     def options(ctx: Context) -> dict[str, Any]:
         opts = ctx.data.get("options") or {}
         if not isinstance(opts, dict):
@@ -40,12 +46,15 @@ def register_kv(router: Router, kv: Any, mount: str) -> None:
         return ctx.data["data"]
 
     def read(ctx: Context) -> dict[str, Any]:
+        guard(ctx)
         return kv.read(ctx.params["path"], ctx.request.query.get("version"))  # type: ignore[no-any-return]
 
     def write(ctx: Context) -> dict[str, Any]:
+        guard(ctx)
         return kv.write(ctx.params["path"], data_of(ctx), cas=options(ctx).get("cas"))  # type: ignore[no-any-return]
 
     def patch(ctx: Context) -> dict[str, Any]:
+        guard(ctx)
         return kv.patch(ctx.params["path"], data_of(ctx), cas=options(ctx).get("cas"))  # type: ignore[no-any-return]
 
     def delete_latest(ctx: Context) -> None:
@@ -89,7 +98,7 @@ def register_kv(router: Router, kv: Any, mount: str) -> None:
 
     def write_config(ctx: Context) -> None:
         d = ctx.data
-        kv.write_config(d.get("max_versions"), d.get("cas_required"), d.get("delete_version_after"))
+        kv.write_config(d.get("max_versions"), d.get("cas_required"), d.get("delete_version_after"), d)
 
     def data_exists(ctx: Context) -> Operation:
         try:

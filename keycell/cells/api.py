@@ -40,6 +40,7 @@ from keycell.control_plane import directory as directory_mod
 from keycell.control_plane import kvchange
 from keycell.control_plane.cellkeys import CellKey, seal_to
 from keycell.control_plane.errors import InvalidRequest, NotFound, RequestError
+from keycell.control_plane.freshness import enforce
 from keycell.control_plane.replicas import Home, NoMajority, NotHome, Replicas
 from keycell.control_plane.router import Context, Operation, OperationDoc, Result, RouteDoc, Router
 from keycell.control_plane.routes.openapi import STR, STR_LIST, obj, ok
@@ -420,6 +421,9 @@ _CHANGES: dict[str, dict[Operation, Extract]] = {
 
 def _forwarding(front: CellsFrontend, extract: Extract) -> Callable[[Context], dict[str, Any] | None]:
     def change(ctx: Context) -> dict[str, Any] | None:
+        view = getattr(front.services, "freshness", None)
+        if view is not None and ctx.entry is not None:  # the mount's bound (issue 18), before any work
+            enforce(view, front.services.kv.stale_bound(), ctx.entry.cell, "secret/")
         op, args = extract(ctx)
         return front.change(ctx.params["path"], op, args)
 

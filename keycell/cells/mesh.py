@@ -4,20 +4,29 @@ own loopback gRPC port, and an API router built on its own CellServices over the
 cell's SQLite ledger, as a separate API process would have (the router is called in
 process; everything between cells and between a cell's API and its relay crosses a
 real gRPC socket). The relays' fault injection partitions cells.
+
+With `direct=True` each cell's router also listens on a loopback HTTP port (its URL is
+the cell's `api` in the directory) and a DirectPath (keycell/cells/paths.py) delivers
+its revocations and heartbeats to the other cells over real HTTP; `cut_direct` drops
+those calls between two cells (the connection is closed unanswered), `partition` cuts
+both the relays and the direct path, `cut_relays` only the relays.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
 from keycell.cells.agent import CellAgent, CellTiming, attach
 from keycell.cells.api import CellsFrontend, install
+from keycell.cells.paths import FROM_CELL_HEADER, DirectPath
 from keycell.control_plane.router import Request, Response, Router
 from keycell.control_plane.routes import build_router
 from keycell.relay.cell import LedgerSink
@@ -54,6 +63,8 @@ class Mesh:
         profile: Profile = LOCAL,
         timing: CellTiming | None = None,
         seed: int = 1,
+        direct: bool = False,
+        heartbeat_every: float = 0.2,
     ) -> None:
         self.folder = folder
         self.cells = cells
@@ -68,6 +79,12 @@ class Mesh:
         self.routers: dict[str, Router] = {}
         self.fronts: dict[str, CellsFrontend] = {}
         self.api_services: dict[str, Any] = {}
+        self.direct = direct
+        self.heartbeat_every = heartbeat_every
+        self.direct_paths: dict[str, DirectPath] = {}
+        self.http: dict[str, ThreadingHTTPServer] = {}
+        self.api_urls: dict[str, str] = {}
+        self.direct_cuts: set[frozenset[str]] = set()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="cells-mesh", daemon=True)
 
@@ -76,6 +93,9 @@ class Mesh:
 
     def start(self) -> Mesh:
         self._thread.start()
+        if self.direct:
+            for cell in self.cells:
+                self._listen(cell)
         for cell in self.cells:
             folder = self.folder / cell
             folder.mkdir(parents=True, exist_ok=True)
@@ -89,7 +109,60 @@ class Mesh:
             services.relay_handoff = RelayHandoff(self.relays[cell][0].addr)
             self.routers[cell] = router
             self.api_services[cell] = services
+            if self.direct:
+                path = DirectPath(services, ROOT, heartbeat_every=self.heartbeat_every)
+                services.revocation_paths = path
+                self.direct_paths[cell] = path.start()
         return self
+
+    def _listen(self, cell: str) -> None:
+        mesh = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                caller = self.headers.get(FROM_CELL_HEADER)
+                if caller and frozenset((caller, cell)) in mesh.direct_cuts:
+                    self.close_connection = True  # cut: the caller sees a dropped connection
+                    return
+                router = mesh.routers.get(cell)
+                if router is None:
+                    self.send_error(503)
+                    return
+                path, _, _query = self.path.partition("?")
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                request = Request(
+                    self.command,
+                    path.removeprefix("/v1/"),
+                    json.loads(raw) if raw else {},
+                    {},
+                    headers,
+                    headers.get("x-vault-token"),
+                    self.client_address[0],
+                )
+                reply = router.handle(request)
+                body = b"" if reply.body is None else json.dumps(reply.body).encode()
+                self.send_response(reply.status)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name=f"http-{cell}", daemon=True).start()
+        self.http[cell] = server
+        self.api_urls[cell] = f"http://127.0.0.1:{server.server_address[1]}"
 
     async def _start_relays(self) -> None:
         seeds: list[str] = []
@@ -105,7 +178,10 @@ class Mesh:
                     seeds=seeds[:2],
                     rng=random.Random(self.rng.random()),  # noqa: S311
                 )
-                self.agents[cell].append(attach(relay, self.sinks[cell].services, timing=self.timing))
+                api_url = self.api_urls.get(cell, "")
+                self.agents[cell].append(
+                    attach(relay, self.sinks[cell].services, api_url=api_url, timing=self.timing)
+                )
                 await relay.start()
                 self.faults.groups[relay.addr] = cell
                 self.relays[cell].append(relay)
@@ -120,6 +196,11 @@ class Mesh:
                 for agent in agents:
                     await agent.close()
 
+        for path in self.direct_paths.values():
+            path.close()
+        for server in self.http.values():
+            server.shutdown()
+            server.server_close()
         try:
             self.run(stop_all())
         finally:
@@ -136,12 +217,23 @@ class Mesh:
     # --- faults ------------------------------------------------------------------------
 
     def partition(self, cell: str) -> None:
+        """Cut `cell` off from every other cell: relays and the direct path."""
+        self.cut_relays(cell)
+        self.cut_direct(cell)
+
+    def cut_relays(self, cell: str) -> None:
         for other in self.cells:
             if other != cell:
                 self.faults.partition(cell, other)
 
+    def cut_direct(self, cell: str) -> None:
+        for other in self.cells:
+            if other != cell:
+                self.direct_cuts.add(frozenset((cell, other)))
+
     def heal(self) -> None:
         self.faults.heal()
+        self.direct_cuts.clear()
 
     # --- the API -------------------------------------------------------------------------
 

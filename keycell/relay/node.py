@@ -102,12 +102,13 @@ def rev_to_pb(rec: RevocationRecord) -> pb.Revocation:
         revoked_at=rec.revoked_at,
         reason=rec.reason,
         expires_at=rec.expires_at or 0,
+        seq=rec.seq,
     )
 
 
 def rev_from_pb(msg: pb.Revocation) -> RevocationRecord:
     return RevocationRecord(
-        msg.id, msg.subject, msg.origin_cell, msg.revoked_at, msg.reason, msg.expires_at or None
+        msg.id, msg.subject, msg.origin_cell, msg.revoked_at, msg.reason, msg.expires_at or None, msg.seq
     )
 
 

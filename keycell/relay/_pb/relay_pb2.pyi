@@ -17,20 +17,22 @@ SUSPECT: State
 DEAD: State
 
 class Revocation(_message.Message):
-    __slots__ = ("id", "subject", "origin_cell", "revoked_at", "reason", "expires_at")
+    __slots__ = ("id", "subject", "origin_cell", "revoked_at", "reason", "expires_at", "seq")
     ID_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_CELL_FIELD_NUMBER: _ClassVar[int]
     REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     id: str
     subject: str
     origin_cell: str
     revoked_at: float
     reason: str
     expires_at: int
-    def __init__(self, id: _Optional[str] = ..., subject: _Optional[str] = ..., origin_cell: _Optional[str] = ..., revoked_at: _Optional[float] = ..., reason: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
+    seq: int
+    def __init__(self, id: _Optional[str] = ..., subject: _Optional[str] = ..., origin_cell: _Optional[str] = ..., revoked_at: _Optional[float] = ..., reason: _Optional[str] = ..., expires_at: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class Receipt(_message.Message):
     __slots__ = ("id", "cell", "applied_at", "expires_at")
