@@ -294,7 +294,11 @@ def server(
         services = services_from_environment()
         result = services.seal.init(1, 1, root_token=dev_root_token)
         services.after_unseal()
-        errors.print("[bold yellow]development server[/]: in-memory-grade storage in " + folder)
+        errors.print(
+            "[bold yellow]development server[/]: the ledger in "
+            + folder
+            + " is not fsynced (a crash of the machine may lose any write); never for real secrets"
+        )
         errors.print(f"root token: {result.root_token}")
         services.ledger.close()
     else:
