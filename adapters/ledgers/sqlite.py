@@ -118,6 +118,7 @@ class SqliteLedger:
         self._queue_lock = threading.Lock()
         self._leading = False  # a writer of this process holds (or is taking) the write lock
         self._writer_mutex = threading.Lock()  # the leader's, so that close() never closes its fd under it
+        self.committed_batches = 0  # transactions committed for writers (each one fsync)
         self._writers_fd = self._open_writers()
         self._write(lambda db: db.execute(SCHEMA))
 
@@ -253,6 +254,12 @@ class SqliteLedger:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise LedgerUnavailableError(f"commit to the ledger at {self.path} failed: {exc}") from exc
+        self.committed_batches += 1
+
+    def queued(self) -> int:
+        """Writers of this process queued for the next batch (not yet taken by a leader)."""
+        with self._queue_lock:
+            return len(self._queue)
 
     @staticmethod
     def _current(db: sqlite3.Connection, key: Key, at: int) -> tuple[int, bool]:
