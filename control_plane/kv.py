@@ -44,7 +44,6 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
 from keycell.control_plane.envelope import Envelope, Envelopes
@@ -956,7 +955,7 @@ def _rfc3339(micros: int | None) -> str:
     if micros is None:
         return ""
     seconds, fraction = divmod(micros, 1_000_000)
-    text = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))  # a third of datetime's cost
     if fraction:
         text += "." + f"{fraction:06d}".rstrip("0")
     return text + "Z"

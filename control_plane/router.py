@@ -370,8 +370,13 @@ class Router:
             enforce(services.freshness, bound_from_record(entry.stale_bound), entry.cell, "refused")
         acl = services.policies.acl_for(entry.policies)
         if operation in _WRITE:
-            wanted = route.write_capability(ctx) if route.write_capability else None
-            candidates = [wanted] if wanted is not None else list(_WRITE)
+            candidates = list(_WRITE)
+            # Whether a write creates or updates costs a read of what is there (KV's
+            # data_exists): asked only when the policy grants one but not the other.
+            if route.write_capability and not all(acl.allows(path, c.value) for c in candidates):
+                wanted = route.write_capability(ctx)
+                if wanted is not None:
+                    candidates = [wanted]
             allowed = any(acl.allows(path, c.value) for c in candidates)
         else:
             allowed = acl.allows(path, operation.value)

@@ -185,7 +185,9 @@ def dev_environment(data_dir: str, cell: str | None = None) -> dict[str, str]:
     keys in a plain file (development only), sealed by that key so every process
     unseals itself."""
     return {
-        "KEYCELL_LEDGER": f"sqlite://{os.path.join(data_dir, 'cell.db')}",
+        # Nothing of a dev cell needs to survive a crash of the machine: its commits are
+        # not fsynced (OpenBao's dev server keeps its storage in memory).
+        "KEYCELL_LEDGER": f"sqlite://{os.path.join(data_dir, 'cell.db')}?synchronous=off",
         "KEYCELL_KEY_BACKEND": "software",
         "KEYCELL_SOFTWARE_KEYS": f"sqlite://{os.path.join(data_dir, 'dev-keys.db')}",
         "KEYCELL_SEAL": "hsm",

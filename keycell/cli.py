@@ -383,7 +383,11 @@ def server(
             1, 1, root_token=root_token, short_root_token_ok=dev_root_token_id is not None
         )
         services.after_unseal()
-        errors.print("[bold yellow]development server[/]: in-memory-grade storage in " + folder)
+        errors.print(
+            "[bold yellow]development server[/]: the ledger in "
+            + folder
+            + " is not fsynced (a crash of the machine may lose any write); never for real secrets"
+        )
         errors.print(f"root token: {result.root_token}")
         services.ledger.close()
     else:

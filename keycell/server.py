@@ -25,6 +25,7 @@ import os
 import socket
 import ssl
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -99,6 +100,11 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             return  # the client went away
         if isinstance(body, tuple):
             reply = body
+        elif WRITER_THREADS and scope["method"].upper() not in _ON_LOOP:
+            # A write waits on the ledger's commit (an fsync): on a thread, so that the
+            # writes in flight share one commit (group commit, adapters/ledgers/sqlite.py)
+            # and reads go on meanwhile.
+            reply = await handle_http_threaded(scope, body)
         elif router().auditor is None:
             reply = handle_http(scope, body)
         else:
@@ -412,19 +418,65 @@ def handle_http(scope: dict[str, Any], body: bytes) -> _Reply:
 
 
 _committer: AsyncCommitter | None = None
+# Reads run on the event loop (nothing in them waits on a device); every other method
+# may write, and runs on a writer thread.
+_ON_LOOP = frozenset({"GET", "HEAD", "OPTIONS"})
+# Writers in flight per worker, each parked on the ledger's next commit most of its time
+# (0: writes run on the loop too, one at a time per worker).
+WRITER_THREADS = int(os.environ.get("KEYCELL_WRITER_THREADS", "32"))
+_writers: ThreadPoolExecutor | None = None
+
+
+def _audit_committer() -> AsyncCommitter:
+    global _committer
+    current = router()
+    if _committer is None or _committer.auditor is not current.auditor:
+        _committer = AsyncCommitter(current.auditor)
+    return _committer
+
+
+async def handle_http_threaded(scope: dict[str, Any], body: bytes) -> _Reply:
+    """One request on a writer thread; its audit entries (if any) are committed by the
+    loop's AsyncCommitter, in a batch with the other requests' entries."""
+    global _writers
+    loop = asyncio.get_running_loop()
+    current = router()  # built on the loop, not raced by the writer threads
+    commit = None
+    if current.auditor is not None:
+        committer = _audit_committer()
+
+        def commit(record: dict[str, Any]) -> bool:
+            return asyncio.run_coroutine_threadsafe(committer.commit(record), loop).result()
+
+    if _writers is None:
+        _writers = ThreadPoolExecutor(max_workers=max(1, WRITER_THREADS), thread_name_prefix="keycell-writer")
+    return await loop.run_in_executor(_writers, _handle_on_thread, scope, body, commit)
+
+
+def _handle_on_thread(scope: dict[str, Any], body: bytes, commit: Any) -> _Reply:
+    prepared = _to_request(scope, body)
+    if not isinstance(prepared, Request):
+        return prepared
+    current = router()
+    if commit is None:
+        return _reply(http.encode(current.handle(prepared)))
+    steps = current.steps(prepared)  # Router.handle's loop, with the loop's commit
+    try:
+        record = next(steps)
+        while True:
+            record = steps.send(commit(record))
+    except StopIteration as done:
+        return _reply(http.encode(done.value))
 
 
 async def handle_http_async(scope: dict[str, Any], body: bytes) -> _Reply:
     """One request on the event loop, its audit entries group-committed with those of
     the other requests in flight (on the loop for local sinks, else on a thread)."""
-    global _committer
     prepared = _to_request(scope, body)
     if not isinstance(prepared, Request):
         return prepared
     current = router()
-    if _committer is None or _committer.auditor is not current.auditor:
-        _committer = AsyncCommitter(current.auditor)
-    return _reply(http.encode(await current.handle_async(prepared, _committer.commit)))
+    return _reply(http.encode(await current.handle_async(prepared, _audit_committer().commit)))
 
 
 class VaultHttpProtocol(HttpToolsProtocol):

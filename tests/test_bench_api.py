@@ -2,7 +2,8 @@
 --quick`, in its own process, against `keycell server --dev` only, with the built-in
 Python load generator (`make test` installs neither wrk nor OpenBao; `make bench`
 drives both). It must print a complete JSON report and stop every server it started;
-the figures themselves are for `make bench`, not for assertions here."""
+the figures themselves are for `make bench`, not for assertions here. Both modes run:
+`--dev`, and `--data-dir` initialized and unsealed through sys/init and sys/unseal."""
 
 from __future__ import annotations
 
@@ -24,23 +25,28 @@ def test_quick_run_against_keycell_prints_a_complete_report() -> None:
     assert report["benchmark"] == "api"
     assert report["machine"]["cores"] >= 1
     assert report["load"]["generator"].startswith("python")
-    assert set(report["servers"]) == {"keycell"}
-    assert set(report["kv_v2"]) == {"keycell"}
-    for op in ("read", "write"):
-        figures = report["kv_v2"]["keycell"][op]
-        assert set(figures) == {
-            "requests_per_s",
-            "requests_per_s_rounds",
-            "p50_ms",
-            "p99_ms",
-            "requests",
-            "errors",
-        }
-        assert len(figures["requests_per_s_rounds"]) == report["load"]["rounds"]
-        assert figures["requests"] > 0 and figures["errors"] == 0
-        assert figures["requests_per_s"] > 0
-        assert 0 < figures["p50_ms"] <= figures["p99_ms"]
-    assert "ratio_keycell_to_openbao" not in report  # only when both servers ran
+    assert set(report["servers"]) == {"keycell_dev", "keycell_durable"}
+    assert report["load"]["modes"] == ["dev", "durable"]
+    assert set(report["kv_v2"]) == {"dev", "durable"}
+    for mode in ("dev", "durable"):
+        assert set(report["kv_v2"][mode]) == {"keycell"}
+        for op in ("read", "write"):
+            figures = report["kv_v2"][mode]["keycell"][op]
+            assert set(figures) == {
+                "requests_per_s",
+                "requests_per_s_rounds",
+                "p50_ms",
+                "p99_ms",
+                "requests",
+                "non_2xx",
+                "errors",
+            }
+            assert len(figures["requests_per_s_rounds"]) == report["load"]["rounds"]
+            assert figures["requests"] > 0 and figures["errors"] == 0 and figures["non_2xx"] == 0
+            assert figures["requests_per_s"] > 0
+            assert 0 < figures["p50_ms"] <= figures["p99_ms"]
+        assert report["goals"][f"keycell_write_non_2xx_{mode}_zero"] is True
+    assert "ratios" not in report  # only when both servers ran
     cold = report["cold_start"]
     assert "keycell.functions.api.app" in cold
     for figures in cold.values():
@@ -61,6 +67,19 @@ def test_unknown_target_is_refused() -> None:
     )
     assert done.returncode == 2
     assert "targets are keycell and/or openbao" in done.stderr
+
+
+def test_unknown_mode_is_refused() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.api", "--quick", "--modes", "memory"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "modes are dev and/or durable" in done.stderr
 
 
 # The shape -X importtime prints: children before their importer, nested by indentation;

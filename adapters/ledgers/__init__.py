@@ -2,6 +2,7 @@
 
     sqlite:///var/lib/keycell/us-east-1.db          (embedded default, one file per cell)
     sqlite://relative/path/cell.db
+    sqlite:///tmp/dev/cell.db?synchronous=off       (development cells: commits never fsynced)
     dynamodb://TABLE?region=eu-west-1               (real AWS)
     dynamodb://TABLE?endpoint=http://127.0.0.1:5000&create=1   (moto server, LocalStack)
 
@@ -36,7 +37,10 @@ def open_ledger(url: str) -> Ledger:
         path = parts.netloc + parts.path
         if not path:
             raise LedgerURLError(f"{url!r} names no file; use sqlite:///ABSOLUTE/PATH.db")
-        return SqliteLedger(path)
+        synchronous = query.get("synchronous", "full").lower()
+        if synchronous not in ("full", "off"):
+            raise LedgerURLError(f"{url!r}: synchronous is full (the default) or off (development only)")
+        return SqliteLedger(path, synchronous=synchronous)
     if parts.scheme == "dynamodb":
         from keycell.adapters.ledgers.dynamodb import DynamoLedger
 

@@ -8,6 +8,15 @@ table's TTL attribute. Conditions are PynamoDB expressions:
 - update:  `version = expected` and the item has not expired;
 - multi-item writes go through TransactWriteItems, all-or-nothing.
 
+Concurrent writers of one process share requests: a writer queues its operations,
+and one writer at a time leads, sending the queued writers' operations (on distinct
+items, at most 100 in all) as one TransactWriteItems. Should it be cancelled, the
+cancellation reasons name the writers whose own conditions failed: each hears of its
+own conflict, and the others go again without them, so every writer gets the answer
+it would have had alone, and none before DynamoDB has committed its write. (Batch-
+WriteItem takes no conditions: every ledger write is conditional.) A writer alone
+sends what it always did: a conditional PutItem/DeleteItem, or its own transaction.
+
 A lost single-item race is reported with the version read (strongly consistent)
 right after the failed write, which may already be newer than the one that won.
 Transactions ask DynamoDB for the conflicting item itself
@@ -17,6 +26,7 @@ backend does not return it.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -44,6 +54,7 @@ from keycell.control_plane.ledger import (
     ATTR_PATH,
     ATTR_VALUE,
     ATTR_VERSION,
+    MAX_TRANSACTION_ITEMS,
     Check,
     ConflictError,
     Delete,
@@ -66,6 +77,21 @@ from keycell.control_plane.ledger import (
 # DynamoDB cancels a transaction that touches an item another transaction holds
 # ("TransactionConflict"); nothing was written, so it is retried a few times.
 TRANSACTION_CONFLICT_RETRIES = 5
+
+
+class _Writer:
+    """One queued writer: its operations (`single`: a put_if or delete_if, whose
+    conflict is a ConflictError) and, once answered, its outcome."""
+
+    __slots__ = ("done", "error", "keys", "lead", "ops", "single")
+
+    def __init__(self, ops: list[Op], single: bool) -> None:
+        self.ops = ops
+        self.single = single
+        self.keys = {(op.key.kind.value, op.key.path) for op in ops}
+        self.done = threading.Event()
+        self.lead = False
+        self.error: BaseException | None = None
 
 
 class LedgerItem(Model):
@@ -135,6 +161,10 @@ class DynamoLedger:
             connect_timeout_seconds=connect_timeout_seconds,
             read_timeout_seconds=read_timeout_seconds,
         )
+        self._queue: list[_Writer] = []
+        self._queue_lock = threading.Lock()
+        self._leading = False
+        self.requests_sent = 0  # write requests sent for queued writers (a batch is one)
         if create:
             self.ensure_table()
 
@@ -181,6 +211,10 @@ class DynamoLedger:
 
     def put_if(self, key: Key, value: bytes, expected_version: int, *, expires_at: int | None = None) -> Item:
         put = validate_put(key, value, expected_version, expires_at)
+        self._write(_Writer([put], single=True))
+        return Item(put.key, put.value, put.expected_version + 1, put.expires_at)
+
+    def _put_one(self, put: Put) -> None:
         row = self._row(put)
         try:
             row.save(condition=self._at_version(put.expected_version, now()))
@@ -190,13 +224,15 @@ class DynamoLedger:
             raise LedgerUnavailableError(f"write to DynamoDB table {self.table} failed: {exc}") from exc
         except BotoCoreError as exc:
             raise LedgerUnavailableError(f"write to DynamoDB table {self.table} failed: {exc}") from exc
-        return Item(put.key, put.value, put.expected_version + 1, put.expires_at)
 
     def delete_if(self, key: Key, expected_version: int) -> None:
         validate_key(key)
         version = validate_version(expected_version)
         if version == 0:
             raise ConflictError(key, version, self._version_of(key))
+        self._write(_Writer([Delete(key, version)], single=True))
+
+    def _delete_one(self, key: Key, version: int) -> None:
         row = self.model(key.kind.value, key.path)
         try:
             row.delete(condition=self._at_version(version, now()))
@@ -209,9 +245,17 @@ class DynamoLedger:
 
     def transact(self, ops: Sequence[Op]) -> list[Item | None]:
         checked = validate_ops(ops)
+        self._write(_Writer(checked, single=False))
+        return [
+            Item(op.key, op.value, op.expected_version + 1, op.expires_at) if isinstance(op, Put) else None
+            for op in checked
+        ]
+
+    def _transact_retrying(self, ops: list[Op]) -> None:
         for attempt in range(TRANSACTION_CONFLICT_RETRIES + 1):
             try:
-                return self._transact_once(checked)
+                self._transact_once(ops)
+                return
             except _Contended:
                 if attempt == TRANSACTION_CONFLICT_RETRIES:
                     break
@@ -221,7 +265,125 @@ class DynamoLedger:
             "transactions on the same items; nothing was written, retry later"
         )
 
-    def _transact_once(self, ops: list[Op]) -> list[Item | None]:
+    # --- shared requests (group commit) -------------------------------------------------
+
+    def _write(self, writer: _Writer) -> None:
+        """Send `writer`'s operations, alone or in one transaction with the writers
+        queued beside it; raises its own conflict or failure."""
+        with self._queue_lock:
+            self._queue.append(writer)
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            writer.done.wait()
+            lead = writer.lead
+        if lead:
+            self._lead()
+        if writer.error is not None:
+            raise writer.error
+
+    def _lead(self) -> None:
+        batch: list[_Writer] = []
+        try:
+            with self._queue_lock:
+                batch = self._take()
+            self._send(batch)
+        except BaseException as exc:
+            failure = (
+                exc
+                if isinstance(exc, LedgerUnavailableError)
+                else LedgerUnavailableError(
+                    f"write to DynamoDB table {self.table} failed: {type(exc).__name__}"
+                )
+            )
+            for writer in batch:
+                if writer.error is None:
+                    writer.error = failure
+        finally:
+            with self._queue_lock:
+                successor = self._queue[0] if self._queue else None
+                self._leading = successor is not None
+            for writer in batch:
+                writer.done.set()
+            if successor is not None:
+                successor.lead = True
+                successor.done.set()
+
+    def _take(self) -> list[_Writer]:
+        """The queue's writers (in order) that fit one transaction: items no earlier
+        writer of the batch touches, 100 operations at most. Called under the lock."""
+        batch: list[_Writer] = []
+        touched: set[tuple[str, str]] = set()
+        size = 0
+        rest: list[_Writer] = []
+        for writer in self._queue:
+            fits = not (writer.keys & touched) and size + len(writer.ops) <= MAX_TRANSACTION_ITEMS
+            if fits and (not rest or not (writer.keys & {k for w in rest for k in w.keys})):
+                batch.append(writer)
+                touched |= writer.keys
+                size += len(writer.ops)
+            else:
+                rest.append(writer)  # waits for a later batch, after the writers it follows
+        self._queue = rest
+        return batch
+
+    def _send(self, batch: list[_Writer]) -> None:
+        """Until every writer of the batch is answered: one request for those left,
+        dropping the writers whose own conditions failed."""
+        left = list(batch)
+        for attempt in range(len(batch) + TRANSACTION_CONFLICT_RETRIES + 1):
+            if not left:
+                return
+            self.requests_sent += 1
+            if len(left) == 1:
+                self._send_alone(left[0])
+                return
+            try:
+                self._transact_once([op for writer in left for op in writer.ops])
+                return
+            except _Contended:
+                time.sleep(0.01 * 2 ** min(attempt, TRANSACTION_CONFLICT_RETRIES))
+            except _Cancelled as cancelled:
+                failed = set()
+                offset = 0
+                for writer in left:
+                    mine = [
+                        (i - offset, v) for i, v in cancelled.failed if offset <= i < offset + len(writer.ops)
+                    ]
+                    if mine:
+                        index, current = min(mine)
+                        op = writer.ops[index]
+                        writer.error = (
+                            ConflictError(op.key, op.expected_version, current)
+                            if writer.single
+                            else TransactionConflictError(index, op.key, op.expected_version, current)
+                        )
+                        failed.add(id(writer))
+                    offset += len(writer.ops)
+                left = [w for w in left if id(w) not in failed]
+        for writer in left:
+            writer.error = LedgerUnavailableError(
+                f"writes to DynamoDB table {self.table} kept colliding with concurrent "
+                "transactions on the same items; nothing was written, retry later"
+            )
+
+    def _send_alone(self, writer: _Writer) -> None:
+        op = writer.ops[0]
+        try:
+            if not writer.single:
+                self._transact_retrying(writer.ops)
+            elif isinstance(op, Put):
+                self._put_one(op)
+            else:
+                self._delete_one(op.key, op.expected_version)
+        except _Cancelled as cancelled:
+            index, current = cancelled.failed[0]
+            op = writer.ops[index]
+            writer.error = TransactionConflictError(index, op.key, op.expected_version, current)
+        except (ConflictError, LedgerUnavailableError) as exc:
+            writer.error = exc
+
+    def _transact_once(self, ops: list[Op]) -> None:
         at = now()
         # PynamoDB sends condition checks, then deletes, then puts: remember which
         # of our operations each cancellation reason refers to.
@@ -240,6 +402,7 @@ class DynamoLedger:
                         tx.condition_check(self.model, op.key.kind.value, op.key.path, condition=condition)
         except TransactWriteError as exc:
             reasons = exc.cancellation_reasons
+            failed: list[tuple[int, int]] = []
             for position, reason in enumerate(reasons):
                 if reason is None or position >= len(order):
                     continue
@@ -248,18 +411,14 @@ class DynamoLedger:
                     current = self._version_from_raw(reason.raw_item, at)
                     if current is None:
                         current = self._version_of(op.key)
-                    raise TransactionConflictError(
-                        order[position], op.key, op.expected_version, current
-                    ) from None
+                    failed.append((order[position], current))
+            if failed:
+                raise _Cancelled(sorted(failed)) from None
             if any(r is not None and r.code == "TransactionConflict" for r in reasons):
                 raise _Contended from None
             raise LedgerUnavailableError(f"transaction on DynamoDB table {self.table} failed: {exc}") from exc
         except BotoCoreError as exc:
             raise LedgerUnavailableError(f"transaction on DynamoDB table {self.table} failed: {exc}") from exc
-        return [
-            Item(op.key, op.value, op.expected_version + 1, op.expires_at) if isinstance(op, Put) else None
-            for op in ops
-        ]
 
     def scan(
         self,
@@ -327,3 +486,12 @@ class DynamoLedger:
 
 class _Contended(Exception):
     """A transaction met another in flight on the same item; nothing was written."""
+
+
+class _Cancelled(Exception):
+    """A transaction's conditions failed: (index of the operation, its item's version)
+    for each failed one; nothing was written."""
+
+    def __init__(self, failed: list[tuple[int, int]]) -> None:
+        super().__init__(f"{len(failed)} conditions failed")
+        self.failed = failed
