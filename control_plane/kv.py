@@ -135,13 +135,15 @@ class KvV2:
     def read_config(self) -> dict[str, Any]:
         config = self._config()
         bound = bound_from_record(config.get("stale_bound"))
-        return {
+        answer: dict[str, Any] = {
             "cas_required": config["cas_required"],
             "delete_version_after": _go_duration(config["delete_version_after"]),
             "max_versions": config["max_versions"],
-            "max_revocation_staleness": None if bound is None else bound.max_staleness,
-            "on_stale": None if bound is None else bound.on_stale,
         }
+        if bound is not None:  # Vault's shape unless the mount states a bound (issue 18)
+            answer["max_revocation_staleness"] = bound.max_staleness
+            answer["on_stale"] = bound.on_stale
+        return answer
 
     @_storage_errors
     def stale_bound(self) -> StaleBound | None:

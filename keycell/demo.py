@@ -751,8 +751,8 @@ def _db_everywhere(
 
 def _during_partition(api: Api, cells: ThreeCells, issued: list[Issued]) -> dict[str, Any]:
     """What the stolen tokens could do right after the breach, before the heal: refused
-    in the cells the revocations reached; in the cut-off cell, its own tokens still work
-    until the relays reach it (that cell's exposure window)."""
+    in every cell the revocations reached: with the relay mesh to the cut-off cell down,
+    the breach runbook's direct calls to its API (breach.DirectFanout) still reach it."""
     result: dict[str, Any] = {}
     for cell in CELLS:
         mine = [x for x in issued if x.cell == cell][:20]

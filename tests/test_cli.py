@@ -111,9 +111,9 @@ def test_demo_keeps_its_promises(tmp_path: Path) -> None:
     exposure = summary["breach"]["exposure"]
     assert set(exposure) == {"us-east-1", "eu-west-1", "ap-southeast-1"}
     assert all(cell["revocations_held"] == cell["of"] == 90 for cell in exposure.values())
-    # The cut-off cell heard of the revocations only once the partition healed.
-    assert summary["during_partition"]["ap-southeast-1"]["accepted"] > 0
-    assert summary["during_partition"]["us-east-1"]["accepted"] == 0
+    # The demo cuts the relay mesh only: the breach runbook's direct path (breach.DirectFanout)
+    # reaches the cut-off cell's API, so its stolen tokens are refused before the heal too.
+    assert all(cell["accepted"] == 0 for cell in summary["during_partition"].values())
     # A database user is dropped by its own cell's lease revoker, partition or not.
     assert all(cell["db_accepted"] == 0 for cell in summary["during_partition"].values())
     page = report.read_text()

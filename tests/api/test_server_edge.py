@@ -303,7 +303,7 @@ def test_vault_style_dev_root_token_id_works_in_dev_mode_with_a_warning() -> Non
 
 def test_dev_data_folder_is_removed_on_sigterm() -> None:
     process, port, stderr = start_dev("--dev", "--dev-root-token", ROOT)
-    match = re.search(r"storage in (\S+)", stderr)
+    match = re.search(r"the ledger in (\S+)", stderr)
     assert match, stderr
     folder = Path(match.group(1))
     assert folder.is_dir() and any(folder.iterdir())
