@@ -421,9 +421,14 @@ _committer: AsyncCommitter | None = None
 # Reads run on the event loop (nothing in them waits on a device); every other method
 # may write, and runs on a writer thread.
 _ON_LOOP = frozenset({"GET", "HEAD", "OPTIONS"})
-# Writers in flight per worker, each parked on the ledger's next commit most of its time
-# (0: writes run on the loop too, one at a time per worker).
-WRITER_THREADS = int(os.environ.get("KEYCELL_WRITER_THREADS", "32"))
+# Writers in flight per worker, each parked on the ledger's next commit most of its time,
+# so that concurrent writes share one fsync (group commit). 0, the default: writes run on
+# the loop too, one at a time per worker. On a 2-core machine whose fsync takes ~0.2 ms,
+# `python -m bench.api --targets keycell` with KEYCELL_WRITER_THREADS=0 and =32 alternated
+# had writes on the loop faster in both modes (dev ~1.4x, durable ~1.25x): the GIL
+# handoffs cost more than the shared fsync saves. Where an fsync is slow (network block
+# storage), set KEYCELL_WRITER_THREADS (e.g. 32).
+WRITER_THREADS = int(os.environ.get("KEYCELL_WRITER_THREADS", "0"))
 _writers: ThreadPoolExecutor | None = None
 
 

@@ -9,10 +9,11 @@ as the reference the conformance suite holds the HSM adapters to.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -48,7 +49,7 @@ from keycell.control_plane.keys import (
 )
 from keycell.control_plane.ledger import ConflictError, Kind, Ledger
 from keycell.control_plane.ledger import Key as LedgerKey
-from keycell.control_plane.storage import get_json, put_json_if
+from keycell.control_plane.storage import put_json_if
 
 PROVIDER = "software"
 BANNER = "SOFTWARE KEYS IN PROCESS MEMORY: development only, not an HSM, not FIPS"
@@ -114,8 +115,9 @@ class SoftwareKeyBackend:
     processes of one cell share them: a development server's workers keep its keys in
     a plain file (`--dev`), and a cell without an HSM keeps its key-encryption key
     inside its own barrier, sealed with the cell. Every operation reads the key's
-    state from the store (a disable in one process holds in all); parsed key material
-    is cached, as versions never change."""
+    state from the store (a disable in one process holds in all); the parsed record is
+    kept while its stored bytes are unchanged, and parsed key material always, as versions
+    never change."""
 
     provider = PROVIDER
 
@@ -125,6 +127,7 @@ class SoftwareKeyBackend:
         self.store = store
         self._keys: dict[str, _Key] = {}
         self._materials: dict[bytes, Any] = {}  # sha256(material) -> parsed secret
+        self._parsed: dict[str, tuple[bytes, _Key]] = {}  # name -> (stored bytes, parsed key)
         self._lock = threading.RLock()
 
     def _key(self, name: str) -> _Key:
@@ -146,11 +149,23 @@ class SoftwareKeyBackend:
         return LedgerKey(Kind.CONFIG, f"software-keys/{name}")
 
     def _read(self, name: str) -> tuple[_Key, int] | None:
+        """The key as stored now, and its item version. The store is read every time (a
+        change made by another process holds at once); parsing is skipped when the stored
+        bytes are the ones parsed last time. The caller gets its own copy to change."""
         assert self.store is not None
-        found = get_json(self.store, self._store_key(name))
-        if found is None:
+        item = self.store.get(self._store_key(name))
+        if item is None:
             return None
-        record, stored_version = found
+        parsed = self._parsed.get(name)
+        if parsed is None or parsed[0] != item.value:
+            parsed = self._parsed[name] = (item.value, self._parse(name, item.value))
+        key = parsed[1]
+        return _Key(key.name, key.spec, key.enabled, [replace(v) for v in key.versions]), item.version
+
+    def _parse(self, name: str, value: bytes) -> _Key:
+        record = json.loads(value)
+        if not isinstance(record, dict):
+            raise ValueError(f"the software key record of {name!r} is not a JSON object")
         spec = KeySpec(record["spec"])
         versions = []
         for v in record["versions"]:
@@ -160,7 +175,7 @@ class SoftwareKeyBackend:
             if secret is None:
                 secret = self._materials[digest] = _load(spec, material)
             versions.append(_Version(int(v["number"]), VersionState(v["state"]), secret, material))
-        return _Key(name, spec, bool(record["enabled"]), versions), stored_version
+        return _Key(name, spec, bool(record["enabled"]), versions)
 
     def _write(self, key: _Key, expected_version: int) -> None:
         assert self.store is not None

@@ -39,7 +39,7 @@ def unseal(port: int, key: str) -> None:
 
 
 def started(folder: Path) -> tuple[ServerProcess, int]:
-    server = keycell_server(folder, workers=2)
+    server = keycell_server(folder, workers=2, env={"KEYCELL_WRITER_THREADS": "32"})
     return server, server.start()
 
 
