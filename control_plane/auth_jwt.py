@@ -60,7 +60,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
-from keycell.control_plane.freshness import bound_from_record, parse_bound
+from keycell.control_plane.freshness import StaleBound, bound_from_record, parse_bound
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
 from keycell.control_plane.storage import delete_current, get_json, put_json_if
 from keycell.control_plane.tokens import (
@@ -146,7 +146,15 @@ _ROLE_FIELDS = (
     "clock_skew_leeway",
     "bound_spiffe_ids",
     "allow_any_spiffe_id",
+    "max_revocation_staleness",
+    "on_stale",
 )
+
+
+def _bound_fields(bound: StaleBound | None) -> dict[str, Any]:
+    """A role read's revocation bound (issue 18 §3): shown only when one is set, so a role
+    without it reads as Vault's does."""
+    return {} if bound is None else bound.as_json()
 
 
 def _empty(value: object) -> bool:
@@ -536,6 +544,7 @@ class JwtAuth:
             "user_claim_json_pointer": False,
             "bound_spiffe_ids": list(role.get("bound_spiffe_ids", [])),
             "allow_any_spiffe_id": bool(role.get("allow_any_spiffe_id", False)),
+            **_bound_fields(bound_from_record(role)),
         }
 
     def delete_role(self, name: str) -> None:

@@ -232,3 +232,20 @@ def test_config_refuses_what_keycell_cannot_honour(auth: JwtAuth) -> None:
     with pytest.raises(InvalidRequest, match="PEM"):
         auth.write_config({"jwt_validation_pubkeys": ["not a key"]})
     assert auth.read_config()["bound_issuer"] == ISSUER  # unchanged
+
+
+def test_a_roles_revocation_bound_is_kept_shown_and_carried_by_its_logins_tokens(
+    auth: JwtAuth, tokens: TokenStore, clock: ManualClock, signing_key: ec.EllipticCurvePrivateKey
+) -> None:
+    assert "max_revocation_staleness" not in auth.read_role("payments")
+    auth.write_role("payments", {"max_revocation_staleness": 1, "on_stale": "local-only"})
+    role = auth.read_role("payments")
+    assert role["max_revocation_staleness"] == 1.0 and role["on_stale"] == "local-only"
+    assert role["bound_claims"] == {"team": "payments"}, "an update keeps the fields not given"
+    token, _, _ = auth.login("payments", sign(signing_key, claims(clock)))
+    assert tokens.lookup(token).stale_bound == {"max_revocation_staleness": 1.0, "on_stale": "local-only"}
+    with pytest.raises(InvalidRequest, match="on_stale must be one of"):
+        auth.write_role("payments", {"on_stale": "sometimes"})
+    assert auth.read_role("payments")["on_stale"] == "local-only", "a refused write changes nothing"
+    auth.write_role("payments", {"max_revocation_staleness": None})
+    assert "max_revocation_staleness" not in auth.read_role("payments")
