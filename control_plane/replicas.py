@@ -37,11 +37,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from keycell.control_plane import kvchange
 from keycell.control_plane.cellkeys import CellKey, recipient
+from keycell.control_plane.engines.kv import changes as kvchange
+from keycell.control_plane.engines.kv.backend import KvV2
 from keycell.control_plane.envelope import Envelope
 from keycell.control_plane.errors import RequestError, Unavailable
-from keycell.control_plane.kv import KvV2
 from keycell.control_plane.ledger import (
     MAX_TRANSACTION_ITEMS,
     ConflictError,

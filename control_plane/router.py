@@ -37,7 +37,7 @@ from keycell.control_plane.errors import (
 )
 from keycell.control_plane.freshness import STALENESS_HEADER, bound_from_record, enforce, header_value
 from keycell.control_plane.keys import KeyBackendError
-from keycell.control_plane.ledger import LedgerUnavailableError
+from keycell.control_plane.ledger import InvalidItemError, InvalidKeyError, LedgerUnavailableError
 
 log = logging.getLogger("keycell.router")
 
@@ -488,3 +488,23 @@ def field_list(data: Mapping[str, Any], name: str) -> list[str]:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
     raise InvalidRequest(f"{name!r} must be a list of strings")
+
+
+def client_errors(handler: Handler) -> Handler:
+    """Ledger refusals a request can cause (an unprintable name, a value too large) are
+    the client's: 400, nothing written."""
+
+    def wrapped(ctx: Context) -> Any:
+        try:
+            return handler(ctx)
+        except (InvalidKeyError, InvalidItemError) as exc:
+            raise InvalidRequest(f"refused: {exc}") from None
+
+    return wrapped
+
+
+def add_refusing_bad_input(
+    router: Router, pattern: str, handlers: dict[Operation, Handler], **options: Any
+) -> None:
+    """`router.add`, with each handler's ledger refusals answered as the client's (400)."""
+    router.add(pattern, {op: client_errors(h) for op, h in handlers.items()}, **options)

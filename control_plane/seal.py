@@ -295,7 +295,7 @@ class Seal:
             raise AlreadyInitializedError()
         root = bytearray(os.urandom(KEY_BYTES))
         keyring = Keyring.generate()
-        from keycell.control_plane.tokens import new_token  # tokens builds on this module
+        from keycell.control_plane.auth.token.store import new_token  # tokens builds on this module
 
         token = root_token or new_token()
         ops: list[Put] = [Put(CONFIG_KEY, SealConfig(mode, shares, threshold, self.kek).to_bytes(), 0)]
@@ -311,7 +311,7 @@ class Seal:
             self.barrier.open(root, keyring)
             # The root token is a full token-store entry (record and accessor index), written
             # in this same transaction; imported here because tokens builds on this module.
-            from keycell.control_plane.tokens import root_token_ops
+            from keycell.control_plane.auth.token.store import root_token_ops
 
             for op in root_token_ops(token, now=int(time.time())):
                 ops.append(Put(op.key, self.barrier.encrypt(op.key, op.value, 1), 0, op.expires_at))

@@ -18,14 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from keycell.control_plane import directory
-from keycell.control_plane.auth_jwt import JwtAuth
+from keycell.control_plane.auth.jwt.backend import JwtAuth
+from keycell.control_plane.auth.token.store import TokenEntry, TokenStore
 from keycell.control_plane.barrier import Barrier
-from keycell.control_plane.database import DatabaseEngine
+from keycell.control_plane.engines.database.backend import DatabaseEngine
+from keycell.control_plane.engines.kv.backend import KvV2
+from keycell.control_plane.engines.transit.backend import Transit
 from keycell.control_plane.envelope import DataKeyCache, Envelopes
 from keycell.control_plane.freshness import Freshness, FreshnessView
 from keycell.control_plane.identity import Identity
 from keycell.control_plane.keys import KeyBackend, KeySpec, UnknownKeyError
-from keycell.control_plane.kv import KvV2
 from keycell.control_plane.leases import Leases
 from keycell.control_plane.ledger import Ledger
 from keycell.control_plane.policy import PolicyStore
@@ -33,8 +35,6 @@ from keycell.control_plane.revocations import RevocationSet
 from keycell.control_plane.rotation import LedgerVersionStore, Rotator
 from keycell.control_plane.seal import Seal, UnsealError
 from keycell.control_plane.svid import IdentityCA
-from keycell.control_plane.tokens import TokenEntry, TokenStore
-from keycell.control_plane.transit import Transit
 from keycell.control_plane.unseal_sharing import SharedUnseal
 from keycell.control_plane.wrapping import Wrapping, parse_duration
 

@@ -5,6 +5,8 @@
 - `softhsm`: one SoftHSM2 token for the whole session.
 - `ledger` / `make_ledger`: a fresh ledger on each adapter (sqlite file, DynamoDB
   table on the AWS endpoint); tests using them run once per adapter.
+- `postgres`: one real PostgreSQL server for the session (initdb in a temp folder).
+- `sqlite_cell`: a cell on a fresh SQLite ledger file.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from keycell.control_plane.ledger import Ledger
 from keycell.testing.cells import Cell, open_cell
 from keycell.testing.clock import ManualClock
 from keycell.testing.moto_server import FAKE_AWS_ENV, MotoServer
+from keycell.testing.postgres import PostgresServer
 from keycell.testing.softhsm import SoftHsmToken, create_token
 
 
@@ -108,3 +111,16 @@ def cell(ledger: Ledger) -> Cell:
 def clock() -> ManualClock:
     """A clock the test moves by hand, for engines that take `clock=`."""
     return ManualClock()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def sqlite_cell(tmp_path: Path) -> Iterator[Cell]:
+    ledger = SqliteLedger(tmp_path / "cell.db")
+    yield open_cell(ledger)
+    ledger.close()

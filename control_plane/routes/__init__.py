@@ -1,4 +1,7 @@
-"""Vault's HTTP API, one module per endpoint family; `build_router` assembles them."""
+"""Vault's HTTP API: `build_router` assembles the routes of the core (one module per
+endpoint family here) and of each engine and auth method (each package's `routes`),
+at their default mounts: `secret/` (KV v2), `transit/`, `database/`, `auth/token/`,
+`auth/jwt/`."""
 
 from __future__ import annotations
 
@@ -8,23 +11,27 @@ from keycell.control_plane.router import Router
 
 
 def build_router(services: Any) -> Router:
-    from keycell.control_plane.routes import audit, auth, metrics, openapi, secrets, system
+    from keycell.control_plane.auth.jwt import routes as jwt_routes
+    from keycell.control_plane.auth.token import routes as token_routes
+    from keycell.control_plane.engines.database import routes as database_routes
+    from keycell.control_plane.engines.kv import routes as kv_routes
+    from keycell.control_plane.engines.transit import routes as transit_routes
+    from keycell.control_plane.routes import audit, metrics, openapi, revocations, rotation, system
     from keycell.control_plane.routes import sys as seal_routes
     from keycell.control_plane.routes.identity import register as register_identity
 
     router = Router(services, clock=services.clock)
     seal_routes.register(router, services)
     system.register(router, services)
-    auth.register(router, services)
-    secrets.register(router, services)
+    token_routes.register(router, services)
+    jwt_routes.register(router, services)
+    kv_routes.register(router, services.kv, "secret", getattr(services, "freshness", None))
+    transit_routes.register(router, services.transit, "transit")
     metrics.register(router, services)
     audit.register(router, services)
     register_identity(router, services)
-    from keycell.control_plane.routes import database
-
-    database.register(router, services)  # database/ and rotation/
-    from keycell.control_plane.routes import revocations
-
+    database_routes.register(router, services)
+    rotation.register(router, services)
     revocations.register(router, services)
     openapi.register(router, services)  # last: documents every route above
     return router

@@ -37,8 +37,8 @@ from keycell.cells._pb import cells_pb2 as pb
 from keycell.cells._pb import cells_pb2_grpc as pb_grpc
 from keycell.cells.agent import CHANNEL_OPTIONS, forward_aad, unknown_outcome
 from keycell.control_plane import directory as directory_mod
-from keycell.control_plane import kvchange
 from keycell.control_plane.cellkeys import CellKey, seal_to
+from keycell.control_plane.engines.kv import changes as kvchange
 from keycell.control_plane.errors import InvalidRequest, NotFound, RequestError
 from keycell.control_plane.freshness import enforce
 from keycell.control_plane.replicas import Home, NoMajority, NotHome, Replicas
@@ -369,7 +369,7 @@ def _wrap_reads(handlers: dict[Operation, Any], front: CellsFrontend) -> None:
 
 
 # What each KV route's change is, with its arguments taken from the request as
-# control_plane/routes/secrets.py takes them: (kvchange op, args).
+# control_plane/engines/kv/routes.py and control_plane/engines/transit/routes.py takes them: (kvchange op, args).
 Extract = Callable[[Context], tuple[str, dict[str, Any]]]
 
 

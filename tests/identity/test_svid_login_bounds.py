@@ -19,12 +19,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from keycell.adapters.keys.software import SoftwareKeyBackend
-from keycell.control_plane.auth_jwt import JwtAuth
+from keycell.control_plane.auth.jwt.backend import JwtAuth
+from keycell.control_plane.auth.token.store import TokenStore
 from keycell.control_plane.errors import InvalidRequest, PermissionDenied
 from keycell.control_plane.identity import Identity
 from keycell.control_plane.revocations import RevocationSet
 from keycell.control_plane.svid import IdentityCA, b64url
-from keycell.control_plane.tokens import TokenStore
 from keycell.testing.cells import Cell
 from keycell.testing.clock import ManualClock
 

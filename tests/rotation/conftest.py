@@ -1,6 +1,6 @@
-"""Rotation's real parts: a PostgreSQL server the session starts (initdb in a temp
-folder), credential targets built against it and against moto's IAM, and a cell's
-ledger store with real envelopes."""
+"""Rotation's real parts: credential targets built against the session's PostgreSQL
+(tests/conftest.py) and against moto's IAM, and a cell's ledger store with real
+envelopes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import itertools
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -16,14 +15,13 @@ import psycopg
 import pytest
 
 from keycell.adapters.keys.software import SoftwareKeyBackend
-from keycell.adapters.ledgers.sqlite import SqliteLedger
 from keycell.adapters.targets.aws_iam import AwsIamTarget
 from keycell.adapters.targets.generic import GenericTarget, conforms
 from keycell.adapters.targets.postgres import PostgresTarget, user_dsn
 from keycell.control_plane.envelope import Envelopes
 from keycell.control_plane.keys import KeySpec
 from keycell.control_plane.rotation import CredentialTarget, LedgerVersionStore, Value
-from keycell.testing.cells import Cell, open_cell
+from keycell.testing.cells import Cell
 from keycell.testing.postgres import PostgresServer
 
 _names = itertools.count()
@@ -31,12 +29,6 @@ _names = itertools.count()
 
 def unique(prefix: str) -> str:
     return f"{prefix}_{next(_names)}_{uuid.uuid4().hex[:6]}"
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    with PostgresServer() as server:
-        yield server
 
 
 @pytest.fixture(scope="session")
@@ -107,13 +99,6 @@ def envelopes() -> Envelopes:
     backend = SoftwareKeyBackend()
     backend.create_key("cell-kek", KeySpec.AES_256)
     return Envelopes("local", backend, "cell-kek")
-
-
-@pytest.fixture
-def sqlite_cell(tmp_path: Path) -> Iterator[Cell]:
-    ledger = SqliteLedger(tmp_path / "cell.db")
-    yield open_cell(ledger)
-    ledger.close()
 
 
 @pytest.fixture

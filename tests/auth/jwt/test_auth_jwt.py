@@ -14,10 +14,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from keycell.control_plane.auth_jwt import JwtAuth
+from keycell.control_plane.auth.jwt.backend import JwtAuth
+from keycell.control_plane.auth.token.store import TokenStore
 from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
 from keycell.control_plane.revocations import RevocationSet
-from keycell.control_plane.tokens import TokenStore
 from keycell.testing.cells import Cell
 from keycell.testing.clock import ManualClock
 

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from keycell.adapters.keys.software import SoftwareKeyBackend
 from keycell.adapters.ledgers.sqlite import SqliteLedger
+from keycell.control_plane.engines.transit.backend import BACKEND_PREFIX, MAX_NAME_CHARS, Transit
 from keycell.control_plane.errors import InvalidRequest, NotFound, Unavailable
 from keycell.control_plane.keys import (
     MAX_WRAP_BYTES,
@@ -26,7 +27,6 @@ from keycell.control_plane.keys import (
     VersionState,
 )
 from keycell.control_plane.ledger import Key, Kind
-from keycell.control_plane.transit import BACKEND_PREFIX, MAX_NAME_CHARS, Transit
 from keycell.testing.cells import Cell, open_cell
 from keycell.testing.clock import ManualClock
 from keycell.testing.key_backends import pkcs11_backend

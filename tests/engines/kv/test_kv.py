@@ -13,10 +13,10 @@ import pytest
 
 from keycell.adapters.keys.software import SoftwareKeyBackend
 from keycell.adapters.ledgers.sqlite import SqliteLedger
+from keycell.control_plane.engines.kv.backend import MAX_SECRET_BYTES, KvV2
 from keycell.control_plane.envelope import Envelopes
 from keycell.control_plane.errors import InvalidRequest, NotFound
 from keycell.control_plane.keys import IntegrityError, KeySpec
-from keycell.control_plane.kv import MAX_SECRET_BYTES, KvV2
 from keycell.control_plane.ledger import Key, Kind, Ledger, iter_prefix
 from keycell.testing.cells import Cell, open_cell
 from keycell.testing.clock import ManualClock

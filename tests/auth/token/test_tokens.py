@@ -11,11 +11,11 @@ import threading
 
 import pytest
 
+from keycell.control_plane.auth.token.store import DEFAULT_TTL, TokenEntry, TokenStore
 from keycell.control_plane.errors import InvalidRequest, PermissionDenied
 from keycell.control_plane.ledger import Key, Kind, iter_prefix
 from keycell.control_plane.revocations import RevocationSet
 from keycell.control_plane.seal import token_path
-from keycell.control_plane.tokens import DEFAULT_TTL, TokenEntry, TokenStore
 from keycell.testing.cells import Cell
 from keycell.testing.clock import ManualClock
 

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from keycell.adapters.targets.postgres import PostgresPlugin, user_dsn
-from keycell.control_plane.database import DatabaseEngine
+from keycell.control_plane.engines.database.backend import DatabaseEngine
 from keycell.control_plane.errors import InvalidRequest, NotFound, Unavailable
 from keycell.control_plane.leases import Leases
 from keycell.control_plane.revocations import RevocationSet

@@ -59,16 +59,16 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
-from keycell.control_plane.freshness import StaleBound, bound_from_record, parse_bound
-from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
-from keycell.control_plane.storage import delete_current, get_json, put_json_if
-from keycell.control_plane.tokens import (
+from keycell.control_plane.auth.token.store import (
     TokenEntry,
     TokenStore,
     parse_duration,
     parse_policies,
 )
+from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
+from keycell.control_plane.freshness import StaleBound, bound_from_record, parse_bound
+from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
+from keycell.control_plane.storage import delete_current, get_json, put_json_if
 
 CONFIG_KEY = Key(Kind.CONFIG, "auth/jwt/config")
 ROLE_PREFIX = "jwt/"

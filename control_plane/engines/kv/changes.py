@@ -4,7 +4,7 @@ exactly as its own API would.
 
 `OPS` names them; `check` refuses bad arguments before anything travels (the home
 checks again, it trusts no sender); `run` applies one to a KV mount. The arguments are
-what the HTTP routes take (control_plane/routes/secrets.py), already pulled out of the
+what the HTTP routes take (control_plane/engines/kv/routes.py and control_plane/engines/transit/routes.py), already pulled out of the
 request body:
 
     write, patch                     {"data": {...}, "cas": n | null}
@@ -21,8 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from keycell.control_plane.errors import InvalidRequest
-from keycell.control_plane.kv import (
+from keycell.control_plane.engines.kv.backend import (
     KvV2,
     _cas,
     _custom_metadata,
@@ -30,6 +29,7 @@ from keycell.control_plane.kv import (
     _metadata_changes,
     _versions,
 )
+from keycell.control_plane.errors import InvalidRequest
 
 _METADATA_ARGS = ("max_versions", "cas_required", "delete_version_after", "custom_metadata")
 _ARGS: dict[str, tuple[str, ...]] = {

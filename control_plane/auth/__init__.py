@@ -1,0 +1,2 @@
+"""Auth methods, one package each: its logic and its HTTP routes (`routes`). Tests mirror
+them under tests/auth/."""

@@ -1,0 +1,1 @@
+"""Dynamic database credentials with leases (`backend`), and Vault's database paths (`routes`)."""
