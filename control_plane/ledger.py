@@ -69,6 +69,7 @@ class Kind(StrEnum):
     CELL = "cell"  # path: cell id; the cell directory CRDT state
     POLICY = "policy"  # path: ACL policy name; value: the policy text and its parsed rules
     AUTH_ROLE = "auth-role"  # path: auth method/role name (e.g. jwt/payments)
+    AUTH_SECRET = "auth-secret"  # noqa: S105  # path: method/role/digest; AppRole secret IDs, accessors
     CUBBYHOLE = "cubbyhole"  # path: token hmac/key; response-wrapping and per-token storage
     TRANSIT_KEY = "transit-key"  # path: transit key name; value: its config (versions, min decryption)
     CONFIG = "config"  # path: engine/setting; small per-cell configuration

@@ -1,7 +1,7 @@
 """Vault's HTTP API: `build_router` assembles the routes of the core (one module per
 endpoint family here) and of each engine and auth method (each package's `routes`),
 at their default mounts: `secret/` (KV v2), `transit/`, `database/`, `auth/token/`,
-`auth/jwt/`."""
+`auth/jwt/`, `auth/approle/`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from keycell.control_plane.router import Router
 
 
 def build_router(services: Any) -> Router:
+    from keycell.control_plane.auth.approle import routes as approle_routes
     from keycell.control_plane.auth.jwt import routes as jwt_routes
     from keycell.control_plane.auth.token import routes as token_routes
     from keycell.control_plane.engines.database import routes as database_routes
@@ -25,6 +26,7 @@ def build_router(services: Any) -> Router:
     system.register(router, services)
     token_routes.register(router, services)
     jwt_routes.register(router, services)
+    approle_routes.register(router, services)
     kv_routes.register(router, services.kv, "secret", getattr(services, "freshness", None))
     transit_routes.register(router, services.transit, "transit")
     metrics.register(router, services)

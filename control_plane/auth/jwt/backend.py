@@ -59,14 +59,14 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from keycell.control_plane.auth.token.store import (
-    TokenEntry,
-    TokenStore,
-    parse_duration,
-    parse_policies,
+from keycell.control_plane.auth.token.settings import (
+    TOKEN_FIELDS,
+    issue_login_token,
+    parse_token_settings,
+    token_settings_json,
 )
+from keycell.control_plane.auth.token.store import TokenEntry, TokenStore, parse_duration
 from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
-from keycell.control_plane.freshness import StaleBound, bound_from_record, parse_bound
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
 from keycell.control_plane.storage import delete_current, get_json, put_json_if
 
@@ -128,33 +128,13 @@ _ROLE_FIELDS = (
     "bound_subject",
     "bound_claims",
     "bound_claims_type",
-    "token_policies",
-    "policies",
-    "token_ttl",
-    "ttl",
-    "token_max_ttl",
-    "max_ttl",
-    "token_period",
-    "period",
-    "token_explicit_max_ttl",
-    "token_no_default_policy",
-    "token_num_uses",
-    "num_uses",
-    "token_type",
     "expiration_leeway",
     "not_before_leeway",
     "clock_skew_leeway",
     "bound_spiffe_ids",
     "allow_any_spiffe_id",
-    "max_revocation_staleness",
-    "on_stale",
+    *TOKEN_FIELDS,
 )
-
-
-def _bound_fields(bound: StaleBound | None) -> dict[str, Any]:
-    """A role read's revocation bound (issue 18 §3): shown only when one is set, so a role
-    without it reads as Vault's does."""
-    return {} if bound is None else bound.as_json()
 
 
 def _empty(value: object) -> bool:
@@ -370,12 +350,6 @@ class JwtAuth:
         current = self._role(role_name) or {}
         role = dict(current)
 
-        def given(*names: str) -> object:
-            for n in names:
-                if n in data:
-                    return data[n]
-            return None
-
         def has(*names: str) -> bool:
             return any(n in data for n in names)
 
@@ -394,37 +368,7 @@ class JwtAuth:
             role["bound_claims"] = self._bound_claims(data["bound_claims"])
         if has("bound_claims_type") and data["bound_claims_type"] not in (None, "", "string"):
             raise InvalidRequest('bound_claims_type must be "string" (exact match); globs are not supported')
-        if has("token_policies", "policies"):
-            role["token_policies"] = parse_policies(given("token_policies", "policies"), "token_policies")
-            if "root" in role["token_policies"]:
-                raise InvalidRequest("auth methods cannot create root tokens")
-        for field, aliases in (
-            ("token_ttl", ("token_ttl", "ttl")),
-            ("token_max_ttl", ("token_max_ttl", "max_ttl")),
-            ("token_period", ("token_period", "period")),
-            ("token_explicit_max_ttl", ("token_explicit_max_ttl",)),
-        ):
-            if has(*aliases):
-                role[field] = parse_duration(given(*aliases) or 0, field)
-        if has("token_no_default_policy"):
-            if not isinstance(data["token_no_default_policy"], bool):
-                raise InvalidRequest("token_no_default_policy must be a boolean")
-            role["token_no_default_policy"] = data["token_no_default_policy"]
-        if has("token_num_uses", "num_uses"):
-            uses = given("token_num_uses", "num_uses") or 0
-            if isinstance(uses, bool) or not isinstance(uses, int) or uses < 0:
-                raise InvalidRequest("token_num_uses must be a non-negative integer")
-            role["token_num_uses"] = uses
-        if has("token_type") and data["token_type"] not in (
-            None,
-            "",
-            "default",
-            "service",
-            "default-service",
-        ):
-            raise InvalidRequest(
-                'token_type must be "service" (or "default"); batch tokens are not supported'
-            )
+        parse_token_settings(data, role)
         for field in ("expiration_leeway", "not_before_leeway", "clock_skew_leeway"):
             if has(field):
                 role[field] = _leeway(data[field], field)
@@ -440,24 +384,11 @@ class JwtAuth:
             if not isinstance(data["allow_any_spiffe_id"], bool):
                 raise InvalidRequest("allow_any_spiffe_id must be a boolean")
             role["allow_any_spiffe_id"] = data["allow_any_spiffe_id"]
-        bound = parse_bound(data, bound_from_record(role))
-        role.pop("max_revocation_staleness", None)
-        role.pop("on_stale", None)
-        if bound is not None:
-            role.update(bound.as_json())
-
         defaults: dict[str, Any] = {
             "bound_audiences": [],
             "user_claim": "sub",
             "bound_subject": "",
             "bound_claims": {},
-            "token_policies": [],
-            "token_ttl": 0,
-            "token_max_ttl": 0,
-            "token_period": 0,
-            "token_explicit_max_ttl": 0,
-            "token_no_default_policy": False,
-            "token_num_uses": 0,
             "expiration_leeway": 0,
             "not_before_leeway": 0,
             "clock_skew_leeway": 0,
@@ -466,8 +397,6 @@ class JwtAuth:
         }
         for field, value in defaults.items():
             role.setdefault(field, value)
-        if 0 < role["token_max_ttl"] < role["token_ttl"]:
-            raise InvalidRequest("token_ttl cannot be greater than token_max_ttl")
         if role["bound_spiffe_ids"] and not role["bound_audiences"]:
             raise InvalidRequest(
                 "a role with bound_spiffe_ids needs bound_audiences: a JWT-SVID's aud is required"
@@ -519,20 +448,7 @@ class JwtAuth:
             "bound_claims_type": "string",
             "claim_mappings": None,
             "groups_claim": "",
-            "token_policies": list(role["token_policies"]),
-            "policies": list(role["token_policies"]),
-            "token_ttl": role["token_ttl"],
-            "ttl": role["token_ttl"],
-            "token_max_ttl": role["token_max_ttl"],
-            "max_ttl": role["token_max_ttl"],
-            "token_period": role["token_period"],
-            "period": role["token_period"],
-            "token_explicit_max_ttl": role["token_explicit_max_ttl"],
-            "token_no_default_policy": role["token_no_default_policy"],
-            "token_num_uses": role["token_num_uses"],
-            "num_uses": role["token_num_uses"],
-            "token_type": "default",
-            "token_bound_cidrs": [],
+            **token_settings_json(role),
             "bound_cidrs": [],
             "expiration_leeway": role["expiration_leeway"],
             "not_before_leeway": role["not_before_leeway"],
@@ -544,7 +460,6 @@ class JwtAuth:
             "user_claim_json_pointer": False,
             "bound_spiffe_ids": list(role.get("bound_spiffe_ids", [])),
             "allow_any_spiffe_id": bool(role.get("allow_any_spiffe_id", False)),
-            **_bound_fields(bound_from_record(role)),
         }
 
     def delete_role(self, name: str) -> None:
@@ -612,20 +527,7 @@ class JwtAuth:
 
     def _issue(self, settings: Mapping[str, Any], display_name: str, meta: dict[str, str]) -> Any:
         """The login's token, shaped by the role's token settings."""
-        return self.tokens.create(
-            None,
-            policies=settings["token_policies"],
-            ttl=settings["token_ttl"],
-            max_ttl=settings["token_max_ttl"],
-            explicit_max_ttl=settings["token_explicit_max_ttl"],
-            period=settings["token_period"],
-            no_default_policy=settings["token_no_default_policy"],
-            num_uses=settings["token_num_uses"],
-            display_name=display_name,
-            meta=meta,
-            path=LOGIN_PATH,
-            stale_bound=bound_from_record(settings),
-        )
+        return issue_login_token(self.tokens, settings, path=LOGIN_PATH, display_name=display_name, meta=meta)
 
     def _jwt_svid(self, config: Mapping[str, Any], role: Mapping[str, Any], jwt_text: object) -> Any:
         """The checked JWT-SVID when `jwt_text` is one of this trust domain's (its kid names
