@@ -197,6 +197,8 @@ class Router:
     def __init__(self, services: Any, *, clock: Callable[[], float] = time.time) -> None:
         self.services = services
         self.clock = clock
+        # path -> the router of the enabled mount that path is under, or None.
+        self.mounted: Callable[[str], Router | None] | None = None
         self.routes: list[Route] = []
         self._by_mount: dict[str, list[Route]] = {}
         self._unindexed: list[Route] = []
@@ -243,7 +245,17 @@ class Router:
             found = route.pattern.match(path)
             if found is not None:
                 return route, {k: v for k, v in found.groupdict().items() if v is not None}
-        return None
+        # Not a built-in path: the mount enabled at its longest prefix, if any
+        # (routes/mounted.py builds each enabled mount's own routes).
+        mounted = self.mounted(path) if self.mounted is not None else None
+        return mounted.match(path) if mounted is not None else None
+
+    def static_mounts(self) -> set[str]:
+        """The first path segments the built-in routes answer under ("sys", "secret",
+        "auth", ...): no mount can be enabled over them."""
+        if self._by_mount_count != len(self.routes):
+            self._index_routes()
+        return set(self._by_mount)
 
     def _index_routes(self) -> None:
         by_mount: dict[str, list[Route]] = {}

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from keycell.control_plane import directory
-from keycell.control_plane.auth.approle.backend import AppRoleAuth
 from keycell.control_plane.auth.jwt.backend import JwtAuth
 from keycell.control_plane.auth.token.store import TokenEntry, TokenStore
 from keycell.control_plane.barrier import Barrier
@@ -80,7 +79,6 @@ class CellServices:
         self.tokens = TokenStore(self.barrier, self.revocations, clock=clock)
         self.policies = PolicyStore(self.barrier)
         self.jwt = JwtAuth(self.barrier, self.tokens, clock=clock)
-        self.approle = AppRoleAuth(self.barrier, self.tokens, clock=clock)
         self.data_keys = DataKeyCache()
         self.barrier.on_seal(self.data_keys.clear)
         self.envelopes = Envelopes(config.cell_id, self.key_backend, config.kek, self.data_keys)

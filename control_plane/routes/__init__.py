@@ -1,7 +1,7 @@
 """Vault's HTTP API: `build_router` assembles the routes of the core (one module per
 endpoint family here) and of each engine and auth method (each package's `routes`),
 at their default mounts: `secret/` (KV v2), `transit/`, `database/`, `auth/token/`,
-`auth/jwt/`, `auth/approle/`."""
+`auth/jwt/`; and, through `mounts`, each mount enabled at sys/mounts or sys/auth."""
 
 from __future__ import annotations
 
@@ -11,13 +11,12 @@ from keycell.control_plane.router import Router
 
 
 def build_router(services: Any) -> Router:
-    from keycell.control_plane.auth.approle import routes as approle_routes
     from keycell.control_plane.auth.jwt import routes as jwt_routes
     from keycell.control_plane.auth.token import routes as token_routes
     from keycell.control_plane.engines.database import routes as database_routes
     from keycell.control_plane.engines.kv import routes as kv_routes
     from keycell.control_plane.engines.transit import routes as transit_routes
-    from keycell.control_plane.routes import audit, metrics, openapi, revocations, rotation, system
+    from keycell.control_plane.routes import audit, metrics, mounts, openapi, revocations, rotation, system
     from keycell.control_plane.routes import sys as seal_routes
     from keycell.control_plane.routes.identity import register as register_identity
 
@@ -26,7 +25,6 @@ def build_router(services: Any) -> Router:
     system.register(router, services)
     token_routes.register(router, services)
     jwt_routes.register(router, services)
-    approle_routes.register(router, services)
     kv_routes.register(router, services.kv, "secret", getattr(services, "freshness", None))
     transit_routes.register(router, services.transit, "transit")
     metrics.register(router, services)
@@ -35,5 +33,6 @@ def build_router(services: Any) -> Router:
     database_routes.register(router, services)
     rotation.register(router, services)
     revocations.register(router, services)
+    mounts.register(router, services)  # sys/mounts, sys/auth, and the enabled mounts' routes
     openapi.register(router, services)  # last: documents every route above
     return router

@@ -28,6 +28,7 @@ def dev_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def root(dev_url: str) -> hvac.Client:
     client = hvac.Client(url=dev_url, token=ROOT)
+    client.sys.enable_auth_method("approle")
     client.sys.create_or_update_policy("app-read", 'path "secret/data/app/*" { capabilities = ["read"] }')
     client.secrets.kv.v2.create_or_update_secret("app/db", secret={"password": "s3cret"})
     client.auth.approle.create_or_update_approle(
@@ -109,3 +110,25 @@ def test_an_approle_token_is_revoked_with_its_method(root: hvac.Client, dev_url:
     assert client.is_authenticated()
     root.sys.revoke_prefix("auth/approle/login")
     assert not client.is_authenticated()
+
+
+def test_an_approle_mount_at_its_own_path_is_separate_and_goes_with_its_data(
+    root: hvac.Client, dev_url: str
+) -> None:
+    root.sys.enable_auth_method("approle", path="ci-two")
+    root.auth.approle.create_or_update_approle("ci", token_policies=["default"], mount_point="ci-two")
+    role_id = root.auth.approle.read_role_id("ci", mount_point="ci-two")["data"]["role_id"]
+    assert role_id != root.auth.approle.read_role_id("ci")["data"]["role_id"]
+    secret_id = root.auth.approle.generate_secret_id("ci", mount_point="ci-two")["data"]["secret_id"]
+    client = hvac.Client(url=dev_url)
+    login = client.auth.approle.login(role_id=role_id, secret_id=secret_id, mount_point="ci-two")
+    assert login["auth"]["metadata"] == {"role_name": "ci"}
+    with pytest.raises(hvac.exceptions.InvalidRequest, match="invalid role or secret ID"):
+        client.auth.approle.login(role_id=role_id, secret_id=secret_id)  # the other mount's IDs
+    root.sys.disable_auth_method("ci-two")
+    assert "ci-two/" not in root.sys.list_auth_methods()["data"]
+    with pytest.raises(hvac.exceptions.InvalidPath):
+        client.auth.approle.login(role_id=role_id, secret_id=secret_id, mount_point="ci-two")
+    root.sys.enable_auth_method("approle", path="ci-two")
+    with pytest.raises(hvac.exceptions.InvalidPath):
+        root.auth.approle.read_role_id("ci", mount_point="ci-two")  # a new mount starts empty

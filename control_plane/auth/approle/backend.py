@@ -18,9 +18,11 @@ Endpoints served (the HTTP routes are in `routes.py`):
 - `tidy()`                      POST auth/approle/tidy/secret-id: expired IDs go.
 - `login(role_id, secret_id, remote_addr)`  POST auth/approle/login.
 
-A secret ID is stored under the SHA-256 of its text (`Kind.AUTH_SECRET`
-"approle/<role>/<digest>", sealed by the barrier like every item), never as itself; its
-accessor is an index item "approle-accessor/<role>/<accessor>" naming the digest. The
+Every item of a mount lives under "approle/<mount>/": roles ("role/<name>"), the
+role-ID index ("id/<sha-256 of the role ID>", `Kind.AUTH_ROLE`), secret IDs stored
+under the SHA-256 of their text ("secret/<role>/<digest>", `Kind.AUTH_SECRET`, sealed
+by the barrier like every item, never as themselves) and their accessors
+("accessor/<role>/<accessor>", naming the digest). The
 secret ID is shown once, in the answer that created it.
 
 Uses are counted with conditional writes: a login reads the secret ID's item and
@@ -57,10 +59,6 @@ from keycell.control_plane.errors import InvalidRequest, NotFound
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, Put, iter_prefix
 from keycell.control_plane.storage import delete_current, encode_json, get_json, put_json_if
 
-LOGIN_PATH = "auth/approle/login"
-ROLE_PREFIX = "approle/"
-ROLE_ID_PREFIX = "approle-id/"
-ACCESSOR_PREFIX = "approle-accessor/"
 INVALID = "invalid role or secret ID"
 MAX_ID_CHARS = 256
 MAX_METADATA_KEYS = 64
@@ -162,10 +160,24 @@ def _rfc3339(epoch: float) -> str:
 
 
 class AppRoleAuth:
-    def __init__(self, ledger: Ledger, tokens: TokenStore, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        tokens: TokenStore,
+        *,
+        mount: str = "approle",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.ledger = ledger
         self.tokens = tokens
         self.clock = clock
+        self.mount = mount
+        self.login_path = f"auth/{mount}/login"
+        # Every item of this mount lives under "approle/<mount>/" (mounts.py deletes
+        # that prefix when the mount is disabled).
+        base = f"approle/{mount}/"
+        self._roles, self._ids = base + "role/", base + "id/"
+        self._secrets, self._accessors = base + "secret/", base + "accessor/"
 
     # --- roles -------------------------------------------------------------------------
 
@@ -233,15 +245,15 @@ class AppRoleAuth:
         found = get_json(self.ledger, self._role_key(role_name))
         if found is None:
             return
-        for item in list(iter_prefix(self.ledger, Kind.AUTH_SECRET, f"{ROLE_PREFIX}{role_name}/")):
+        for item in list(iter_prefix(self.ledger, Kind.AUTH_SECRET, f"{self._secrets}{role_name}/")):
             delete_current(self.ledger, item.key)
-        for item in list(iter_prefix(self.ledger, Kind.AUTH_SECRET, f"{ACCESSOR_PREFIX}{role_name}/")):
+        for item in list(iter_prefix(self.ledger, Kind.AUTH_SECRET, f"{self._accessors}{role_name}/")):
             delete_current(self.ledger, item.key)
         delete_current(self.ledger, self._role_key(role_name))
         delete_current(self.ledger, self._role_id_key(found[0]["role_id"]))
 
     def list_roles(self) -> list[str]:
-        return [i.key.path[len(ROLE_PREFIX) :] for i in iter_prefix(self.ledger, Kind.AUTH_ROLE, ROLE_PREFIX)]
+        return [i.key.path[len(self._roles) :] for i in iter_prefix(self.ledger, Kind.AUTH_ROLE, self._roles)]
 
     def role_id(self, name: str) -> str:
         """GET auth/approle/role/:name/role-id."""
@@ -346,7 +358,7 @@ class AppRoleAuth:
         """LIST auth/approle/role/:name/secret-id -> the accessors."""
         role_name = _role_name(name)
         self._role(role_name)
-        prefix = f"{ACCESSOR_PREFIX}{role_name}/"
+        prefix = f"{self._accessors}{role_name}/"
         return [i.key.path[len(prefix) :] for i in iter_prefix(self.ledger, Kind.AUTH_SECRET, prefix)]
 
     def lookup_secret_id(self, name: str, secret_id: object) -> dict[str, Any] | None:
@@ -379,8 +391,8 @@ class AppRoleAuth:
     def tidy(self) -> int:
         """POST auth/approle/tidy/secret-id: delete expired secret IDs; how many went."""
         now, gone = self.clock(), 0
-        for item in list(iter_prefix(self.ledger, Kind.AUTH_SECRET, ROLE_PREFIX)):
-            role_name, _, digest = item.key.path[len(ROLE_PREFIX) :].rpartition("/")
+        for item in list(iter_prefix(self.ledger, Kind.AUTH_SECRET, self._secrets)):
+            role_name, _, digest = item.key.path[len(self._secrets) :].rpartition("/")
             found = get_json(self.ledger, item.key)
             if found is not None and found[0]["expires"] is not None and found[0]["expires"] <= now:
                 self._destroy(role_name, digest)
@@ -419,7 +431,7 @@ class AppRoleAuth:
         token, entry = issue_login_token(
             self.tokens,
             role,
-            path=LOGIN_PATH,
+            path=self.login_path,
             display_name="approle",
             meta={**metadata, "role_name": role_name},
         )
@@ -517,18 +529,14 @@ class AppRoleAuth:
         except ConflictError:
             raise InvalidRequest("role_id already in use") from None
 
-    @staticmethod
-    def _role_key(name: str) -> Key:
-        return Key(Kind.AUTH_ROLE, ROLE_PREFIX + name)
+    def _role_key(self, name: str) -> Key:
+        return Key(Kind.AUTH_ROLE, self._roles + name)
 
-    @staticmethod
-    def _role_id_key(role_id: str) -> Key:
-        return Key(Kind.AUTH_ROLE, ROLE_ID_PREFIX + _digest(role_id))
+    def _role_id_key(self, role_id: str) -> Key:
+        return Key(Kind.AUTH_ROLE, self._ids + _digest(role_id))
 
-    @staticmethod
-    def _secret_key(role_name: str, digest: str) -> Key:
-        return Key(Kind.AUTH_SECRET, f"{ROLE_PREFIX}{role_name}/{digest}")
+    def _secret_key(self, role_name: str, digest: str) -> Key:
+        return Key(Kind.AUTH_SECRET, f"{self._secrets}{role_name}/{digest}")
 
-    @staticmethod
-    def _accessor_key(role_name: str, accessor: str) -> Key:
-        return Key(Kind.AUTH_SECRET, f"{ACCESSOR_PREFIX}{role_name}/{accessor}")
+    def _accessor_key(self, role_name: str, accessor: str) -> Key:
+        return Key(Kind.AUTH_SECRET, f"{self._accessors}{role_name}/{accessor}")

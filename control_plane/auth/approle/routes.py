@@ -21,12 +21,13 @@ from keycell.control_plane.routes.openapi import (
     ok,
 )
 
-_ROLE = r"auth/approle/role/(?P<name>[^/]+)"
 _NAME = {"name": "The AppRole role's name."}
 
 
-def register(router: Router, services: Any) -> None:
-    approle = services.approle
+def register(router: Router, services: Any, approle: Any) -> None:
+    """The routes of one AppRole mount (`approle.mount`, enabled through sys/auth)."""
+    base = f"auth/{approle.mount}"
+    role_path = base + r"/role/(?P<name>[^/]+)"
 
     def name(ctx: Context) -> str:
         return ctx.params["name"]
@@ -35,7 +36,7 @@ def register(router: Router, services: Any) -> None:
         token, entry, auth = approle.login(
             ctx.data.get("role_id"), ctx.data.get("secret_id"), ctx.request.remote_addr
         )
-        lease = services.register_token_lease("auth/approle/login", token, entry)
+        lease = services.register_token_lease(approle.login_path, token, entry)
         if lease:
             auth["lease_id"] = lease
         return Result(auth=auth)
@@ -50,12 +51,12 @@ def register(router: Router, services: Any) -> None:
         return RouteDoc(path, summary, params=_NAME if "{name}" in path else {}, operations=ops)
 
     router.add(
-        r"auth/approle/login",
+        base + "/login",
         {Operation.UPDATE: login},
         authenticated=False,
         family="auth",
         doc=doc(
-            "/auth/approle/login",
+            f"/{base}/login",
             "AppRole login: a role ID and its secret ID for a token.",
             {
                 Operation.UPDATE: OperationDoc(
@@ -68,17 +69,17 @@ def register(router: Router, services: Any) -> None:
         ),
     )
     router.add(
-        r"auth/approle/role/?",
+        base + "/role/?",
         {Operation.LIST: lambda ctx: {"keys": approle.list_roles()}},
         family="auth",
         doc=doc(
-            "/auth/approle/role",
+            f"/{base}/role",
             "AppRole roles.",
             {Operation.LIST: OperationDoc("List AppRole roles", responses=ok(KEYS))},
         ),
     )
     router.add(
-        _ROLE,
+        role_path,
         {
             Operation.READ: lambda ctx: approle.read_role(name(ctx)),
             Operation.UPDATE: lambda ctx: approle.write_role(name(ctx), ctx.data),
@@ -86,7 +87,7 @@ def register(router: Router, services: Any) -> None:
         },
         family="auth",
         doc=doc(
-            "/auth/approle/role/{name}",
+            f"/{base}/role/{{name}}",
             "An AppRole role: its secret ID constraints and the tokens its logins get.",
             {
                 Operation.READ: OperationDoc("Read an AppRole role", responses=ok(_ROLE_DATA)),
@@ -98,14 +99,14 @@ def register(router: Router, services: Any) -> None:
         ),
     )
     router.add(
-        _ROLE + r"/role-id",
+        role_path + r"/role-id",
         {
             Operation.READ: lambda ctx: {"role_id": approle.role_id(name(ctx))},
             Operation.UPDATE: lambda ctx: approle.set_role_id(name(ctx), ctx.data.get("role_id")),
         },
         family="auth",
         doc=doc(
-            "/auth/approle/role/{name}/role-id",
+            f"/{base}/role/{{name}}/role-id",
             "The role's role ID (not a secret: it names the role at login).",
             {
                 Operation.READ: OperationDoc("Read the role ID", responses=ok(obj({"role_id": STR}))),
@@ -116,14 +117,14 @@ def register(router: Router, services: Any) -> None:
         ),
     )
     router.add(
-        _ROLE + r"/secret-id/?",
+        role_path + r"/secret-id/?",
         {
             Operation.UPDATE: lambda ctx: approle.new_secret_id(name(ctx), ctx.data),
             Operation.LIST: lambda ctx: {"keys": approle.list_secret_ids(name(ctx))},
         },
         family="auth",
         doc=doc(
-            "/auth/approle/role/{name}/secret-id",
+            f"/{base}/role/{{name}}/secret-id",
             "Issue a secret ID (shown once; wrap it with X-Vault-Wrap-TTL), or list accessors.",
             {
                 Operation.UPDATE: OperationDoc(
@@ -134,7 +135,7 @@ def register(router: Router, services: Any) -> None:
         ),
     )
     router.add(
-        _ROLE + r"/custom-secret-id",
+        role_path + r"/custom-secret-id",
         {
             Operation.UPDATE: lambda ctx: approle.new_secret_id(
                 name(ctx), ctx.data, secret_id=ctx.data.get("secret_id") or ""
@@ -142,7 +143,7 @@ def register(router: Router, services: Any) -> None:
         },
         family="auth",
         doc=doc(
-            "/auth/approle/role/{name}/custom-secret-id",
+            f"/{base}/role/{{name}}/custom-secret-id",
             "Register a secret ID of the caller's choosing.",
             {
                 Operation.UPDATE: OperationDoc(
@@ -154,11 +155,11 @@ def register(router: Router, services: Any) -> None:
         ),
     )
     router.add(
-        _ROLE + r"/secret-id/lookup",
+        role_path + r"/secret-id/lookup",
         {Operation.UPDATE: lookup_secret_id},
         family="auth",
         doc=doc(
-            "/auth/approle/role/{name}/secret-id/lookup",
+            f"/{base}/role/{{name}}/secret-id/lookup",
             "A secret ID's properties (204 when there is no such secret ID).",
             {
                 Operation.UPDATE: OperationDoc(
@@ -170,14 +171,14 @@ def register(router: Router, services: Any) -> None:
         ),
     )
     router.add(
-        _ROLE + r"/secret-id/destroy",
+        role_path + r"/secret-id/destroy",
         {
             op: (lambda ctx: approle.destroy_secret_id(name(ctx), ctx.data.get("secret_id")))
             for op in (Operation.UPDATE, Operation.DELETE)
         },
         family="auth",
         doc=doc(
-            "/auth/approle/role/{name}/secret-id/destroy",
+            f"/{base}/role/{{name}}/secret-id/destroy",
             "Destroy a secret ID.",
             {
                 op: OperationDoc(
@@ -188,7 +189,7 @@ def register(router: Router, services: Any) -> None:
         ),
     )
     router.add(
-        _ROLE + r"/secret-id-accessor/lookup",
+        role_path + r"/secret-id-accessor/lookup",
         {
             Operation.UPDATE: lambda ctx: approle.lookup_accessor(
                 name(ctx), ctx.data.get("secret_id_accessor")
@@ -196,7 +197,7 @@ def register(router: Router, services: Any) -> None:
         },
         family="auth",
         doc=doc(
-            "/auth/approle/role/{name}/secret-id-accessor/lookup",
+            f"/{base}/role/{{name}}/secret-id-accessor/lookup",
             "A secret ID's properties, by its accessor.",
             {
                 Operation.UPDATE: OperationDoc(
@@ -208,14 +209,14 @@ def register(router: Router, services: Any) -> None:
         ),
     )
     router.add(
-        _ROLE + r"/secret-id-accessor/destroy",
+        role_path + r"/secret-id-accessor/destroy",
         {
             op: (lambda ctx: approle.destroy_accessor(name(ctx), ctx.data.get("secret_id_accessor")))
             for op in (Operation.UPDATE, Operation.DELETE)
         },
         family="auth",
         doc=doc(
-            "/auth/approle/role/{name}/secret-id-accessor/destroy",
+            f"/{base}/role/{{name}}/secret-id-accessor/destroy",
             "Destroy a secret ID by its accessor.",
             {
                 op: OperationDoc(
@@ -228,11 +229,11 @@ def register(router: Router, services: Any) -> None:
         ),
     )
     router.add(
-        r"auth/approle/tidy/secret-id",
+        base + "/tidy/secret-id",
         {Operation.UPDATE: tidy},
         family="auth",
         doc=doc(
-            "/auth/approle/tidy/secret-id",
+            f"/{base}/tidy/secret-id",
             "Delete expired secret IDs.",
             {Operation.UPDATE: OperationDoc("Tidy secret IDs", responses=NO_CONTENT)},
         ),
