@@ -699,12 +699,16 @@ def run_demo(
             console, cells, api, readers, folder, checks, per_cell, max(partition_seconds, 3 * BOUND)
         )
         readers.finish()
-        stolen_late = sum(f["late"] for f in late_a.values()) + sum(
-            f["late"] for f in phase_b.get("stolen_probe", {}).values()
+        stolen_late = (
+            sum(f["late"] for f in late_a.values())
+            + sum(f["late"] for f in phase_b.get("stolen_probe", {}).values())
+            + phase_b.get("watched_token", {}).get("late", 0)
         )
         probed = len(sample) + len(stolen_b)
-        tries = sum(f["tries"] for f in late_a.values()) + sum(
-            f["tries"] for f in phase_b.get("stolen_probe", {}).values()
+        tries = (
+            sum(f["tries"] for f in late_a.values())
+            + sum(f["tries"] for f in phase_b.get("stolen_probe", {}).values())
+            + phase_b.get("watched_token", {}).get("tries", 0)
         )
         # database users: dropped by their own cell before their revocation, so any login
         # after the revoke calls counts (tried in phase a, once every revoke call returned)
@@ -858,9 +862,13 @@ def _phase_b(
     working = sum(1 for x in stolen if works(x))
     prober = Prober(api, cells.urls, stolen, limit=120).start()
     cut_url = cells.urls[PARTITIONED]
+    # One of the cut-off cell's own stolen tokens, tried there every ~50 ms: when its
+    # stale view starts refusing, against the cut and against the token's revoke call.
+    own = next(x for x in stolen if x.cell == PARTITIONED)
+    watch = Prober(api, {PARTITIONED: cut_url}, [own], limit=120).start()
     reads_before = readers.snapshot(cut_url)
     cells.cut_off(PARTITIONED)
-    cut_at = time.monotonic()
+    cut_at, cut_wall = time.monotonic(), time.time()
     console.print(f"[yellow]{PARTITIONED} is cut off: relays, and its API to and from the other cells[/]")
     plan = Plan([TOKEN_PREFIX], cells.regional(VIA), VIA)
     plan.credentials = [Credential(x.cell, x.lease_id, x.accessor) for x in stolen]
@@ -881,6 +889,8 @@ def _phase_b(
     prober.finish()
     late = prober.late(_called_at(stolen, plan, outcome), BOUND)
     refused_there = late[PARTITIONED]["answers"].get("503", 0)
+    watch.finish()
+    watched = _watched(watch, cut_wall, _called_at([own], plan, outcome)[0])
     stale = sorted(
         p
         for p, m in view.get("peers", {}).items()
@@ -893,11 +903,15 @@ def _phase_b(
             and outcome.revoked_now == len(stolen)
             and refused_there > 0
             and late[PARTITIONED]["late"] == 0
+            and watched["late"] == 0
             and stale == sorted(c for c in CELLS if c != PARTITIONED),
             f"{working}/{len(stolen)} worked before the cut, {outcome.revoked_now} revoked via {VIA}; in "
             f"{PARTITIONED}: {before_heal[PARTITIONED]['revocations_held']}/{len(stolen)} revocations "
             f"held before the heal, {refused_there} tries refused with 503 (its view of "
-            f"{', '.join(stale) or 'no peer'} older than the bound), {late[PARTITIONED]['late']} accepted late",
+            f"{', '.join(stale) or 'no peer'} older than the bound), {late[PARTITIONED]['late']} accepted late; "
+            f"one of its own stolen tokens, tried every ~50 ms: last served {_offset(watched['served_until_s'])} "
+            f"and refused from {_offset(watched['refused_from_s'])} after the cut, last accepted "
+            f"{_offset(watched['last_accepted_after_call_s'])} after its revoke call",
         )
     )
     checks.append(
@@ -923,10 +937,37 @@ def _phase_b(
         "held_after_heal": held,
         "first_path": _first_paths(records),
         "stolen_probe": late,
+        "watched_token": watched,
         "reads_in_cut_off_cell": reads,
         "records": records,
     }
     return result, stolen
+
+
+def _watched(watch: Prober, cut_wall: float, called: float | None) -> dict[str, Any]:
+    """What the watcher saw of one stolen token in the cut-off cell, in seconds after the
+    cut (served until, refused from) and after its revoke call (last accepted)."""
+    after_cut = [(sent - cut_wall, status) for _, _, sent, status in watch.tries if sent >= cut_wall]
+    served = [t for t, status in after_cut if status == 200]
+    refused = [t for t, status in after_cut if status == 503]
+    accepted = (
+        []
+        if called is None
+        else [sent - called for _, _, sent, st in watch.tries if st == 200 and sent >= called]
+    )
+    late = watch.late([called], BOUND)[PARTITIONED]
+    return {
+        "tries": late["tries"],
+        "answers": late["answers"],
+        "late": late["late"],
+        "served_until_s": round(max(served), 3) if served else None,
+        "refused_from_s": round(min(refused), 3) if refused else None,
+        "last_accepted_after_call_s": round(max(accepted), 3) if accepted else None,
+    }
+
+
+def _offset(seconds: float | None) -> str:
+    return "never" if seconds is None else f"+{seconds * 1000:.0f} ms"
 
 
 def _setup(

@@ -142,6 +142,7 @@ def _assert_both_phases(stdout: str, summary: dict[str, object], stolen_b: int) 
     assert b["exposure_before_heal"]["ap-southeast-1"]["revocations_held"] == 0
     assert set(b["freshness_in_cut_off_cell"]["peers"]) == {"us-east-1", "eu-west-1"}
     assert b["stolen_probe"]["ap-southeast-1"]["answers"].get("503", 0) > 0
+    assert b["watched_token"]["refused_from_s"] is not None and b["watched_token"]["late"] == 0
     assert b["held_after_heal"] and all(
         f["revocations_held"] == f["of"] == stolen_b for f in b["exposure"].values()
     )
