@@ -826,6 +826,15 @@ def _first_paths(records: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 # once the cell's view of its peers is older than the bound. The price is stated in the
 # report: during the cut, payments tokens are refused in every cell whose view is stale
 # (503, naming the stale peers), while the readers (on_stale=serve) keep reading.
+#
+# Why the bound holds in the cut-off cell (control_plane/freshness.py's terms): its
+# watermark of a peer is the stamp of the last heartbeat (or revocation) it got from
+# that peer, a minting time at the peer, so no later than the cut, since nothing
+# crosses the cut. From cut + BOUND on, its staleness exceeds the bound and every
+# payments token is refused there. Every revoke call is sent after the cut, so no
+# stolen token is served there more than BOUND after its revoke call, however long
+# the cut lasts. The other cells hold the revocation from their commit (us-east-1) or
+# the direct path (eu-west-1), and their view of the cut-off cell goes stale too.
 def _phase_b(
     console: Console,
     cells: ThreeCells,
