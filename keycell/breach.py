@@ -258,6 +258,9 @@ class Outcome:
     failed: dict[str, str] = field(default_factory=dict)
     revoke_seconds: float = 0.0
     rotate_seconds: float = 0.0
+    # credential key -> wall-clock time its revoke call was sent (this run only): what
+    # "usable N s after the revoke call" is measured from
+    called_at: dict[str, float] = field(default_factory=dict)
 
 
 def revoke(
@@ -304,6 +307,7 @@ def revoke(
                     )
                 with state.lock:
                     state.data["enforced"].append(cred.key)
+            called = time.time()
             answer = api.ok(url, "POST", "sys/revocations", {**cred.subject, "reason": reason})
             direct.deliver(answer["data"])
         except BreachError as exc:
@@ -312,6 +316,7 @@ def revoke(
         else:
             with state.lock:
                 state.data["revoked"][cred.key] = answer["data"]["id"]
+                outcome.called_at[cred.key] = called
                 outcome.revoked_now += 1
         if progress is not None:
             progress(1)

@@ -4,8 +4,9 @@
                    --cell eu=http://127.0.0.1:8300 --rotate-prefix payments/ [--dry-run] [--yes] [--json]
 
 Revokes first (one revocation per credential found under the prefix in every cell, all
-through the `--via` cell and gossiped everywhere by the relays; `--tombstone` first
-revokes the prefix itself), then
+through the `--via` cell, gossiped everywhere by the relays and sent straight to every
+other cell's API it can reach, breach.DirectFanout; `--tombstone` first revokes the
+prefix itself), then
 rotates the secrets under `--rotate-prefix`. Asks before changing anything unless
 `--yes`; re-running the same command resumes from its state file.
 """

@@ -106,7 +106,8 @@ def test_demo_keeps_its_promises(tmp_path: Path) -> None:
     assert summary["credentials"] == 90 and summary["database_users"] == 45
     assert summary["readers"]["failed"] == 0
     assert summary["breach"]["prefixes"] == ["auth/jwt/login", "database/creds/payments"]
-    assert summary["stolen_tries"] == {"403": 45 * 3}
+    # 45 phase-a tokens and 3 phase-b payments tokens per cell, each refused in every cell
+    assert summary["stolen_tries"] == {"403": (45 + 9) * 3}
     assert summary["breach"]["revoked_now"] == 90 and summary["breach"]["rotated_now"] == 6
     exposure = summary["breach"]["exposure"]
     assert set(exposure) == {"us-east-1", "eu-west-1", "ap-southeast-1"}
@@ -116,9 +117,38 @@ def test_demo_keeps_its_promises(tmp_path: Path) -> None:
     assert all(cell["accepted"] == 0 for cell in summary["during_partition"].values())
     # A database user is dropped by its own cell's lease revoker, partition or not.
     assert all(cell["db_accepted"] == 0 for cell in summary["during_partition"].values())
+    _assert_both_phases(done.stdout, summary, stolen_b=9)
     page = report.read_text()
-    assert "<svg" in page and "<polyline" in page and "<script" not in page
+    assert page.count("<svg") == 2 and "<polyline" in page and "<script" not in page
+    assert "Phase a:" in page and "Phase b:" in page
     assert page.count("kept") >= 10 and "BROKEN" not in page
+
+
+def _assert_both_phases(stdout: str, summary: dict[str, object], stolen_b: int) -> None:
+    """The two partitions the demo plays, as its JSON summary and promise rows tell them."""
+    assert "stolen credentials usable in any cell more than 1 s after the revoke call: 0" in stdout
+    assert "reads served in the cut-off cell during the cut" in stdout
+    phases = summary["phases"]
+    assert isinstance(phases, dict) and set(phases) == {"a", "b"}
+    a, b = phases["a"], phases["b"]
+    # a: relays cut, APIs reachable: the direct path delivered everything before the heal
+    assert all(f["revocations_held"] == f["of"] for f in a["exposure_before_heal"].values())
+    assert a["first_path"]["ap-southeast-1"].get("direct", 0) == a["revocations"]
+    # b: nothing reaches the cut-off cell until the heal, yet its stale view refuses the
+    # stolen payments tokens (503) while its readers keep reading; after the heal every
+    # cell holds every revocation
+    assert b["on_stale"] == "refuse" and b["bound_seconds"] == 1.0
+    assert b["stolen_tokens"] == b["worked_before_cut"] == b["revoked"] == stolen_b
+    assert b["exposure_before_heal"]["ap-southeast-1"]["revocations_held"] == 0
+    assert set(b["freshness_in_cut_off_cell"]["peers"]) == {"us-east-1", "eu-west-1"}
+    assert b["stolen_probe"]["ap-southeast-1"]["answers"].get("503", 0) > 0
+    assert b["watched_token"]["refused_from_s"] is not None and b["watched_token"]["late"] == 0
+    assert b["held_after_heal"] and all(
+        f["revocations_held"] == f["of"] == stolen_b for f in b["exposure"].values()
+    )
+    assert b["reads_in_cut_off_cell"]["served"] > 0 and b["reads_in_cut_off_cell"]["failed"] == 0
+    for phase in (a, b):
+        assert all(cell["late"] == 0 and cell["tries"] > 0 for cell in phase["stolen_probe"].values())
 
 
 def test_the_demo_keeps_its_promises_with_software_keys_and_plain_tokens(tmp_path: Path) -> None:
@@ -139,4 +169,5 @@ def test_the_demo_keeps_its_promises_with_software_keys_and_plain_tokens(tmp_pat
     summary = json.loads((tmp_path / "breach-report.json").read_text())
     assert summary["backend"] == "software" and summary["database_users"] == 0
     assert summary["breach"]["prefixes"] == ["auth/token/create"]
-    assert summary["stolen_tries"] == {"403": 15 * 3}
+    assert summary["stolen_tries"] == {"403": (15 + 6) * 3}
+    _assert_both_phases(done.stdout, summary, stolen_b=6)

@@ -245,3 +245,20 @@ def test_a_database_user_is_dropped_by_its_own_cell_and_revoked_everywhere(
     assert not alive(url, stolen[0])
     lookup = call(url, "PUT", "sys/leases/lookup", {"lease_id": made["lease_id"]})
     assert lookup.status_code == 400
+
+
+def test_each_revoke_call_is_timed_and_the_time_precedes_its_commit(cells: dict[str, str]) -> None:
+    # What the demo's "usable N s after the revoke call" is measured from: the time each
+    # call was sent, never later than the revocation's own stamp in the via cell.
+    from keycell.breach import Api, Outcome, State, discover, revoke
+
+    url = cells["a"]
+    tokens(url, 3)
+    api = Api(ROOT)
+    plan = discover(api, {"a": url}, PREFIX)
+    state, outcome = State(None, plan.prefix), Outcome()
+    revoke(api, plan, state, outcome)
+    assert len(outcome.called_at) == 3 and set(outcome.called_at) == set(state.data["revoked"])
+    for key, rid in state.data["revoked"].items():
+        record = call(url, "GET", f"sys/revocations/{rid}").json()["data"]
+        assert outcome.called_at[key] <= record["revoked_at"]
