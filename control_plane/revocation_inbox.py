@@ -85,6 +85,7 @@ class InboxWriter:
 
     def __init__(self, cell: str, key: CellKey) -> None:
         self.cell, self.key = cell, key
+        self._heartbeat_versions: dict[str, int] = {}  # per peer ledger: the version last written
 
     def put_revocation(self, ledger: Ledger, peer: str, peer_pem: str, rec: RevocationRecord) -> bool:
         """Write `rec` into `peer`'s inbox (`ledger`: the peer's); False if it was there
@@ -106,13 +107,19 @@ class InboxWriter:
         key = heartbeat_key(self.cell)
         plain = json.dumps(hb.as_json(), separators=(",", ":")).encode()
         value = _envelope(self.cell, self.key.seal_for(peer_pem, plain, _aad(key, self.cell, peer)))
-        for _ in range(3):  # only this cell writes it: a conflict is another of its processes
-            found = ledger.get(key, consistent=True)
+        # Only this cell writes it, so the version it wrote last is usually still current
+        # (one request a beat); a conflict means another of its processes (or a restart)
+        # wrote since: read the version and go again.
+        version = self._heartbeat_versions.get(peer)
+        for _ in range(3):
+            if version is None:
+                found = ledger.get(key, consistent=True)
+                version = 0 if found is None else found.version
             try:
-                ledger.put_if(key, value, 0 if found is None else found.version)
+                self._heartbeat_versions[peer] = ledger.put_if(key, value, version).version
                 return
             except ConflictError:
-                continue
+                version = None
 
 
 @dataclass
@@ -147,6 +154,7 @@ class Inbox:
         self.ledger, self.log, self.freshness, self.key = ledger, log, freshness, key
         self.cell = log.cell
         self.sender_keys = sender_keys
+        self._heartbeats_taken: dict[str, int] = {}  # heartbeat item -> version last taken
 
     def drain(self, limit: int = MAX_DRAIN) -> DrainResult:
         """Apply every revocation and heartbeat in the inbox (at most `limit` items),
@@ -162,6 +170,8 @@ class Inbox:
 
     def _take(self, item: Item, keys: Mapping[str, str]) -> DrainResult:
         sender, _, name = item.key.path.partition("/")
+        if name == _HEARTBEAT and self._heartbeats_taken.get(item.key.path) == item.version:
+            return DrainResult()  # the same beat as at the last drain: nothing to open
         plain = self._open(item, sender, keys.get(sender))
         if plain is None:
             return DrainResult(rejected=1)
@@ -169,7 +179,9 @@ class Inbox:
             hb = _heartbeat(plain, sender)
             if hb is None:
                 return DrainResult(rejected=1)
-            return DrainResult(heartbeats=int(self.freshness.note_heartbeat(hb, PATH)))
+            newer = self.freshness.note_heartbeat(hb, PATH)
+            self._heartbeats_taken[item.key.path] = item.version
+            return DrainResult(heartbeats=int(newer))
         rec = _revocation(plain, sender, name)
         if rec is None:
             return DrainResult(rejected=1)

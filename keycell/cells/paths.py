@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -38,6 +39,7 @@ from keycell.control_plane.revocations import Receipt, RevocationLog, Revocation
 log = logging.getLogger("keycell.cells.paths")
 
 FROM_CELL_HEADER = "X-Keycell-From-Cell"  # who is calling, for operators and test faults
+KEYS_REFRESH = 2.0  # seconds between reads of the peers' sealing keys (LedgerPath)
 
 
 def _every(stop: threading.Event, seconds: float, tick: Callable[[], object], name: str) -> threading.Thread:
@@ -219,6 +221,9 @@ class LedgerPath:
         self.log = RevocationLog(services.revocations)
         self.mint = Mint(services.barrier, self.cell, services.revocations.clock)
         self._key: CellKey | None = None
+        self._keys: tuple[float, dict[str, str]] | None = None
+        self._writer: InboxWriter | None = None
+        self._inbox: Inbox | None = None
         self._backlog: dict[str, dict[str, RevocationRecord]] = {peer: {} for peer in self.ledgers}
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"ledger-{self.cell}")
         self._lock = threading.Lock()
@@ -234,18 +239,32 @@ class LedgerPath:
                 self._key = CellKey.load_or_create(self.services.barrier)
             return self._key
 
+    def writer(self) -> InboxWriter:
+        key = self.cell_key()
+        with self._lock:
+            if self._writer is None:
+                self._writer = InboxWriter(self.cell, key)
+            return self._writer
+
     def _public_keys(self) -> dict[str, str]:
+        """The cells' sealing keys from the directory, read at most every KEYS_REFRESH
+        seconds (keys change only when a cell is rebuilt; every tick needs them)."""
+        with self._lock:
+            if self._keys is not None and time.monotonic() - self._keys[0] < KEYS_REFRESH:
+                return self._keys[1]
         entries = directory.load(self.services.barrier)
-        return {c: e.record.public_key for c, e in entries.items() if not e.removed and e.record.public_key}
+        keys = {c: e.record.public_key for c, e in entries.items() if not e.removed and e.record.public_key}
+        with self._lock:
+            self._keys = (time.monotonic(), keys)
+        return keys
 
     def inbox(self) -> Inbox:
-        return Inbox(
-            self.services.ledger,
-            self.log,
-            self.services.freshness.freshness,
-            self.cell_key(),
-            self._public_keys,
-        )
+        key = self.cell_key()
+        with self._lock:
+            if self._inbox is None:
+                freshness = self.services.freshness.freshness
+                self._inbox = Inbox(self.services.ledger, self.log, freshness, key, self._public_keys)
+            return self._inbox
 
     # --- revocations ----------------------------------------------------------------------
 
@@ -288,7 +307,7 @@ class LedgerPath:
         """Those of `recs` not written (the peer's ledger or key unavailable)."""
         if peer_pem is None:
             return recs
-        writer = InboxWriter(self.cell, self.cell_key())
+        writer = self.writer()
         for i, rec in enumerate(recs):
             try:
                 writer.put_revocation(self.ledgers[peer], peer, peer_pem, rec)  # False: there already
@@ -307,7 +326,7 @@ class LedgerPath:
         that peer's backlog. A failed put is not retried: the next beat supersedes it."""
         hb = self.mint.heartbeat()
         keys = self._public_keys()
-        writer = InboxWriter(self.cell, self.cell_key())
+        writer = self.writer()
         for peer, ledger in self.ledgers.items():
             pem = keys.get(peer)
             if pem is None:
