@@ -8,6 +8,7 @@ test heals what it cut and uses its own accessors."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -206,3 +207,24 @@ def test_an_endpoint_with_credentials_is_refused_without_echoing_them() -> None:
     with pytest.raises(ValueError, match="without credentials") as caught:
         peer_ledgers_from_environment(env)
     assert "s3cr3t" not in str(caught.value)
+
+
+def test_the_wiring_starts_a_ledger_path_over_the_peers_it_names(tmp_path: Path) -> None:
+    from keycell.cells.mesh import open_cell
+    from keycell.cells.paths import LedgerPath
+    from keycell.functions.wiring import peer_ledger_path
+
+    services = open_cell(tmp_path / "a", "a")
+    peers = json.dumps({"a": f"sqlite://{tmp_path}/a.db", "b": f"sqlite://{tmp_path}/b.db"})
+    path = peer_ledger_path(services, {"KEYCELL_PEER_LEDGERS": peers, "KEYCELL_HEARTBEAT_S": "0.1"})
+    try:
+        assert isinstance(path, LedgerPath)
+        assert set(path.ledgers) == {"b"}  # its own entry skipped
+        assert path.every == 0.1
+        assert path.drain().applied == 0  # an empty inbox drains to nothing
+    finally:
+        path.close()
+        for ledger in path.ledgers.values():
+            ledger.close()
+        services.ledger.close()
+    assert peer_ledger_path(services, {}) is None
