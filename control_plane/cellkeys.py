@@ -10,6 +10,12 @@ ephemeral P-256 key, ECDH, HKDF-SHA256 and AES-256-GCM, the associated data boun
 both the key derivation and the AEAD. Only the receiving cell can open it, and what
 it opens it immediately re-wraps under its own KEK in its HSM.
 
+`CellKey.seal_for` / `CellKey.open_from` add sender authentication (the revocation
+inbox, issue 18): the key is derived from the ephemeral-static ECDH *and* the
+static-static ECDH between the two cells' keys (as HPKE's Auth mode does, RFC 9180
+§5.1.3), so only the named sender (or the recipient itself) can make a blob that
+opens, and a blob opens only for the recipient.
+
 `SealedForCell` is the encrypt-only half as an envelope `Recipient` backend: the home
 cell's `Envelopes.add_recipient` wraps a version's data key for another cell with it.
 """
@@ -32,6 +38,7 @@ from keycell.control_plane.keys import IntegrityError, KeyBackend
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger
 
 _INFO = b"keycell/v1/cell-seal"
+_INFO_AUTH = b"keycell/v1/cell-seal-auth"
 _POINT = 65  # an uncompressed P-256 point
 _NONCE = 12
 _KEY = Key(Kind.CONFIG, "cells/sealing-key")
@@ -48,22 +55,39 @@ def fingerprint(public_pem: str) -> str:
     return "sha256:" + hashlib.sha256(der).hexdigest()
 
 
-def _derive(shared: bytes, ephemeral: bytes, aad: bytes) -> bytes:
-    return HKDF(hashes.SHA256(), 32, salt=ephemeral, info=_INFO + b"\x00" + aad).derive(shared)
+def _derive(shared: bytes, ephemeral: bytes, aad: bytes, info: bytes = _INFO) -> bytes:
+    return HKDF(hashes.SHA256(), 32, salt=ephemeral, info=info + b"\x00" + aad).derive(shared)
 
 
-def seal_to(public_pem: str, plaintext: bytes, aad: bytes) -> bytes:
-    """Seal `plaintext` so only the holder of `public_pem`'s private key opens it."""
-    public = serialization.load_pem_public_key(public_pem.encode())
+def _public(public_pem: str) -> ec.EllipticCurvePublicKey:
+    public = serialization.load_pem_public_key(public_pem.encode())  # ValueError: not PEM
     if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != "secp256r1":
         raise SealError("a cell's sealing key is an EC P-256 public key")
+    return public
+
+
+def _seal(
+    public: ec.EllipticCurvePublicKey,
+    plaintext: bytes,
+    aad: bytes,
+    sender: ec.EllipticCurvePrivateKey | None = None,
+) -> bytes:
     ephemeral = ec.generate_private_key(ec.SECP256R1())
     point = ephemeral.public_key().public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     )
-    key = _derive(ephemeral.exchange(ec.ECDH(), public), point, aad)
+    shared = ephemeral.exchange(ec.ECDH(), public)
+    if sender is None:
+        key = _derive(shared, point, aad)
+    else:
+        key = _derive(shared + sender.exchange(ec.ECDH(), public), point, aad, _INFO_AUTH)
     nonce = os.urandom(_NONCE)
     return point + nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def seal_to(public_pem: str, plaintext: bytes, aad: bytes) -> bytes:
+    """Seal `plaintext` so only the holder of `public_pem`'s private key opens it."""
+    return _seal(_public(public_pem), plaintext, aad)
 
 
 class CellKey:
@@ -101,12 +125,30 @@ class CellKey:
         raise SealError("could not read or create the cell's sealing key")
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:
+        return self._open(sealed, aad, None)
+
+    def seal_for(self, public_pem: str, plaintext: bytes, aad: bytes) -> bytes:
+        """Seal `plaintext` for the cell holding `public_pem`'s private key, provably
+        from this cell: it opens only with `open_from(this cell's public key, ...)`."""
+        return _seal(_public(public_pem), plaintext, aad, self._private)
+
+    def open_from(self, sender_pem: str, sealed: bytes, aad: bytes) -> bytes:
+        """Open what the cell holding `sender_pem`'s private key sealed for this cell
+        with `seal_for`; SealError if it was sealed by anyone else, for anyone else, or
+        altered."""
+        return self._open(sealed, aad, _public(sender_pem))
+
+    def _open(self, sealed: bytes, aad: bytes, sender: ec.EllipticCurvePublicKey | None) -> bytes:
         if len(sealed) < _POINT + _NONCE + 16:
             raise SealError("the sealed value is too short")
         point, nonce, body = sealed[:_POINT], sealed[_POINT : _POINT + _NONCE], sealed[_POINT + _NONCE :]
         try:
             ephemeral = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
-            key = _derive(self._private.exchange(ec.ECDH(), ephemeral), point, aad)
+            shared = self._private.exchange(ec.ECDH(), ephemeral)
+            if sender is None:
+                key = _derive(shared, point, aad)
+            else:
+                key = _derive(shared + self._private.exchange(ec.ECDH(), sender), point, aad, _INFO_AUTH)
             return AESGCM(key).decrypt(nonce, body, aad)
         except (InvalidTag, ValueError):
             raise SealError("the sealed value does not open here (another cell's, or altered)") from None

@@ -79,6 +79,9 @@ class Kind(StrEnum):
     ROTATION_DUE = "rotation-due"  # path: zero-padded due epoch second/secret; the sweep's index
     REVOCATION_SEQ = "revocation-seq"  # path: origin cell/zero-padded seq; value: its minting time (issue 18)
     REVOCATION_CLOCK = "revocation-clock"  # path: mint|heartbeat|frontier/cell; freshness (issue 18)
+    # path: sender cell/revocation id | sender cell/heartbeat; written by *other* cells, sealed
+    # to this cell's key, outside the barrier (control_plane/revocation_inbox.py, issue 18)
+    REVOCATION_INBOX = "revocation-inbox"
 
 
 @dataclass(frozen=True, slots=True)

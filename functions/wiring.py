@@ -45,6 +45,12 @@ Environment (all optional):
                         revocation minted here also goes straight to the other cells' APIs
                         (from the cell directory), and this cell's freshness heartbeat every
                         KEYCELL_HEARTBEAT_S (default 0.25) seconds (keycell/cells/paths.py)
+  KEYCELL_PEER_LEDGERS  JSON: each other cell's ledger, {"CELL": {"table": T, "region": R,
+                        "endpoint": URL (optional)}} for DynamoDB, or {"CELL": "LEDGER URL"}: each
+                        revocation minted here is also put, sealed to that cell's key, into its
+                        ledger, with this cell's heartbeat every KEYCELL_HEARTBEAT_S seconds, and
+                        this cell drains what its peers put into its own ledger (the ledger path,
+                        keycell/cells/paths.py; `{}` only drains). This cell's own entry is skipped.
   KEYCELL_RELAY_TLS_CERT, KEYCELL_RELAY_TLS_KEY, KEYCELL_RELAY_TLS_CA
                         mTLS to that relay: this process's certificate (SPIFFE ID
                         spiffe://TD/keycell/api/CELL), its key, the mesh CA (keycell/relay/tls.py)
@@ -53,11 +59,12 @@ Environment (all optional):
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from keycell.adapters.ledgers import default_ledger_url, open_ledger
 from keycell.control_plane.audit import ANCHOR_INTERVAL, Auditor, AuditSink, FileSink, StdoutSink
@@ -178,6 +185,103 @@ def _gcp_kms(env: dict[str, str]) -> KeyBackend:
         return GcpKmsKeyBackend(project=project, location=location, key_ring=key_ring, transport=transport)
     options = {"api_endpoint": endpoint} if endpoint is not None else None
     return GcpKmsKeyBackend(project=project, location=location, key_ring=key_ring, client_options=options)
+
+
+_CELL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_DYNAMODB_TABLE = re.compile(r"[A-Za-z0-9_.-]{3,255}")
+_AWS_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-\d{1,2}")
+
+
+def peer_ledgers_from_environment(env: dict[str, str]) -> dict[str, str] | None:
+    """KEYCELL_PEER_LEDGERS as cell -> ledger URL (None when unset). A malformed
+    setting is a ValueError saying what is expected; it never echoes an endpoint
+    (which could carry credentials)."""
+    text = env.get("KEYCELL_PEER_LEDGERS", "").strip()
+    if not text:
+        return None
+    shape = 'KEYCELL_PEER_LEDGERS is a JSON object {"CELL": {"table": ..., "region": ..., "endpoint": ...}}'
+    try:
+        config = json.loads(text)
+    except ValueError:
+        raise ValueError(shape + ", and this is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise ValueError(shape)
+    urls: dict[str, str] = {}
+    for cell, value in config.items():
+        if not _CELL_ID.fullmatch(cell):
+            raise ValueError(f"KEYCELL_PEER_LEDGERS: {cell[:64]!r} is not a cell id (letters, digits, . _ -)")
+        if isinstance(value, str):
+            urls[cell] = _peer_ledger_url(cell, value)
+        elif isinstance(value, dict):
+            urls[cell] = _peer_dynamodb_url(cell, value)
+        else:
+            raise ValueError(
+                f"KEYCELL_PEER_LEDGERS[{cell!r}] is an object {{table, region, endpoint}} or a URL"
+            )
+    return urls
+
+
+def _peer_dynamodb_url(cell: str, value: dict[str, Any]) -> str:
+    where = f"KEYCELL_PEER_LEDGERS[{cell!r}]"
+    unknown = sorted(set(value) - {"table", "region", "endpoint"})
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown field(s) {', '.join(k[:32] for k in unknown)}; use table, region, endpoint"
+        )
+    table, region, endpoint = value.get("table"), value.get("region"), value.get("endpoint")
+    if not isinstance(table, str) or not _DYNAMODB_TABLE.fullmatch(table):
+        raise ValueError(f"{where}: 'table' is a DynamoDB table name (3 to 255 of A-Z a-z 0-9 _ . -)")
+    if not isinstance(region, str) or not _AWS_REGION.fullmatch(region):
+        raise ValueError(f"{where}: 'region' is an AWS region such as eu-west-1")
+    query = {"region": region}
+    if endpoint is not None:
+        if not isinstance(endpoint, str):
+            raise ValueError(f"{where}: 'endpoint' is an http(s):// URL")
+        parts = urlsplit(endpoint)
+        try:
+            parts.port  # noqa: B018 - parsing the port is the check
+        except ValueError:
+            parts = parts._replace(netloc="")
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+            raise ValueError(f"{where}: 'endpoint' is an http(s)://HOST[:PORT] URL without credentials in it")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"{where}: 'endpoint' is an http(s)://HOST[:PORT] URL without a path or query")
+        query["endpoint"] = f"{parts.scheme}://{parts.netloc}"
+    return f"dynamodb://{table}?{urlencode(query)}"
+
+
+def _peer_ledger_url(cell: str, url: str) -> str:
+    scheme = urlsplit(url).scheme
+    if scheme not in ("sqlite", "dynamodb") or "create=" in url:
+        raise ValueError(
+            f"KEYCELL_PEER_LEDGERS[{cell!r}] is a sqlite:// or dynamodb:// ledger URL (a peer's "
+            "ledger is never created from here)"
+        )
+    return url
+
+
+def peer_ledger_path(services: CellServices, env: dict[str, str]) -> Any:
+    """The ledger path (keycell/cells/paths.py) over the peers' ledgers KEYCELL_PEER_LEDGERS
+    names, started; None when it is unset. Opening a ledger sends nothing yet, so a
+    peer that cannot be reached at start only fails its first writes."""
+    urls = peer_ledgers_from_environment(env)
+    if urls is None:
+        return None
+    from keycell.cells.paths import LedgerPath
+
+    ledgers = {cell: open_ledger(url) for cell, url in urls.items() if cell != services.config.cell_id}
+    return LedgerPath(services, ledgers, every=_heartbeat_seconds(env)).start()
+
+
+def _heartbeat_seconds(env: dict[str, str]) -> float:
+    text = env.get("KEYCELL_HEARTBEAT_S", "0.25")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 60:
+        raise ValueError(f"KEYCELL_HEARTBEAT_S is a number of seconds in (0, 60], not {text[:32]!r}")
+    return seconds
 
 
 def dev_environment(data_dir: str, cell: str | None = None) -> dict[str, str]:
@@ -307,10 +411,18 @@ def router_from_environment(env: dict[str, str] | None = None) -> Router:
         from keycell.cells.api import install as install_cells
 
         install_cells(router, services, handoff.addr, handoff.tls)
+    paths: list[Any] = []
     if env.get("KEYCELL_PEER_TOKEN"):  # the direct revocation path and heartbeats (issue 18)
         from keycell.cells.paths import DirectPath
 
-        services.revocation_paths = DirectPath(  # type: ignore[attr-defined]
-            services, env["KEYCELL_PEER_TOKEN"], heartbeat_every=float(env.get("KEYCELL_HEARTBEAT_S", "0.25"))
-        ).start()
+        paths.append(
+            DirectPath(services, env["KEYCELL_PEER_TOKEN"], heartbeat_every=_heartbeat_seconds(env)).start()
+        )
+    ledger_path = peer_ledger_path(services, env)  # the ledger path (issue 18)
+    if ledger_path is not None:
+        paths.append(ledger_path)
+    if paths:
+        from keycell.cells.paths import Paths
+
+        services.revocation_paths = Paths(*paths)  # type: ignore[attr-defined]
     return router

@@ -10,6 +10,13 @@ the cell's `api` in the directory) and a DirectPath (keycell/cells/paths.py) del
 its revocations and heartbeats to the other cells over real HTTP; `cut_direct` drops
 those calls between two cells (the connection is closed unanswered), `partition` cuts
 both the relays and the direct path, `cut_relays` only the relays.
+
+With `ledger_path=True` each cell also runs a LedgerPath: its revocations and
+heartbeats go into the other cells' ledgers (`ledgers`: cell -> its own ledger URL,
+e.g. one DynamoDB table per cell on a moto server; default the dev SQLite file), and
+it drains its own inbox. `cut_ledger` makes a cell's writes into another cell's ledger
+fail as an unreachable table would (LedgerUnavailableError); `partition` cuts this
+path too.
 """
 
 from __future__ import annotations
@@ -19,14 +26,15 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
 from keycell.cells.agent import CellAgent, CellTiming, attach
 from keycell.cells.api import CellsFrontend, install
-from keycell.cells.paths import FROM_CELL_HEADER, DirectPath
+from keycell.cells.paths import FROM_CELL_HEADER, DirectPath, LedgerPath, Paths
+from keycell.control_plane.ledger import Item, Key, Kind, Ledger, LedgerUnavailableError, Op, Page
 from keycell.control_plane.router import Request, Response, Router
 from keycell.control_plane.routes import build_router
 from keycell.relay.cell import LedgerSink
@@ -40,12 +48,20 @@ T = TypeVar("T")
 ROOT = "kc.cells-root"
 
 
-def open_cell(folder: Path, cell: str) -> Any:
-    """A dev cell's services (SQLite ledger, software keys, auto-unsealed), initialized
-    with the root token ROOT on first use."""
+def cell_env(folder: Path, cell: str, ledger_url: str | None = None) -> dict[str, str]:
+    """A dev cell's configuration; `ledger_url` in place of its SQLite file."""
+    env = dev_cell_env(str(folder), cell)
+    if ledger_url is not None:
+        env["KEYCELL_LEDGER"] = ledger_url
+    return env
+
+
+def open_cell(folder: Path, cell: str, ledger_url: str | None = None) -> Any:
+    """A dev cell's services (SQLite ledger unless `ledger_url`, software keys,
+    auto-unsealed), initialized with the root token ROOT on first use."""
     from keycell.functions.wiring import services_from_environment
 
-    services = services_from_environment(dev_cell_env(str(folder), cell))
+    services = services_from_environment(cell_env(folder, cell, ledger_url))
     if not services.seal.status().initialized:
         services.seal.init(1, 1, root_token=ROOT)
         services.after_unseal()
@@ -65,6 +81,8 @@ class Mesh:
         seed: int = 1,
         direct: bool = False,
         heartbeat_every: float = 0.2,
+        ledger_path: bool = False,
+        ledgers: Mapping[str, str] | None = None,
     ) -> None:
         self.folder = folder
         self.cells = cells
@@ -85,6 +103,11 @@ class Mesh:
         self.http: dict[str, ThreadingHTTPServer] = {}
         self.api_urls: dict[str, str] = {}
         self.direct_cuts: set[frozenset[str]] = set()
+        self.ledger_path = ledger_path
+        self.ledgers = dict(ledgers or {})
+        self.ledger_paths: dict[str, LedgerPath] = {}
+        self.ledger_cuts: set[frozenset[str]] = set()
+        self._peer_ledgers: list[Ledger] = []
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="cells-mesh", daemon=True)
 
@@ -99,21 +122,43 @@ class Mesh:
         for cell in self.cells:
             folder = self.folder / cell
             folder.mkdir(parents=True, exist_ok=True)
-            self.sinks[cell] = LedgerSink(open_cell(folder, cell))
+            self.sinks[cell] = LedgerSink(open_cell(folder, cell, self.ledgers.get(cell)))
         self.run(self._start_relays())
         for cell in self.cells:
-            services = open_cell(self.folder / cell, cell)
+            services = open_cell(self.folder / cell, cell, self.ledgers.get(cell))
             router = build_router(services)
             self.fronts[cell] = install(router, services, self.relays[cell][0].addr)
             # sys/revocations hands each revocation to the cell's relay, as KEYCELL_RELAY does
             services.relay_handoff = RelayHandoff(self.relays[cell][0].addr)
             self.routers[cell] = router
             self.api_services[cell] = services
+            paths: list[DirectPath | LedgerPath] = []
             if self.direct:
-                path = DirectPath(services, ROOT, heartbeat_every=self.heartbeat_every)
-                services.revocation_paths = path
-                self.direct_paths[cell] = path.start()
+                self.direct_paths[cell] = DirectPath(services, ROOT, heartbeat_every=self.heartbeat_every)
+                paths.append(self.direct_paths[cell].start())
+            if self.ledger_path:
+                self.ledger_paths[cell] = LedgerPath(
+                    services, self._open_peer_ledgers(cell), every=self.heartbeat_every
+                )
+                paths.append(self.ledger_paths[cell].start())
+            if paths:
+                services.revocation_paths = Paths(*paths)
         return self
+
+    def _ledger_cut(self, cell: str, peer: str) -> Callable[[], bool]:
+        return lambda: frozenset((cell, peer)) in self.ledger_cuts
+
+    def _open_peer_ledgers(self, cell: str) -> dict[str, Ledger]:
+        from keycell.adapters.ledgers import open_ledger
+
+        opened: dict[str, Ledger] = {}
+        for peer in self.cells:
+            if peer != cell:
+                url = cell_env(self.folder / peer, peer, self.ledgers.get(peer))["KEYCELL_LEDGER"]
+                ledger = open_ledger(url)  # another handle on the peer's own table or file
+                self._peer_ledgers.append(ledger)
+                opened[peer] = _Cuttable(ledger, self._ledger_cut(cell, peer))
+        return opened
 
     def _listen(self, cell: str) -> None:
         mesh = self
@@ -196,8 +241,12 @@ class Mesh:
                 for agent in agents:
                     await agent.close()
 
-        for path in self.direct_paths.values():
+        for direct in self.direct_paths.values():
+            direct.close()
+        for path in self.ledger_paths.values():
             path.close()
+        for ledger in self._peer_ledgers:
+            ledger.close()
         for server in self.http.values():
             server.shutdown()
             server.server_close()
@@ -217,9 +266,10 @@ class Mesh:
     # --- faults ------------------------------------------------------------------------
 
     def partition(self, cell: str) -> None:
-        """Cut `cell` off from every other cell: relays and the direct path."""
+        """Cut `cell` off from every other cell: relays, the direct and the ledger path."""
         self.cut_relays(cell)
         self.cut_direct(cell)
+        self.cut_ledger(cell)
 
     def cut_relays(self, cell: str) -> None:
         for other in self.cells:
@@ -231,9 +281,16 @@ class Mesh:
             if other != cell:
                 self.direct_cuts.add(frozenset((cell, other)))
 
+    def cut_ledger(self, cell: str) -> None:
+        """`cell` can no longer write into the other cells' ledgers, nor they into its."""
+        for other in self.cells:
+            if other != cell:
+                self.ledger_cuts.add(frozenset((cell, other)))
+
     def heal(self) -> None:
         self.faults.heal()
         self.direct_cuts.clear()
+        self.ledger_cuts.clear()
 
     # --- the API -------------------------------------------------------------------------
 
@@ -284,3 +341,46 @@ class Mesh:
         if reply.status != 200 or reply.body is None:
             return None
         return reply.body["data"]["data"]  # type: ignore[no-any-return]
+
+
+class _Cuttable:
+    """A peer's ledger as one cell reaches it, failing like an unreachable table
+    (LedgerUnavailableError, nothing written) while `cut()` says so."""
+
+    def __init__(self, ledger: Ledger, cut: Callable[[], bool]) -> None:
+        self.ledger, self.cut = ledger, cut
+
+    def _check(self) -> None:
+        if self.cut():
+            raise LedgerUnavailableError("test fault: this peer's ledger is cut off")
+
+    def get(self, key: Key, *, consistent: bool = True) -> Item | None:
+        self._check()
+        return self.ledger.get(key, consistent=consistent)
+
+    def put_if(self, key: Key, value: bytes, expected_version: int, *, expires_at: int | None = None) -> Item:
+        self._check()
+        return self.ledger.put_if(key, value, expected_version, expires_at=expires_at)
+
+    def delete_if(self, key: Key, expected_version: int) -> None:
+        self._check()
+        self.ledger.delete_if(key, expected_version)
+
+    def transact(self, ops: Sequence[Op]) -> list[Item | None]:
+        self._check()
+        return self.ledger.transact(ops)
+
+    def scan(
+        self,
+        kind: Kind,
+        prefix: str = "",
+        *,
+        limit: int = 100,
+        cursor: str | None = None,
+        consistent: bool = True,
+    ) -> Page:
+        self._check()
+        return self.ledger.scan(kind, prefix, limit=limit, cursor=cursor, consistent=consistent)
+
+    def close(self) -> None:
+        pass  # the mesh closes the ledger itself

@@ -1,12 +1,19 @@
-"""The direct revocation path (issue 18): a revocation minted in this cell goes, besides
-the relay mesh, straight to every other cell's regional API (POST
-sys/revocations/apply), in parallel, with bounded retries, so a partition of the relays
-alone delays nothing. A heartbeat loop sends this cell's freshness heartbeat
-(freshness.Mint.heartbeat) the same way, which is what lets a quiet peer's watermark
-advance. Every delivery is idempotent (the set is a CRDT); a peer's reply is its
-receipt, kept here so sys/revocations/:id names the path that reached it first.
+"""The revocation paths besides the relay mesh (issue 18), each of which alone gets a
+revocation minted here to every other cell, and carries this cell's freshness
+heartbeat (freshness.Mint.heartbeat), which is what lets a quiet peer's watermark
+advance. Every delivery is idempotent (the set is a CRDT), so all run at once.
 
-Peers and their API URLs come from the cell directory (`CellRecord.api`).
+- `DirectPath`: straight to every other cell's regional API (POST
+  sys/revocations/apply), in parallel, with bounded retries, so a partition of the
+  relays alone delays nothing. A peer's reply is its receipt, kept here so
+  sys/revocations/:id names the path that reached it first. Peers and their API URLs
+  come from the cell directory (`CellRecord.api`).
+- `LedgerPath`: into every configured peer's ledger (KEYCELL_PEER_LEDGERS), a sealed
+  inbox item written with a conditional put, which the peer drains into its own set
+  (control_plane/revocation_inbox.py says why this survives a partition of the mesh).
+  Its loop also drains this cell's own inbox.
+
+`Paths` is what sys/revocations hands each new revocation to (`services.revocation_paths`).
 """
 
 from __future__ import annotations
@@ -15,19 +22,60 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 from keycell.client.errors import ConnectionFailed
 from keycell.client.transport import Transport
 from keycell.control_plane import directory
+from keycell.control_plane.cellkeys import CellKey
 from keycell.control_plane.freshness import Heartbeat, Mint
+from keycell.control_plane.ledger import Ledger, LedgerError
+from keycell.control_plane.revocation_inbox import DrainResult, Inbox, InboxWriter
 from keycell.control_plane.revocations import Receipt, RevocationLog, RevocationRecord
 
 log = logging.getLogger("keycell.cells.paths")
 
 FROM_CELL_HEADER = "X-Keycell-From-Cell"  # who is calling, for operators and test faults
+KEYS_REFRESH = 2.0  # seconds between reads of the peers' sealing keys (LedgerPath)
+
+
+def _every(stop: threading.Event, seconds: float, tick: Callable[[], object], name: str) -> threading.Thread:
+    """Run `tick` every `seconds` until `stop` is set, in a daemon thread."""
+
+    def loop() -> None:
+        while not stop.wait(seconds):
+            try:
+                tick()
+            except Exception:  # the loop outlives a sealed or busy moment
+                log.exception("%s", name)
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+class RevocationPath(Protocol):
+    def deliver(self, rec: RevocationRecord) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Paths:
+    """Every path besides the relay, as one: `deliver` hands a new revocation to each."""
+
+    def __init__(self, *paths: RevocationPath) -> None:
+        self.paths = paths
+
+    def deliver(self, rec: RevocationRecord) -> None:
+        for path in self.paths:
+            path.deliver(rec)
+
+    def close(self) -> None:
+        for path in self.paths:
+            path.close()
 
 
 class DirectPath:
@@ -130,15 +178,7 @@ class DirectPath:
             self._post(url, {"heartbeat": hb.as_json()})
 
     def start(self) -> DirectPath:
-        def loop() -> None:
-            while not self._stop.wait(self.heartbeat_every):
-                try:
-                    self.heartbeat_once()
-                except Exception:  # the loop outlives a sealed or busy moment
-                    log.exception("direct path heartbeat")
-
-        self._thread = threading.Thread(target=loop, name=f"heartbeat-{self.cell}", daemon=True)
-        self._thread.start()
+        self._thread = _every(self._stop, self.heartbeat_every, self.heartbeat_once, f"heartbeat-{self.cell}")
         return self
 
     def close(self) -> None:
@@ -149,3 +189,171 @@ class DirectPath:
         with self._lock:
             for transport in self._transports.values():
                 transport.close()
+
+
+class LedgerPath:
+    """The ledger path: this cell's revocations and heartbeats into its peers' ledgers,
+    and its own inbox drained into its revocation set.
+
+    `ledgers`: peer cell -> that cell's ledger (opened from KEYCELL_PEER_LEDGERS by
+    functions/wiring.py). A peer's sealing key comes from the cell directory; a peer
+    the directory has no key for yet is skipped until it has one. A delivery that
+    finds the peer's ledger unreachable is retried `attempts` times, then kept in a
+    bounded backlog that every tick tries again (before the heartbeat, so the peer's
+    watermark waits for nothing longer than it must); what overflows the backlog is
+    left to the relay mesh's anti-entropy."""
+
+    def __init__(
+        self,
+        services: Any,
+        ledgers: Mapping[str, Ledger],
+        *,
+        every: float = 0.25,
+        attempts: int = 3,
+        backoff: float = 0.05,
+        backlog_limit: int = 10_000,
+    ) -> None:
+        self.services = services
+        self.cell = services.config.cell_id
+        self.ledgers = {peer: ledger for peer, ledger in ledgers.items() if peer != self.cell}
+        self.every, self.attempts, self.backoff = every, attempts, backoff
+        self.backlog_limit = backlog_limit
+        self.log = RevocationLog(services.revocations)
+        self.mint = Mint(services.barrier, self.cell, services.revocations.clock)
+        self._key: CellKey | None = None
+        self._keys: tuple[float, dict[str, str]] | None = None
+        self._writer: InboxWriter | None = None
+        self._inbox: Inbox | None = None
+        self._backlog: dict[str, dict[str, RevocationRecord]] = {peer: {} for peer in self.ledgers}
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"ledger-{self.cell}")
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.delivered = 0
+        self.failed = 0
+        self.dropped = 0  # backlog overflow: left to the relay mesh
+
+    def cell_key(self) -> CellKey:
+        with self._lock:  # the barrier holds it; read once the cell is unsealed
+            if self._key is None:
+                self._key = CellKey.load_or_create(self.services.barrier)
+            return self._key
+
+    def writer(self) -> InboxWriter:
+        key = self.cell_key()
+        with self._lock:
+            if self._writer is None:
+                self._writer = InboxWriter(self.cell, key)
+            return self._writer
+
+    def _public_keys(self) -> dict[str, str]:
+        """The cells' sealing keys from the directory, read at most every KEYS_REFRESH
+        seconds (keys change only when a cell is rebuilt; every tick needs them)."""
+        with self._lock:
+            if self._keys is not None and time.monotonic() - self._keys[0] < KEYS_REFRESH:
+                return self._keys[1]
+        entries = directory.load(self.services.barrier)
+        keys = {c: e.record.public_key for c, e in entries.items() if not e.removed and e.record.public_key}
+        with self._lock:
+            self._keys = (time.monotonic(), keys)
+        return keys
+
+    def inbox(self) -> Inbox:
+        key = self.cell_key()
+        with self._lock:
+            if self._inbox is None:
+                freshness = self.services.freshness.freshness
+                self._inbox = Inbox(self.services.ledger, self.log, freshness, key, self._public_keys)
+            return self._inbox
+
+    # --- revocations ----------------------------------------------------------------------
+
+    def deliver(self, rec: RevocationRecord) -> None:
+        """Put `rec` into every peer's ledger, in the background; returns at once."""
+        for peer in self.ledgers:
+            self._pool.submit(self.deliver_to, peer, [rec])
+
+    def deliver_to(self, peer: str, recs: list[RevocationRecord]) -> bool:
+        """Put `recs` into `peer`'s inbox, with bounded retries; True when every one is
+        there (written now or before). What could not be written goes to the backlog."""
+        keys = self._public_keys()
+        pending = list(recs)
+        delay = self.backoff
+        for attempt in range(self.attempts):
+            pending = self._put_all(peer, keys.get(peer), pending)
+            if not pending or self._stop.is_set():
+                break
+            if attempt + 1 < self.attempts:
+                self._stop.wait(delay)
+                delay *= 2
+        with self._lock:
+            backlog = self._backlog[peer]
+            for rec in recs:
+                backlog.pop(rec.id, None)
+            for rec in pending:
+                if len(backlog) >= self.backlog_limit:
+                    self.dropped += 1
+                    continue
+                backlog[rec.id] = rec
+        if pending:
+            self.failed += 1
+            return False
+        self.delivered += 1
+        return True
+
+    def _put_all(
+        self, peer: str, peer_pem: str | None, recs: list[RevocationRecord]
+    ) -> list[RevocationRecord]:
+        """Those of `recs` not written (the peer's ledger or key unavailable)."""
+        if peer_pem is None:
+            return recs
+        writer = self.writer()
+        for i, rec in enumerate(recs):
+            try:
+                writer.put_revocation(self.ledgers[peer], peer, peer_pem, rec)  # False: there already
+            except (LedgerError, OSError):
+                return recs[i:]
+        return []
+
+    def backlog(self, peer: str) -> list[RevocationRecord]:
+        with self._lock:
+            return list(self._backlog[peer].values())
+
+    # --- heartbeats and the inbox -------------------------------------------------------------
+
+    def heartbeat_once(self) -> Heartbeat:
+        """Mint a heartbeat and put it into every reachable peer's inbox, after retrying
+        that peer's backlog. A failed put is not retried: the next beat supersedes it."""
+        hb = self.mint.heartbeat()
+        keys = self._public_keys()
+        writer = self.writer()
+        for peer, ledger in self.ledgers.items():
+            pem = keys.get(peer)
+            if pem is None:
+                continue
+            backlog = self.backlog(peer)
+            if backlog and not self.deliver_to(peer, backlog):
+                continue  # still cut off: a heartbeat now would only wait for those seqs
+            try:
+                writer.put_heartbeat(ledger, peer, pem, hb)
+            except (LedgerError, OSError):
+                log.debug("ledger path: %s's ledger unreachable for a heartbeat", peer)
+        return hb
+
+    def drain(self) -> DrainResult:
+        """Apply what peers put into this cell's inbox (also on demand, e.g. by tests)."""
+        return self.inbox().drain()
+
+    def tick(self) -> None:
+        self.drain()
+        self.heartbeat_once()
+
+    def start(self) -> LedgerPath:
+        self._thread = _every(self._stop, self.every, self.tick, f"ledger-path-{self.cell}")
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -49,3 +49,27 @@ def test_the_encrypt_only_recipient_cannot_unwrap() -> None:
     wrapped = grant.wrap("cell-kek", b"k" * 32, b"aad")
     with pytest.raises(SealError):
         grant.unwrap("cell-kek", wrapped, b"aad")
+
+
+def test_sealed_by_one_cell_for_another_opens_only_as_from_that_cell(tmp_path: Path) -> None:
+    a, b, c = (open_cell(tmp_path / n, n) for n in "abc")
+    try:
+        key_a, key_b, key_c = (CellKey.load_or_create(s.barrier) for s in (a, b, c))
+        aad = b"keycell/v1/revocation-inbox:a/rv_1"
+        sealed = key_a.seal_for(key_b.public_pem, b"revocation", aad)
+        assert key_b.open_from(key_a.public_pem, sealed, aad) == b"revocation"
+        with pytest.raises(SealError):
+            key_b.open_from(key_c.public_pem, sealed, aad)  # not c's: the sender is bound
+        with pytest.raises(SealError):
+            key_b.open(sealed, aad)  # nor an anonymous seal
+        with pytest.raises(SealError):
+            key_c.open_from(key_a.public_pem, sealed, aad)  # sealed for b only
+        with pytest.raises(SealError):
+            key_b.open_from(key_a.public_pem, sealed, aad + b"x")
+        # an anonymous seal (anyone can make one) never passes as a's
+        anonymous = seal_to(key_b.public_pem, b"forged", aad)
+        with pytest.raises(SealError):
+            key_b.open_from(key_a.public_pem, anonymous, aad)
+    finally:
+        for services in (a, b, c):
+            services.ledger.close()
