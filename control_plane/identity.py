@@ -175,7 +175,7 @@ class Identity:
         self.ca = ca
         self.revocations = revocations
         self.clock = clock
-        self.tokens = tokens  # control_plane.tokens.TokenStore: revoking an identity revokes its logins
+        self.tokens = tokens  # auth.token.store.TokenStore: revoking an identity revokes its logins
         # (region, instance id) -> the instance's tags, for aws_iid:tag: selectors
         # (adapters.identity.aws_ec2.Ec2InstanceTags, set by the wiring); None: no tag selectors.
         self.instance_tags: Callable[[str, str], Mapping[str, str]] | None = None

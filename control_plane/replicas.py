@@ -318,7 +318,7 @@ class Replicas:
         return home
 
     def change(self, secret: str, op: str, args: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Any KV change (control_plane.kvchange) at this cell, which must be the home."""
+        """Any KV change (control_plane/engines/kv/changes.py) at this cell, which must be the home."""
         self.home_for_write(self.full_path(secret))
         return kvchange.run(self.kv, secret, op, args)
 

@@ -100,7 +100,7 @@ class CellsFrontend:
     # --- writes -----------------------------------------------------------------------
 
     def change(self, secret: str, op: str, args: dict[str, Any]) -> dict[str, Any] | None:
-        """Any KV change (control_plane.kvchange): at the secret's home, CP in this
+        """Any KV change (control_plane/engines/kv/changes.py): at the secret's home, CP in this
         cell's ledger, then pushed to the other cells; for a secret homed elsewhere, its
         arguments sealed to the home's key and forwarded through the local relay."""
         path = self.replicas.full_path(secret)
