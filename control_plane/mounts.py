@@ -16,7 +16,7 @@ operators enabling the same path at once get one mount and one clear refusal:
   cached by the mount's uuid (a disabled and re-enabled path is a new mount).
 
 Types that can be enabled: `kv` (version 2; `kv-v2` is the CLI's name for it) and
-`transit` for secrets, `approle` for auth. Disabling a mount deletes its data: every
+`transit` for secrets, `approle` and `kubernetes` for auth. Disabling a mount deletes its data: every
 item stored under it goes, as Vault's `secrets disable` does.
 
 Tune (`sys/mounts/:path/tune`, `sys/auth/:path/tune`): `default_lease_ttl`,
@@ -56,6 +56,7 @@ _DESCRIPTIONS = {
     "token": "token based credentials",
     "jwt": "JWT and JWT-SVID login",
     "approle": "AppRole machine login",
+    "kubernetes": "Kubernetes service account login (TokenReview)",
 }
 BUILTIN_SECRETS: dict[str, tuple[str, dict[str, str] | None]] = {
     "secret/": ("kv", {"version": "2"}),
@@ -70,7 +71,7 @@ BUILTIN_AUTH: dict[str, tuple[str, dict[str, str] | None]] = {
     "token/": ("token", None),
     "jwt/": ("jwt", None),
 }
-ENABLEABLE = {SECRETS: ("kv", "transit"), AUTH: ("approle",)}
+ENABLEABLE = {SECRETS: ("kv", "transit"), AUTH: ("approle", "kubernetes")}
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,7 @@ class MountTable:
             "kv": ((Kind.SECRET_META, f"{name}/"), (Kind.SECRET_VERSION, f"{name}/")),
             "transit": ((Kind.TRANSIT_KEY, f"{name}/"),),
             "approle": ((Kind.AUTH_ROLE, f"approle/{name}/"), (Kind.AUTH_SECRET, f"approle/{name}/")),
+            "kubernetes": ((Kind.AUTH_ROLE, f"kubernetes/{name}/"),),
         }.get(mount.type, ())
         for kind, under in prefixes:
             for item in list(iter_prefix(self.ledger, kind, under)):

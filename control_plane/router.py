@@ -311,6 +311,9 @@ class Router:
         try:
             operation = request.operation
             request.path, acl_path = acl_paths(request.path, operation)
+            # Before matching: a path under an enabled mount is resolved through the
+            # mount table, which this process can read only once its barrier is open.
+            self.services.ensure_unsealed()  # HSM seal mode: a fresh process opens the barrier itself
             found = self.match(request.path)
             if found is None:
                 raise UnsupportedOperation(f"no handler for route {request.path!r}", status=404)
@@ -319,7 +322,6 @@ class Router:
             if handler is None:
                 raise UnsupportedOperation(f"unsupported operation {operation.value!r} on {request.path!r}")
             ctx = Context(request, params)
-            self.services.ensure_unsealed()  # HSM seal mode: a fresh process opens the barrier itself
             if matched.authenticated:
                 self._authenticate(ctx, matched, operation, acl_path)
             if (

@@ -40,25 +40,30 @@ class MountedRoutes:
         return built
 
     def _build(self, mount: Mount, auth: bool) -> Router:
+        """A router holding only this mount's routes, over an engine bound to its path."""
         from keycell.control_plane.auth.approle import routes as approle_routes
         from keycell.control_plane.auth.approle.backend import AppRoleAuth
+        from keycell.control_plane.auth.kubernetes import routes as kubernetes_routes
+        from keycell.control_plane.auth.kubernetes.backend import KubernetesAuth
         from keycell.control_plane.engines.kv import routes as kv_routes
         from keycell.control_plane.engines.kv.backend import KvV2
         from keycell.control_plane.engines.transit import routes as transit_routes
         from keycell.control_plane.engines.transit.backend import Transit
 
-        s = self.services
+        s, name = self.services, mount.name
         router = Router(s, clock=s.clock)
         if auth and mount.type == "approle":
-            approle_routes.register(
-                router, s, AppRoleAuth(s.barrier, s.tokens, mount=mount.name, clock=s.clock)
+            approle_routes.register(router, s, AppRoleAuth(s.barrier, s.tokens, mount=name, clock=s.clock))
+        elif auth and mount.type == "kubernetes":
+            kubernetes_routes.register(
+                router, s, KubernetesAuth(s.barrier, s.tokens, mount=name, clock=s.clock)
             )
-        elif mount.type == "kv":
-            kv = KvV2(s.barrier, s.envelopes, mount=mount.name, clock=s.clock)
-            kv_routes.register(router, kv, mount.name, getattr(s, "freshness", None))
-        elif mount.type == "transit":
+        elif not auth and mount.type == "kv":
+            kv = KvV2(s.barrier, s.envelopes, mount=name, clock=s.clock)
+            kv_routes.register(router, kv, name, getattr(s, "freshness", None))
+        elif not auth and mount.type == "transit":
             transit_routes.register(
-                router, Transit(s.barrier, s.key_backend, mount=mount.name, clock=s.clock), mount.name
+                router, Transit(s.barrier, s.key_backend, mount=name, clock=s.clock), name
             )
         return router
 

@@ -128,5 +128,5 @@ def test_enabling_a_taken_path_twice_is_refused(root: hvac.Client) -> None:
     with pytest.raises(hvac.exceptions.InvalidRequest, match="already in use at twice/"):
         root.sys.enable_secrets_engine("kv-v2", path="twice/nested")
     root.sys.disable_secrets_engine("twice")
-    with pytest.raises(hvac.exceptions.InvalidRequest, match="type must be one of approle"):
-        root.sys.enable_auth_method("kubernetes")
+    with pytest.raises(hvac.exceptions.InvalidRequest, match="type must be one of approle, kubernetes"):
+        root.sys.enable_auth_method("ldap")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from keycell.control_plane.auth.token.routes import TOKEN_SETTINGS_SCHEMA
 from keycell.control_plane.router import Context, Operation, OperationDoc, Result, RouteDoc, Router
 from keycell.control_plane.routes.openapi import (
     ANY_OBJECT,
@@ -240,19 +241,6 @@ def register(router: Router, services: Any, approle: Any) -> None:
     )
 
 
-_TOKEN_SETTINGS = {
-    "token_policies": STR_LIST_OR_CSV,
-    "policies": STR_LIST_OR_CSV,
-    "token_ttl": DURATION,
-    "token_max_ttl": DURATION,
-    "token_period": DURATION,
-    "token_explicit_max_ttl": DURATION,
-    "token_no_default_policy": BOOL,
-    "token_num_uses": INT,
-    "token_type": STR,
-    "max_revocation_staleness": {"type": "number"},
-    "on_stale": {"type": "string", "enum": ["refuse", "local-only", "serve"]},
-}
 _ROLE_REQUEST = obj(
     {
         "bind_secret_id": BOOL,
@@ -262,7 +250,7 @@ _ROLE_REQUEST = obj(
         "local_secret_ids": BOOL,
         "token_bound_cidrs": STR_LIST_OR_CSV,
         "role_id": STR,
-        **_TOKEN_SETTINGS,
+        **TOKEN_SETTINGS_SCHEMA,
     }
 )
 _ROLE_DATA = obj(
@@ -273,7 +261,7 @@ _ROLE_DATA = obj(
         "secret_id_ttl": INT,
         "local_secret_ids": BOOL,
         "token_bound_cidrs": STR_LIST,
-        **{k: v for k, v in _TOKEN_SETTINGS.items() if k != "policies"},
+        **{k: v for k, v in TOKEN_SETTINGS_SCHEMA.items() if k != "policies"},
         "policies": STR_LIST,
         "token_ttl": INT,
         "token_max_ttl": INT,

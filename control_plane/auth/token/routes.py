@@ -292,3 +292,19 @@ _TOKEN_LOOKUP = obj(
     },
     ("accessor", "creation_time", "creation_ttl", "id", "policies", "ttl", "type"),
 )
+
+# The token settings every auth method's role takes (auth/token/settings.py), for their
+# OpenAPI documents.
+TOKEN_SETTINGS_SCHEMA = {
+    "token_policies": STR_LIST_OR_CSV,
+    "policies": STR_LIST_OR_CSV,
+    "token_ttl": DURATION,
+    "token_max_ttl": DURATION,
+    "token_period": DURATION,
+    "token_explicit_max_ttl": DURATION,
+    "token_no_default_policy": BOOL,
+    "token_num_uses": INT,
+    "token_type": STR,
+    "max_revocation_staleness": {"type": "number"},
+    "on_stale": {"type": "string", "enum": ["refuse", "local-only", "serve"]},
+}
