@@ -529,6 +529,18 @@ class PartitionedCells:
             p["staleness_seconds"] is not None and p["staleness_seconds"] < within for p in peers.values()
         )
 
+    def ledger_paths(self, cell: str, kind: Any) -> list[str]:
+        """The paths of every `kind` item in `cell`'s ledger (its SQLite file, read
+        beside the running processes): what the cell holds, not what its API says."""
+        from keycell.adapters.ledgers import open_ledger
+        from keycell.control_plane.ledger import iter_prefix
+
+        ledger = open_ledger(f"sqlite://{self.folder / cell / 'cell.db'}")
+        try:
+            return [item.key.path for item in iter_prefix(ledger, kind, page_size=500)]
+        finally:
+            ledger.close()
+
     def wait_ready(self, timeout: float | None = None) -> None:
         """Every cell lists every other in its directory, with its API, and is fresh."""
 
