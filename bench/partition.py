@@ -3,6 +3,7 @@ usable in each cell while the network is cut.
 
     python -m bench.partition [--revocations 1000] [--modes local-only,refuse,serve]
                               [--scenarios relays,isolate] [--bound 1.0] [--concurrency 4]
+                              [--rate 50]
 
 Three cells (us-east-1, eu-west-1, ap-southeast-1), each a `keycell server` and a
 `keycell relay` process in its own Linux network namespace (keycell/testing/netns.py),
@@ -16,8 +17,9 @@ every cell's direct path and freshness heartbeat on (KEYCELL_PEER_TOKEN, every
    takes both of ap-southeast-1's links down. It lasts while the revocations are made,
    and at least `--min-cut` s (default: the bound plus 1 s) so the cut-off cell goes
    stale.
-3. Each token is revoked (by accessor) through a reachable cell other than its own,
-   `--concurrency` calls at a time. From the moment the revoke call returns, a prober
+3. Each token is revoked (by accessor) through a reachable cell other than its own
+   (the others in turn), paced at `--rate` calls a second, `--concurrency` at most in
+   flight, so the figure is the paths' latency rather than a queue of calls. From the moment the revoke call returns, a prober
    per cell asks that token's own cell (auth/token/lookup-self, the only cell that
    knows the token) until it refuses it: 403 (the revocation arrived) or 503 (the
    role's bound: the cell's view is too stale). Exposure = the refusing answer's
@@ -167,9 +169,12 @@ def _issue(cells: PartitionedCells, count: int, bound: dict[str, Any]) -> list[C
         return list(pool.map(one, range(count)))
 
 
-def _via(cell: str, reachable: list[str]) -> str:
-    """The cell a revocation of `cell`'s credential goes through: a reachable other one."""
-    return next(c for c in reachable if c != cell)
+def _via(cell: str, reachable: list[str], i: int) -> str:
+    """The cell the i-th revocation, of `cell`'s credential, goes through: the reachable
+    other cells in turn, so the revoke calls (and the deliveries they start) spread
+    evenly over the cells."""
+    others = [c for c in reachable if c != cell]
+    return others[i % len(others)]
 
 
 def _held_everywhere(cells: PartitionedCells, creds: list[Credential], timeout: float) -> int:
@@ -215,6 +220,7 @@ def run_one(
     revocations: int,
     bound: float,
     concurrency: int,
+    rate: float,
     min_cut: float,
     settle: float = 60.0,
 ) -> dict[str, Any]:
@@ -235,7 +241,7 @@ def run_one(
             prober.thread.start()
         readers.start()
         return _cut_and_revoke(
-            cells, scenario, mode, creds, probers, readers, bound, concurrency, min_cut, settle
+            cells, scenario, mode, creds, probers, readers, bound, concurrency, rate, min_cut, settle
         )
     finally:
         readers.stop.set()
@@ -252,6 +258,7 @@ def _cut_and_revoke(
     readers: Readers,
     bound: float,
     concurrency: int,
+    rate: float,
     min_cut: float,
     settle: float,
 ) -> dict[str, Any]:
@@ -259,8 +266,12 @@ def _cut_and_revoke(
     reachable = list(CELLS) if scenario == "relays" else [c for c in CELLS if c != CUT]
     failed_revokes: list[str] = []
 
-    def revoke(cred: Credential) -> None:
-        via = _via(cred.cell, reachable)
+    def revoke(i: int) -> None:
+        # paced: revocation i leaves no earlier than i / rate s into the cut, so the
+        # figure is the paths' latency, not a queue of revoke calls
+        time.sleep(max(0.0, cut_at + i / rate - time.monotonic()))
+        cred = creds[i]
+        via = _via(cred.cell, reachable, i // len(CELLS))
         body = {"accessor": cred.accessor, "reason": f"bench {scenario} {mode}"}
         try:
             status, answer = cells.call(via, "POST", "sys/revocations", body)
@@ -281,7 +292,7 @@ def _cut_and_revoke(
     cut_at = time.monotonic()
     try:
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            list(pool.map(revoke, creds))
+            list(pool.map(revoke, range(len(creds))))
         revoke_seconds = time.monotonic() - cut_at
         # The reachable cells settle while the cut holds; the cut lasts at least min_cut.
         wait_for(lambda: all(probers[c].left() == 0 for c in reachable), 30, step=0.05)
@@ -330,6 +341,7 @@ def run(
     *,
     bound: float,
     concurrency: int,
+    rate: float,
     heartbeat: float,
     min_cut: float | None,
     progress: Callable[[str], None] | None = None,
@@ -352,6 +364,7 @@ def run(
                         revocations=revocations,
                         bound=bound,
                         concurrency=concurrency,
+                        rate=rate,
                         min_cut=bound + 1.0 if min_cut is None else min_cut,
                     )
                 )
@@ -368,6 +381,7 @@ def run(
             "processes": "keycell server (1 worker) + keycell relay per cell, each cell in its own netns",
             "heartbeat_seconds": heartbeat,
             "concurrency": concurrency,
+            "revocations_per_second_offered": rate,
             "exposure": "revoke call returns -> first refusal (403 or 503) of the credential in its own cell",
         },
         "goal": {"p99_ms": GOAL_P99_MS, "failed_non_revoked_reads_under": ["serve", "local-only"]},
@@ -382,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="relays, isolate")
     parser.add_argument("--bound", type=float, default=1.0, help="max_revocation_staleness, seconds")
     parser.add_argument("--concurrency", type=int, default=4, help="revoke calls in flight")
+    parser.add_argument("--rate", type=float, default=50.0, help="revoke calls started per second")
     parser.add_argument("--heartbeat", type=float, default=0.25, help="KEYCELL_HEARTBEAT_S of every cell")
     parser.add_argument("--min-cut", type=float, default=None, help="seconds the cut lasts at least")
     args = parser.parse_args(argv)
@@ -393,14 +408,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--scenarios takes a comma-separated list of {', '.join(SCENARIOS)}")
     if not 1 <= args.revocations <= 100_000:
         parser.error("--revocations: 1 to 100000")
-    if not 1 <= args.concurrency <= 64 or args.bound <= 0 or args.heartbeat <= 0:
-        parser.error("--concurrency 1-64, --bound and --heartbeat > 0")
+    if not 1 <= args.concurrency <= 64 or min(args.bound, args.heartbeat, args.rate) <= 0:
+        parser.error("--concurrency 1-64; --bound, --heartbeat and --rate > 0")
     report = run(
         args.revocations,
         modes,
         scenarios,
         bound=args.bound,
         concurrency=args.concurrency,
+        rate=args.rate,
         heartbeat=args.heartbeat,
         min_cut=args.min_cut,
         progress=lambda what: print(f"bench.partition: {what}", file=sys.stderr, flush=True),
