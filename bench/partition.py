@@ -72,6 +72,7 @@ class Credential:
     refused_at: float = 0.0  # monotonic: the first refusing answer arrived
     refused_with: int = 0
     revocation_id: str = ""
+    delivered_by: str = ""  # the path that brought the revocation to the credential's cell first
 
 
 class Prober:
@@ -85,6 +86,7 @@ class Prober:
         self.stop = threading.Event()
         self.deadline = time.monotonic() + 600  # moved to the heal + settle time once healed
         self.errors = 0
+        self.answer_ms: list[float] = []  # how long each lookup-self took to answer
         self.thread = threading.Thread(target=self._run, name=f"probe-{cell}", daemon=True)
 
     def add(self, cred: Credential) -> None:
@@ -100,8 +102,10 @@ class Prober:
             with self.lock:
                 batch = list(self.pending)
             for cred in batch:
+                asked = time.monotonic()
                 try:
                     status, _ = self.cells.call(self.cell, "GET", "auth/token/lookup-self", token=cred.token)
+                    self.answer_ms.append((time.monotonic() - asked) * 1000)
                 except BreachError:
                     self.errors += 1
                     continue
@@ -185,6 +189,8 @@ def _held_everywhere(cells: PartitionedCells, creds: list[Credential], timeout: 
             status, answer = cells.call(cell, "GET", f"sys/revocations/{cred.revocation_id}")
             if status != 200 or cell not in answer["data"]["cells"]:
                 return False
+            if cell == cred.cell:
+                cred.delivered_by = str(answer["data"]["cells"][cell]["path"])
         return True
 
     todo = [c for c in creds if c.revocation_id]
@@ -197,9 +203,13 @@ def _held_everywhere(cells: PartitionedCells, creds: list[Credential], timeout: 
     return len([c for c in creds if c.revocation_id]) - len(todo)
 
 
-def _figures(creds: list[Credential], cell: str) -> dict[str, Any]:
+def _figures(creds: list[Credential], cell: str, prober: Prober) -> dict[str, Any]:
     mine = [c for c in creds if c.cell == cell]
     windows = [(c.refused_at - c.revoked_at) * 1000 for c in mine if c.refused_at]
+    answers = prober.answer_ms
+    paths: dict[str, int] = {}
+    for c in mine:
+        paths[c.delivered_by or "unknown"] = paths.get(c.delivered_by or "unknown", 0) + 1
     return {
         "credentials": len(mine),
         "refused": len(windows),
@@ -209,6 +219,12 @@ def _figures(creds: list[Credential], cell: str) -> dict[str, Any]:
         "p50": round(percentile(windows, 0.50), 1) if windows else None,
         "p99": round(percentile(windows, 0.99), 1) if windows else None,
         "max": round(max(windows), 1) if windows else None,
+        "delivered_by": paths,  # which path reached this cell first (sys/revocations/:id)
+        # the probes' own answer times: a slow cell shows here, not only in the exposure
+        "probe_answer_ms": {
+            "p50": round(percentile(answers, 0.5), 1) if answers else None,
+            "p99": round(percentile(answers, 0.99), 1) if answers else None,
+        },
     }
 
 
@@ -309,7 +325,7 @@ def _cut_and_revoke(
         prober.stop.set()
         prober.thread.join(timeout=30)
     held = _held_everywhere(cells, creds, 30)
-    per_cell = {cell: _figures(creds, cell) for cell in CELLS}
+    per_cell = {cell: _figures(creds, cell, probers[cell]) for cell in CELLS}
     p99_ok = all(f["p99"] is not None and f["p99"] <= GOAL_P99_MS for f in per_cell.values())
     return {
         "scenario": scenario,
