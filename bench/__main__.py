@@ -15,6 +15,7 @@ BENCHMARKS = [
     "bench.rotation",
     "bench.revocation",
     "bench.replication",
+    "bench.partition",
 ]
 
 

@@ -42,8 +42,12 @@ class ServerProcess:
         what: str,
         env: dict[str, str] | None = None,
         startup_timeout: float = 30.0,
+        prefix: list[str] | None = None,
     ) -> None:
+        """`prefix`: a command the child runs under, such as `ip netns exec NS`
+        (keycell/testing/netns.py); it must exec the child, so `pid` stays the child's."""
         self.module = module
+        self.prefix = prefix or []
         self.args = args or []
         self.what = what
         self.env = env
@@ -56,7 +60,7 @@ class ServerProcess:
         """Start the child and return the port it listens on."""
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
         self._process = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
-            [sys.executable, "-m", self.module, *self.args],
+            [*self.prefix, sys.executable, "-m", self.module, *self.args],
             env={**os.environ, **(self.env or {})},
             stdout=subprocess.PIPE,
             stderr=self._log,
