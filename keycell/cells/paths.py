@@ -40,6 +40,7 @@ log = logging.getLogger("keycell.cells.paths")
 
 FROM_CELL_HEADER = "X-Keycell-From-Cell"  # who is calling, for operators and test faults
 KEYS_REFRESH = 2.0  # seconds between reads of the peers' sealing keys (LedgerPath)
+LANE_THREADS = 4  # DirectPath: concurrent deliveries to one peer
 
 
 def _every(stop: threading.Event, seconds: float, tick: Callable[[], object], name: str) -> threading.Thread:
@@ -101,7 +102,10 @@ class DirectPath:
         self.peers = peers or self._directory_peers
         self.log = RevocationLog(services.revocations)
         self.mint = Mint(services.barrier, self.cell, services.revocations.clock)
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"direct-{self.cell}")
+        # One lane (a small thread pool) per peer: a peer that does not answer ties up
+        # only its own lane, never the deliveries and heartbeats to the others.
+        self._lanes: dict[str, ThreadPoolExecutor] = {}
+        self._beating: set[str] = set()  # peers with a heartbeat in flight
         self._transports: dict[str, Transport] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -114,6 +118,15 @@ class DirectPath:
         return {
             c: e.record.api for c, e in entries.items() if c != self.cell and not e.removed and e.record.api
         }
+
+    def _lane(self, cell: str) -> ThreadPoolExecutor:
+        with self._lock:
+            lane = self._lanes.get(cell)
+            if lane is None:
+                lane = self._lanes[cell] = ThreadPoolExecutor(
+                    max_workers=LANE_THREADS, thread_name_prefix=f"direct-{self.cell}-{cell}"
+                )
+            return lane
 
     def _transport(self, url: str) -> Transport:
         with self._lock:
@@ -136,7 +149,7 @@ class DirectPath:
     def deliver(self, rec: RevocationRecord) -> None:
         """Send `rec` to every peer, in the background; returns at once."""
         for cell, url in self.peers().items():
-            self._pool.submit(self.deliver_to, cell, url, [rec])
+            self._lane(cell).submit(self.deliver_to, cell, url, [rec])
 
     def deliver_to(self, cell: str, url: str, recs: list[RevocationRecord]) -> bool:
         body = {"revocations": [r.as_json() for r in recs]}
@@ -164,18 +177,28 @@ class DirectPath:
     # --- heartbeats -------------------------------------------------------------------------
 
     def heartbeat_once(self) -> Heartbeat:
+        """Mint a heartbeat and send it to every peer on that peer's lane, without waiting:
+        a peer whose previous beat is still in flight (it does not answer) is skipped
+        this time, so a silent peer neither delays the beats to the others nor piles
+        beats up in its lane."""
         hb = self.mint.heartbeat()
-        peers = self.peers()
-        futures = [self._pool.submit(self._beat, url, hb) for url in peers.values()]
-        for f in futures:
-            f.result()
+        for cell, url in self.peers().items():
+            with self._lock:
+                if cell in self._beating:
+                    continue
+                self._beating.add(cell)
+            self._lane(cell).submit(self._beat, cell, url, hb)
         return hb
 
-    def _beat(self, url: str, hb: Heartbeat) -> None:
+    def _beat(self, cell: str, url: str, hb: Heartbeat) -> None:
         # A failed beat is not retried: the next one supersedes it (until then that
         # peer's watermark of this cell stalls, as it should).
-        with contextlib.suppress(ConnectionFailed):
-            self._post(url, {"heartbeat": hb.as_json()})
+        try:
+            with contextlib.suppress(ConnectionFailed):
+                self._post(url, {"heartbeat": hb.as_json()})
+        finally:
+            with self._lock:
+                self._beating.discard(cell)
 
     def start(self) -> DirectPath:
         self._thread = _every(self._stop, self.heartbeat_every, self.heartbeat_once, f"heartbeat-{self.cell}")
@@ -185,7 +208,10 @@ class DirectPath:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            lanes = list(self._lanes.values())
+        for lane in lanes:
+            lane.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             for transport in self._transports.values():
                 transport.close()

@@ -5,6 +5,7 @@ watermarks advance, stall under a cut and catch up after the heal."""
 from __future__ import annotations
 
 import math
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,33 @@ def test_the_direct_path_alone_delivers_with_every_relay_link_cut(mesh: Mesh) ->
     cells = mesh.request("a", "GET", f"sys/revocations/{rid}").body["data"]["cells"]  # type: ignore[index]
     assert cells["a"]["path"] == "origin"
     assert cells["b"]["path"] == cells["c"]["path"] == "direct"
+
+
+def test_a_peer_that_never_answers_delays_neither_deliveries_nor_heartbeats_to_the_others(
+    mesh: Mesh,
+) -> None:
+    """Cell a's directory gains a peer whose API accepts connections and never answers
+    (every call to it runs into the 1 s timeout, four times per revocation). b and c
+    must still get a's revocations at once and keep a fresh watermark of a."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    path = mesh.direct_paths["a"]
+    real_peers = path.peers
+    path.peers = lambda: {**real_peers(), "z": f"http://127.0.0.1:{hole.getsockname()[1]}"}
+    try:
+        _cut_all_relays(mesh)
+        rids = [_revoke(mesh, "a", f"acc-beside-a-hole-{i}")["id"] for i in range(12)]
+        for cell in ("b", "c"):
+            assert mesh.wait_for(lambda c=cell: all(_held_by(mesh, c, r) for r in rids), 3), cell
+        worst = 0.0
+        for _ in range(20):
+            worst = max(worst, _freshness(mesh, "b")["peers"]["a"]["staleness_seconds"])
+            mesh.wait_for(lambda: False, 0.1)
+        assert worst < 0.8, f"b's view of a went {worst:.2f} s stale while z was silent"
+    finally:
+        path.peers = real_peers
+        hole.close()
 
 
 def test_the_relay_mesh_alone_delivers_with_the_direct_path_cut(mesh: Mesh) -> None:
