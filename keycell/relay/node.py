@@ -257,6 +257,14 @@ class Relay(pb_grpc.RelayServicer):
         self._swept_at: float | None = None  # wall time the last complete ledger read began
         self._sweeps = 0
         self._peer_view: tuple[int, list[str], dict[str, str]] = (-1, [], {})
+        self._targets_view: tuple[int, int, list[Member]] = (-1, -1, [])  # (table version, cross version, targets)
+        self._cross_version = 0  # bumped whenever `cross` changes
+        self._cross_at = -1  # the member table's version `cross` was last refreshed at
+        # The gossip and suspicion loops sleep on these while they have nothing to do
+        # (no hot rumour, no suspicion), so an idle relay wakes only to probe and for
+        # anti-entropy: a revocation or a suspicion sets them.
+        self._gossip_wake = asyncio.Event()
+        self._suspicion_wake = asyncio.Event()
         self.running = False
         # More gRPC services on this relay's server (keycell/cells adds replication), each
         # added before the server starts.
@@ -303,6 +311,8 @@ class Relay(pb_grpc.RelayServicer):
     async def stop(self) -> None:
         """Stop at once, as a killed relay would (no leave message)."""
         self.running = False
+        self._gossip_wake.set()
+        self._suspicion_wake.set()
         for task in self._tasks:
             task.cancel()
         for link in list(self.links.values()):
@@ -384,6 +394,7 @@ class Relay(pb_grpc.RelayServicer):
         if channel is None:
             try:
                 channel = relay_channel(link.addr, self.tls, _CHANNEL_OPTIONS)
+                self.counters["channels_opened"] += 1
             except TLSConfigError as exc:  # a peer off loopback while this relay has no TLS
                 log.warning("%s: %s", self.name, exc)
                 channel = None
@@ -592,6 +603,7 @@ class Relay(pb_grpc.RelayServicer):
         if verdict == Verdict.REFUTE:
             self._refute()
         elif verdict == Verdict.CHANGED:
+            self._suspicion_wake.set()
             self.rumors.put(
                 "m/" + name,
                 pb.Rumor(suspect=pb.Suspect(name=name, incarnation=incarnation, source=source)),
@@ -696,6 +708,7 @@ class Relay(pb_grpc.RelayServicer):
             rumor = pb.Rumor(entry=entry)
             pushed = self._eager_push(rumor, source_addr, spread)
             self.rumors.put(key, rumor, sent=pushed)
+            self._gossip_wake.set()
             self._apply(entry.revocation)
             return True
         # A receipt is evidence for sys/revocations/:id, not on the exposure path: it
@@ -943,7 +956,13 @@ class Relay(pb_grpc.RelayServicer):
     # --- peers ---------------------------------------------------------------------------
 
     def _refresh_cross(self) -> None:
+        """Keep `cross_links` live relays of every other cell; a no-op while the member
+        table has not changed since the last refresh (the probe loop asks every probe)."""
         assert self.table is not None
+        if self._cross_at == self.table.version:
+            return
+        self._cross_at = self.table.version
+        self._cross_version += 1
         live = self.table.live()
         by_cell: dict[str, list[Member]] = {}
         for m in live:
@@ -964,11 +983,19 @@ class Relay(pb_grpc.RelayServicer):
         for cell, names in self.cross.items():
             if name in names:
                 self.cross[cell] = [n for n in names if n != name]
+                self._cross_version += 1
+                self._cross_at = -1  # pick a replacement at the next refresh
 
     def _probe_targets(self) -> list[Member]:
+        """This cell's live relays and the cross links, rebuilt only when the member
+        table or the cross links changed."""
         assert self.table is not None
-        linked = {n for names in self.cross.values() for n in names}
-        return [m for m in self.table.live() if m.cell == self.cell or m.name in linked]
+        table_version, cross_version, targets = self._targets_view
+        if table_version != self.table.version or cross_version != self._cross_version:
+            linked = {n for names in self.cross.values() for n in names}
+            targets = [m for m in self.table.live() if m.cell == self.cell or m.name in linked]
+            self._targets_view = (self.table.version, self._cross_version, targets)
+        return targets
 
     # --- loops -----------------------------------------------------------------------------
 
@@ -991,7 +1018,7 @@ class Relay(pb_grpc.RelayServicer):
             member = self.table.get(self._probe_order.pop())
             if member is not None and member.state != State.DEAD:
                 return member
-        targets = self._probe_targets()
+        targets = list(self._probe_targets())  # (a copy: the view is cached)
         self.rng.shuffle(targets)
         self._probe_order = [m.name for m in targets]
         if not self._probe_order:
@@ -1017,8 +1044,11 @@ class Relay(pb_grpc.RelayServicer):
         seq, future = self._new_seq()
         self._send(target.addr, self._envelope(ping=pb.Ping(seq=seq, target=target.name)))
         timeout = self.awareness.scale(self.profile.probe_timeout)
+        # (asyncio.timeout, not wait_for: no task per wait; shield keeps the future
+        # waiting for a late ack through the indirect phase)
         try:
-            await asyncio.wait_for(asyncio.shield(future), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(future)
             self.awareness.apply(-1)
             return
         except TimeoutError:
@@ -1030,7 +1060,8 @@ class Relay(pb_grpc.RelayServicer):
             req = pb.PingReq(seq=seq, target=target.name, target_addr=target.addr)
             self._send(helper.addr, self._envelope(ping_req=req))
         try:
-            await asyncio.wait_for(future, max(timeout, interval - timeout))
+            async with asyncio.timeout(max(timeout, interval - timeout)):
+                await future
             return
         except TimeoutError:
             self._acks.pop(seq, None)
@@ -1047,7 +1078,8 @@ class Relay(pb_grpc.RelayServicer):
         seq, future = self._new_seq()
         self._send(req.target_addr, self._envelope(ping=pb.Ping(seq=seq, target=req.target)))
         try:
-            await asyncio.wait_for(future, self.awareness.scale(self.profile.probe_timeout))
+            async with asyncio.timeout(self.awareness.scale(self.profile.probe_timeout)):
+                await future
         except TimeoutError:
             self._acks.pop(seq, None)
             self._send(requester, self._envelope(ack=pb.Ack(seq=req.seq, nack=True)), link)
@@ -1055,7 +1087,13 @@ class Relay(pb_grpc.RelayServicer):
         self._send(requester, self._envelope(ack=pb.Ack(seq=req.seq)), link)
 
     async def _gossip_loop(self) -> None:
+        """A gossip round every `gossip_interval` while some rumour is hot; with none,
+        the loop sleeps until `_learn` queues a new revocation (no idle ticks)."""
         while self.running:
+            if not self.rumors.hot():
+                self._gossip_wake.clear()
+                await self._gossip_wake.wait()
+                continue
             await asyncio.sleep(self.profile.gossip_interval)
             if not self.rumors.hot() or self.table is None:
                 continue
@@ -1100,10 +1138,17 @@ class Relay(pb_grpc.RelayServicer):
             self._send(addr, self._envelope(rumors=rumors), piggyback=False)
 
     async def _suspicion_loop(self) -> None:
+        """Declare suspects dead once their timeout passes, looking every `tick` while
+        any suspicion runs (confirmations shorten timeouts, so a fixed deadline would
+        not do); with none, sleep until `_on_suspect` starts one."""
         tick = min(0.05, self.profile.probe_interval / 4)
         while self.running:
-            await asyncio.sleep(tick)
             assert self.table is not None
+            if not self.table.suspicions:
+                self._suspicion_wake.clear()
+                await self._suspicion_wake.wait()
+                continue
+            await asyncio.sleep(tick)
             for member in self.table.expired():
                 self.counters["declared_dead"] += 1
                 self.rumors.put(
