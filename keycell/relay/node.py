@@ -84,6 +84,11 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.initial_reconnect_backoff_ms", 50),
     ("grpc.max_reconnect_backoff_ms", 1_000),
+    # A relay stream carries small envelopes for hours: no BDP probing (a PING frame
+    # after data read, to size windows for bulk transfers) and no retry buffering of
+    # what was sent (relays resend by their own rules: retries, gossip, anti-entropy).
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.enable_retries", 0),
 ]
 _SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
@@ -91,6 +96,7 @@ _SERVER_OPTIONS = [
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.bdp_probe", 0),
 ]
 
 
@@ -257,7 +263,11 @@ class Relay(pb_grpc.RelayServicer):
         self._swept_at: float | None = None  # wall time the last complete ledger read began
         self._sweeps = 0
         self._peer_view: tuple[int, list[str], dict[str, str]] = (-1, [], {})
-        self._targets_view: tuple[int, int, list[Member]] = (-1, -1, [])  # (table version, cross version, targets)
+        self._targets_view: tuple[int, int, list[Member]] = (
+            -1,
+            -1,
+            [],
+        )  # (table version, cross version, targets)
         self._cross_version = 0  # bumped whenever `cross` changes
         self._cross_at = -1  # the member table's version `cross` was last refreshed at
         # The gossip and suspicion loops sleep on these while they have nothing to do
@@ -385,8 +395,14 @@ class Relay(pb_grpc.RelayServicer):
         self.links[addr] = link
         link.task = asyncio.create_task(self._run_outbound(link))
         # A new stream opens with a push-pull: it repairs what was missed while apart.
+        # The member table goes only to a peer this relay may have been apart from (not
+        # a live member, or its last stream failed): on first contact with a member
+        # learned by gossip, the table would tell it nothing the rumours do not, and in
+        # a cell of n relays the n^2/2 first contacts would each carry it both ways.
         link.send(self._envelope(digest=pb.Digest(buckets=self.store.digest)))
-        link.send(self._envelope(sync=pb.Sync(members=self._member_msgs())))
+        _, cell_of = self._peers()
+        if addr not in cell_of or addr in self._backoff:
+            link.send(self._envelope(sync=pb.Sync(members=self._member_msgs())))
         return link
 
     async def _run_outbound(self, link: Link) -> None:
@@ -1033,26 +1049,34 @@ class Relay(pb_grpc.RelayServicer):
         return self._seq, future
 
     async def _probe(self, target: Member, interval: float) -> None:
-        """SWIM probe: ping; on no ack within the timeout, ask `indirect_checks` peers
-        to ping it for us; on no ack by the end of the interval, suspect it.
+        """SWIM probe: ping; on no ack within the timeout, ping again `probe_retries`
+        times (one probe_timeout each), then ask `indirect_checks` peers to ping it for
+        us; on no ack by the end of the interval (or of the last timeout, if later),
+        suspect it. Every ping of one probe carries its seq: any ack ends it.
 
         Local health (Lifeguard): a probe answered lowers it by one; a failed probe
         raises it by one for every helper whose nack ("I could not reach it either")
         did not come back, as missing nacks point at this relay's own links or CPU,
         or by one when there was no helper to ask."""
         assert self.table is not None
+        started = time.monotonic()
         seq, future = self._new_seq()
-        self._send(target.addr, self._envelope(ping=pb.Ping(seq=seq, target=target.name)))
         timeout = self.awareness.scale(self.profile.probe_timeout)
-        # (asyncio.timeout, not wait_for: no task per wait; shield keeps the future
-        # waiting for a late ack through the indirect phase)
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(future)
-            self.awareness.apply(-1)
-            return
-        except TimeoutError:
-            pass
+        for attempt in range(1 + self.profile.probe_retries):
+            if attempt:
+                self.counters["probe_retries"] += 1
+            # (a new envelope each time: _send piggybacks rumours onto the one it is given)
+            self._send(target.addr, self._envelope(ping=pb.Ping(seq=seq, target=target.name)))
+            # (asyncio.timeout, not wait_for: no task per wait; shield keeps the future
+            # waiting for a late ack through the retries and the indirect phase)
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(future)
+                if not attempt:  # an ack only after a resend says nothing of our health
+                    self.awareness.apply(-1)
+                return
+            except TimeoutError:
+                pass
         helpers = [m for m in self._probe_targets() if m.name != target.name and m.state == State.ALIVE]
         chosen = self.rng.sample(helpers, min(self.profile.indirect_checks, len(helpers)))
         self._nacks[seq] = 0
@@ -1060,7 +1084,7 @@ class Relay(pb_grpc.RelayServicer):
             req = pb.PingReq(seq=seq, target=target.name, target_addr=target.addr)
             self._send(helper.addr, self._envelope(ping_req=req))
         try:
-            async with asyncio.timeout(max(timeout, interval - timeout)):
+            async with asyncio.timeout(max(timeout, interval - (time.monotonic() - started))):
                 await future
             return
         except TimeoutError:
