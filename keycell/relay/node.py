@@ -1121,6 +1121,7 @@ class Relay(pb_grpc.RelayServicer):
             await asyncio.sleep(self.profile.gossip_interval)
             if not self.rumors.hot() or self.table is None:
                 continue
+            self.counters["gossip_rounds"] += 1
             try:
                 self._gossip_round()
             except Exception:  # one round's failure must not stop the relay
