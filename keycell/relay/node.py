@@ -257,7 +257,8 @@ class Relay(pb_grpc.RelayServicer):
         self._subscribers: set[asyncio.Queue[pb.Applied | None]] = set()
         self._probe_order: list[str] = []
         self._helping: set[asyncio.Task[None]] = set()
-        self._members_cache: tuple[int, list[pb.Member]] = (-1, [])  # indirect probes run for others
+        self._members_cache: tuple[int, list[pb.Member]] = (-1, [])
+        self._member_pbs: dict[str, tuple[tuple[str, str, int, State], pb.Member]] = {}
         self._pending: set[str] = set()  # revocation ids waiting for the sink (sealed cell, ledger down)
         self._spreading: dict[str, _Spread] = {}  # hot revocation key -> who holds it
         self._swept_at: float | None = None  # wall time the last complete ledger read began
@@ -650,13 +651,21 @@ class Relay(pb_grpc.RelayServicer):
         )
 
     def _member_msg(self, m: Member) -> pb.Member:
-        return pb.Member(
+        """A member as sent, kept per member until its address, incarnation or state
+        changes (a Sync of n members otherwise builds n messages whenever any one changed)."""
+        key = (m.addr, m.cell, m.incarnation, m.state)
+        cached = self._member_pbs.get(m.name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        msg = pb.Member(
             name=m.name,
             addr=m.addr,
             cell=m.cell,
             incarnation=m.incarnation,
             state=pb.State.Name(int(m.state)),
         )
+        self._member_pbs[m.name] = (key, msg)
+        return msg
 
     def _member_msgs(self) -> list[pb.Member]:
         """The member table as sent in a Sync, rebuilt only when the table changed."""
