@@ -23,11 +23,13 @@ every relay and every cell ledger. At the end every cell ledger is read back.
 
 `relay_idle_cpu_cores`: CPU (user + system, every thread) of all relay processes
 together per second of wall time while no revocation moves: probes, anti-entropy,
-keepalives, the cells agent's loops. It is read in windows of IDLE_WINDOW seconds
-once membership has settled, until two windows agree within 15% (a relay opens its
-stream to each peer of its cell at its first probe of it, so a cell of n relays
-costs more for its first n probe intervals) or IDLE_WAIT_MAX has passed; the last
-window is reported, with `idle_windows_cores` and how long it took.
+keepalives, the cells agent's loops. It is read once membership has settled and
+every relay has had time to probe every peer of its cell once (`warmup_s`: relays per
+cell x probe interval; a relay opens its stream to a peer at its first probe of it,
+and opening a gRPC channel and stream costs far more than a probe on one, so a cell
+of n relays costs more for its first n probe intervals), in windows of IDLE_WINDOW
+seconds until two agree within 15% or IDLE_WAIT_MAX has passed; the last window is
+reported, with `idle_windows_cores`.
 
 `relay_cpu_ms_per_revocation`: CPU time the relay processes spent while the
 revocations were sent and spread, less the idle rate, per revocation and for all
@@ -138,6 +140,7 @@ async def measure(
     interval: float,
     settle: float,
     pids: list[int] | None = None,
+    warmup: float = 0.0,
 ) -> dict[str, Any]:
     from keycell.control_plane.revocations import RevocationLog
     from keycell.relay.cluster import open_dev_cell
@@ -161,20 +164,28 @@ async def measure(
 
     followers = [asyncio.create_task(follow(a)) for a in every]
     await asyncio.wait_for(live.wait(), 60)
-    # Membership settles: every relay knows every other before the clock starts.
+    # Membership settles: every relay knows every other before the clock starts. Only
+    # relays not yet seen to know every other are asked again, once a second (a Status
+    # reply carries the whole member table: 300 relays asked 5 times a second kept a
+    # 3 x 100 mesh from ever settling).
     deadline = time.monotonic() + settle
+    seen = dict.fromkeys(every, 0)
     while time.monotonic() < deadline:
-        replies = await asyncio.gather(*(stubs[a].Status(pb.StatusRequest()) for a in every))
-        if all(sum(1 for m in r.members if m.state == pb.ALIVE) >= len(every) for r in replies):
+        waiting = [a for a in every if seen[a] < len(every)]
+        if not waiting:
             break
-        await asyncio.sleep(0.2)
+        replies = await asyncio.gather(*(stubs[a].Status(pb.StatusRequest()) for a in waiting))
+        for addr, reply in zip(waiting, replies, strict=True):
+            seen[addr] = sum(1 for m in reply.members if m.state == pb.ALIVE)
+        await asyncio.sleep(1.0)
     settled = time.monotonic() - (deadline - settle)
-    members_seen = min(sum(1 for m in r.members if m.state == pb.ALIVE) for r in replies)
+    members_seen = min(seen.values())
     logs = {cell: RevocationLog(open_dev_cell(str(root / cell), cell).revocations) for cell in CELLS}
     rng = random.Random(1)
     issued = []
     handoffs_failed = 0
     pids = pids or []
+    await asyncio.sleep(warmup)
     idle_rates = await idle_cpu_rates(pids) if pids else [0.0]
     idle_rate = idle_rates[-1]
     busy_cpu, busy_wall = cpu_seconds(pids), time.monotonic()
@@ -221,6 +232,7 @@ async def measure(
         "relay_idle_cpu_cores": round(idle_rate, 3) if pids else None,
         "idle_windows_cores": [round(r, 3) for r in idle_rates],
         "membership_settled_s": round(settled, 1),
+        "warmup_s": round(warmup, 1),
         "fewest_members_seen_alive": members_seen,  # by any relay, out of every relay
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
@@ -257,8 +269,9 @@ def main(argv: list[str] | None = None) -> None:
             pids = [p.pid for p in processes if p.pid is not None]
             # Membership (every relay sees every other alive) takes longer in larger cells.
             settle = 30 + args.relays_per_cell * len(CELLS) / 3
+            warmup = args.relays_per_cell * PROFILES[args.profile].probe_interval
             figures = asyncio.run(
-                measure(root, addrs, args.revocations, args.interval, settle=settle, pids=pids)
+                measure(root, addrs, args.revocations, args.interval, settle=settle, pids=pids, warmup=warmup)
             )
         finally:
             died = [p for p in processes if p.exited() is not None]
