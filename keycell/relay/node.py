@@ -1175,7 +1175,9 @@ class Relay(pb_grpc.RelayServicer):
         """Declare suspects dead once their timeout passes, looking every `tick` while
         any suspicion runs (confirmations shorten timeouts, so a fixed deadline would
         not do); with none, sleep until `_on_suspect` starts one."""
-        tick = min(0.05, self.profile.probe_interval / 4)
+        # (a quarter probe interval: suspicion timeouts are several probe intervals at
+        # the least, so a dead member is declared within a few % of its deadline)
+        tick = self.profile.probe_interval / 4
         while self.running:
             assert self.table is not None
             if not self.table.suspicions:
