@@ -1,9 +1,12 @@
 """Revocation fan-out: how long a revoked credential stays usable somewhere.
 
     python -m bench.revocation [--quick] [--relays-per-cell 10] [--processes-per-cell 1]
-                               [--revocations 200] [--loss 0.05]
+                               [--revocations 200] [--loss 0.05] [--profile lan]
 
-Real relay processes (`keycell relay --profile local --loss L`) on loopback, 3 cells,
+    python -m bench.revocation --relays-per-cell 30
+    python -m bench.revocation --relays-per-cell 100 --processes-per-cell 2 --interval 0.5
+
+Real relay processes (`keycell relay --profile lan --loss L`) on loopback, 3 cells,
 each cell a dev cell (SQLite ledger behind its barrier). Several relays share one
 process's event loop (`--count`), each with its own gRPC server and port: every
 message between relays crosses a real gRPC stream over a real socket, and the fault
@@ -18,10 +21,19 @@ revocation (relays push only after the ledger write or its conflict); the exposu
 window of a revocation is the latest of those times minus the call's, so it covers
 every relay and every cell ledger. At the end every cell ledger is read back.
 
-`relay_cpu_ms_per_revocation`: CPU time (user + system, every thread) the relay
-processes spent while the revocations were sent and spread, less what they spend
-idle (probes, anti-entropy; measured for 3 s just before), per revocation and for
-all relays together. Unlike the exposure window it hardly depends on what else the
+`relay_idle_cpu_cores`: CPU (user + system, every thread) of all relay processes
+together per second of wall time while no revocation moves: probes, anti-entropy,
+keepalives, the cells agent's loops. It is read once membership has settled and
+every relay has had time to probe every peer of its cell once (`warmup_s`: relays per
+cell x probe interval; a relay opens its stream to a peer at its first probe of it,
+and opening a gRPC channel and stream costs far more than a probe on one, so a cell
+of n relays costs more for its first n probe intervals), in windows of IDLE_WINDOW
+seconds until two agree within 15% or IDLE_WAIT_MAX has passed; the last window is
+reported, with `idle_windows_cores`.
+
+`relay_cpu_ms_per_revocation`: CPU time the relay processes spent while the
+revocations were sent and spread, less the idle rate, per revocation and for all
+relays together. Unlike the exposure window it hardly depends on what else the
 machine runs, so it is the figure to compare code changes by.
 
 Then the round-based simulator (keycell/relay/simulate.py) for 1,000-10,000 relays:
@@ -55,6 +67,8 @@ from keycell.testing.processes import ServerProcess
 
 CELLS = ("a", "b", "c")
 TARGET_P99 = 0.100
+IDLE_WINDOW = 5.0  # seconds per idle CPU reading
+IDLE_WAIT_MAX = 180.0  # give up waiting for the idle rate to settle after this long
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -105,6 +119,20 @@ def start_relays(
     return processes, addrs
 
 
+async def idle_cpu_rates(pids: list[int]) -> list[float]:
+    """Idle CPU (cores) of these processes, one reading per IDLE_WINDOW, until two in a
+    row agree within 15% or IDLE_WAIT_MAX has passed."""
+    rates: list[float] = []
+    give_up = time.monotonic() + IDLE_WAIT_MAX
+    while True:
+        cpu, wall = cpu_seconds(pids), time.monotonic()
+        await asyncio.sleep(IDLE_WINDOW)
+        rates.append((cpu_seconds(pids) - cpu) / (time.monotonic() - wall))
+        steady = len(rates) >= 2 and abs(rates[-1] - rates[-2]) <= 0.15 * max(rates[-2], 1e-3)
+        if steady or time.monotonic() >= give_up:
+            return rates
+
+
 async def measure(
     root: Path,
     addrs: dict[str, list[str]],
@@ -112,6 +140,7 @@ async def measure(
     interval: float,
     settle: float,
     pids: list[int] | None = None,
+    warmup: float = 0.0,
 ) -> dict[str, Any]:
     from keycell.control_plane.revocations import RevocationLog
     from keycell.relay.cluster import open_dev_cell
@@ -135,21 +164,30 @@ async def measure(
 
     followers = [asyncio.create_task(follow(a)) for a in every]
     await asyncio.wait_for(live.wait(), 60)
-    # Membership settles: every relay knows every other before the clock starts.
+    # Membership settles: every relay knows every other before the clock starts. Only
+    # relays not yet seen to know every other are asked again, once a second (a Status
+    # reply carries the whole member table: 300 relays asked 5 times a second kept a
+    # 3 x 100 mesh from ever settling).
     deadline = time.monotonic() + settle
+    seen = dict.fromkeys(every, 0)
     while time.monotonic() < deadline:
-        replies = await asyncio.gather(*(stubs[a].Status(pb.StatusRequest()) for a in every))
-        if all(sum(1 for m in r.members if m.state == pb.ALIVE) >= len(every) for r in replies):
+        waiting = [a for a in every if seen[a] < len(every)]
+        if not waiting:
             break
-        await asyncio.sleep(0.2)
+        replies = await asyncio.gather(*(stubs[a].Status(pb.StatusRequest()) for a in waiting))
+        for addr, reply in zip(waiting, replies, strict=True):
+            seen[addr] = sum(1 for m in reply.members if m.state == pb.ALIVE)
+        await asyncio.sleep(1.0)
+    settled = time.monotonic() - (deadline - settle)
+    members_seen = min(seen.values())
     logs = {cell: RevocationLog(open_dev_cell(str(root / cell), cell).revocations) for cell in CELLS}
     rng = random.Random(1)
     issued = []
     handoffs_failed = 0
     pids = pids or []
-    idle_cpu, idle_wall = cpu_seconds(pids), time.monotonic()
-    await asyncio.sleep(3.0)
-    idle_rate = (cpu_seconds(pids) - idle_cpu) / (time.monotonic() - idle_wall)
+    await asyncio.sleep(warmup)
+    idle_rates = await idle_cpu_rates(pids) if pids else [0.0]
+    idle_rate = idle_rates[-1]
     busy_cpu, busy_wall = cpu_seconds(pids), time.monotonic()
     for i in range(revocations):
         cell = CELLS[i % len(CELLS)]
@@ -188,9 +226,14 @@ async def measure(
             "max": round(max(windows) * 1000, 1) if windows else None,
             "mean": round(statistics.fmean(windows) * 1000, 1) if windows else None,
         },
+        "p99": round(percentile(windows, 0.99) * 1000, 1) if windows else None,
         "p99_within_target": bool(windows) and percentile(windows, 0.99) <= TARGET_P99,
         "relay_cpu_ms_per_revocation": round(busy / max(1, len(issued)) * 1000, 1) if pids else None,
-        "relay_idle_cpu_share": round(idle_rate, 3) if pids else None,
+        "relay_idle_cpu_cores": round(idle_rate, 3) if pids else None,
+        "idle_windows_cores": [round(r, 3) for r in idle_rates],
+        "membership_settled_s": round(settled, 1),
+        "warmup_s": round(warmup, 1),
+        "fewest_members_seen_alive": members_seen,  # by any relay, out of every relay
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -207,7 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loss", type=float, default=0.05)
     parser.add_argument("--sim-sizes", default="1000,3000,10000")
     parser.add_argument(
-        "--profile", default="local", choices=sorted(PROFILES), help="relay timings (lan: cheaper probing)"
+        "--profile",
+        default="lan",
+        choices=sorted(PROFILES),
+        help="relay timings (lan: memberlist's probe pace; local: probes 2/s, tighter timeouts)",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -221,7 +267,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         try:
             pids = [p.pid for p in processes if p.pid is not None]
-            figures = asyncio.run(measure(root, addrs, args.revocations, args.interval, settle=30, pids=pids))
+            # Membership (every relay sees every other alive) takes longer in larger cells.
+            settle = 30 + args.relays_per_cell * len(CELLS) / 3
+            warmup = args.relays_per_cell * PROFILES[args.profile].probe_interval
+            figures = asyncio.run(
+                measure(root, addrs, args.revocations, args.interval, settle=settle, pids=pids, warmup=warmup)
+            )
         finally:
             died = [p for p in processes if p.exited() is not None]
             for process in died:

@@ -13,6 +13,7 @@ they disagree on from 64 numbers.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -132,7 +133,8 @@ class RumorQueue:
         waiting = (
             self._items.values() if held is None else [q for q in self._items.values() if not held(q.key)]
         )
-        chosen = sorted(waiting, key=lambda q: (q.lazy, q.transmits))[:count]
+        # (nsmallest: sorted(...)[:count] without sorting every waiting rumour)
+        chosen = heapq.nsmallest(count, waiting, key=lambda q: (q.lazy, q.transmits))
         out = []
         for q in chosen:
             q.transmits += 1

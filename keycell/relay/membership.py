@@ -108,6 +108,7 @@ class MemberTable:
         self.suspicions_started = 0
         self.refutations = 0
         self.version = 0  # bumped on every change (callers cache what they build from the table)
+        self._live: tuple[int, list[Member]] = (-1, [])
 
     # --- queries ---------------------------------------------------------------------
 
@@ -115,8 +116,16 @@ class MemberTable:
         return self.members.get(name)
 
     def live(self) -> list[Member]:
-        """Every member but this relay that is not dead."""
-        return [m for m in self.members.values() if m.name != self.me.name and m.state != State.DEAD]
+        """Every member but this relay that is not dead (a new list each call, copied
+        from one rebuilt only when the table changed: relays and the cells agent ask
+        for it many times a second, and a mesh of hundreds changes less often)."""
+        if self._live[0] != self.version:
+            me = self.me.name
+            self._live = (
+                self.version,
+                [m for m in self.members.values() if m.name != me and m.state != State.DEAD],
+            )
+        return list(self._live[1])
 
     def dead(self) -> list[Member]:
         return [m for m in self.members.values() if m.state == State.DEAD]

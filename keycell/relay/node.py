@@ -84,6 +84,11 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.initial_reconnect_backoff_ms", 50),
     ("grpc.max_reconnect_backoff_ms", 1_000),
+    # A relay stream carries small envelopes for hours: no BDP probing (a PING frame
+    # after data read, to size windows for bulk transfers) and no retry buffering of
+    # what was sent (relays resend by their own rules: retries, gossip, anti-entropy).
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.enable_retries", 0),
 ]
 _SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
@@ -91,6 +96,7 @@ _SERVER_OPTIONS = [
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.bdp_probe", 0),
 ]
 
 
@@ -251,12 +257,25 @@ class Relay(pb_grpc.RelayServicer):
         self._subscribers: set[asyncio.Queue[pb.Applied | None]] = set()
         self._probe_order: list[str] = []
         self._helping: set[asyncio.Task[None]] = set()
-        self._members_cache: tuple[int, list[pb.Member]] = (-1, [])  # indirect probes run for others
+        self._members_cache: tuple[int, list[pb.Member]] = (-1, [])
+        self._member_pbs: dict[str, tuple[tuple[str, str, int, State], pb.Member]] = {}
         self._pending: set[str] = set()  # revocation ids waiting for the sink (sealed cell, ledger down)
         self._spreading: dict[str, _Spread] = {}  # hot revocation key -> who holds it
         self._swept_at: float | None = None  # wall time the last complete ledger read began
         self._sweeps = 0
         self._peer_view: tuple[int, list[str], dict[str, str]] = (-1, [], {})
+        self._targets_view: tuple[int, int, list[Member]] = (
+            -1,
+            -1,
+            [],
+        )  # (table version, cross version, targets)
+        self._cross_version = 0  # bumped whenever `cross` changes
+        self._cross_at = -1  # the member table's version `cross` was last refreshed at
+        # The gossip and suspicion loops sleep on these while they have nothing to do
+        # (no hot rumour, no suspicion), so an idle relay wakes only to probe and for
+        # anti-entropy: a revocation or a suspicion sets them.
+        self._gossip_wake = asyncio.Event()
+        self._suspicion_wake = asyncio.Event()
         self.running = False
         # More gRPC services on this relay's server (keycell/cells adds replication), each
         # added before the server starts.
@@ -303,6 +322,8 @@ class Relay(pb_grpc.RelayServicer):
     async def stop(self) -> None:
         """Stop at once, as a killed relay would (no leave message)."""
         self.running = False
+        self._gossip_wake.set()
+        self._suspicion_wake.set()
         for task in self._tasks:
             task.cancel()
         for link in list(self.links.values()):
@@ -375,8 +396,14 @@ class Relay(pb_grpc.RelayServicer):
         self.links[addr] = link
         link.task = asyncio.create_task(self._run_outbound(link))
         # A new stream opens with a push-pull: it repairs what was missed while apart.
+        # The member table goes only to a peer this relay may have been apart from (not
+        # a live member, or its last stream failed): on first contact with a member
+        # learned by gossip, the table would tell it nothing the rumours do not, and in
+        # a cell of n relays the n^2/2 first contacts would each carry it both ways.
         link.send(self._envelope(digest=pb.Digest(buckets=self.store.digest)))
-        link.send(self._envelope(sync=pb.Sync(members=self._member_msgs())))
+        _, cell_of = self._peers()
+        if addr not in cell_of or addr in self._backoff:
+            link.send(self._envelope(sync=pb.Sync(members=self._member_msgs())))
         return link
 
     async def _run_outbound(self, link: Link) -> None:
@@ -384,6 +411,7 @@ class Relay(pb_grpc.RelayServicer):
         if channel is None:
             try:
                 channel = relay_channel(link.addr, self.tls, _CHANNEL_OPTIONS)
+                self.counters["channels_opened"] += 1
             except TLSConfigError as exc:  # a peer off loopback while this relay has no TLS
                 log.warning("%s: %s", self.name, exc)
                 channel = None
@@ -592,6 +620,7 @@ class Relay(pb_grpc.RelayServicer):
         if verdict == Verdict.REFUTE:
             self._refute()
         elif verdict == Verdict.CHANGED:
+            self._suspicion_wake.set()
             self.rumors.put(
                 "m/" + name,
                 pb.Rumor(suspect=pb.Suspect(name=name, incarnation=incarnation, source=source)),
@@ -622,13 +651,21 @@ class Relay(pb_grpc.RelayServicer):
         )
 
     def _member_msg(self, m: Member) -> pb.Member:
-        return pb.Member(
+        """A member as sent, kept per member until its address, incarnation or state
+        changes (a Sync of n members otherwise builds n messages whenever any one changed)."""
+        key = (m.addr, m.cell, m.incarnation, m.state)
+        cached = self._member_pbs.get(m.name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        msg = pb.Member(
             name=m.name,
             addr=m.addr,
             cell=m.cell,
             incarnation=m.incarnation,
             state=pb.State.Name(int(m.state)),
         )
+        self._member_pbs[m.name] = (key, msg)
+        return msg
 
     def _member_msgs(self) -> list[pb.Member]:
         """The member table as sent in a Sync, rebuilt only when the table changed."""
@@ -696,6 +733,7 @@ class Relay(pb_grpc.RelayServicer):
             rumor = pb.Rumor(entry=entry)
             pushed = self._eager_push(rumor, source_addr, spread)
             self.rumors.put(key, rumor, sent=pushed)
+            self._gossip_wake.set()
             self._apply(entry.revocation)
             return True
         # A receipt is evidence for sys/revocations/:id, not on the exposure path: it
@@ -943,7 +981,13 @@ class Relay(pb_grpc.RelayServicer):
     # --- peers ---------------------------------------------------------------------------
 
     def _refresh_cross(self) -> None:
+        """Keep `cross_links` live relays of every other cell; a no-op while the member
+        table has not changed since the last refresh (the probe loop asks every probe)."""
         assert self.table is not None
+        if self._cross_at == self.table.version:
+            return
+        self._cross_at = self.table.version
+        self._cross_version += 1
         live = self.table.live()
         by_cell: dict[str, list[Member]] = {}
         for m in live:
@@ -964,11 +1008,19 @@ class Relay(pb_grpc.RelayServicer):
         for cell, names in self.cross.items():
             if name in names:
                 self.cross[cell] = [n for n in names if n != name]
+                self._cross_version += 1
+                self._cross_at = -1  # pick a replacement at the next refresh
 
     def _probe_targets(self) -> list[Member]:
+        """This cell's live relays and the cross links, rebuilt only when the member
+        table or the cross links changed."""
         assert self.table is not None
-        linked = {n for names in self.cross.values() for n in names}
-        return [m for m in self.table.live() if m.cell == self.cell or m.name in linked]
+        table_version, cross_version, targets = self._targets_view
+        if table_version != self.table.version or cross_version != self._cross_version:
+            linked = {n for names in self.cross.values() for n in names}
+            targets = [m for m in self.table.live() if m.cell == self.cell or m.name in linked]
+            self._targets_view = (self.table.version, self._cross_version, targets)
+        return targets
 
     # --- loops -----------------------------------------------------------------------------
 
@@ -991,7 +1043,7 @@ class Relay(pb_grpc.RelayServicer):
             member = self.table.get(self._probe_order.pop())
             if member is not None and member.state != State.DEAD:
                 return member
-        targets = self._probe_targets()
+        targets = list(self._probe_targets())  # (a copy: the view is cached)
         self.rng.shuffle(targets)
         self._probe_order = [m.name for m in targets]
         if not self._probe_order:
@@ -1006,23 +1058,34 @@ class Relay(pb_grpc.RelayServicer):
         return self._seq, future
 
     async def _probe(self, target: Member, interval: float) -> None:
-        """SWIM probe: ping; on no ack within the timeout, ask `indirect_checks` peers
-        to ping it for us; on no ack by the end of the interval, suspect it.
+        """SWIM probe: ping; on no ack within the timeout, ping again `probe_retries`
+        times (one probe_timeout each), then ask `indirect_checks` peers to ping it for
+        us; on no ack by the end of the interval (or of the last timeout, if later),
+        suspect it. Every ping of one probe carries its seq: any ack ends it.
 
         Local health (Lifeguard): a probe answered lowers it by one; a failed probe
         raises it by one for every helper whose nack ("I could not reach it either")
         did not come back, as missing nacks point at this relay's own links or CPU,
         or by one when there was no helper to ask."""
         assert self.table is not None
+        started = time.monotonic()
         seq, future = self._new_seq()
-        self._send(target.addr, self._envelope(ping=pb.Ping(seq=seq, target=target.name)))
         timeout = self.awareness.scale(self.profile.probe_timeout)
-        try:
-            await asyncio.wait_for(asyncio.shield(future), timeout)
-            self.awareness.apply(-1)
-            return
-        except TimeoutError:
-            pass
+        for attempt in range(1 + self.profile.probe_retries):
+            if attempt:
+                self.counters["probe_retries"] += 1
+            # (a new envelope each time: _send piggybacks rumours onto the one it is given)
+            self._send(target.addr, self._envelope(ping=pb.Ping(seq=seq, target=target.name)))
+            # (asyncio.timeout, not wait_for: no task per wait; shield keeps the future
+            # waiting for a late ack through the retries and the indirect phase)
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(future)
+                if not attempt:  # an ack only after a resend says nothing of our health
+                    self.awareness.apply(-1)
+                return
+            except TimeoutError:
+                pass
         helpers = [m for m in self._probe_targets() if m.name != target.name and m.state == State.ALIVE]
         chosen = self.rng.sample(helpers, min(self.profile.indirect_checks, len(helpers)))
         self._nacks[seq] = 0
@@ -1030,7 +1093,8 @@ class Relay(pb_grpc.RelayServicer):
             req = pb.PingReq(seq=seq, target=target.name, target_addr=target.addr)
             self._send(helper.addr, self._envelope(ping_req=req))
         try:
-            await asyncio.wait_for(future, max(timeout, interval - timeout))
+            async with asyncio.timeout(max(timeout, interval - (time.monotonic() - started))):
+                await future
             return
         except TimeoutError:
             self._acks.pop(seq, None)
@@ -1047,7 +1111,8 @@ class Relay(pb_grpc.RelayServicer):
         seq, future = self._new_seq()
         self._send(req.target_addr, self._envelope(ping=pb.Ping(seq=seq, target=req.target)))
         try:
-            await asyncio.wait_for(future, self.awareness.scale(self.profile.probe_timeout))
+            async with asyncio.timeout(self.awareness.scale(self.profile.probe_timeout)):
+                await future
         except TimeoutError:
             self._acks.pop(seq, None)
             self._send(requester, self._envelope(ack=pb.Ack(seq=req.seq, nack=True)), link)
@@ -1055,10 +1120,17 @@ class Relay(pb_grpc.RelayServicer):
         self._send(requester, self._envelope(ack=pb.Ack(seq=req.seq)), link)
 
     async def _gossip_loop(self) -> None:
+        """A gossip round every `gossip_interval` while some rumour is hot; with none,
+        the loop sleeps until `_learn` queues a new revocation (no idle ticks)."""
         while self.running:
+            if not self.rumors.hot():
+                self._gossip_wake.clear()
+                await self._gossip_wake.wait()
+                continue
             await asyncio.sleep(self.profile.gossip_interval)
             if not self.rumors.hot() or self.table is None:
                 continue
+            self.counters["gossip_rounds"] += 1
             try:
                 self._gossip_round()
             except Exception:  # one round's failure must not stop the relay
@@ -1100,10 +1172,19 @@ class Relay(pb_grpc.RelayServicer):
             self._send(addr, self._envelope(rumors=rumors), piggyback=False)
 
     async def _suspicion_loop(self) -> None:
-        tick = min(0.05, self.profile.probe_interval / 4)
+        """Declare suspects dead once their timeout passes, looking every `tick` while
+        any suspicion runs (confirmations shorten timeouts, so a fixed deadline would
+        not do); with none, sleep until `_on_suspect` starts one."""
+        # (a quarter probe interval: suspicion timeouts are several probe intervals at
+        # the least, so a dead member is declared within a few % of its deadline)
+        tick = self.profile.probe_interval / 4
         while self.running:
-            await asyncio.sleep(tick)
             assert self.table is not None
+            if not self.table.suspicions:
+                self._suspicion_wake.clear()
+                await self._suspicion_wake.wait()
+                continue
+            await asyncio.sleep(tick)
             for member in self.table.expired():
                 self.counters["declared_dead"] += 1
                 self.rumors.put(

@@ -21,6 +21,13 @@ class Profile:
     probe_interval: float  # seconds between probes of one member (scaled by local health)
     probe_timeout: float  # wait for a direct ack before asking `indirect_checks` peers
     indirect_checks: int
+    # Direct pings resent (each after another probe_timeout) before `indirect_checks`
+    # peers are asked. memberlist sends a TCP ping to the target alongside its
+    # indirect probes for the same reason: a lost message is far likelier than a dead
+    # member, and a resent ping costs 2 messages where an indirect probe costs 12
+    # (3 ping-reqs, 3 pings, 3 acks, 3 acks back). Under 5% loss 1 probe in 10 misses
+    # its first ack; with one retry, 1 in 100 goes indirect.
+    probe_retries: int
     suspicion_mult: int  # suspicion min timeout = mult * log10(n) * probe_interval (memberlist)
     suspicion_max_mult: int  # max timeout = this * min timeout (Lifeguard)
     # a rumour is sent mult * ceil(log10(n + 1)) times by each relay (memberlist), the eager push included
@@ -63,6 +70,7 @@ LOCAL = Profile(
     probe_interval=0.5,
     probe_timeout=0.1,
     indirect_checks=3,
+    probe_retries=0,  # tests time failure detection on this profile: SWIM as written
     suspicion_mult=3,
     suspicion_max_mult=4,
     retransmit_mult=6,
@@ -84,10 +92,14 @@ LAN = Profile(
     probe_interval=1.0,
     probe_timeout=0.5,
     indirect_checks=3,
+    probe_retries=1,
     suspicion_mult=4,
     suspicion_max_mult=6,
     retransmit_mult=4,
-    gossip_interval=0.05,
+    # (the gossip loop runs only while a revocation is hot, so a short interval costs
+    # an idle relay nothing; a rumour's sends are capped by the retransmit limit, so
+    # it speeds up repair of a lost push without adding sends)
+    gossip_interval=0.02,
     gossip_nodes=3,
     eager_fanout=3,
     cross_links=2,
@@ -105,6 +117,7 @@ WAN = Profile(
     probe_interval=5.0,
     probe_timeout=3.0,
     indirect_checks=3,
+    probe_retries=1,
     suspicion_mult=6,
     suspicion_max_mult=6,
     retransmit_mult=4,
