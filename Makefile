@@ -13,7 +13,7 @@ RUN := $(UV) run --frozen
 .PHONY: help setup system-deps test lint bench fuzz demo clean
 
 help:
-	@echo "make demo    three cells on loopback and a breach: revoke, rotate, partition, heal"
+	@echo "make demo    three cells on loopback and a breach: revoke, rotate, two partitions, heal"
 	@echo "make test    install what the tests need, then run the whole suite"
 	@echo "make lint    ruff, and mypy (strict on control_plane/)"
 	@echo "make bench   run the benchmarks in bench/, printing JSON"
