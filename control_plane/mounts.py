@@ -155,7 +155,9 @@ class MountTable:
 
     def all(self) -> dict[str, Mount]:
         """Every mount, built-in and enabled, by path."""
-        stored, _ = self._stored()
+        return self._rows(self._stored()[0])
+
+    def _rows(self, stored: Mapping[str, Any]) -> dict[str, Mount]:
         out = {path: self._builtin(path, stored["tuned"].get(path)) for path in self.builtin}
         out.update({path: _mount(path, row, builtin=False) for path, row in stored["mounts"].items()})
         return dict(sorted(out.items()))
@@ -203,7 +205,7 @@ class MountTable:
         }
         for _ in range(8):
             stored, version = self._stored()
-            taken = set(self.builtin) | set(stored["mounts"]) | self._reserved() | (reserved or set())
+            taken = set(self.builtin) | set(stored["mounts"]) | (reserved or set())
             for other in taken:
                 if where.startswith(other) or other.startswith(where):
                     raise InvalidRequest(f"path is already in use at {other}")
@@ -222,7 +224,7 @@ class MountTable:
             raise InvalidRequest("the tune is a JSON object")
         for _ in range(8):
             stored, version = self._stored()
-            mount = self.all().get(where)
+            mount = self._rows(stored).get(where)
             if mount is None:
                 raise InvalidRequest(f"no mount at {where!r}")
             default_ttl, max_ttl = _ttls(data, mount.default_lease_ttl, mount.max_lease_ttl)
@@ -282,11 +284,6 @@ class MountTable:
                 delete_current(self.ledger, item.key)
         if mount.type == "kv":
             delete_current(self.ledger, Key(Kind.CONFIG, f"kv/{name}"))
-
-    def _reserved(self) -> set[str]:
-        """Paths the other table's built-ins or the router's own families use: a secrets
-        mount can never be called auth/ (that is the auth table's)."""
-        return {"auth/"} if self.table == SECRETS else set()
 
     def _builtin(self, path: str, tuned: Mapping[str, Any] | None) -> Mount:
         kind, options = self.builtin[path]

@@ -42,12 +42,12 @@ import hashlib
 import ipaddress
 import json
 import re
-import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from keycell.control_plane.auth.roles import checked_role_name, names_under, refuse_unknown
 from keycell.control_plane.auth.token.settings import (
     TOKEN_FIELDS,
     issue_login_token,
@@ -58,11 +58,11 @@ from keycell.control_plane.auth.token.store import TokenEntry, TokenStore, parse
 from keycell.control_plane.errors import InvalidRequest, NotFound
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, Put, iter_prefix
 from keycell.control_plane.storage import delete_current, encode_json, get_json, put_json_if
+from keycell.control_plane.timefmt import rfc3339
 
 INVALID = "invalid role or secret ID"
 MAX_ID_CHARS = 256
 MAX_METADATA_KEYS = 64
-_ROLE_NAME = re.compile(r"\w(?:[\w.@-]*\w)?")
 _ID = re.compile(r"[\w.@:+=/-]+")
 _ROLE_FIELDS = (
     "bind_secret_id",
@@ -82,12 +82,6 @@ _ROLE_DEFAULTS: dict[str, Any] = {
     "secret_id_num_uses": 0,
     "secret_id_ttl": 0,
 }
-
-
-def _role_name(name: object) -> str:
-    if not isinstance(name, str) or len(name) > 128 or not _ROLE_NAME.fullmatch(name):
-        raise InvalidRequest("a role name is letters, digits, '_', '-', '.' and '@' (at most 128)")
-    return name
 
 
 def _cidrs(value: object, name: str) -> list[str]:
@@ -145,6 +139,15 @@ def _digest(secret_id: str) -> str:
     return hashlib.sha256(secret_id.encode()).hexdigest()
 
 
+def _within(cidr: str, bounds: list[str]) -> bool:
+    """Whether the block `cidr` lies inside one of `bounds` (of its own IP version)."""
+    block = ipaddress.ip_network(cidr)
+    return any(
+        block.version == bound.version and block.subnet_of(bound)  # type: ignore[arg-type]
+        for bound in map(ipaddress.ip_network, bounds)
+    )
+
+
 def _allowed(remote_addr: str, cidrs: list[str]) -> bool:
     if not cidrs:
         return True
@@ -153,10 +156,6 @@ def _allowed(remote_addr: str, cidrs: list[str]) -> bool:
     except ValueError:
         return False
     return any(address in ipaddress.ip_network(c) for c in cidrs)
-
-
-def _rfc3339(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 class AppRoleAuth:
@@ -184,12 +183,10 @@ class AppRoleAuth:
     def write_role(self, name: str, data: Mapping[str, Any]) -> None:
         """POST auth/approle/role/:name: create the role, or update the fields given.
         A new role gets a random role ID (or the one given)."""
-        role_name = _role_name(name)
+        role_name = checked_role_name(name)
         if not isinstance(data, Mapping):
             raise InvalidRequest("the role is a JSON object")
-        unknown = set(data) - set(_ROLE_FIELDS)
-        if unknown:
-            raise InvalidRequest(f"unknown role field(s): {', '.join(sorted(map(str, unknown)))[:200]}")
+        refuse_unknown(data, _ROLE_FIELDS)
         if _cidrs(data.get("token_bound_cidrs"), "token_bound_cidrs"):
             raise InvalidRequest("token_bound_cidrs is not supported by Keycell; use secret_id_bound_cidrs")
         found = get_json(self.ledger, self._role_key(role_name))
@@ -228,7 +225,7 @@ class AppRoleAuth:
             raise InvalidRequest("the role was written concurrently; retry") from None
 
     def read_role(self, name: str) -> dict[str, Any]:
-        role = self._role(_role_name(name))
+        role = self._role(checked_role_name(name))
         return {
             "bind_secret_id": role["bind_secret_id"],
             "secret_id_bound_cidrs": list(role["secret_id_bound_cidrs"]),
@@ -241,7 +238,7 @@ class AppRoleAuth:
     def delete_role(self, name: str) -> None:
         """DELETE auth/approle/role/:name: the role, its role ID and every secret ID it had
         (deleting an absent role is not an error, as in Vault)."""
-        role_name = _role_name(name)
+        role_name = checked_role_name(name)
         found = get_json(self.ledger, self._role_key(role_name))
         if found is None:
             return
@@ -253,22 +250,22 @@ class AppRoleAuth:
         delete_current(self.ledger, self._role_id_key(found[0]["role_id"]))
 
     def list_roles(self) -> list[str]:
-        return [i.key.path[len(self._roles) :] for i in iter_prefix(self.ledger, Kind.AUTH_ROLE, self._roles)]
+        return names_under(self.ledger, Kind.AUTH_ROLE, self._roles)
 
     def role_id(self, name: str) -> str:
         """GET auth/approle/role/:name/role-id."""
-        return str(self._role(_role_name(name))["role_id"])
+        return str(self._role(checked_role_name(name))["role_id"])
 
     def set_role_id(self, name: str, role_id: object) -> None:
         """POST auth/approle/role/:name/role-id {role_id}: a role ID of the operator's
         choosing (unique across roles); the old one stops working at once."""
-        role_name = _role_name(name)
+        role_name = checked_role_name(name)
         found = get_json(self.ledger, self._role_key(role_name))
         if found is None:
             raise NotFound(f"role {role_name!r} does not exist")
-        new_id = self._new_role_id(role_id)
         if not role_id:
             raise InvalidRequest("missing role_id")
+        new_id = self._new_role_id(role_id)
         role, version = found
         if new_id == role["role_id"]:
             return
@@ -287,23 +284,15 @@ class AppRoleAuth:
         self, name: str, data: Mapping[str, Any], secret_id: str | None = None
     ) -> dict[str, Any]:
         """POST auth/approle/role/:name/secret-id (or custom-secret-id with `secret_id`)."""
-        role_name = _role_name(name)
+        role_name = checked_role_name(name)
         role = self._role(role_name)
         if not role["bind_secret_id"]:
             raise InvalidRequest("bind_secret_id is not set on the role")
         cidrs = _cidrs(data.get("cidr_list"), "cidr_list")
-        if role["secret_id_bound_cidrs"] and cidrs:
-            outside = [
-                c
-                for c in cidrs
-                if not any(
-                    ipaddress.ip_network(c).subnet_of(ipaddress.ip_network(r))  # type: ignore[arg-type]
-                    for r in role["secret_id_bound_cidrs"]
-                    if ipaddress.ip_network(c).version == ipaddress.ip_network(r).version
-                )
-            ]
-            if outside:
-                raise InvalidRequest("cidr_list must lie within the role's secret_id_bound_cidrs")
+        if role["secret_id_bound_cidrs"] and not all(
+            _within(c, role["secret_id_bound_cidrs"]) for c in cidrs
+        ):
+            raise InvalidRequest("cidr_list must lie within the role's secret_id_bound_cidrs")
         if _cidrs(data.get("token_bound_cidrs"), "token_bound_cidrs"):
             raise InvalidRequest("token_bound_cidrs is not supported by Keycell")
         uses = _count(data.get("num_uses"), "num_uses")
@@ -316,10 +305,10 @@ class AppRoleAuth:
             ttl = role["secret_id_ttl"]
         metadata = _metadata(data.get("metadata"))
         if secret_id is None:
-            secret_id = str(uuid.UUID(bytes=secrets.token_bytes(16), version=4))
+            secret_id = str(uuid.uuid4())
         elif not isinstance(secret_id, str) or not secret_id or len(secret_id) > MAX_ID_CHARS:
             raise InvalidRequest(f"secret_id is a string of at most {MAX_ID_CHARS} characters")
-        accessor = str(uuid.UUID(bytes=secrets.token_bytes(16), version=4))
+        accessor = str(uuid.uuid4())
         now = self.clock()
         digest = _digest(secret_id)
         record = {
@@ -356,13 +345,13 @@ class AppRoleAuth:
 
     def list_secret_ids(self, name: str) -> list[str]:
         """LIST auth/approle/role/:name/secret-id -> the accessors."""
-        role_name = _role_name(name)
+        role_name = checked_role_name(name)
         self._role(role_name)
         prefix = f"{self._accessors}{role_name}/"
         return [i.key.path[len(prefix) :] for i in iter_prefix(self.ledger, Kind.AUTH_SECRET, prefix)]
 
     def lookup_secret_id(self, name: str, secret_id: object) -> dict[str, Any] | None:
-        role_name = _role_name(name)
+        role_name = checked_role_name(name)
         self._role(role_name)
         if not isinstance(secret_id, str) or not secret_id:
             raise InvalidRequest("missing secret_id")
@@ -370,7 +359,7 @@ class AppRoleAuth:
         return None if found is None else self._describe(found[0])
 
     def lookup_accessor(self, name: str, accessor: object) -> dict[str, Any]:
-        role_name = _role_name(name)
+        role_name = checked_role_name(name)
         digest = self._digest_of(role_name, accessor)
         found = self._live_secret(role_name, digest)
         if found is None:
@@ -378,14 +367,14 @@ class AppRoleAuth:
         return self._describe(found[0])
 
     def destroy_secret_id(self, name: str, secret_id: object) -> None:
-        role_name = _role_name(name)
+        role_name = checked_role_name(name)
         self._role(role_name)
         if not isinstance(secret_id, str) or not secret_id:
             raise InvalidRequest("missing secret_id")
         self._destroy(role_name, _digest(secret_id))
 
     def destroy_accessor(self, name: str, accessor: object) -> None:
-        role_name = _role_name(name)
+        role_name = checked_role_name(name)
         self._destroy(role_name, self._digest_of(role_name, accessor))
 
     def tidy(self) -> int:
@@ -393,8 +382,8 @@ class AppRoleAuth:
         now, gone = self.clock(), 0
         for item in list(iter_prefix(self.ledger, Kind.AUTH_SECRET, self._secrets)):
             role_name, _, digest = item.key.path[len(self._secrets) :].rpartition("/")
-            found = get_json(self.ledger, item.key)
-            if found is not None and found[0]["expires"] is not None and found[0]["expires"] <= now:
+            expires = json.loads(item.value)["expires"]
+            if expires is not None and expires <= now:
                 self._destroy(role_name, digest)
                 gone += 1
         return gone
@@ -497,9 +486,9 @@ class AppRoleAuth:
             "metadata": dict(record["metadata"]),
             "secret_id_num_uses": record["num_uses"],
             "secret_id_ttl": record["ttl"],
-            "creation_time": _rfc3339(record["created"]),
-            "last_updated_time": _rfc3339(record["updated"]),
-            "expiration_time": _rfc3339(record["expires"]) if record["expires"] else "0001-01-01T00:00:00Z",
+            "creation_time": rfc3339(record["created"]),
+            "last_updated_time": rfc3339(record["updated"]),
+            "expiration_time": rfc3339(record["expires"]) if record["expires"] else "0001-01-01T00:00:00Z",
         }
 
     def _digest_of(self, role_name: str, accessor: object) -> str:
@@ -518,7 +507,7 @@ class AppRoleAuth:
 
     def _new_role_id(self, given: object) -> str:
         if given in (None, ""):
-            return str(uuid.UUID(bytes=secrets.token_bytes(16), version=4))
+            return str(uuid.uuid4())
         if not isinstance(given, str) or len(given) > MAX_ID_CHARS or not _ID.fullmatch(given):
             raise InvalidRequest(f"role_id is at most {MAX_ID_CHARS} letters, digits and . @ : + = / - _")
         return given

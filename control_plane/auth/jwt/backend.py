@@ -59,6 +59,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from keycell.control_plane.auth.roles import checked_role_name, is_role_name, names_under, refuse_unknown
 from keycell.control_plane.auth.token.settings import (
     TOKEN_FIELDS,
     issue_login_token,
@@ -67,7 +68,7 @@ from keycell.control_plane.auth.token.settings import (
 )
 from keycell.control_plane.auth.token.store import TokenEntry, TokenStore, parse_duration
 from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied
-from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
+from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger
 from keycell.control_plane.storage import delete_current, get_json, put_json_if
 
 CONFIG_KEY = Key(Kind.CONFIG, "auth/jwt/config")
@@ -91,7 +92,6 @@ DEFAULT_NOT_BEFORE_LEEWAY = 150
 DEFAULT_CLOCK_SKEW_LEEWAY = 60
 MAX_JWT_CHARS = 16 * 1024
 MAX_KEYS = 64
-_ROLE_NAME = re.compile(r"\w(?:[\w.@-]*\w)?")
 _KEY_TYPES: dict[str, tuple[type, ...]] = {
     "RS": (rsa.RSAPublicKey,),
     "PS": (rsa.RSAPublicKey,),
@@ -172,12 +172,6 @@ def _leeway(value: object, name: str) -> int:
     if value in (-1, "-1"):
         return -1
     return parse_duration(value if value is not None else 0, name)
-
-
-def _role_name(name: object) -> str:
-    if not isinstance(name, str) or len(name) > 128 or not _ROLE_NAME.fullmatch(name):
-        raise InvalidRequest("a role name is letters, digits, '_', '-', '.' and '@' (at most 128)")
-    return name
 
 
 def _load_pem(pem: str) -> object:
@@ -271,9 +265,7 @@ class JwtAuth:
             "default_role",
             "spiffe_trust_domain",
         }
-        unknown = set(data) - known - set(_UNSUPPORTED_CONFIG)
-        if unknown:
-            raise InvalidRequest(f"unknown config field(s): {', '.join(sorted(map(str, unknown)))[:200]}")
+        refuse_unknown(data, known | set(_UNSUPPORTED_CONFIG), "config")
         pems = _string_list(data.get("jwt_validation_pubkeys"), "jwt_validation_pubkeys")
         if len(pems) > MAX_KEYS:
             raise InvalidRequest(f"jwt_validation_pubkeys holds at most {MAX_KEYS} keys")
@@ -296,7 +288,7 @@ class JwtAuth:
             )
         default_role = _string(data.get("default_role"), "default_role", limit=128)
         if default_role:
-            _role_name(default_role)
+            checked_role_name(default_role)
         record = {
             "jwt_validation_pubkeys": pems,
             "jwks": jwks,
@@ -338,15 +330,13 @@ class JwtAuth:
 
     def write_role(self, name: str, data: Mapping[str, Any]) -> None:
         """POST auth/jwt/role/:name: create the role, or update the fields given."""
-        role_name = _role_name(name)
+        role_name = checked_role_name(name)
         if not isinstance(data, Mapping):
             raise InvalidRequest("the role is a JSON object")
         for field in _UNSUPPORTED_ROLE:
             if not _empty(data.get(field)):
                 raise InvalidRequest(f"{field} is not supported by Keycell's JWT auth method")
-        unknown = set(data) - set(_ROLE_FIELDS) - set(_UNSUPPORTED_ROLE) - set(_IGNORED_ROLE)
-        if unknown:
-            raise InvalidRequest(f"unknown role field(s): {', '.join(sorted(map(str, unknown)))[:200]}")
+        refuse_unknown(data, (*_ROLE_FIELDS, *_UNSUPPORTED_ROLE, *_IGNORED_ROLE))
         current = self._role(role_name) or {}
         role = dict(current)
 
@@ -434,7 +424,7 @@ class JwtAuth:
 
     def read_role(self, name: str) -> dict[str, Any]:
         """GET auth/jwt/role/:name."""
-        role_name = _role_name(name)
+        role_name = checked_role_name(name)
         role = self._role(role_name)
         if role is None:
             raise NotFound(f"role {role_name!r} could not be found")
@@ -464,11 +454,11 @@ class JwtAuth:
 
     def delete_role(self, name: str) -> None:
         """DELETE auth/jwt/role/:name (deleting an absent role is not an error, as in Vault)."""
-        delete_current(self.ledger, self._role_key(_role_name(name)))
+        delete_current(self.ledger, self._role_key(checked_role_name(name)))
 
     def list_roles(self) -> list[str]:
         """LIST auth/jwt/role -> the role names, sorted."""
-        return [i.key.path[len(ROLE_PREFIX) :] for i in iter_prefix(self.ledger, Kind.AUTH_ROLE, ROLE_PREFIX)]
+        return names_under(self.ledger, Kind.AUTH_ROLE, ROLE_PREFIX)
 
     @staticmethod
     def _role_key(name: str) -> Key:
@@ -498,7 +488,7 @@ class JwtAuth:
         role_name = role or config.get("default_role") or ""
         if not role_name:
             raise PermissionDenied("missing role")
-        if not isinstance(role_name, str) or not _ROLE_NAME.fullmatch(role_name) or len(role_name) > 128:
+        if not is_role_name(role_name):
             raise PermissionDenied("role could not be found")
         settings = self._role(role_name)
         if settings is None:

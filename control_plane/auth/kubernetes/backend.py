@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 import jwt
 
+from keycell.control_plane.auth.roles import checked_role_name, is_role_name, names_under, refuse_unknown
 from keycell.control_plane.auth.token.settings import (
     TOKEN_FIELDS,
     issue_login_token,
@@ -51,14 +52,13 @@ from keycell.control_plane.auth.token.settings import (
 )
 from keycell.control_plane.auth.token.store import TokenEntry, TokenStore
 from keycell.control_plane.errors import InvalidRequest, NotFound, PermissionDenied, Unavailable
-from keycell.control_plane.ledger import Key, Kind, Ledger, iter_prefix
+from keycell.control_plane.ledger import Key, Kind, Ledger
 from keycell.control_plane.storage import delete_current, get_json, put_json_current
 
 log = logging.getLogger(__name__)
 REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 REVIEW_TIMEOUT_S = 5.0
 MAX_JWT_CHARS = 16 * 1024
-_ROLE_NAME = re.compile(r"\w(?:[\w.@-]*\w)?")
 _K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?|\*")
 _CONFIG_FIELDS = (
     "kubernetes_host",
@@ -140,9 +140,7 @@ class KubernetesAuth:
     def write_config(self, data: Mapping[str, Any]) -> None:
         if not isinstance(data, Mapping):
             raise InvalidRequest("the config is a JSON object")
-        unknown = set(data) - set(_CONFIG_FIELDS)
-        if unknown:
-            raise InvalidRequest(f"unknown config field(s): {', '.join(sorted(map(str, unknown)))[:200]}")
+        refuse_unknown(data, _CONFIG_FIELDS, "config")
         if data.get("pem_keys"):
             raise InvalidRequest("pem_keys is not supported: Keycell asks the cluster (TokenReview)")
         host = data.get("kubernetes_host")
@@ -189,12 +187,10 @@ class KubernetesAuth:
     # --- roles -------------------------------------------------------------------------
 
     def write_role(self, name: str, data: Mapping[str, Any]) -> None:
-        role_name = _role_name(name)
+        role_name = checked_role_name(name)
         if not isinstance(data, Mapping):
             raise InvalidRequest("the role is a JSON object")
-        unknown = set(data) - set(_ROLE_FIELDS)
-        if unknown:
-            raise InvalidRequest(f"unknown role field(s): {', '.join(sorted(map(str, unknown)))[:200]}")
+        refuse_unknown(data, _ROLE_FIELDS)
         if data.get("token_bound_cidrs"):
             raise InvalidRequest("token_bound_cidrs is not supported by Keycell")
         if data.get("alias_name_source") not in (None, "", "serviceaccount_uid"):
@@ -214,7 +210,7 @@ class KubernetesAuth:
         put_json_current(self.ledger, self._role_key(role_name), role)
 
     def read_role(self, name: str) -> dict[str, Any]:
-        role = self._role(_role_name(name))
+        role = self._role(checked_role_name(name))
         return {
             "bound_service_account_names": list(role["bound_service_account_names"]),
             "bound_service_account_namespaces": list(role["bound_service_account_namespaces"]),
@@ -224,10 +220,10 @@ class KubernetesAuth:
         }
 
     def delete_role(self, name: str) -> None:
-        delete_current(self.ledger, self._role_key(_role_name(name)))
+        delete_current(self.ledger, self._role_key(checked_role_name(name)))
 
     def list_roles(self) -> list[str]:
-        return [i.key.path[len(self._roles) :] for i in iter_prefix(self.ledger, Kind.AUTH_ROLE, self._roles)]
+        return names_under(self.ledger, Kind.AUTH_ROLE, self._roles)
 
     def _role_key(self, name: str) -> Key:
         return Key(Kind.AUTH_ROLE, self._roles + name)
@@ -247,7 +243,7 @@ class KubernetesAuth:
             raise InvalidRequest("missing jwt")
         if len(token) > MAX_JWT_CHARS:
             raise PermissionDenied("the jwt is too long")
-        if not _ROLE_NAME.fullmatch(role) or len(role) > 128:
+        if not is_role_name(role):
             raise PermissionDenied(f'invalid role name "{role[:64]}"')
         found = get_json(self.ledger, self._role_key(role))
         if found is None:
@@ -320,9 +316,3 @@ class KubernetesAuth:
         if not isinstance(user, dict):
             raise PermissionDenied("the cluster did not authenticate the service account token")
         return user
-
-
-def _role_name(name: object) -> str:
-    if not isinstance(name, str) or len(name) > 128 or not _ROLE_NAME.fullmatch(name):
-        raise InvalidRequest("a role name is letters, digits, '_', '-', '.' and '@' (at most 128)")
-    return name
