@@ -40,7 +40,7 @@ log = logging.getLogger("keycell.cells.paths")
 
 FROM_CELL_HEADER = "X-Keycell-From-Cell"  # who is calling, for operators and test faults
 KEYS_REFRESH = 2.0  # seconds between reads of the peers' sealing keys (LedgerPath)
-LANE_THREADS = 4  # DirectPath: concurrent deliveries to one peer
+LANE_THREADS = 4  # concurrent deliveries to one peer, per path
 
 
 def _every(stop: threading.Event, seconds: float, tick: Callable[[], object], name: str) -> threading.Thread:
@@ -56,6 +56,61 @@ def _every(stop: threading.Event, seconds: float, tick: Callable[[], object], na
     thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     return thread
+
+
+class Lanes:
+    """One small thread pool (a lane) per peer, so a peer that does not answer ties up
+    only its own lane, never the deliveries and heartbeats to the others. Both paths
+    send through it: `submit` queues work on the peer's lane; `submit_unless_busy` is
+    for heartbeats, skipped for a peer whose previous one is still in flight, so a
+    silent peer neither piles beats up in its lane nor delays a fresh beat."""
+
+    def __init__(self, name: str, threads: int = LANE_THREADS) -> None:
+        self.name, self.threads = name, threads
+        self._lanes: dict[str, ThreadPoolExecutor] = {}
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _lane(self, peer: str) -> ThreadPoolExecutor:
+        with self._lock:
+            lane = self._lanes.get(peer)
+            if lane is None:
+                lane = self._lanes[peer] = ThreadPoolExecutor(
+                    max_workers=self.threads, thread_name_prefix=f"{self.name}-{peer}"
+                )
+            return lane
+
+    def submit(self, peer: str, work: Callable[..., object], *args: Any) -> None:
+        self._lane(peer).submit(work, *args)
+
+    def submit_unless_busy(self, peer: str, work: Callable[..., object], *args: Any) -> bool:
+        """Queue `work` unless the last work queued this way for `peer` is still running;
+        True when queued."""
+        with self._lock:
+            if peer in self._busy:
+                return False
+            self._busy.add(peer)
+
+        def run() -> None:
+            try:
+                work(*args)
+            finally:
+                with self._lock:
+                    self._busy.discard(peer)
+
+        try:
+            self._lane(peer).submit(run)
+        except RuntimeError:  # shut down: nothing runs any more
+            with self._lock:
+                self._busy.discard(peer)
+            return False
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            lanes = list(self._lanes.values())
+        for lane in lanes:
+            lane.shutdown(wait=True, cancel_futures=True)
 
 
 class RevocationPath(Protocol):
@@ -102,10 +157,7 @@ class DirectPath:
         self.peers = peers or self._directory_peers
         self.log = RevocationLog(services.revocations)
         self.mint = Mint(services.barrier, self.cell, services.revocations.clock)
-        # One lane (a small thread pool) per peer: a peer that does not answer ties up
-        # only its own lane, never the deliveries and heartbeats to the others.
-        self._lanes: dict[str, ThreadPoolExecutor] = {}
-        self._beating: set[str] = set()  # peers with a heartbeat in flight
+        self._lanes = Lanes(f"direct-{self.cell}")
         self._transports: dict[str, Transport] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -118,15 +170,6 @@ class DirectPath:
         return {
             c: e.record.api for c, e in entries.items() if c != self.cell and not e.removed and e.record.api
         }
-
-    def _lane(self, cell: str) -> ThreadPoolExecutor:
-        with self._lock:
-            lane = self._lanes.get(cell)
-            if lane is None:
-                lane = self._lanes[cell] = ThreadPoolExecutor(
-                    max_workers=LANE_THREADS, thread_name_prefix=f"direct-{self.cell}-{cell}"
-                )
-            return lane
 
     def _transport(self, url: str) -> Transport:
         with self._lock:
@@ -149,7 +192,7 @@ class DirectPath:
     def deliver(self, rec: RevocationRecord) -> None:
         """Send `rec` to every peer, in the background; returns at once."""
         for cell, url in self.peers().items():
-            self._lane(cell).submit(self.deliver_to, cell, url, [rec])
+            self._lanes.submit(cell, self.deliver_to, cell, url, [rec])
 
     def deliver_to(self, cell: str, url: str, recs: list[RevocationRecord]) -> bool:
         body = {"revocations": [r.as_json() for r in recs]}
@@ -177,28 +220,18 @@ class DirectPath:
     # --- heartbeats -------------------------------------------------------------------------
 
     def heartbeat_once(self) -> Heartbeat:
-        """Mint a heartbeat and send it to every peer on that peer's lane, without waiting:
-        a peer whose previous beat is still in flight (it does not answer) is skipped
-        this time, so a silent peer neither delays the beats to the others nor piles
-        beats up in its lane."""
+        """Mint a heartbeat and send it to every peer on that peer's lane, without waiting
+        (a peer whose previous beat is still in flight is skipped this time)."""
         hb = self.mint.heartbeat()
         for cell, url in self.peers().items():
-            with self._lock:
-                if cell in self._beating:
-                    continue
-                self._beating.add(cell)
-            self._lane(cell).submit(self._beat, cell, url, hb)
+            self._lanes.submit_unless_busy(cell, self._beat, url, hb)
         return hb
 
-    def _beat(self, cell: str, url: str, hb: Heartbeat) -> None:
+    def _beat(self, url: str, hb: Heartbeat) -> None:
         # A failed beat is not retried: the next one supersedes it (until then that
         # peer's watermark of this cell stalls, as it should).
-        try:
-            with contextlib.suppress(ConnectionFailed):
-                self._post(url, {"heartbeat": hb.as_json()})
-        finally:
-            with self._lock:
-                self._beating.discard(cell)
+        with contextlib.suppress(ConnectionFailed):
+            self._post(url, {"heartbeat": hb.as_json()})
 
     def start(self) -> DirectPath:
         self._thread = _every(self._stop, self.heartbeat_every, self.heartbeat_once, f"heartbeat-{self.cell}")
@@ -208,10 +241,7 @@ class DirectPath:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        with self._lock:
-            lanes = list(self._lanes.values())
-        for lane in lanes:
-            lane.shutdown(wait=True, cancel_futures=True)
+        self._lanes.close()
         with self._lock:
             for transport in self._transports.values():
                 transport.close()
@@ -251,7 +281,7 @@ class LedgerPath:
         self._writer: InboxWriter | None = None
         self._inbox: Inbox | None = None
         self._backlog: dict[str, dict[str, RevocationRecord]] = {peer: {} for peer in self.ledgers}
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"ledger-{self.cell}")
+        self._lanes = Lanes(f"ledger-{self.cell}")
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -297,7 +327,7 @@ class LedgerPath:
     def deliver(self, rec: RevocationRecord) -> None:
         """Put `rec` into every peer's ledger, in the background; returns at once."""
         for peer in self.ledgers:
-            self._pool.submit(self.deliver_to, peer, [rec])
+            self._lanes.submit(peer, self.deliver_to, peer, [rec])
 
     def deliver_to(self, peer: str, recs: list[RevocationRecord]) -> bool:
         """Put `recs` into `peer`'s inbox, with bounded retries; True when every one is
@@ -348,23 +378,28 @@ class LedgerPath:
     # --- heartbeats and the inbox -------------------------------------------------------------
 
     def heartbeat_once(self) -> Heartbeat:
-        """Mint a heartbeat and put it into every reachable peer's inbox, after retrying
-        that peer's backlog. A failed put is not retried: the next beat supersedes it."""
+        """Mint a heartbeat and put it into every peer's inbox on that peer's lane, without
+        waiting (a peer whose previous beat is still in flight is skipped this time), so
+        a peer table that does not answer delays neither the beats nor the deliveries to
+        the others."""
         hb = self.mint.heartbeat()
         keys = self._public_keys()
-        writer = self.writer()
-        for peer, ledger in self.ledgers.items():
+        for peer in self.ledgers:
             pem = keys.get(peer)
-            if pem is None:
-                continue
-            backlog = self.backlog(peer)
-            if backlog and not self.deliver_to(peer, backlog):
-                continue  # still cut off: a heartbeat now would only wait for those seqs
-            try:
-                writer.put_heartbeat(ledger, peer, pem, hb)
-            except (LedgerError, OSError):
-                log.debug("ledger path: %s's ledger unreachable for a heartbeat", peer)
+            if pem is not None:
+                self._lanes.submit_unless_busy(peer, self._beat, peer, pem, hb)
         return hb
+
+    def _beat(self, peer: str, pem: str, hb: Heartbeat) -> None:
+        """Retry `peer`'s backlog, then put the heartbeat. A failed put is not retried:
+        the next beat supersedes it."""
+        backlog = self.backlog(peer)
+        if backlog and not self.deliver_to(peer, backlog):
+            return  # still cut off: a heartbeat now would only wait for those seqs
+        try:
+            self.writer().put_heartbeat(self.ledgers[peer], peer, pem, hb)
+        except (LedgerError, OSError):
+            log.debug("ledger path: %s's ledger unreachable for a heartbeat", peer)
 
     def drain(self) -> DrainResult:
         """Apply what peers put into this cell's inbox (also on demand, e.g. by tests)."""
@@ -382,4 +417,4 @@ class LedgerPath:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._lanes.close()

@@ -9,6 +9,7 @@ test heals what it cut and uses its own accessors."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import pytest
 from keycell.adapters.ledgers.dynamodb import DynamoLedger
 from keycell.cells.mesh import Mesh
 from keycell.control_plane.freshness import Mint
-from keycell.control_plane.ledger import Kind, iter_prefix
+from keycell.control_plane.ledger import Kind, LedgerUnavailableError, iter_prefix
 from keycell.control_plane.revocations import RevocationLog, RevocationRecord
 from keycell.functions.wiring import peer_ledgers_from_environment
 from tests.cells.test_revocation_paths import _freshness, _held_by, _revoke
@@ -112,6 +113,55 @@ def test_a_revocation_minted_in_a_cell_cut_off_from_relays_and_apis_arrives_by_l
         assert mesh.wait_for(
             lambda c=cell, p=peer: (_freshness(mesh, c)["peers"][p]["watermark"] or 0) > cut_at, 10
         ), f"{cell}'s watermark of {peer}"
+
+
+class _Hanging:
+    """A peer table that takes every call and does not answer until `release` (then
+    fails as an unreachable table would): what a peer region whose DynamoDB endpoint
+    black-holes packets looks like to boto, whose timeouts are long."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        def hang(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            self.release.wait(30)
+            raise LedgerUnavailableError("test fault: this peer's table never answered")
+
+        return hang
+
+
+def test_a_peer_table_that_never_answers_delays_neither_deliveries_nor_heartbeats_to_the_others(
+    mesh: Mesh,
+) -> None:
+    """Cell a's ledger path gains a peer z whose table never answers. With the relays
+    and the APIs cut (the ledger path is all there is), b and c must still get a's
+    revocations at once and keep a fresh watermark of a: each peer has its own lane."""
+    path = mesh.ledger_paths["a"]
+    hanging = _Hanging()
+    real_keys = path._public_keys
+    path._public_keys = lambda: {**real_keys(), "z": real_keys()["a"]}  # type: ignore[method-assign]
+    path._backlog["z"] = {}
+    path.ledgers["z"] = hanging  # type: ignore[assignment]
+    try:
+        _cut(mesh, "relay")
+        _cut(mesh, "direct")
+        _settle(mesh)
+        rids = [_revoke(mesh, "a", f"acc-beside-a-silent-table-{i}")["id"] for i in range(12)]
+        for cell in ("b", "c"):
+            assert mesh.wait_for(lambda c=cell: all(_held_by(mesh, c, r) for r in rids), 10), cell
+        worst = 0.0
+        for _ in range(20):
+            worst = max(worst, _freshness(mesh, "b")["peers"]["a"]["staleness_seconds"])
+            mesh.wait_for(lambda: False, 0.1)
+        assert worst < 2.0, f"b's view of a went {worst:.2f} s stale while z's table was silent"
+        assert hanging.calls > 0  # z was tried, and hung
+    finally:
+        del path.ledgers["z"]
+        path._public_keys = real_keys  # type: ignore[method-assign]
+        hanging.release.set()
 
 
 def test_nothing_is_lost_and_nothing_is_doubled_across_the_three_paths(mesh: Mesh) -> None:
