@@ -13,14 +13,18 @@ operators enabling the same path at once get one mount and one clear refusal:
   sys/auth/approle {"type": "approle"}`) are entries in the table; the router resolves
   a request's path to the longest enabled mount prefix (`resolve`) and dispatches it to
   that mount's own route set, built the first time it is asked for in a process and
-  cached by the mount's uuid (a disabled and re-enabled path is a new mount).
+  cached by the mount's uuid and lease TTLs (a disabled and re-enabled path is a new
+  mount; a tuned one is built again).
 
 Types that can be enabled: `kv` (version 2; `kv-v2` is the CLI's name for it) and
 `transit` for secrets, `approle` and `kubernetes` for auth. Disabling a mount deletes its data: every
 item stored under it goes, as Vault's `secrets disable` does.
 
 Tune (`sys/mounts/:path/tune`, `sys/auth/:path/tune`): `default_lease_ttl`,
-`max_lease_ttl`, `description`, and `options` (KV's `version` only "2"). Every
+`max_lease_ttl`, `description`, and `options` (KV's `version` only "2"). An enabled
+AppRole or Kubernetes mount's TTLs shape its logins' tokens (the default stands in for a
+role without `token_ttl`, the max caps the role's `token_max_ttl`); on the built-in
+mounts and the secrets engines they are stored and read back but not applied yet. Every
 process reads the table from the ledger on the requests that need it, so a mount
 enabled through one worker or cell process is served by all at once.
 """

@@ -15,13 +15,14 @@ _MAX_BUILT = 512
 
 class MountedRoutes:
     """The route set of each enabled mount, built the first time a request reaches it
-    in this process and kept by the mount's uuid (a re-enabled path is a new mount; a
-    disabled one is never resolved again). `router_for` is the router's `mounted`."""
+    in this process and kept by the mount's uuid and lease TTLs (a re-enabled path is a
+    new mount, a tuned one is built again with its new TTLs; a disabled one is never
+    resolved again). `router_for` is the router's `mounted`."""
 
     def __init__(self, services: Any, tables: dict[str, MountTable]) -> None:
         self.services = services
         self.tables = tables
-        self._built: dict[str, Router] = {}
+        self._built: dict[tuple[str, int, int], Router] = {}
         self._lock = threading.Lock()
 
     def router_for(self, path: str) -> Router | None:
@@ -31,12 +32,13 @@ class MountedRoutes:
             mount, auth = self.tables[SECRETS].resolve(path), False
         if mount is None:
             return None
+        key = (mount.uuid, mount.default_lease_ttl, mount.max_lease_ttl)
         with self._lock:
-            built = self._built.get(mount.uuid)
+            built = self._built.get(key)
             if built is None:
                 if len(self._built) >= _MAX_BUILT:
                     self._built.clear()
-                built = self._built[mount.uuid] = self._build(mount, auth)
+                built = self._built[key] = self._build(mount, auth)
         return built
 
     def _build(self, mount: Mount, auth: bool) -> Router:
@@ -51,13 +53,14 @@ class MountedRoutes:
         from keycell.control_plane.engines.transit.backend import Transit
 
         s, name = self.services, mount.name
+        ttls = (mount.default_lease_ttl, mount.max_lease_ttl)
         router = Router(s, clock=s.clock)
         if auth and mount.type == "approle":
-            approle_routes.register(router, s, AppRoleAuth(s.barrier, s.tokens, mount=name, clock=s.clock))
+            approle = AppRoleAuth(s.barrier, s.tokens, mount=name, clock=s.clock, lease_ttls=ttls)
+            approle_routes.register(router, s, approle)
         elif auth and mount.type == "kubernetes":
-            kubernetes_routes.register(
-                router, s, KubernetesAuth(s.barrier, s.tokens, mount=name, clock=s.clock)
-            )
+            kubernetes = KubernetesAuth(s.barrier, s.tokens, mount=name, clock=s.clock, lease_ttls=ttls)
+            kubernetes_routes.register(router, s, kubernetes)
         elif not auth and mount.type == "kv":
             kv = KvV2(s.barrier, s.envelopes, mount=name, clock=s.clock)
             kv_routes.register(router, kv, name, getattr(s, "freshness", None))

@@ -132,3 +132,36 @@ def test_an_approle_mount_at_its_own_path_is_separate_and_goes_with_its_data(
     root.sys.enable_auth_method("approle", path="ci-two")
     with pytest.raises(hvac.exceptions.InvalidPath):
         root.auth.approle.read_role_id("ci", mount_point="ci-two")  # a new mount starts empty
+
+
+def test_the_mount_tune_sets_the_default_ttl_and_caps_the_roles_max(root: hvac.Client, dev_url: str) -> None:
+    """`vault auth tune`: a role without token_ttl takes the mount's default_lease_ttl,
+    and the mount's max_lease_ttl caps the role's token_max_ttl, from the next login on."""
+    root.sys.enable_auth_method("approle", path="tuned-approle")
+    try:
+        root.auth.approle.create_or_update_approle("svc", token_max_ttl="2h", mount_point="tuned-approle")
+        role_id = root.auth.approle.read_role_id("svc", mount_point="tuned-approle")["data"]["role_id"]
+
+        def login() -> dict[str, object]:
+            secret_id = root.auth.approle.generate_secret_id("svc", mount_point="tuned-approle")["data"]
+            client = hvac.Client(url=dev_url)
+            auth = client.auth.approle.login(role_id, secret_id["secret_id"], mount_point="tuned-approle")
+            looked_up = client.auth.token.lookup_self()["data"]
+            return {
+                "lease": auth["auth"]["lease_duration"],
+                "explicit": looked_up["explicit_max_ttl"],
+                "c": client,
+            }
+
+        untuned = login()
+        assert untuned["lease"] == 2 * 3600  # the store's default (32 days) capped by the role's max
+        root.sys.tune_auth_method("tuned-approle", default_lease_ttl="10m", max_lease_ttl="1h")
+        tuned = login()
+        assert tuned["lease"] == 600  # the mount's default: the role has no token_ttl
+        client = tuned["c"]
+        assert isinstance(client, hvac.Client)
+        renewed = client.auth.token.renew_self(increment="3h")
+        assert renewed["auth"]["lease_duration"] <= 3600  # the mount's max caps the role's 2 h
+        assert renewed["auth"]["lease_duration"] > 3000
+    finally:
+        root.sys.disable_auth_method("tuned-approle")

@@ -166,12 +166,16 @@ class AppRoleAuth:
         *,
         mount: str = "approle",
         clock: Callable[[], float] = time.time,
+        lease_ttls: tuple[int, int] = (0, 0),
     ) -> None:
+        """`lease_ttls`: the mount's tuned (default_lease_ttl, max_lease_ttl), which shape
+        every login's token (settings.issue_login_token)."""
         self.ledger = ledger
         self.tokens = tokens
         self.clock = clock
         self.mount = mount
         self.login_path = f"auth/{mount}/login"
+        self.lease_ttls = lease_ttls
         # Every item of this mount lives under "approle/<mount>/" (mounts.py deletes
         # that prefix when the mount is disabled).
         base = f"approle/{mount}/"
@@ -423,6 +427,7 @@ class AppRoleAuth:
             path=self.login_path,
             display_name="approle",
             meta={**metadata, "role_name": role_name},
+            lease_ttls=self.lease_ttls,
         )
         return token, entry, self.tokens.auth_data(token, entry)
 

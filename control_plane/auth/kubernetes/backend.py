@@ -123,12 +123,16 @@ class KubernetesAuth:
         *,
         mount: str = "kubernetes",
         clock: Callable[[], float] = time.time,
+        lease_ttls: tuple[int, int] = (0, 0),
     ) -> None:
+        """`lease_ttls`: the mount's tuned (default_lease_ttl, max_lease_ttl), which shape
+        every login's token (settings.issue_login_token)."""
         self.ledger = ledger
         self.tokens = tokens
         self.mount = mount
         self.clock = clock
         self.login_path = f"auth/{mount}/login"
+        self.lease_ttls = lease_ttls
         # Every item of this mount lives under "kubernetes/<mount>/" (mounts.py deletes
         # that prefix when the mount is disabled).
         self._base = f"kubernetes/{mount}/"
@@ -270,6 +274,7 @@ class KubernetesAuth:
                 "service_account_uid": uid,
                 "service_account_secret_name": "",
             },
+            lease_ttls=self.lease_ttls,
         )
         return token_text, entry, self.tokens.auth_data(token_text, entry)
 

@@ -116,14 +116,26 @@ def token_settings_json(role: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def issue_login_token(
-    tokens: TokenStore, role: Mapping[str, Any], *, path: str, display_name: str, meta: dict[str, str]
+    tokens: TokenStore,
+    role: Mapping[str, Any],
+    *,
+    path: str,
+    display_name: str,
+    meta: dict[str, str],
+    lease_ttls: tuple[int, int] = (0, 0),
 ) -> tuple[str, TokenEntry]:
-    """The login's token: an orphan created at `path`, shaped by the role's settings."""
+    """The login's token: an orphan created at `path`, shaped by the role's settings.
+
+    `lease_ttls`: the auth mount's tuned (default_lease_ttl, max_lease_ttl), 0 where not
+    tuned. As in Vault, the mount's default stands in for a role without `token_ttl`,
+    and the mount's max caps the role's `token_max_ttl` (the store's own max caps both)."""
+    mount_default, mount_max = lease_ttls
+    caps = [cap for cap in (role["token_max_ttl"], mount_max) if cap]
     return tokens.create(
         None,
         policies=role["token_policies"],
-        ttl=role["token_ttl"],
-        max_ttl=role["token_max_ttl"],
+        ttl=role["token_ttl"] or mount_default,
+        max_ttl=min(caps) if caps else 0,
         explicit_max_ttl=role["token_explicit_max_ttl"],
         period=role["token_period"],
         no_default_policy=role["token_no_default_policy"],
