@@ -199,6 +199,8 @@ class Router:
         self.clock = clock
         # path -> the router of the enabled mount that path is under, or None.
         self.mounted: Callable[[str], Router | None] | None = None
+        # every enabled mount's router, for sys/openapi (routes/mounts.py sets both)
+        self.mounted_routers: Callable[[], list[Router]] | None = None
         self.routes: list[Route] = []
         self._by_mount: dict[str, list[Route]] = {}
         self._unindexed: list[Route] = []

@@ -30,18 +30,27 @@ class MountedRoutes:
             mount, auth = self.tables[AUTH].resolve(path[len("auth/") :]), True
         else:
             mount, auth = self.tables[SECRETS].resolve(path), False
-        if mount is None:
-            return None
+        return None if mount is None else self._router(mount, auth)
+
+    def every_router(self) -> list[Router]:
+        """The route set of every enabled mount (sys/openapi documents them, as Vault's does)."""
+        return [
+            self._router(mount, table == AUTH)
+            for table in (SECRETS, AUTH)
+            for mount in self.tables[table].enabled()
+        ]
+
+    def _router(self, mount: Mount, auth: bool) -> Router:
         key = (mount.uuid, mount.default_lease_ttl, mount.max_lease_ttl)
         with self._lock:
             built = self._built.get(key)
             if built is None:
                 if len(self._built) >= _MAX_BUILT:
                     self._built.clear()
-                built = self._built[key] = self._build(mount, auth)
+                built = self._built[key] = self.build(mount, auth)
         return built
 
-    def _build(self, mount: Mount, auth: bool) -> Router:
+    def build(self, mount: Mount, auth: bool) -> Router:
         """A router holding only this mount's routes, over an engine bound to its path."""
         from keycell.control_plane.auth.approle import routes as approle_routes
         from keycell.control_plane.auth.approle.backend import AppRoleAuth
@@ -73,7 +82,8 @@ class MountedRoutes:
 
 def register(router: Router, services: Any) -> None:
     tables = {SECRETS: MountTable(services.barrier, SECRETS), AUTH: MountTable(services.barrier, AUTH)}
-    router.mounted = MountedRoutes(services, tables).router_for
+    mounted = MountedRoutes(services, tables)
+    router.mounted, router.mounted_routers = mounted.router_for, mounted.every_router
 
     for table, what in ((SECRETS, "secrets engine"), (AUTH, "auth method")):
         mounts = tables[table]

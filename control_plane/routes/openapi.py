@@ -2,8 +2,10 @@
 
 There is no second list of routes: each `router.add(...)` in the route modules carries a
 `RouteDoc` (the OpenAPI path template, summaries, request and response schemas per
-operation), and `build_spec` walks `router.routes`. The spec is built once per process,
-on first request, and served without authentication, like Vault's generic
+operation), and `build_spec` walks `router.routes`. The built-in routes' spec is built
+once per process, on first request; the routes of the mounts enabled at the time
+(sys/mounts, sys/auth) are added to it on each read by a caller whose token may read
+sys/mounts. It is served without authentication, like Vault's generic
 `sys/internal/specs/openapi`: it describes the API, not anything stored in the cell.
 
 How Vault's HTTP API maps onto OpenAPI:
@@ -25,6 +27,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from keycell.control_plane.errors import RequestError
+from keycell.control_plane.ledger import LedgerError
 from keycell.control_plane.router import (
     Content,
     Context,
@@ -202,8 +206,36 @@ Keycell's regional API speaks Vault's HTTP API. All paths are below `/v1`.
 
 def build_spec(router: Router, *, version: str = "") -> dict[str, Any]:
     """The OpenAPI 3.1 document of `router`'s routes (those with a `RouteDoc`)."""
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "Keycell regional API (Vault-compatible)",
+            "version": version or "0",
+            "description": DESCRIPTION,
+        },
+        "servers": [{"url": "/v1"}],
+        "paths": build_paths(router.routes),
+        "components": {
+            "securitySchemes": {
+                "VaultToken": {"type": "apiKey", "in": "header", "name": "X-Vault-Token"},
+                "BearerToken": {"type": "http", "scheme": "bearer"},
+            },
+            "schemas": {"Error": ERROR, "Auth": AUTH, "WrapInfo": WRAP_INFO},
+            "responses": {
+                str(status): {
+                    "description": text,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                }
+                for status, text in ERROR_STATUSES.items()
+            },
+        },
+    }
+
+
+def build_paths(routes: list[Route]) -> dict[str, dict[str, Any]]:
+    """The OpenAPI `paths` object of `routes` (those with a `RouteDoc`)."""
     paths: dict[str, dict[str, Any]] = {}
-    for route in router.routes:
+    for route in routes:
         doc = route.doc
         if doc is None:
             continue
@@ -220,30 +252,7 @@ def build_spec(router: Router, *, version: str = "") -> dict[str, Any]:
                 if method in item:
                     raise ValueError(f"{method.upper()} {template} is documented twice")
                 item[method] = _operation(route, doc, template, method, operations)
-    return {
-        "openapi": OPENAPI_VERSION,
-        "info": {
-            "title": "Keycell regional API (Vault-compatible)",
-            "version": version or "0",
-            "description": DESCRIPTION,
-        },
-        "servers": [{"url": "/v1"}],
-        "paths": paths,
-        "components": {
-            "securitySchemes": {
-                "VaultToken": {"type": "apiKey", "in": "header", "name": "X-Vault-Token"},
-                "BearerToken": {"type": "http", "scheme": "bearer"},
-            },
-            "schemas": {"Error": ERROR, "Auth": AUTH, "WrapInfo": WRAP_INFO},
-            "responses": {
-                str(status): {
-                    "description": text,
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-                }
-                for status, text in ERROR_STATUSES.items()
-            },
-        },
-    }
+    return paths
 
 
 def documented_operations(route: Route) -> dict[str, list[Operation]]:
@@ -370,9 +379,29 @@ def register(router: Router, services: Any) -> None:
     built: list[dict[str, Any]] = []
 
     def read(ctx: Context) -> Result:
-        if not built:  # routes are all added before the first request
+        """The built-in routes' document (built once: routes are all added before the first
+        request), with the routes of the mounts enabled now, as Vault's spec has them."""
+        if not built:
             built.append(build_spec(router, version=VERSION))
-        return Result(raw=built[0])
+        mounted = router.mounted_routers() if _may_list_mounts(ctx) and router.mounted_routers else []
+        if not mounted:
+            return Result(raw=built[0])
+        paths = dict(built[0]["paths"])
+        for one in mounted:
+            paths.update(build_paths(one.routes))  # a mount's paths never overlap a built-in's
+        return Result(raw={**built[0], "paths": paths})
+
+    def _may_list_mounts(ctx: Context) -> bool:
+        """Mount paths are the cell's own configuration (a path may name a team or a
+        system): documented only to a caller whose token may read sys/mounts."""
+        token = ctx.request.token
+        if not token:
+            return False
+        try:
+            entry = services.tokens.lookup(token)
+        except (RequestError, LedgerError):  # a bad token, or the cell is sealed
+            return False
+        return bool(services.policies.acl_for(entry.policies).allows("sys/mounts", "read"))
 
     router.add(
         r"sys/openapi",

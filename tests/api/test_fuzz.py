@@ -48,8 +48,10 @@ from schemathesis.specs.openapi.checks import (
 
 from keycell.adapters.keys.software import SoftwareKeyBackend
 from keycell.adapters.ledgers.sqlite import SqliteLedger
+from keycell.control_plane.mounts import Mount
 from keycell.control_plane.router import Operation, Router
 from keycell.control_plane.routes import build_router
+from keycell.control_plane.routes.mounts import MountedRoutes
 from keycell.control_plane.routes.openapi import documented_operations
 from keycell.control_plane.services import CellServices
 from keycell.functions.api import http
@@ -74,12 +76,29 @@ SEAL_LIFECYCLE = {
 }
 
 
+# Engines and auth methods enabled on the dev server before it is fuzzed, so the routes
+# of enabled mounts (which sys/openapi documents to a token that may read sys/mounts)
+# are fuzzed too: (table, path, type).
+FUZZ_MOUNTS = (
+    ("mounts", "kv-fuzz", "kv-v2"),
+    ("mounts", "transit-fuzz", "transit"),
+    ("auth", "approle", "approle"),
+    ("auth", "kubernetes", "kubernetes"),
+)
+
+
 @pytest.fixture(scope="module")
 def dev_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = keycell_server(tmp_path_factory.mktemp("openapi-dev"), dev_root_token=ROOT, workers=1)
     port = server.start()
+    url = f"http://127.0.0.1:{port}"
+    for table, path, kind in FUZZ_MOUNTS:
+        enabled = requests.post(
+            f"{url}/v1/sys/{table}/{path}", headers={"X-Vault-Token": ROOT}, json={"type": kind}, timeout=30
+        )
+        assert enabled.status_code == 204, enabled.text
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         log = server.log_tail(20000)
         server.stop()
@@ -124,6 +143,29 @@ def route_table(folder: Path) -> Router:
     """The route table of a real cell (SQLite ledger, software keys) in `folder`."""
     ledger = SqliteLedger(folder / "cell.db")
     return build_router(CellServices(ledger, lambda barrier: SoftwareKeyBackend(store=barrier)))
+
+
+def mounted_route_tables(router: Router) -> list[Router]:
+    """The route sets FUZZ_MOUNTS's mounts have (built as the server builds them)."""
+    built = MountedRoutes(router.services, {})
+    kinds = {"kv-v2": "kv"}
+    return [
+        built.build(
+            Mount(
+                path=f"{path}/",
+                type=kinds.get(kind, kind),
+                uuid="",
+                accessor="",
+                description="",
+                options=None,
+                default_lease_ttl=0,
+                max_lease_ttl=0,
+                builtin=False,
+            ),
+            table == "auth",
+        )
+        for table, path, kind in FUZZ_MOUNTS
+    ]
 
 
 def _label(operation: Any) -> tuple[str, str]:
@@ -196,19 +238,25 @@ def _fuzz_mode(
 def test_every_operation_passes_schemathesis(
     dev_url: str, sealed_server: SealedServer, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    schema = schemathesis.openapi.from_url(dev_url + SPEC_PATH, timeout=30)
+    schema = schemathesis.openapi.from_url(dev_url + SPEC_PATH, timeout=30, headers={"X-Vault-Token": ROOT})
     operations = _operations(schema)
     # schemathesis leaves out the endpoint the document was loaded from: take it from
     # the same document loaded as a dict, so that sys/openapi is fuzzed too.
     assert ("GET", "/sys/openapi") not in {_label(op) for op in operations}
     same = _operations(schemathesis.openapi.from_dict(schema.raw_schema))
     operations += [op for op in same if _label(op) == ("GET", "/sys/openapi")]
+    router = route_table(tmp_path_factory.mktemp("routes"))
     expected = sum(
         len(documented_operations(route)) * (1 + len(route.doc.more_paths))
-        for route in route_table(tmp_path_factory.mktemp("routes")).routes
+        for table in (router, *mounted_route_tables(router))
+        for route in table.routes
         if route.doc is not None
     )
     assert len(operations) == expected
+    for _, path, _ in FUZZ_MOUNTS:  # every enabled mount's routes are in the spec, and fuzzed
+        assert any(
+            _label(op)[1].startswith(f"/{path}/") or f"/auth/{path}/" in _label(op)[1] for op in operations
+        )
 
     def root_headers() -> dict[str, str]:
         return {"X-Vault-Token": ROOT}
@@ -248,6 +296,35 @@ def test_every_operation_passes_schemathesis(
     )
     assert sum(SERVER_ERRORS.values()) == 0, dict(SERVER_ERRORS)
     assert not failures, f"{len(failures)} operation(s) failed:\n\n" + "\n\n".join(failures)
+
+
+def test_enabled_mounts_are_documented_only_to_a_token_that_may_read_sys_mounts(dev_url: str) -> None:
+    def paths(headers: dict[str, str]) -> set[str]:
+        reply = requests.get(dev_url + SPEC_PATH, headers=headers, timeout=15)
+        assert reply.status_code == 200
+        spec = reply.json()
+        schemathesis.openapi.from_dict(spec).validate()
+        return set(spec["paths"])
+
+    def mounted(found: set[str]) -> set[str]:
+        return {
+            p for p in found for _, path, _ in FUZZ_MOUNTS if p.startswith((f"/{path}/", f"/auth/{path}/"))
+        }
+
+    default_only = requests.post(
+        f"{dev_url}/v1/auth/token/create",
+        headers={"X-Vault-Token": ROOT},
+        json={"policies": ["default"]},
+        timeout=15,
+    ).json()["auth"]["client_token"]
+    assert mounted(paths({})) == set()
+    assert mounted(paths({"X-Vault-Token": "not-a-token"})) == set()
+    assert mounted(paths({"X-Vault-Token": default_only})) == set()
+    with_mounts = paths({"X-Vault-Token": ROOT})
+    assert {"/kv-fuzz/data/{path}", "/transit-fuzz/keys/{name}", "/auth/approle/login"} <= mounted(
+        with_mounts
+    )
+    assert paths({}) <= with_mounts  # the built-in routes are documented to everyone
 
 
 def test_spec_is_valid_openapi_31_and_documents_every_route(dev_url: str, tmp_path: Path) -> None:
