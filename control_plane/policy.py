@@ -311,6 +311,26 @@ class ACL:
             granted.add("list")
         return granted or {"deny"}
 
+    def reaches_under(self, prefix: str) -> bool:
+        """Does any rule grant something (not only `deny`) on a path under `prefix` (a
+        mount's path, "kv-apps/")? What Vault asks before sys/internal/ui/mounts tells a
+        token which engine serves a mount: a rule for "kv-apps/data/app/*" is enough."""
+        if self.root:
+            return True
+
+        def grants(capabilities: frozenset[str]) -> bool:
+            return bool(capabilities) and "deny" not in capabilities
+
+        if any(path.startswith(prefix) and grants(c) for path, c in self._exact.items()):
+            return True
+        for pattern in self._patterns:
+            # The literal part before the first `+` or the glob: under the prefix, or (a
+            # glob such as "kv-*") a start the prefix itself goes on from.
+            literal = pattern.text[: pattern.first_wildcard]
+            if grants(pattern.capabilities) and (literal.startswith(prefix) or prefix.startswith(literal)):
+                return True
+        return False
+
     def allows(self, path: str, capability: str) -> bool:
         """May a token with these policies do `capability` on `path`?"""
         if capability not in CAPABILITIES or capability == "deny":
