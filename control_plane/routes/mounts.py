@@ -7,8 +7,9 @@ import threading
 from typing import Any
 
 from keycell.control_plane.errors import PermissionDenied
-from keycell.control_plane.mounts import AUTH, SECRETS, Mount, MountTable
-from keycell.control_plane.router import Context, Operation, OperationDoc, RouteDoc, Router
+from keycell.control_plane.mounts import AUTH, CORE_TYPES, SECRETS, Mount, MountTable
+from keycell.control_plane.router import Context, Operation, OperationDoc, Result, RouteDoc, Router
+from keycell.control_plane.routes import with_top_level
 from keycell.control_plane.routes.openapi import ANY_OBJECT, NO_CONTENT, STR, obj, ok
 
 _MAX_BUILT = 512
@@ -77,21 +78,21 @@ def register(router: Router, services: Any) -> None:
     for table, what in ((SECRETS, "secrets engine"), (AUTH, "auth method")):
         mounts = tables[table]
 
-        def listing(ctx: Context, mounts: MountTable = mounts) -> dict[str, Any]:
-            return {path: m.as_json() for path, m in mounts.all().items()}
+        def listing(ctx: Context, mounts: MountTable = mounts) -> Result:
+            return with_top_level({path: _row(m, mounts.table) for path, m in mounts.all().items()})
 
         def enable(ctx: Context, mounts: MountTable = mounts) -> None:
             reserved = {seg + "/" for seg in router.static_mounts()} if mounts.table == SECRETS else set()
             mounts.enable(ctx.params["path"], ctx.data, reserved=reserved)
 
-        def read(ctx: Context, mounts: MountTable = mounts) -> dict[str, Any]:
-            return mounts.get(ctx.params["path"]).as_json()
+        def read(ctx: Context, mounts: MountTable = mounts) -> Result:
+            return with_top_level(_row(mounts.get(ctx.params["path"]), mounts.table))
 
         def disable(ctx: Context, mounts: MountTable = mounts) -> None:
             mounts.disable(ctx.params["path"])
 
-        def tune_read(ctx: Context, mounts: MountTable = mounts) -> dict[str, Any]:
-            return mounts.get(ctx.params["path"]).tune_json()
+        def tune_read(ctx: Context, mounts: MountTable = mounts) -> Result:
+            return with_top_level(mounts.get(ctx.params["path"]).tune_json())
 
         def tune_write(ctx: Context, mounts: MountTable = mounts) -> None:
             mounts.tune(ctx.params["path"], ctx.data)
@@ -140,6 +141,16 @@ def register(router: Router, services: Any) -> None:
                 },
             ),
         )
+
+
+def _row(mount: Mount, table: str) -> dict[str, Any]:
+    """A mount as sys/mounts or sys/auth lists it; an auth method's config also names the
+    type of token it issues, and its options are an empty object when it has none."""
+    row = mount.as_json()
+    if table == AUTH:
+        row["config"]["token_type"] = "default-service"  # noqa: S105 - the name of a token type
+        row["options"] = row["options"] if mount.type in CORE_TYPES else row["options"] or {}
+    return row
 
 
 def _longest_mount(table: MountTable, path: str) -> Mount | None:

@@ -557,7 +557,7 @@ class TokenStore:
         return self._load_valid_path(self._path_for_accessor(accessor))[0]
 
     def lookup_data(self, entry: TokenEntry, token: str | None = None) -> dict[str, Any]:
-        """The `data` of a lookup response. `token` is echoed as `id` (lookup-self only)."""
+        """The `data` of a lookup response. `token` is echoed as `id` (lookup-self and lookup; a lookup by accessor passes none)."""
         now = self.clock()
         data: dict[str, Any] = {
             "accessor": entry.accessor,

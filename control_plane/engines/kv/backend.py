@@ -24,8 +24,10 @@ default), and what they return (Vault's response `data`; None means 204):
 - `undelete_versions(path, versions)` POST /undelete/:path    None
 - `destroy_versions(path, versions)`  PUT|POST /destroy/:path None (the sealed values are removed from storage)
 - `read_metadata(path)`               GET  /metadata/:path    {cas_required, created_time, current_version,
-                                                               custom_metadata, delete_version_after,
-                                                               max_versions, oldest_version, updated_time, versions}
+                                                               current_metadata_version, custom_metadata,
+                                                               delete_version_after, max_versions,
+                                                               metadata_cas_required, oldest_version,
+                                                               updated_time, versions}
 - `write_metadata(path, ...)`         POST|PUT /metadata/:path  None
 - `patch_metadata(path, ...)`         PATCH /metadata/:path   None
 - `delete_metadata(path)`             DELETE /metadata/:path  None (every version and the metadata, for good)
@@ -329,9 +331,14 @@ class KvV2:
             "cas_required": meta["cas_required"],
             "created_time": _rfc3339(meta["created_time"]),
             "current_version": meta["current_version"],
+            # OpenBao's count of metadata writes (write_metadata, patch_metadata): 0 for
+            # metadata only ever made by writing data
+            "current_metadata_version": meta.get("metadata_version", 0),
             "custom_metadata": meta["custom_metadata"] or None,
             "delete_version_after": _go_duration(meta["delete_version_after"]),
             "max_versions": meta["max_versions"],
+            # check-and-set on metadata writes (OpenBao's metadata_cas) is not offered
+            "metadata_cas_required": False,
             "oldest_version": meta["oldest_version"],
             "updated_time": _rfc3339(meta["updated_time"]),
             "versions": {
@@ -364,6 +371,7 @@ class KvV2:
 
         def mutate(meta: dict[str, Any], now: int) -> list[int]:
             meta.update(changes)
+            meta["metadata_version"] = meta.get("metadata_version", 0) + 1
             return []
 
         self._update(secret, mutate, create=True)
@@ -385,6 +393,7 @@ class KvV2:
 
         def mutate(meta: dict[str, Any], now: int) -> list[int]:
             meta.update(changes)
+            meta["metadata_version"] = meta.get("metadata_version", 0) + 1
             if patch is not None:
                 merged = dict(meta["custom_metadata"])
                 for key, value in patch.items():

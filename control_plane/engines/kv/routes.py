@@ -292,6 +292,8 @@ _METADATA = obj(
         "cas_required": BOOL,
         "created_time": RFC3339,
         "current_version": INT,
+        "current_metadata_version": INT,
+        "metadata_cas_required": BOOL,
         "custom_metadata": nullable({"type": "object", "additionalProperties": STR}),
         "delete_version_after": STR,
         "max_versions": INT,

@@ -337,14 +337,17 @@ def test_metadata_reads_as_vault_shapes_it(kv: KvV2) -> None:
     assert set(meta) == {
         "cas_required",
         "created_time",
+        "current_metadata_version",
         "current_version",
         "custom_metadata",
         "delete_version_after",
         "max_versions",
+        "metadata_cas_required",
         "oldest_version",
         "updated_time",
         "versions",
     }
+    assert meta["current_metadata_version"] == 1 and meta["metadata_cas_required"] is False
     assert meta["max_versions"] == 5
     assert meta["delete_version_after"] == "1h0m0s"
     assert meta["custom_metadata"] == {"owner": "ops"}
