@@ -31,7 +31,7 @@ from keycell.testing.processes import free_port, keycell_server
 
 ROOT = "kc.bao-agent-tests-root"
 AGENT_START = 20.0  # seconds for an agent to authenticate and render its first files
-RENDER = 25.0  # seconds for a re-render (KV: a 1 s render interval; database: a 4 s lease)
+RENDER = 40.0  # seconds for a re-render (KV: a 1 s render interval; database: a 10 s lease)
 CREATE = ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"]
 POLICY = """
 path "kv-apps/data/app/*" { capabilities = ["read"] }
@@ -151,6 +151,13 @@ def can_login(pg: PostgresServer, rendered: str) -> bool:
         return False
 
 
+def renders_a_working_credential(pg: PostgresServer, path: Path) -> bool:
+    """Whether the file holds a credential PostgreSQL accepts. The file is read again for
+    a few seconds: the agent may have just replaced a credential whose lease ended
+    between the read and the login."""
+    return bool(wait_for(lambda: can_login(pg, read_file(path)), 5.0, 0.2))
+
+
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = keycell_server(tmp_path_factory.mktemp("bao-agent"), dev_root_token=ROOT, workers=2)
@@ -164,7 +171,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def root(server_url: str, postgres: PostgresServer) -> hvac.Client:
     """The cell as an operator sets it up for the agent: KV v2 at kv-apps/, AppRole, a
-    database role with a 4-second lease (so the agent must fetch a new credential), and
+    database role with a 10-second lease (so the agent must fetch a new credential), and
     the policy the agent's token holds."""
     client = hvac.Client(url=server_url, token=ROOT)
     client.sys.enable_secrets_engine("kv", path="kv-apps", options={"version": "2"})
@@ -183,7 +190,7 @@ def root(server_url: str, postgres: PostgresServer) -> hvac.Client:
         password=postgres.superuser_password,
     )
     client.secrets.database.create_role(
-        name="agent", db_name="pg", creation_statements=CREATE, default_ttl="4s", max_ttl="4s"
+        name="agent", db_name="pg", creation_statements=CREATE, default_ttl="10s", max_ttl="10s"
     )
     return client
 
@@ -238,7 +245,7 @@ def test_templates_render_the_kv_secret_and_a_working_database_credential(
     assert read_file(approle_agent.folder / "kv.txt") in ("first", "second")  # the next test updates it
     rendered = read_file(approle_agent.folder / "db.txt")
     assert len(rendered.split(" ")) == 2, rendered
-    assert can_login(postgres, rendered), approle_agent.log()
+    assert renders_a_working_credential(postgres, approle_agent.folder / "db.txt"), approle_agent.log()
 
 
 def test_an_updated_kv_secret_is_rendered_again(approle_agent: BaoAgent, root: hvac.Client) -> None:
@@ -253,9 +260,8 @@ def test_a_database_credential_is_replaced_when_its_lease_runs_out(
     db = approle_agent.folder / "db.txt"
     before = read_file(db)
     assert wait_for(lambda: read_file(db) not in ("", before), RENDER, 0.2), approle_agent.log()
-    after = read_file(db)
-    assert after.split(" ")[0] != before.split(" ")[0]
-    assert can_login(postgres, after), approle_agent.log()
+    assert read_file(db).split(" ")[0] != before.split(" ")[0]  # a new user, not the old one's new password
+    assert renders_a_working_credential(postgres, db), approle_agent.log()
 
 
 def same_token(proxied: dict[str, Any], direct: dict[str, Any]) -> bool:
@@ -290,7 +296,7 @@ def test_token_file_auto_auth_uses_the_given_token(
     agent = started(BaoAgent(tmp_path, config, port))
     try:
         assert read_file(tmp_path / "kv.txt") in ("first", "second")
-        assert can_login(postgres, read_file(tmp_path / "db.txt")), agent.log()
+        assert renders_a_working_credential(postgres, tmp_path / "db.txt"), agent.log()
         assert read_file(tmp_path / "sink-token") == made["client_token"]
         direct = hvac.Client(url=server_url, token=made["client_token"]).auth.token.lookup_self()["data"]
         looked = agent.proxy("auth/token/lookup-self")["data"]
