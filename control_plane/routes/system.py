@@ -376,7 +376,9 @@ def register(router: Router, services: Any) -> None:
     )
     router.add(
         r"sys/wrapping/lookup",
-        {Operation.UPDATE: wrap_lookup},
+        # GET with the wrapping token as X-Vault-Token is how Vault's Go client (and so
+        # Vault Agent, before it unwraps a secret ID) looks one up; POST takes it in the body
+        {Operation.READ: wrap_lookup, Operation.UPDATE: wrap_lookup},
         authenticated=False,
         family="sys",
         doc=RouteDoc(
@@ -385,16 +387,12 @@ def register(router: Router, services: Any) -> None:
             description=_UNWRAP_CREDENTIAL,
             token_accepted=True,
             operations={
+                Operation.READ: OperationDoc(
+                    "Look the X-Vault-Token wrapping token up", responses=ok(_WRAP_LOOKUP)
+                ),
                 Operation.UPDATE: OperationDoc(
-                    "Look a wrapping token up",
-                    body=token_body,
-                    responses=ok(
-                        obj(
-                            {"creation_path": STR, "creation_time": RFC3339, "creation_ttl": INT},
-                            ("creation_path", "creation_time", "creation_ttl"),
-                        )
-                    ),
-                )
+                    "Look a wrapping token up", body=token_body, responses=ok(_WRAP_LOOKUP)
+                ),
             },
         ),
     )
@@ -419,6 +417,10 @@ def register(router: Router, services: Any) -> None:
 # --- documentation (sys/openapi) -------------------------------------------------------------
 
 _POLICY_EXAMPLE = {"policy": 'path "secret/data/app/*" { capabilities = ["read", "list"] }'}
+_WRAP_LOOKUP = obj(
+    {"creation_path": STR, "creation_time": RFC3339, "creation_ttl": INT},
+    ("creation_path", "creation_time", "creation_ttl"),
+)
 _POLICY_FIELDS: dict[str, JsonSchema] = {
     "name": STR,
     "version": INT,

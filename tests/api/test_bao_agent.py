@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import hvac
+import hvac.exceptions
 import psycopg
 import pytest
 
@@ -301,5 +302,37 @@ def test_token_file_auto_auth_uses_the_given_token(
         direct = hvac.Client(url=server_url, token=made["client_token"]).auth.token.lookup_self()["data"]
         looked = agent.proxy("auth/token/lookup-self")["data"]
         assert looked["meta"] == {"who": "token-file"} and same_token(looked, direct), (looked, direct)
+    finally:
+        agent.stop()
+
+
+def test_approle_auto_auth_unwraps_a_response_wrapped_secret_id(
+    root: hvac.Client, server_url: str, tmp_path: Path
+) -> None:
+    """The secret ID is delivered wrapped: the agent checks the wrapping token's creation
+    path (sys/wrapping/lookup), unwraps it once and logs in with what it holds."""
+    wrapped = root.auth.approle.generate_secret_id("agent", wrap_ttl="120s")["wrap_info"]
+    (tmp_path / "role-id").write_text(root.auth.approle.read_role_id("agent")["data"]["role_id"])
+    (tmp_path / "secret-id").write_text(wrapped["token"])
+    port = free_port()
+    config = agent_config(
+        server_url,
+        tmp_path,
+        port,
+        "approle",
+        {
+            "role_id_file_path": str(tmp_path / "role-id"),
+            "secret_id_file_path": str(tmp_path / "secret-id"),
+            "secret_id_response_wrapping_path": "auth/approle/role/agent/secret-id",
+        },
+    )
+    agent = started(BaoAgent(tmp_path, config, port))
+    try:
+        token = read_file(tmp_path / "sink-token")
+        looked = hvac.Client(url=server_url, token=token).auth.token.lookup_self()["data"]
+        assert looked["meta"] == {"role_name": "agent"}, agent.log()
+        with pytest.raises(hvac.exceptions.InvalidRequest, match="wrapping token is not valid"):
+            hvac.Client(url=server_url, token=wrapped["token"]).sys.unwrap()  # the agent spent it
+        assert not (tmp_path / "secret-id").exists()  # read once, then removed (the default)
     finally:
         agent.stop()

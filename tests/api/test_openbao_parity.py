@@ -263,6 +263,12 @@ def test_wrapping_wrap_then_unwrap(pair: Pair) -> None:
 
     wrapped = pair.same(wrap, also=WRAPPED)
     clients = (pair.keycell, pair.openbao)
+    looked = [  # GET with the wrapping token as X-Vault-Token, as Vault's Go client asks
+        anonymous(c, w["wrap_info"]["token"]).adapter.get("/v1/sys/wrapping/lookup")
+        for c, w in zip(clients, wrapped, strict=True)
+    ]
+    assert_same_shape(*looked)
+    assert looked[0]["data"]["creation_path"] == looked[1]["data"]["creation_path"] == "sys/wrapping/wrap"
     unwrapped = [
         anonymous(c, w["wrap_info"]["token"]).sys.unwrap() for c, w in zip(clients, wrapped, strict=True)
     ]
