@@ -322,6 +322,28 @@ def test_kv_v2_read_and_metadata(pair: Pair) -> None:
     assert keycell["data"]["current_metadata_version"] == openbao["data"]["current_metadata_version"] == 1
 
 
+def test_kv_v2_metadata_check_and_set(pair: Pair) -> None:
+    pair.both(lambda c: c.secrets.kv.v2.create_or_update_secret("app/cas", secret={"a": "1"}))
+    meta = {"max_versions": 3, "metadata_cas_required": True}
+    pair.both(lambda c: c.adapter.post("/v1/secret/metadata/app/cas", json=meta))
+    keycell, openbao = pair.same(lambda c: c.secrets.kv.v2.read_secret_metadata("app/cas"))
+    for answer in (keycell, openbao):
+        assert (
+            answer["data"]["metadata_cas_required"] is True
+            and answer["data"]["current_metadata_version"] == 1
+        )
+    pair.refusals(lambda c: c.adapter.post("/v1/secret/metadata/app/cas", json={"max_versions": 4}))
+    pair.refusals(
+        lambda c: c.adapter.post("/v1/secret/metadata/app/cas", json={"max_versions": 4, "metadata_cas": 0})
+    )
+    pair.both(
+        lambda c: c.adapter.post("/v1/secret/metadata/app/cas", json={"max_versions": 4, "metadata_cas": 1})
+    )
+    keycell, openbao = pair.both(lambda c: c.secrets.kv.v2.read_secret_metadata("app/cas")["data"])
+    assert (keycell["max_versions"], keycell["current_metadata_version"]) == (4, 2)
+    assert (openbao["max_versions"], openbao["current_metadata_version"]) == (4, 2)
+
+
 def test_transit_key_read(pair: Pair) -> None:
     pair.same(lambda c: c.secrets.transit.create_key("orders"))
     keycell, openbao = pair.same(lambda c: c.secrets.transit.read_key("orders"))

@@ -28,7 +28,9 @@ default), and what they return (Vault's response `data`; None means 204):
                                                                delete_version_after, max_versions,
                                                                metadata_cas_required, oldest_version,
                                                                updated_time, versions}
-- `write_metadata(path, ...)`         POST|PUT /metadata/:path  None
+- `write_metadata(path, ...)`         POST|PUT /metadata/:path  None (`metadata_cas`: the
+                                                               current_metadata_version expected;
+                                                               required once metadata_cas_required)
 - `patch_metadata(path, ...)`         PATCH /metadata/:path   None
 - `delete_metadata(path)`             DELETE /metadata/:path  None (every version and the metadata, for good)
 - `list(prefix)`                      LIST /metadata/:prefix  {keys: [...]}, folders folded as "name/"
@@ -332,13 +334,12 @@ class KvV2:
             "created_time": _rfc3339(meta["created_time"]),
             "current_version": meta["current_version"],
             # OpenBao's count of metadata writes (write_metadata, patch_metadata): 0 for
-            # metadata only ever made by writing data
+            # metadata only ever made by writing data; what `metadata_cas` is checked against
             "current_metadata_version": meta.get("metadata_version", 0),
             "custom_metadata": meta["custom_metadata"] or None,
             "delete_version_after": _go_duration(meta["delete_version_after"]),
             "max_versions": meta["max_versions"],
-            # check-and-set on metadata writes (OpenBao's metadata_cas) is not offered
-            "metadata_cas_required": False,
+            "metadata_cas_required": meta.get("metadata_cas_required", False),
             "oldest_version": meta["oldest_version"],
             "updated_time": _rfc3339(meta["updated_time"]),
             "versions": {
@@ -359,17 +360,23 @@ class KvV2:
         cas_required: object = None,
         delete_version_after: object = None,
         custom_metadata: object = None,
+        metadata_cas_required: object = None,
+        metadata_cas: object = None,
     ) -> None:
         """Create the metadata if absent and set the settings given (not None);
-        `custom_metadata` replaces the whole map. Nothing given: nothing happens."""
+        `custom_metadata` replaces the whole map. Nothing given: nothing happens.
+        `metadata_cas`: the current_metadata_version the write expects (checked, and
+        required once `metadata_cas_required` is set, as OpenBao does)."""
         secret = self._secret_path(path)
-        changes = _metadata_changes(max_versions, cas_required, delete_version_after)
+        changes = _metadata_changes(max_versions, cas_required, delete_version_after, metadata_cas_required)
+        expected = _metadata_cas(metadata_cas)
         if custom_metadata is not None:
             changes["custom_metadata"] = _custom_metadata(custom_metadata, patch=False)
         if not changes:
             return
 
         def mutate(meta: dict[str, Any], now: int) -> list[int]:
+            _check_metadata_cas(meta, expected)
             meta.update(changes)
             meta["metadata_version"] = meta.get("metadata_version", 0) + 1
             return []
@@ -384,14 +391,19 @@ class KvV2:
         cas_required: object = None,
         delete_version_after: object = None,
         custom_metadata: object = None,
+        metadata_cas_required: object = None,
+        metadata_cas: object = None,
     ) -> None:
         """Change the settings given (not None) on existing metadata (404 if none);
-        `custom_metadata` is merged, a null value removing that key."""
+        `custom_metadata` is merged, a null value removing that key. `metadata_cas` as
+        in `write_metadata`."""
         secret = self._secret_path(path)
-        changes = _metadata_changes(max_versions, cas_required, delete_version_after)
+        changes = _metadata_changes(max_versions, cas_required, delete_version_after, metadata_cas_required)
+        expected = _metadata_cas(metadata_cas)
         patch = _custom_metadata(custom_metadata, patch=True) if custom_metadata is not None else None
 
         def mutate(meta: dict[str, Any], now: int) -> list[int]:
+            _check_metadata_cas(meta, expected)
             meta.update(changes)
             meta["metadata_version"] = meta.get("metadata_version", 0) + 1
             if patch is not None:
@@ -891,10 +903,39 @@ def _parse_go_duration(text: str) -> float | None:
     return sign * total if text else None
 
 
+def _metadata_cas(value: object) -> int | None:
+    """The `metadata_cas` a metadata write expects, or None when it gives none."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequest("metadata_cas must be a non-negative integer (a current_metadata_version)")
+    return value
+
+
+def _check_metadata_cas(meta: Mapping[str, Any], expected: int | None) -> None:
+    """Refuse a metadata write whose `metadata_cas` is not the current metadata version,
+    or that gives none when the secret's metadata_cas_required is set."""
+    current = int(meta.get("metadata_version", 0))
+    if expected is None:
+        if meta.get("metadata_cas_required", False):
+            raise InvalidRequest("check-and-set parameter required for this call: send metadata_cas")
+    elif expected != current:
+        raise InvalidRequest(
+            f"check-and-set parameter did not match the current metadata version ({current}); read and retry"
+        )
+
+
 def _metadata_changes(
-    max_versions: object, cas_required: object, delete_version_after: object
+    max_versions: object,
+    cas_required: object,
+    delete_version_after: object,
+    metadata_cas_required: object = None,
 ) -> dict[str, Any]:
     changes: dict[str, Any] = {}
+    if metadata_cas_required is not None:
+        changes["metadata_cas_required"] = _boolean("metadata_cas_required", metadata_cas_required)
     if max_versions is not None:
         changes["max_versions"] = _uint32("max_versions", max_versions)
     if cas_required is not None:

@@ -70,6 +70,8 @@ def register(router: Router, kv: Any, mount: str, freshness: Any = None) -> None
             "cas_required": d.get("cas_required"),
             "delete_version_after": d.get("delete_version_after"),
             "custom_metadata": d.get("custom_metadata"),
+            "metadata_cas_required": d.get("metadata_cas_required"),
+            "metadata_cas": d.get("metadata_cas"),
         }
 
     def read_metadata(ctx: Context) -> dict[str, Any]:
@@ -317,5 +319,7 @@ _METADATA_REQUEST = obj(
         "cas_required": BOOL,
         "delete_version_after": DURATION,
         "custom_metadata": {"type": "object", "additionalProperties": STR},
+        "metadata_cas_required": BOOL,
+        "metadata_cas": {"type": "integer", "minimum": 0},
     }
 )

@@ -324,6 +324,23 @@ def test_the_smaller_delete_version_after_of_mount_and_secret_wins(kv: KvV2, clo
 # --- metadata --------------------------------------------------------------------------------
 
 
+def test_metadata_check_and_set_once_required(kv: KvV2) -> None:
+    kv.write("app/db", {"a": 1})
+    assert kv.read_metadata("app/db")["current_metadata_version"] == 0
+    kv.write_metadata("app/db", metadata_cas_required=True)
+    assert kv.read_metadata("app/db")["metadata_cas_required"] is True
+    with pytest.raises(InvalidRequest, match="send metadata_cas"):
+        kv.write_metadata("app/db", max_versions=2)
+    with pytest.raises(InvalidRequest, match="did not match the current metadata version"):
+        kv.patch_metadata("app/db", max_versions=2, metadata_cas=0)
+    assert kv.read_metadata("app/db")["max_versions"] == 0  # neither refused write changed it
+    kv.patch_metadata("app/db", max_versions=2, metadata_cas=1)
+    meta = kv.read_metadata("app/db")
+    assert (meta["max_versions"], meta["current_metadata_version"]) == (2, 2)
+    with pytest.raises(InvalidRequest, match="metadata_cas must be"):
+        kv.write_metadata("app/db", max_versions=3, metadata_cas=-1)
+
+
 def test_metadata_reads_as_vault_shapes_it(kv: KvV2) -> None:
     kv.write("app/db", {"a": 1})
     kv.write_metadata(
