@@ -92,7 +92,11 @@ def register(router: Router, services: Any) -> None:
             mounts.disable(ctx.params["path"])
 
         def tune_read(ctx: Context, mounts: MountTable = mounts) -> Result:
-            return with_top_level(mounts.get(ctx.params["path"]).tune_json())
+            mount = mounts.get(ctx.params["path"])
+            tune = mount.tune_json()
+            if mounts.table == AUTH:
+                tune["token_type"] = _TOKEN_TYPE
+            return with_top_level(tune)
 
         def tune_write(ctx: Context, mounts: MountTable = mounts) -> None:
             mounts.tune(ctx.params["path"], ctx.data)
@@ -143,12 +147,16 @@ def register(router: Router, services: Any) -> None:
         )
 
 
+# The tokens an auth method issues: service tokens (batch tokens do not exist here).
+_TOKEN_TYPE = "default-service"  # noqa: S105 - the name of a token type, not a secret
+
+
 def _row(mount: Mount, table: str) -> dict[str, Any]:
     """A mount as sys/mounts or sys/auth lists it; an auth method's config also names the
     type of token it issues, and its options are an empty object when it has none."""
     row = mount.as_json()
     if table == AUTH:
-        row["config"]["token_type"] = "default-service"  # noqa: S105 - the name of a token type
+        row["config"]["token_type"] = _TOKEN_TYPE
         row["options"] = row["options"] if mount.type in CORE_TYPES else row["options"] or {}
     return row
 

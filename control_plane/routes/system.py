@@ -122,7 +122,7 @@ def register(router: Router, services: Any) -> None:
 
     # --- sys/capabilities-self ------------------------------------------------------------------
 
-    def capabilities_self(ctx: Context) -> dict[str, Any]:
+    def capabilities_self(ctx: Context) -> Result:
         single = field_str(ctx.data, "path")
         paths = field_list(ctx.data, "paths") or ([single] if single else [])
         if not paths:
@@ -132,7 +132,7 @@ def register(router: Router, services: Any) -> None:
             out[path] = sorted(ctx.acl.capabilities(path))
         if len(paths) == 1:
             out["capabilities"] = out[paths[0]]
-        return out
+        return with_top_level(out)  # Vault's older clients read the paths at the top
 
     router.add(
         r"sys/capabilities-self",

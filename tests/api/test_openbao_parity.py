@@ -203,6 +203,19 @@ def test_auth_method_enable_and_list(approle: Pair) -> None:
 
     keycell, openbao = approle.same(listing)
     assert keycell["approle/"]["type"] == openbao["approle/"]["type"] == "approle"
+    keycell, openbao = approle.same(lambda c: c.sys.read_auth_method_tuning("approle"))
+    assert keycell["data"]["token_type"] == openbao["data"]["token_type"] == "default-service"
+
+
+def test_capabilities_self(approle: Pair) -> None:
+    clients = (approle.keycell, approle.openbao)
+    tokens = [c.auth.token.create(policies=["app"], ttl="5m")["auth"]["client_token"] for c in clients]
+    answers = [
+        anonymous(c, t).sys.get_capabilities(paths=["secret/data/app/db"])
+        for c, t in zip(clients, tokens, strict=True)
+    ]
+    assert_same_shape(*answers)
+    assert answers[0]["capabilities"] == answers[1]["capabilities"] == ["read"]
 
 
 def test_approle_role_role_id_secret_id_and_login(approle: Pair) -> None:
@@ -320,6 +333,11 @@ def test_kv_v2_read_and_metadata(pair: Pair) -> None:
     pair.both(lambda c: c.secrets.kv.v2.update_metadata("app/db", max_versions=5))
     keycell, openbao = pair.same(lambda c: c.secrets.kv.v2.read_secret_metadata("app/db"))
     assert keycell["data"]["current_metadata_version"] == openbao["data"]["current_metadata_version"] == 1
+
+
+def test_kv_v2_mount_config(pair: Pair) -> None:
+    keycell, openbao = pair.same(lambda c: c.secrets.kv.v2.read_configuration())
+    assert keycell["data"]["metadata_cas_required"] is openbao["data"]["metadata_cas_required"] is False
 
 
 def test_kv_v2_metadata_check_and_set(pair: Pair) -> None:

@@ -12,7 +12,9 @@ any number of stateless processes. Mount-wide defaults live in a CONFIG item.
 Methods, the Vault endpoint each serves (paths under the mount, `secret/` by
 default), and what they return (Vault's response `data`; None means 204):
 
-- `read_config()`                     GET  /config            {cas_required, delete_version_after, max_versions}
+- `read_config()`                     GET  /config            {cas_required, delete_version_after, max_versions,
+                                                               metadata_cas_required (every key's metadata
+                                                               writes must give metadata_cas)}
 - `write_config(...)`                 POST /config            None
 - `write(path, data, cas=)`           POST|PUT /data/:path    {created_time, custom_metadata, deletion_time,
                                                                destroyed, version}
@@ -143,6 +145,7 @@ class KvV2:
             "cas_required": config["cas_required"],
             "delete_version_after": _go_duration(config["delete_version_after"]),
             "max_versions": config["max_versions"],
+            "metadata_cas_required": bool(config.get("metadata_cas_required", False)),
         }
         if bound is not None:  # Vault's shape unless the mount states a bound (issue 18)
             answer["max_revocation_staleness"] = bound.max_staleness
@@ -161,6 +164,8 @@ class KvV2:
         cas_required: object = None,
         delete_version_after: object = None,
         bound: Mapping[str, Any] | None = None,
+        *,
+        metadata_cas_required: object = None,
     ) -> None:
         """Only the settings given (not None) change, as in Vault. `bound`: the write's
         body, for `max_revocation_staleness` and `on_stale` (freshness.parse_bound)."""
@@ -172,6 +177,8 @@ class KvV2:
             changes["max_versions"] = _uint32("max_versions", max_versions)
         if cas_required is not None:
             changes["cas_required"] = _boolean("cas_required", cas_required)
+        if metadata_cas_required is not None:
+            changes["metadata_cas_required"] = _boolean("metadata_cas_required", metadata_cas_required)
         if delete_version_after is not None:
             seconds = _duration_seconds("delete_version_after", delete_version_after, signed=True)
             # Negative switches the setting off for every key; zero clears it.
@@ -374,9 +381,10 @@ class KvV2:
             changes["custom_metadata"] = _custom_metadata(custom_metadata, patch=False)
         if not changes:
             return
+        mount_requires = bool(self._config().get("metadata_cas_required", False))
 
         def mutate(meta: dict[str, Any], now: int) -> list[int]:
-            _check_metadata_cas(meta, expected)
+            _check_metadata_cas(meta, expected, mount_requires)
             meta.update(changes)
             meta["metadata_version"] = meta.get("metadata_version", 0) + 1
             return []
@@ -401,9 +409,10 @@ class KvV2:
         changes = _metadata_changes(max_versions, cas_required, delete_version_after, metadata_cas_required)
         expected = _metadata_cas(metadata_cas)
         patch = _custom_metadata(custom_metadata, patch=True) if custom_metadata is not None else None
+        mount_requires = bool(self._config().get("metadata_cas_required", False))
 
         def mutate(meta: dict[str, Any], now: int) -> list[int]:
-            _check_metadata_cas(meta, expected)
+            _check_metadata_cas(meta, expected, mount_requires)
             meta.update(changes)
             meta["metadata_version"] = meta.get("metadata_version", 0) + 1
             if patch is not None:
@@ -914,12 +923,12 @@ def _metadata_cas(value: object) -> int | None:
     return value
 
 
-def _check_metadata_cas(meta: Mapping[str, Any], expected: int | None) -> None:
+def _check_metadata_cas(meta: Mapping[str, Any], expected: int | None, mount_requires: bool = False) -> None:
     """Refuse a metadata write whose `metadata_cas` is not the current metadata version,
-    or that gives none when the secret's metadata_cas_required is set."""
+    or that gives none when the secret's (or the mount's) metadata_cas_required is set."""
     current = int(meta.get("metadata_version", 0))
     if expected is None:
-        if meta.get("metadata_cas_required", False):
+        if mount_requires or meta.get("metadata_cas_required", False):
             raise InvalidRequest("check-and-set parameter required for this call: send metadata_cas")
     elif expected != current:
         raise InvalidRequest(

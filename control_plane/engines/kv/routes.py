@@ -94,7 +94,13 @@ def register(router: Router, kv: Any, mount: str, freshness: Any = None) -> None
 
     def write_config(ctx: Context) -> None:
         d = ctx.data
-        kv.write_config(d.get("max_versions"), d.get("cas_required"), d.get("delete_version_after"), d)
+        kv.write_config(
+            d.get("max_versions"),
+            d.get("cas_required"),
+            d.get("delete_version_after"),
+            d,
+            metadata_cas_required=d.get("metadata_cas_required"),
+        )
 
     def data_exists(ctx: Context) -> Operation:
         try:
@@ -284,6 +290,7 @@ _KV_CONFIG_REQUEST = obj(
     {
         "max_versions": {"type": "integer", "minimum": 0},
         "cas_required": BOOL,
+        "metadata_cas_required": BOOL,
         "delete_version_after": DURATION,
     }
 )
