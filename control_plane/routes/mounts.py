@@ -190,7 +190,7 @@ def _register_ui_mounts(router: Router, services: Any, tables: dict[str, MountTa
         if mount is None or not services.policies.acl_for(entry.policies).reaches_under(prefix + mount.path):
             # the same answer for "no such mount" and "not yours": a token learns nothing
             raise PermissionDenied(f"permission denied: no mount the token may use at {asked!r}")
-        return {**mount.as_json(), "path": prefix + mount.path}
+        return {**_row(mount, AUTH if prefix else SECRETS), "path": prefix + mount.path}
 
     router.add(
         r"sys/internal/ui/mounts/(?P<path>.+)",
