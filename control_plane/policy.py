@@ -28,10 +28,16 @@ Not supported (refused with a clear error rather than silently not enforced):
 allowed/denied/required_parameters, min/max_wrapping_ttl, and templated paths.
 
 `PolicyStore` keeps policies under `Kind.POLICY` (path: the lowercased name, value:
-{"name", "policy": text}) and serves:
+{"name", "policy": text, "version", "modified", "cas_required"}) and serves:
 
-- `read(name)`   GET sys/policies/acl/:name (and sys/policy/:name) -> {"name", "policy"}
-- `write(name, text)`  PUT sys/policies/acl/:name -> None (204)
+- `read(name)`   GET sys/policies/acl/:name (and sys/policy/:name) -> {"name", "policy",
+  and OpenBao's check-and-set fields: "version" (1 at the first write, +1 at each
+  next), "modified" (RFC 3339), "cas_required"; "allow_slashes_in_identity_templates"
+  and "allow_wildcards_in_identity_templates" are always false, as templated paths are
+  refused}
+- `write(name, text, cas=, cas_required=)`  PUT sys/policies/acl/:name -> None (204);
+  with `cas` the write happens only if the policy is at that version (0: absent), and
+  a policy written with `cas_required` takes no write without `cas`
 - `delete(name)` DELETE sys/policies/acl/:name -> None (204)
 - `list()`       LIST sys/policies/acl -> names (the response's "keys"; root included)
 - `acl_for(names)` the ACL a token with those policies gets (every authenticated request).
@@ -40,7 +46,8 @@ allowed/denied/required_parameters, min/max_wrapping_ttl, and templated paths.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +56,7 @@ import hcl
 from keycell.control_plane.errors import InvalidRequest, NotFound
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
 from keycell.control_plane.storage import delete_current, get_json, put_json_if
+from keycell.control_plane.timefmt import rfc3339
 
 CAPABILITIES = frozenset({"create", "read", "update", "patch", "delete", "list", "sudo", "deny"})
 ROOT = "root"
@@ -311,6 +319,26 @@ class ACL:
             granted.add("list")
         return granted or {"deny"}
 
+    def reaches_under(self, prefix: str) -> bool:
+        """Does any rule grant something (not only `deny`) on a path under `prefix` (a
+        mount's path, "kv-apps/")? What Vault asks before sys/internal/ui/mounts tells a
+        token which engine serves a mount: a rule for "kv-apps/data/app/*" is enough."""
+        if self.root:
+            return True
+
+        def grants(capabilities: frozenset[str]) -> bool:
+            return bool(capabilities) and "deny" not in capabilities
+
+        if any(path.startswith(prefix) and grants(c) for path, c in self._exact.items()):
+            return True
+        for pattern in self._patterns:
+            # The literal part before the first `+` or the glob: under the prefix, or (a
+            # glob such as "kv-*") a start the prefix itself goes on from.
+            literal = pattern.text[: pattern.first_wildcard]
+            if grants(pattern.capabilities) and (literal.startswith(prefix) or prefix.startswith(literal)):
+                return True
+        return False
+
     def allows(self, path: str, capability: str) -> bool:
         """May a token with these policies do `capability` on `path`?"""
         if capability not in CAPABILITIES or capability == "deny":
@@ -357,8 +385,9 @@ def _policy_name(name: object) -> str:
 class PolicyStore:
     """ACL policies in the cell's ledger (see the module docstring)."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, *, clock: Callable[[], float] = time.time) -> None:
         self.ledger = ledger
+        self.clock = clock
         # Parsed policies by (name, text): parsing is the cost worth saving, and a
         # cache keyed by the text just read can never answer for an older version.
         self._parsed: dict[tuple[str, str], Policy] = {}
@@ -379,30 +408,66 @@ class PolicyStore:
         return None
 
     def read(self, name: str) -> dict[str, Any]:
-        """GET sys/policies/acl/:name -> {"name", "policy"}; NotFound if absent."""
+        """GET sys/policies/acl/:name -> {"name", "policy", "version", "modified",
+        "cas_required", "allow_*_in_identity_templates"}; NotFound if absent. The built-in
+        root and default policies, never written, are at version 0 with no `modified`."""
         cleaned = _policy_name(name)
-        if cleaned == ROOT:
-            return {"name": ROOT, "policy": ""}
-        text = self._text(cleaned)
+        found = None if cleaned == ROOT else get_json(self.ledger, self._key(cleaned))
+        record = found[0] if found is not None else {}
+        text = "" if cleaned == ROOT else self._text(cleaned)
         if text is None:
             raise NotFound(f"no policy named {cleaned!r}")
-        return {"name": cleaned, "policy": text}
+        modified = record.get("modified")
+        return {
+            "name": cleaned,
+            "policy": text,
+            "version": int(record.get("version", 1 if record else 0)),
+            "modified": "" if modified is None else rfc3339(float(modified)),
+            "cas_required": bool(record.get("cas_required", False)),
+            "allow_slashes_in_identity_templates": False,
+            "allow_wildcards_in_identity_templates": False,
+        }
 
-    def write(self, name: str, text: str) -> None:
-        """PUT sys/policies/acl/:name. The text must parse; "root" cannot be changed."""
+    def write(
+        self, name: str, text: str, *, cas: int | None = None, cas_required: bool | None = None
+    ) -> None:
+        """PUT sys/policies/acl/:name. The text must parse; "root" cannot be changed.
+        `cas`: the version the policy must be at (0: absent); `cas_required`: from now
+        on every write of this policy must give `cas` (None: keep what it was)."""
         cleaned = _policy_name(name)
         if cleaned == ROOT:
             raise InvalidRequest("cannot update root policy")
         if not isinstance(text, str) or not text.strip():
             raise InvalidRequest("'policy' parameter not supplied or empty")
+        if cas is not None and cas < 0:
+            raise InvalidRequest("'cas' is a version: 0 (the policy must not exist) or more")
         parse_policy(cleaned, text)
-        record = {"name": cleaned, "policy": text}
         for _ in range(8):
-            found = self.ledger.get(self._key(cleaned), consistent=True)
+            found = get_json(self.ledger, self._key(cleaned))
+            old, ledger_version = found if found is not None else ({}, 0)
+            version = int(old.get("version", 1)) if found is not None else 0
+            required = bool(old.get("cas_required", False))
+            if cas is None and required:
+                raise InvalidRequest("check-and-set parameter required for this policy: send 'cas'")
+            if cas is not None and cas != version:
+                raise InvalidRequest(
+                    f"check-and-set parameter did not match the current version ({version}); read and retry"
+                )
+            record = {
+                "name": cleaned,
+                "policy": text,
+                "version": version + 1,
+                "modified": self.clock(),
+                "cas_required": required if cas_required is None else cas_required,
+            }
             try:
-                put_json_if(self.ledger, self._key(cleaned), record, 0 if found is None else found.version)
+                put_json_if(self.ledger, self._key(cleaned), record, ledger_version)
                 return
             except ConflictError:
+                if cas is not None:  # someone else wrote the version this write was checked against
+                    raise InvalidRequest(
+                        "check-and-set parameter did not match the current version; read and retry"
+                    ) from None
                 continue  # a concurrent write: the last writer wins, as in Vault
         raise InvalidRequest("the policy is being written concurrently; retry")
 

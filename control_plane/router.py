@@ -416,8 +416,10 @@ class Router:
         if wrap_ttl and route.wrappable and (result.data is not None or result.auth is not None):
             ttl = self.services.wrapping_ttl(wrap_ttl)
             inner = self._envelope(request_id, result)
-            # Vault names the accessor of a token the wrapped response carries.
-            accessor = str((result.auth or {}).get("accessor") or "")
+            # Vault names the accessor of a token (or AppRole secret ID) the response carries.
+            accessor = str(
+                (result.auth or {}).get("accessor") or (result.data or {}).get("secret_id_accessor") or ""
+            )
             wrap_info = self.services.wrapping.wrap(
                 inner, ttl=ttl, creation_path=request.path, wrapped_accessor=accessor
             )

@@ -168,7 +168,8 @@ class Wrapping:
         wrapped_accessor: str = "",
     ) -> dict[str, Any]:
         """Store `response` behind a new wrapping token; Vault's `wrap_info`.
-        `wrapped_accessor` is the accessor of a token the response carries, if any."""
+        `wrapped_accessor` is the accessor of what the response carries, if any (a
+        token's, or an AppRole secret ID's); wrap_info names it only when there is one."""
         if not isinstance(response, dict):
             raise InvalidRequest("only a JSON object can be wrapped")
         if not isinstance(creation_path, str):
@@ -300,11 +301,13 @@ class Wrapping:
 
     @staticmethod
     def _wrap_info(token: str, record: dict[str, Any]) -> dict[str, Any]:
-        return {
+        info = {
             "token": token,
             "accessor": record["accessor"],
             "ttl": int(record["creation_ttl"]),
             "creation_time": rfc3339(float(record["creation_time"])),
             "creation_path": record["creation_path"],
-            "wrapped_accessor": record["wrapped_accessor"],
         }
+        if record["wrapped_accessor"]:  # Vault leaves the key out when nothing is named
+            info["wrapped_accessor"] = record["wrapped_accessor"]
+        return info

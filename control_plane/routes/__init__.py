@@ -5,9 +5,18 @@ at their default mounts: `secret/` (KV v2), `transit/`, `database/`, `auth/token
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-from keycell.control_plane.router import Router
+from keycell.control_plane.router import Result, Router
+
+
+def with_top_level(data: dict[str, Any]) -> Result:
+    """Vault's envelope with `data`'s fields copied to the top of the body as well, as
+    Vault answers its older sys reads (mounts, auth methods, tune, sys/policy/:name) for
+    clients that predate the envelope: hvac reads `list_mounted_secrets_engines()["kv/"]`
+    and `read_mount_configuration(path)["max_lease_ttl"]` there."""
+    return Result(raw={**data, **Router._envelope(str(uuid.uuid4()), Result(data=data))})
 
 
 def build_router(services: Any) -> Router:

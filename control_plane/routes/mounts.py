@@ -6,8 +6,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from keycell.control_plane.mounts import AUTH, SECRETS, Mount, MountTable
-from keycell.control_plane.router import Context, Operation, OperationDoc, RouteDoc, Router
+from keycell.control_plane.errors import PermissionDenied
+from keycell.control_plane.mounts import AUTH, CORE_TYPES, SECRETS, Mount, MountTable
+from keycell.control_plane.router import Context, Operation, OperationDoc, Result, RouteDoc, Router
+from keycell.control_plane.routes import with_top_level
 from keycell.control_plane.routes.openapi import ANY_OBJECT, NO_CONTENT, STR, obj, ok
 
 _MAX_BUILT = 512
@@ -84,25 +86,30 @@ def register(router: Router, services: Any) -> None:
     tables = {SECRETS: MountTable(services.barrier, SECRETS), AUTH: MountTable(services.barrier, AUTH)}
     mounted = MountedRoutes(services, tables)
     router.mounted, router.mounted_routers = mounted.router_for, mounted.every_router
+    _register_ui_mounts(router, services, tables)
 
     for table, what in ((SECRETS, "secrets engine"), (AUTH, "auth method")):
         mounts = tables[table]
 
-        def listing(ctx: Context, mounts: MountTable = mounts) -> dict[str, Any]:
-            return {path: m.as_json() for path, m in mounts.all().items()}
+        def listing(ctx: Context, mounts: MountTable = mounts) -> Result:
+            return with_top_level({path: _row(m, mounts.table) for path, m in mounts.all().items()})
 
         def enable(ctx: Context, mounts: MountTable = mounts) -> None:
             reserved = {seg + "/" for seg in router.static_mounts()} if mounts.table == SECRETS else set()
             mounts.enable(ctx.params["path"], ctx.data, reserved=reserved)
 
-        def read(ctx: Context, mounts: MountTable = mounts) -> dict[str, Any]:
-            return mounts.get(ctx.params["path"]).as_json()
+        def read(ctx: Context, mounts: MountTable = mounts) -> Result:
+            return with_top_level(_row(mounts.get(ctx.params["path"]), mounts.table))
 
         def disable(ctx: Context, mounts: MountTable = mounts) -> None:
             mounts.disable(ctx.params["path"])
 
-        def tune_read(ctx: Context, mounts: MountTable = mounts) -> dict[str, Any]:
-            return mounts.get(ctx.params["path"]).tune_json()
+        def tune_read(ctx: Context, mounts: MountTable = mounts) -> Result:
+            mount = mounts.get(ctx.params["path"])
+            tune = mount.tune_json()
+            if mounts.table == AUTH:
+                tune["token_type"] = _TOKEN_TYPE
+            return with_top_level(tune)
 
         def tune_write(ctx: Context, mounts: MountTable = mounts) -> None:
             mounts.tune(ctx.params["path"], ctx.data)
@@ -151,6 +158,67 @@ def register(router: Router, services: Any) -> None:
                 },
             ),
         )
+
+
+# The tokens an auth method issues: service tokens (batch tokens do not exist here).
+_TOKEN_TYPE = "default-service"  # noqa: S105 - the name of a token type, not a secret
+
+
+def _row(mount: Mount, table: str) -> dict[str, Any]:
+    """A mount as sys/mounts or sys/auth lists it; an auth method's config also names the
+    type of token it issues, and its options are an empty object when it has none."""
+    row = mount.as_json()
+    if table == AUTH:
+        row["config"]["token_type"] = _TOKEN_TYPE
+        row["options"] = row["options"] if mount.type in CORE_TYPES else row["options"] or {}
+    return row
+
+
+def _longest_mount(table: MountTable, path: str) -> Mount | None:
+    """The mount, built-in or enabled, whose path is the longest prefix of `path` (which
+    ends with "/"): `secret/` for "secret/app/db/", `kv-apps/` for "kv-apps/"."""
+    rows = table.all()
+    for mount_path in sorted(rows, key=len, reverse=True):
+        if path.startswith(mount_path):
+            return rows[mount_path]
+    return None
+
+
+def _register_ui_mounts(router: Router, services: Any, tables: dict[str, MountTable]) -> None:
+    """sys/internal/ui/mounts/:path: which mount serves a path, and its type and options.
+    Vault's CLI (`kv get`) and Vault Agent's templates ask it to tell KV version 2 from
+    version 1 before they read. Any token may ask about a mount it has some capability
+    under (as Vault answers); the answer names the mount, never a secret."""
+
+    def ui_mount(ctx: Context) -> dict[str, Any]:
+        token = ctx.request.token
+        if not token:
+            raise PermissionDenied("permission denied: no token; send X-Vault-Token")
+        entry = services.tokens.lookup(token)  # not a use: a use-limited token keeps its uses
+        asked = ctx.params["path"].strip("/") + "/"
+        if asked.startswith("auth/"):
+            mount, prefix = _longest_mount(tables[AUTH], asked[len("auth/") :]), "auth/"
+        else:
+            mount, prefix = _longest_mount(tables[SECRETS], asked), ""
+        if mount is None or not services.policies.acl_for(entry.policies).reaches_under(prefix + mount.path):
+            # the same answer for "no such mount" and "not yours": a token learns nothing
+            raise PermissionDenied(f"permission denied: no mount the token may use at {asked!r}")
+        return {**_row(mount, AUTH if prefix else SECRETS), "path": prefix + mount.path}
+
+    router.add(
+        r"sys/internal/ui/mounts/(?P<path>.+)",
+        {Operation.READ: ui_mount},
+        authenticated=False,  # the token is checked above, against the mount, not this path
+        family="sys",
+        pure_reads=True,
+        doc=RouteDoc(
+            "/sys/internal/ui/mounts/{path}",
+            "The mount that serves a path: type, options (KV's version), accessor.",
+            params={"path": "A path under a mount (kv-apps/app/db); may span segments."},
+            operations={Operation.READ: OperationDoc("Find a path's mount", responses=ok(ANY_OBJECT))},
+            token_accepted=True,
+        ),
+    )
 
 
 _TTL = {"anyOf": [{"type": "integer", "minimum": 0}, STR]}

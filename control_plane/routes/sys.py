@@ -58,7 +58,10 @@ def register(router: Router, services: Any) -> None:
             "progress": status.progress,
             "nonce": status.nonce,
             "version": VERSION,
+            # Vault names its build's date build_date, OpenBao commit_date; Keycell's
+            # packages carry no build stamp, so both say "" (not known), as a dev build does
             "build_date": "",
+            "commit_date": "",
             "migration": False,
             "recovery_seal": status.mode is SealMode.HSM,
             "storage_type": type(services.ledger).__name__,
@@ -364,6 +367,7 @@ _SEAL_STATUS = obj(
         "nonce": STR,
         "version": STR,
         "build_date": STR,
+        "commit_date": STR,
         "migration": BOOL,
         "recovery_seal": BOOL,
         "storage_type": STR,

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from keycell.control_plane.errors import InvalidRequest, NotFound
 from keycell.control_plane.router import (
     Context,
+    JsonSchema,
     Operation,
     OperationDoc,
     Result,
     RouteDoc,
     Router,
+    field_bool,
+    field_int,
     field_list,
     field_str,
 )
+from keycell.control_plane.routes import with_top_level
 from keycell.control_plane.routes.openapi import (
     ANY_OBJECT,
     AUTH,
@@ -44,11 +49,22 @@ def register(router: Router, services: Any) -> None:
     def policy_read(ctx: Context) -> dict[str, Any]:
         return policies.read(ctx.params["name"])  # type: ignore[no-any-return]
 
+    def policy_read_older(ctx: Context) -> Result:
+        """sys/policy/:name answers as Vault's older form does: the text is `rules`, and
+        the fields are at the top of the body as well as in `data`."""
+        found = policies.read(ctx.params["name"])
+        data = {"rules" if key == "policy" else key: value for key, value in found.items()}
+        return with_top_level(data)
+
     def policy_write(ctx: Context) -> None:
         text = field_str(ctx.data, "policy")
         if text is None:
+            text = field_str(ctx.data, "rules")  # the older sys/policy form's name for it
+        if text is None:
             raise InvalidRequest("'policy' (the policy text, HCL or JSON) is required")
-        policies.write(ctx.params["name"], text)
+        cas = field_int(ctx.data, "cas")
+        cas_required = field_bool(ctx.data, "cas_required") if "cas_required" in ctx.data else None
+        policies.write(ctx.params["name"], text, cas=cas, cas_required=cas_required)
 
     def policy_delete(ctx: Context) -> None:
         policies.delete(ctx.params["name"])
@@ -56,16 +72,20 @@ def register(router: Router, services: Any) -> None:
     def policy_list(ctx: Context) -> dict[str, Any]:
         return {"keys": policies.list(), "policies": policies.list()}
 
-    def policy_doc(path: str, summary: str) -> RouteDoc:
+    def policy_doc(path: str, summary: str, read: JsonSchema) -> RouteDoc:
         return RouteDoc(
             path,
             summary,
             params={"name": "The policy's name."},
             operations={
-                Operation.READ: OperationDoc("Read a policy", responses=ok(_POLICY)),
+                Operation.READ: OperationDoc("Read a policy", responses=ok(read)),
                 Operation.UPDATE: OperationDoc(
                     "Create or update a policy",
-                    body=obj({"policy": STR}, ("policy",), examples=[_POLICY_EXAMPLE]),
+                    body=obj(
+                        {"policy": STR, "cas": INT, "cas_required": BOOL},
+                        ("policy",),
+                        examples=[_POLICY_EXAMPLE],
+                    ),
                     body_required=True,
                     responses=NO_CONTENT,
                 ),
@@ -90,19 +110,19 @@ def register(router: Router, services: Any) -> None:
         r"sys/policies/acl/(?P<name>[^/]+)",
         {Operation.READ: policy_read, Operation.UPDATE: policy_write, Operation.DELETE: policy_delete},
         family="sys",
-        doc=policy_doc("/sys/policies/acl/{name}", "An ACL policy (HCL or JSON)."),
+        doc=policy_doc("/sys/policies/acl/{name}", "An ACL policy (HCL or JSON).", _POLICY),
     )
     # The older sys/policy/:name form, which some clients still use.
     router.add(
         r"sys/policy/(?P<name>[^/]+)",
-        {Operation.READ: policy_read, Operation.UPDATE: policy_write, Operation.DELETE: policy_delete},
+        {Operation.READ: policy_read_older, Operation.UPDATE: policy_write, Operation.DELETE: policy_delete},
         family="sys",
-        doc=policy_doc("/sys/policy/{name}", "An ACL policy (the older sys/policy form)."),
+        doc=policy_doc("/sys/policy/{name}", "An ACL policy (the older sys/policy form).", _POLICY_OLDER),
     )
 
     # --- sys/capabilities-self ------------------------------------------------------------------
 
-    def capabilities_self(ctx: Context) -> dict[str, Any]:
+    def capabilities_self(ctx: Context) -> Result:
         single = field_str(ctx.data, "path")
         paths = field_list(ctx.data, "paths") or ([single] if single else [])
         if not paths:
@@ -112,7 +132,7 @@ def register(router: Router, services: Any) -> None:
             out[path] = sorted(ctx.acl.capabilities(path))
         if len(paths) == 1:
             out["capabilities"] = out[paths[0]]
-        return out
+        return with_top_level(out)  # Vault's older clients read the paths at the top
 
     router.add(
         r"sys/capabilities-self",
@@ -298,8 +318,11 @@ def register(router: Router, services: Any) -> None:
         return Result(raw=body)
 
     def unwrap(ctx: Context) -> Result:
+        """The wrapped response in Vault's full envelope: a response wrapped by the
+        router has every field already; sys/wrapping/wrap's data (and a record from
+        before envelopes were stored) gets the ones it lacks, with this request's id."""
         inner = wrapping.unwrap(wrapping_token(ctx))
-        return Result(raw=inner)
+        return Result(raw={**router._envelope(str(uuid.uuid4()), Result()), **inner})
 
     def wrap_lookup(ctx: Context) -> dict[str, Any]:
         return wrapping.lookup(wrapping_token(ctx))  # type: ignore[no-any-return]
@@ -353,7 +376,9 @@ def register(router: Router, services: Any) -> None:
     )
     router.add(
         r"sys/wrapping/lookup",
-        {Operation.UPDATE: wrap_lookup},
+        # GET with the wrapping token as X-Vault-Token is how Vault's Go client (and so
+        # Vault Agent, before it unwraps a secret ID) looks one up; POST takes it in the body
+        {Operation.READ: wrap_lookup, Operation.UPDATE: wrap_lookup},
         authenticated=False,
         family="sys",
         doc=RouteDoc(
@@ -362,16 +387,12 @@ def register(router: Router, services: Any) -> None:
             description=_UNWRAP_CREDENTIAL,
             token_accepted=True,
             operations={
+                Operation.READ: OperationDoc(
+                    "Look the X-Vault-Token wrapping token up", responses=ok(_WRAP_LOOKUP)
+                ),
                 Operation.UPDATE: OperationDoc(
-                    "Look a wrapping token up",
-                    body=token_body,
-                    responses=ok(
-                        obj(
-                            {"creation_path": STR, "creation_time": RFC3339, "creation_ttl": INT},
-                            ("creation_path", "creation_time", "creation_ttl"),
-                        )
-                    ),
-                )
+                    "Look a wrapping token up", body=token_body, responses=ok(_WRAP_LOOKUP)
+                ),
             },
         ),
     )
@@ -396,7 +417,20 @@ def register(router: Router, services: Any) -> None:
 # --- documentation (sys/openapi) -------------------------------------------------------------
 
 _POLICY_EXAMPLE = {"policy": 'path "secret/data/app/*" { capabilities = ["read", "list"] }'}
-_POLICY = obj({"name": STR, "policy": STR}, ("name", "policy"))
+_WRAP_LOOKUP = obj(
+    {"creation_path": STR, "creation_time": RFC3339, "creation_ttl": INT},
+    ("creation_path", "creation_time", "creation_ttl"),
+)
+_POLICY_FIELDS: dict[str, JsonSchema] = {
+    "name": STR,
+    "version": INT,
+    "modified": RFC3339,  # "" for a built-in policy never written
+    "cas_required": BOOL,
+    "allow_slashes_in_identity_templates": BOOL,
+    "allow_wildcards_in_identity_templates": BOOL,
+}
+_POLICY = obj({**_POLICY_FIELDS, "policy": STR}, ("name", "policy", "version", "cas_required"))
+_POLICY_OLDER = obj({**_POLICY_FIELDS, "rules": STR}, ("name", "rules", "version", "cas_required"))
 _POLICY_NAMES = obj({"keys": STR_LIST, "policies": STR_LIST}, ("keys", "policies"))
 _LEASE = obj(
     {

@@ -142,6 +142,8 @@ def parse_body(body: bytes | str) -> dict[str, Any] | str:
         return f"the request body is nested deeper than {MAX_JSON_DEPTH} levels"
     except ValueError:  # UnicodeDecodeError and an over-long integer are ValueErrors too
         return "the request body is not valid JSON"
+    if parsed is None:
+        return {}  # `null`, which Vault's CLI sends for a write with no fields (`bao write -f`)
     if not isinstance(parsed, dict):
         return "the request body must be a JSON object"
     if too_deep(parsed, MAX_JSON_DEPTH):

@@ -183,11 +183,38 @@ def test_store_round_trips_a_policy_and_lowercases_its_name(cell: Cell) -> None:
     store = PolicyStore(cell.barrier)
     text = rule("secret/data/*", "read")
     store.write("  Apps ", text)
-    assert store.read("APPS") == {"name": "apps", "policy": text}
+    found = store.read("APPS")
+    assert (found["name"], found["policy"], found["version"], found["cas_required"]) == (
+        "apps",
+        text,
+        1,
+        False,
+    )
     assert store.list() == ["apps", "default", "root"]
     store.delete("apps")
     with pytest.raises(NotFound):
         store.read("apps")
+
+
+def test_store_counts_versions_and_checks_and_sets(cell: Cell) -> None:
+    store = PolicyStore(cell.barrier, clock=lambda: 1_700_000_000.0)
+    text, other = rule("secret/data/*", "read"), rule("secret/data/*", "list")
+    with pytest.raises(InvalidRequest, match="did not match the current version"):
+        store.write("ops", text, cas=1)  # absent: only cas=0 may create it
+    assert "ops" not in store.list()
+    store.write("ops", text, cas=0, cas_required=True)
+    read = store.read("ops")
+    assert read["version"] == 1 and read["cas_required"] is True
+    assert read["modified"] == "2023-11-14T22:13:20.000000Z"
+    with pytest.raises(InvalidRequest, match="check-and-set parameter required"):
+        store.write("ops", other)
+    with pytest.raises(InvalidRequest, match="did not match the current version"):
+        store.write("ops", other, cas=0)
+    assert store.read("ops")["policy"] == text  # neither refused write changed it
+    store.write("ops", other, cas=1, cas_required=False)
+    assert store.read("ops")["version"] == 2 and store.read("ops")["policy"] == other
+    store.write("ops", text)  # no longer required
+    assert store.read("ops")["version"] == 3 and store.read("ops")["cas_required"] is False
 
 
 def test_store_protects_root_and_default(cell: Cell) -> None:

@@ -91,10 +91,10 @@ def test_is_wrapping_token_checks_the_shape_only() -> None:
 
 def test_wrap_answers_vault_wrap_info(wrapping: Wrapping, clock: ManualClock) -> None:
     info = wrap(wrapping)
-    assert set(info) == {"token", "accessor", "ttl", "creation_time", "creation_path", "wrapped_accessor"}
+    assert set(info) == {"token", "accessor", "ttl", "creation_time", "creation_path"}  # nothing to name
     assert is_wrapping_token(info["token"])
     assert info["accessor"] and info["accessor"] != info["token"]
-    assert (info["ttl"], info["creation_path"], info["wrapped_accessor"]) == (300, "secret/data/app", "")
+    assert (info["ttl"], info["creation_path"]) == (300, "secret/data/app")
     assert info["creation_time"].endswith("Z")
     assert datetime.fromisoformat(info["creation_time"]).timestamp() == pytest.approx(clock.now)
 

@@ -232,7 +232,8 @@ class AppRoleAuth:
         role = self._role(checked_role_name(name))
         return {
             "bind_secret_id": role["bind_secret_id"],
-            "secret_id_bound_cidrs": list(role["secret_id_bound_cidrs"]),
+            # null when unset, as OpenBao answers
+            "secret_id_bound_cidrs": list(role["secret_id_bound_cidrs"]) or None,
             "secret_id_num_uses": role["secret_id_num_uses"],
             "secret_id_ttl": role["secret_id_ttl"],
             "local_secret_ids": False,

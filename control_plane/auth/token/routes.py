@@ -79,7 +79,8 @@ def register(router: Router, services: Any) -> None:
         token = field_str(ctx.data, "token")
         if not token:
             raise InvalidRequest("'token' is required")
-        return tokens.lookup_data(tokens.lookup(token))  # type: ignore[no-any-return]
+        # Vault echoes the token it was given as `id` (a lookup by accessor leaves it "")
+        return tokens.lookup_data(tokens.lookup(token), token)  # type: ignore[no-any-return]
 
     def lookup_accessor(ctx: Context) -> dict[str, Any]:
         accessor = field_str(ctx.data, "accessor")

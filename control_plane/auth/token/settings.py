@@ -111,6 +111,8 @@ def token_settings_json(role: Mapping[str, Any]) -> dict[str, Any]:
         "num_uses": role["token_num_uses"],
         "token_type": "default",
         "token_bound_cidrs": [],
+        # tokens are never bound to the login's address (token_bound_cidrs is refused)
+        "token_strictly_bind_ip": False,
         **({} if bound is None else bound.as_json()),
     }
 

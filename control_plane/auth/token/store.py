@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import string
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -78,7 +79,8 @@ DEFAULT_TTL = 768 * 3600
 DEFAULT_MAX_TTL = 768 * 3600
 TOKEN_PREFIX = "kc."  # noqa: S105  # a prefix, not a secret
 TOKEN_RANDOM_BYTES = 32
-ACCESSOR_RANDOM_BYTES = 18  # 24 characters, as long as Vault's accessors
+ACCESSOR_CHARS = 24  # as long as Vault's accessors
+_ACCESSOR_ALPHABET = string.ascii_letters + string.digits
 # Longer strings cannot be tokens; refusing them early keeps hashing cheap.
 MAX_TOKEN_CHARS = 256
 MAX_METADATA_ITEMS = 64
@@ -272,7 +274,9 @@ def new_token() -> str:
 
 
 def new_accessor() -> str:
-    return secrets.token_urlsafe(ACCESSOR_RANDOM_BYTES)
+    """24 letters and digits (about 143 bits), as Vault's accessors are: never a leading
+    "-" that a CLI would take for a flag (`bao token lookup -accessor -x...`)."""
+    return "".join(secrets.choice(_ACCESSOR_ALPHABET) for _ in range(ACCESSOR_CHARS))
 
 
 def _token_key(path: str) -> Key:
@@ -557,7 +561,7 @@ class TokenStore:
         return self._load_valid_path(self._path_for_accessor(accessor))[0]
 
     def lookup_data(self, entry: TokenEntry, token: str | None = None) -> dict[str, Any]:
-        """The `data` of a lookup response. `token` is echoed as `id` (lookup-self only)."""
+        """The `data` of a lookup response. `token` is echoed as `id` (lookup-self and lookup; a lookup by accessor passes none)."""
         now = self.clock()
         data: dict[str, Any] = {
             "accessor": entry.accessor,

@@ -12,7 +12,9 @@ any number of stateless processes. Mount-wide defaults live in a CONFIG item.
 Methods, the Vault endpoint each serves (paths under the mount, `secret/` by
 default), and what they return (Vault's response `data`; None means 204):
 
-- `read_config()`                     GET  /config            {cas_required, delete_version_after, max_versions}
+- `read_config()`                     GET  /config            {cas_required, delete_version_after, max_versions,
+                                                               metadata_cas_required (every key's metadata
+                                                               writes must give metadata_cas)}
 - `write_config(...)`                 POST /config            None
 - `write(path, data, cas=)`           POST|PUT /data/:path    {created_time, custom_metadata, deletion_time,
                                                                destroyed, version}
@@ -24,9 +26,13 @@ default), and what they return (Vault's response `data`; None means 204):
 - `undelete_versions(path, versions)` POST /undelete/:path    None
 - `destroy_versions(path, versions)`  PUT|POST /destroy/:path None (the sealed values are removed from storage)
 - `read_metadata(path)`               GET  /metadata/:path    {cas_required, created_time, current_version,
-                                                               custom_metadata, delete_version_after,
-                                                               max_versions, oldest_version, updated_time, versions}
-- `write_metadata(path, ...)`         POST|PUT /metadata/:path  None
+                                                               current_metadata_version, custom_metadata,
+                                                               delete_version_after, max_versions,
+                                                               metadata_cas_required, oldest_version,
+                                                               updated_time, versions}
+- `write_metadata(path, ...)`         POST|PUT /metadata/:path  None (`metadata_cas`: the
+                                                               current_metadata_version expected;
+                                                               required once metadata_cas_required)
 - `patch_metadata(path, ...)`         PATCH /metadata/:path   None
 - `delete_metadata(path)`             DELETE /metadata/:path  None (every version and the metadata, for good)
 - `list(prefix)`                      LIST /metadata/:prefix  {keys: [...]}, folders folded as "name/"
@@ -139,6 +145,7 @@ class KvV2:
             "cas_required": config["cas_required"],
             "delete_version_after": _go_duration(config["delete_version_after"]),
             "max_versions": config["max_versions"],
+            "metadata_cas_required": bool(config.get("metadata_cas_required", False)),
         }
         if bound is not None:  # Vault's shape unless the mount states a bound (issue 18)
             answer["max_revocation_staleness"] = bound.max_staleness
@@ -157,6 +164,8 @@ class KvV2:
         cas_required: object = None,
         delete_version_after: object = None,
         bound: Mapping[str, Any] | None = None,
+        *,
+        metadata_cas_required: object = None,
     ) -> None:
         """Only the settings given (not None) change, as in Vault. `bound`: the write's
         body, for `max_revocation_staleness` and `on_stale` (freshness.parse_bound)."""
@@ -168,6 +177,8 @@ class KvV2:
             changes["max_versions"] = _uint32("max_versions", max_versions)
         if cas_required is not None:
             changes["cas_required"] = _boolean("cas_required", cas_required)
+        if metadata_cas_required is not None:
+            changes["metadata_cas_required"] = _boolean("metadata_cas_required", metadata_cas_required)
         if delete_version_after is not None:
             seconds = _duration_seconds("delete_version_after", delete_version_after, signed=True)
             # Negative switches the setting off for every key; zero clears it.
@@ -329,9 +340,13 @@ class KvV2:
             "cas_required": meta["cas_required"],
             "created_time": _rfc3339(meta["created_time"]),
             "current_version": meta["current_version"],
+            # OpenBao's count of metadata writes (write_metadata, patch_metadata): 0 for
+            # metadata only ever made by writing data; what `metadata_cas` is checked against
+            "current_metadata_version": meta.get("metadata_version", 0),
             "custom_metadata": meta["custom_metadata"] or None,
             "delete_version_after": _go_duration(meta["delete_version_after"]),
             "max_versions": meta["max_versions"],
+            "metadata_cas_required": meta.get("metadata_cas_required", False),
             "oldest_version": meta["oldest_version"],
             "updated_time": _rfc3339(meta["updated_time"]),
             "versions": {
@@ -352,18 +367,26 @@ class KvV2:
         cas_required: object = None,
         delete_version_after: object = None,
         custom_metadata: object = None,
+        metadata_cas_required: object = None,
+        metadata_cas: object = None,
     ) -> None:
         """Create the metadata if absent and set the settings given (not None);
-        `custom_metadata` replaces the whole map. Nothing given: nothing happens."""
+        `custom_metadata` replaces the whole map. Nothing given: nothing happens.
+        `metadata_cas`: the current_metadata_version the write expects (checked, and
+        required once `metadata_cas_required` is set, as OpenBao does)."""
         secret = self._secret_path(path)
-        changes = _metadata_changes(max_versions, cas_required, delete_version_after)
+        changes = _metadata_changes(max_versions, cas_required, delete_version_after, metadata_cas_required)
+        expected = _metadata_cas(metadata_cas)
         if custom_metadata is not None:
             changes["custom_metadata"] = _custom_metadata(custom_metadata, patch=False)
         if not changes:
             return
+        mount_requires = bool(self._config().get("metadata_cas_required", False))
 
         def mutate(meta: dict[str, Any], now: int) -> list[int]:
+            _check_metadata_cas(meta, expected, mount_requires)
             meta.update(changes)
+            meta["metadata_version"] = meta.get("metadata_version", 0) + 1
             return []
 
         self._update(secret, mutate, create=True)
@@ -376,15 +399,22 @@ class KvV2:
         cas_required: object = None,
         delete_version_after: object = None,
         custom_metadata: object = None,
+        metadata_cas_required: object = None,
+        metadata_cas: object = None,
     ) -> None:
         """Change the settings given (not None) on existing metadata (404 if none);
-        `custom_metadata` is merged, a null value removing that key."""
+        `custom_metadata` is merged, a null value removing that key. `metadata_cas` as
+        in `write_metadata`."""
         secret = self._secret_path(path)
-        changes = _metadata_changes(max_versions, cas_required, delete_version_after)
+        changes = _metadata_changes(max_versions, cas_required, delete_version_after, metadata_cas_required)
+        expected = _metadata_cas(metadata_cas)
         patch = _custom_metadata(custom_metadata, patch=True) if custom_metadata is not None else None
+        mount_requires = bool(self._config().get("metadata_cas_required", False))
 
         def mutate(meta: dict[str, Any], now: int) -> list[int]:
+            _check_metadata_cas(meta, expected, mount_requires)
             meta.update(changes)
+            meta["metadata_version"] = meta.get("metadata_version", 0) + 1
             if patch is not None:
                 merged = dict(meta["custom_metadata"])
                 for key, value in patch.items():
@@ -882,10 +912,39 @@ def _parse_go_duration(text: str) -> float | None:
     return sign * total if text else None
 
 
+def _metadata_cas(value: object) -> int | None:
+    """The `metadata_cas` a metadata write expects, or None when it gives none."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequest("metadata_cas must be a non-negative integer (a current_metadata_version)")
+    return value
+
+
+def _check_metadata_cas(meta: Mapping[str, Any], expected: int | None, mount_requires: bool = False) -> None:
+    """Refuse a metadata write whose `metadata_cas` is not the current metadata version,
+    or that gives none when the secret's (or the mount's) metadata_cas_required is set."""
+    current = int(meta.get("metadata_version", 0))
+    if expected is None:
+        if mount_requires or meta.get("metadata_cas_required", False):
+            raise InvalidRequest("check-and-set parameter required for this call: send metadata_cas")
+    elif expected != current:
+        raise InvalidRequest(
+            f"check-and-set parameter did not match the current metadata version ({current}); read and retry"
+        )
+
+
 def _metadata_changes(
-    max_versions: object, cas_required: object, delete_version_after: object
+    max_versions: object,
+    cas_required: object,
+    delete_version_after: object,
+    metadata_cas_required: object = None,
 ) -> dict[str, Any]:
     changes: dict[str, Any] = {}
+    if metadata_cas_required is not None:
+        changes["metadata_cas_required"] = _boolean("metadata_cas_required", metadata_cas_required)
     if max_versions is not None:
         changes["max_versions"] = _uint32("max_versions", max_versions)
     if cas_required is not None:

@@ -11,7 +11,8 @@ request body:
     delete_latest, delete_metadata   {}
     delete_versions, undelete_versions, destroy_versions   {"versions": [n, ...]}
     write_metadata, patch_metadata   {"max_versions", "cas_required",
-                                      "delete_version_after", "custom_metadata"}
+                                      "delete_version_after", "custom_metadata",
+                                      "metadata_cas_required", "metadata_cas"}
 
 A result is the route's answer: the version written (write, patch) or None (204).
 """
@@ -26,12 +27,20 @@ from keycell.control_plane.engines.kv.backend import (
     _cas,
     _custom_metadata,
     _encode_data,
+    _metadata_cas,
     _metadata_changes,
     _versions,
 )
 from keycell.control_plane.errors import InvalidRequest
 
-_METADATA_ARGS = ("max_versions", "cas_required", "delete_version_after", "custom_metadata")
+_METADATA_ARGS = (
+    "max_versions",
+    "cas_required",
+    "delete_version_after",
+    "custom_metadata",
+    "metadata_cas_required",
+    "metadata_cas",
+)
 _ARGS: dict[str, tuple[str, ...]] = {
     "write": ("data", "cas"),
     "patch": ("data", "cas"),
@@ -71,8 +80,12 @@ def check(kv: KvV2, secret: str, op: str, args: Mapping[str, Any]) -> None:
         _versions(args.get("versions"), missing)
     elif op in ("write_metadata", "patch_metadata"):
         _metadata_changes(
-            args.get("max_versions"), args.get("cas_required"), args.get("delete_version_after")
+            args.get("max_versions"),
+            args.get("cas_required"),
+            args.get("delete_version_after"),
+            args.get("metadata_cas_required"),
         )
+        _metadata_cas(args.get("metadata_cas"))
         if args.get("custom_metadata") is not None:
             _custom_metadata(args["custom_metadata"], patch=op == "patch_metadata")
 

@@ -70,6 +70,8 @@ def register(router: Router, kv: Any, mount: str, freshness: Any = None) -> None
             "cas_required": d.get("cas_required"),
             "delete_version_after": d.get("delete_version_after"),
             "custom_metadata": d.get("custom_metadata"),
+            "metadata_cas_required": d.get("metadata_cas_required"),
+            "metadata_cas": d.get("metadata_cas"),
         }
 
     def read_metadata(ctx: Context) -> dict[str, Any]:
@@ -92,7 +94,13 @@ def register(router: Router, kv: Any, mount: str, freshness: Any = None) -> None
 
     def write_config(ctx: Context) -> None:
         d = ctx.data
-        kv.write_config(d.get("max_versions"), d.get("cas_required"), d.get("delete_version_after"), d)
+        kv.write_config(
+            d.get("max_versions"),
+            d.get("cas_required"),
+            d.get("delete_version_after"),
+            d,
+            metadata_cas_required=d.get("metadata_cas_required"),
+        )
 
     def data_exists(ctx: Context) -> Operation:
         try:
@@ -282,6 +290,7 @@ _KV_CONFIG_REQUEST = obj(
     {
         "max_versions": {"type": "integer", "minimum": 0},
         "cas_required": BOOL,
+        "metadata_cas_required": BOOL,
         "delete_version_after": DURATION,
     }
 )
@@ -292,6 +301,8 @@ _METADATA = obj(
         "cas_required": BOOL,
         "created_time": RFC3339,
         "current_version": INT,
+        "current_metadata_version": INT,
+        "metadata_cas_required": BOOL,
         "custom_metadata": nullable({"type": "object", "additionalProperties": STR}),
         "delete_version_after": STR,
         "max_versions": INT,
@@ -315,5 +326,7 @@ _METADATA_REQUEST = obj(
         "cas_required": BOOL,
         "delete_version_after": DURATION,
         "custom_metadata": {"type": "object", "additionalProperties": STR},
+        "metadata_cas_required": BOOL,
+        "metadata_cas": {"type": "integer", "minimum": 0},
     }
 )

@@ -824,6 +824,9 @@ class Transit:
             "min_decryption_version": record["min_decryption_version"],
             "min_encryption_version": record["min_encryption_version"],
             "deletion_allowed": record["deletion_allowed"],
+            # OpenBao's soft delete (a key hidden but restorable) does not exist here: a
+            # key is in use, or being deleted for good (and then no longer read)
+            "soft_deleted": False,
             "derived": False,
             "exportable": False,
             "allow_plaintext_backup": False,

@@ -281,6 +281,7 @@ _KEY = obj(
         "min_decryption_version": INT,
         "min_encryption_version": INT,
         "deletion_allowed": BOOL,
+        "soft_deleted": BOOL,
         "derived": BOOL,
         "exportable": BOOL,
         "allow_plaintext_backup": BOOL,

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from keycell.control_plane.auth.token.store import DEFAULT_TTL, TokenEntry, TokenStore
+from keycell.control_plane.auth.token.store import DEFAULT_TTL, TokenEntry, TokenStore, new_accessor
 from keycell.control_plane.errors import InvalidRequest, PermissionDenied
 from keycell.control_plane.ledger import Key, Kind, iter_prefix
 from keycell.control_plane.revocations import RevocationSet
@@ -56,6 +56,12 @@ def test_created_tokens_are_random_and_stored_only_as_digests(
     for kind in (Kind.TOKEN, Kind.TOKEN_ACCESSOR):
         for item in iter_prefix(cell.barrier, kind):
             assert token.encode() not in item.value and token not in item.key.path
+
+
+def test_accessors_are_letters_and_digits_as_vaults_are() -> None:
+    # never a leading "-", which a CLI would read as a flag (bao token lookup -accessor X)
+    drawn = {new_accessor() for _ in range(200)}
+    assert len(drawn) == 200 and all(len(a) == 24 and a.isascii() and a.isalnum() for a in drawn)
 
 
 def test_lookup_data_has_vaults_fields(store: TokenStore, root: tuple[str, TokenEntry]) -> None:

@@ -324,6 +324,33 @@ def test_the_smaller_delete_version_after_of_mount_and_secret_wins(kv: KvV2, clo
 # --- metadata --------------------------------------------------------------------------------
 
 
+def test_metadata_check_and_set_once_required(kv: KvV2) -> None:
+    kv.write("app/db", {"a": 1})
+    assert kv.read_metadata("app/db")["current_metadata_version"] == 0
+    kv.write_metadata("app/db", metadata_cas_required=True)
+    assert kv.read_metadata("app/db")["metadata_cas_required"] is True
+    with pytest.raises(InvalidRequest, match="send metadata_cas"):
+        kv.write_metadata("app/db", max_versions=2)
+    with pytest.raises(InvalidRequest, match="did not match the current metadata version"):
+        kv.patch_metadata("app/db", max_versions=2, metadata_cas=0)
+    assert kv.read_metadata("app/db")["max_versions"] == 0  # neither refused write changed it
+    kv.patch_metadata("app/db", max_versions=2, metadata_cas=1)
+    meta = kv.read_metadata("app/db")
+    assert (meta["max_versions"], meta["current_metadata_version"]) == (2, 2)
+    with pytest.raises(InvalidRequest, match="metadata_cas must be"):
+        kv.write_metadata("app/db", max_versions=3, metadata_cas=-1)
+
+
+def test_a_mount_can_require_metadata_check_and_set_for_every_key(kv: KvV2) -> None:
+    kv.write("app/other", {"a": 1})
+    kv.write_config(metadata_cas_required=True)
+    assert kv.read_config()["metadata_cas_required"] is True
+    with pytest.raises(InvalidRequest, match="send metadata_cas"):
+        kv.write_metadata("app/other", max_versions=2)
+    kv.write_metadata("app/other", max_versions=2, metadata_cas=0)
+    assert kv.read_metadata("app/other")["current_metadata_version"] == 1
+
+
 def test_metadata_reads_as_vault_shapes_it(kv: KvV2) -> None:
     kv.write("app/db", {"a": 1})
     kv.write_metadata(
@@ -337,14 +364,17 @@ def test_metadata_reads_as_vault_shapes_it(kv: KvV2) -> None:
     assert set(meta) == {
         "cas_required",
         "created_time",
+        "current_metadata_version",
         "current_version",
         "custom_metadata",
         "delete_version_after",
         "max_versions",
+        "metadata_cas_required",
         "oldest_version",
         "updated_time",
         "versions",
     }
+    assert meta["current_metadata_version"] == 1 and meta["metadata_cas_required"] is False
     assert meta["max_versions"] == 5
     assert meta["delete_version_after"] == "1h0m0s"
     assert meta["custom_metadata"] == {"owner": "ops"}
@@ -414,9 +444,19 @@ def test_delete_metadata_removes_every_version_and_the_metadata(kv: KvV2, cell: 
 
 
 def test_config_reads_back_as_vault_shapes_it(kv: KvV2) -> None:
-    assert kv.read_config() == {"cas_required": False, "delete_version_after": "0s", "max_versions": 0}
+    assert kv.read_config() == {
+        "cas_required": False,
+        "delete_version_after": "0s",
+        "max_versions": 0,
+        "metadata_cas_required": False,
+    }
     kv.write_config(max_versions=7, delete_version_after="3h25m19s")
-    assert kv.read_config() == {"cas_required": False, "delete_version_after": "3h25m19s", "max_versions": 7}
+    assert kv.read_config() == {
+        "cas_required": False,
+        "delete_version_after": "3h25m19s",
+        "max_versions": 7,
+        "metadata_cas_required": False,
+    }
     kv.write_config(delete_version_after=-1)
     assert kv.read_config()["delete_version_after"] == "-1s"
     with pytest.raises(InvalidRequest):
