@@ -210,6 +210,15 @@ def is_hostname(name: str) -> bool:
     return len(name) <= 253 and all(_HOSTNAME_LABEL.fullmatch(label) for label in labels)
 
 
+def go_duration(seconds: int) -> str:
+    """A duration as Go prints one, as Vault's messages do: "72h0m0s", "5m0s", "30s"."""
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
 def format_serial(serial: int) -> str:
     """Vault's serial form: lower-case hex bytes joined by colons ("1f:0a:...")."""
     raw = serial.to_bytes(max(1, (serial.bit_length() + 7) // 8), "big")
@@ -331,7 +340,15 @@ class Pki:
             cert = self._sign(builder, key)
             issuer = Issuer(key, str(uuid.uuid4()), str(uuid.uuid4()), "active", "", _pem(cert), ())
             self._activate(issuer, expected=0)
-            return {**self._issued(cert, issuer), "issuer_id": issuer.issuer_id, "key_id": issuer.key_id}
+            out = self._issued(cert, issuer)
+            del out["ca_chain"]  # Vault's root answer has none
+            return {
+                **out,
+                "issuer_id": issuer.issuer_id,
+                "issuer_name": "",
+                "key_id": issuer.key_id,
+                "key_name": "",
+            }
 
     def generate_intermediate(self, kind: str, data: Mapping[str, Any]) -> dict[str, Any]:
         """intermediate/generate/:type: a new backend key and a CSR for it, to be signed
@@ -356,7 +373,7 @@ class Pki:
             except ConflictError:
                 self._retire(key)
                 raise InvalidRequest("a CA was configured on this mount concurrently") from None
-            return {"csr": pem, "key_id": issuer.key_id, "key_type": "ec"}
+            return {"csr": pem, "key_id": issuer.key_id}
 
     def sign_intermediate(self, data: Mapping[str, Any]) -> dict[str, Any]:
         """root/sign-intermediate: certify another CA's CSR with this mount's CA."""
@@ -412,7 +429,13 @@ class Pki:
             chain = tuple(_pem(c) for c in certs[1:])
             active = Issuer(issuer.key, issuer.issuer_id, issuer.key_id, "active", "", _pem(cert), chain)
             self._activate(active, expected=found[1])
-            return {"imported_issuers": [active.issuer_id], "imported_keys": None, "mapping": {}}
+            return {
+                "imported_issuers": [active.issuer_id],
+                "imported_keys": None,
+                "existing_issuers": None,
+                "existing_keys": [issuer.key_id],
+                "mapping": {active.issuer_id: issuer.key_id},
+            }
 
     def ca_pem(self) -> str:
         with _guard():
@@ -576,7 +599,10 @@ class Pki:
         ttl = parse_duration(data.get("ttl") or 0, "ttl") or role["ttl"] or SYSTEM_DEFAULT_LEASE_TTL
         max_ttl = role["max_ttl"] or SYSTEM_MAX_LEASE_TTL
         if ttl > max_ttl:
-            warnings.append(f"TTL {ttl}s is longer than the role's max_ttl {max_ttl}s, so max_ttl is used")
+            warnings.append(
+                f'TTL "{go_duration(ttl)}" is longer than permitted maxTTL "{go_duration(max_ttl)}", '
+                "so maxTTL is being used"
+            )
             ttl = max_ttl
         not_after, capped = self._capped(now + ttl, ca)
         warnings += capped
@@ -604,7 +630,7 @@ class Pki:
         builder = self._with_urls(builder)
         cert = self._sign(builder, issuer.key)
         self._store_issued(cert)
-        out = self._issued(cert, issuer)
+        out = {**self._issued(cert, issuer), "not_before": int(cert.not_valid_before_utc.timestamp())}
         if warnings:
             out["warnings"] = warnings
         return out
@@ -666,6 +692,7 @@ class Pki:
             "revocation_time": record["revocation_time"],
             "revocation_time_rfc3339": record["revocation_time_rfc3339"],
             "expiration": record["expiration"],
+            "issuer_id": self._issuer_id(),
         }
 
     def list_certs(self) -> dict[str, Any]:
@@ -683,7 +710,7 @@ class Pki:
             for _ in range(ATTEMPTS):
                 found = get_json(self.ledger, self._cert_key(wanted))
                 if found is None:
-                    raise InvalidRequest(f"certificate with serial {wanted} not found")
+                    raise InvalidRequest(f"certificate with serial {wanted} not found.")
                 record, version = found
                 if record["revocation_time"]:
                     return _revocation(record)
@@ -791,6 +818,10 @@ class Pki:
         if found is None or found[0]["state"] != "active":
             raise InvalidRequest(_NO_CA)
         return Issuer.from_record(found[0])
+
+    def _issuer_id(self) -> str:
+        found = get_json(self.ledger, self._ca_key)
+        return str(found[0]["issuer_id"]) if found else ""
 
     def _refuse_if_configured(self) -> None:
         if self.ledger.get(self._ca_key) is not None:
