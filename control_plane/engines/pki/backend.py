@@ -131,7 +131,44 @@ _ROLE_DEFAULTS: dict[str, Any] = {
     "client_flag": True,
     "key_usage": ["DigitalSignature", "KeyAgreement", "KeyEncipherment"],
 }
-_ROLE_FIELDS = set(_ROLE_DEFAULTS) | {"name"}
+# Role fields Vault has and Keycell does not act on: accepted when they hold Vault's
+# default (Terraform's provider and many scripts send every field), refused otherwise,
+# so no role silently behaves other than it says. A role read shows them too.
+_VAULT_ONLY_ROLE_DEFAULTS: dict[str, Any] = {
+    "allow_glob_domains": False,
+    "allow_wildcard_certificates": True,
+    "allowed_domains_template": False,
+    "allow_token_displayname": False,
+    "allowed_uri_sans": [],
+    "allowed_uri_sans_template": False,
+    "allowed_other_sans": [],
+    "allowed_serial_numbers": [],
+    "allowed_user_ids": [],
+    "basic_constraints_valid_for_non_ca": False,
+    "code_signing_flag": False,
+    "email_protection_flag": False,
+    "enforce_hostnames": True,
+    "ext_key_usage": [],
+    "ext_key_usage_oids": [],
+    "generate_lease": False,
+    "no_store": False,
+    "require_cn": True,
+    "use_csr_common_name": True,
+    "use_csr_sans": True,
+    "use_pss": False,
+    "signature_bits": 0,
+    "not_before_duration": 30,
+    "issuer_ref": "default",
+    "organization": [],
+    "ou": [],
+    "country": [],
+    "locality": [],
+    "province": [],
+    "street_address": [],
+    "postal_code": [],
+    "policy_identifiers": [],
+}
+_ROLE_FIELDS = set(_ROLE_DEFAULTS) | set(_VAULT_ONLY_ROLE_DEFAULTS) | {"name"}
 _NO_CA = (
     "no CA is configured on this mount: generate a root (root/generate/internal) or set a signed intermediate"
 )
@@ -481,6 +518,7 @@ class Pki:
         """roles/:name: create the role, or change the fields given."""
         role_name = checked_role_name(name)
         refuse_unknown(data, _ROLE_FIELDS)
+        _refuse_unsupported(data)
         with _guard():
             found = get_json(self.ledger, self._role_key(role_name))
             role = {**_ROLE_DEFAULTS, **(found[0] if found else {})}
@@ -530,7 +568,7 @@ class Pki:
             found = get_json(self.ledger, self._role_key(checked_role_name(name)))
         if found is None:
             raise NotFound()
-        return {**_ROLE_DEFAULTS, **found[0]}
+        return dict(sorted({**_VAULT_ONLY_ROLE_DEFAULTS, **_ROLE_DEFAULTS, **found[0]}.items()))
 
     def delete_role(self, name: str) -> None:
         with _guard():
@@ -734,18 +772,13 @@ class Pki:
         raise InvalidRequest("the certificate or the CRL kept changing concurrently; retry")
 
     def crl_pem(self) -> str:
-        """crl/pem: the signed CRL, built (empty) on first read."""
+        """crl/pem: the signed CRL (made, empty, when the CA became active)."""
         with _guard():
-            issuer = self._active()
-            for _ in range(ATTEMPTS):
-                crl, version = self._crl_record()
-                if version:
-                    return str(crl["pem"])
-                fresh = self._signed_crl(issuer, {}, 1)
-                with contextlib.suppress(ConflictError):
-                    put_json_if(self.ledger, self._crl_key, fresh, 0)
-                    return str(fresh["pem"])
-        raise InvalidRequest("the CRL kept changing concurrently; retry")
+            self._active()
+            crl, version = self._crl_record()
+        if not version:
+            raise Unavailable("this mount's CRL is missing from the ledger; POST crl/rotate rebuilds it")
+        return str(crl["pem"])
 
     def rotate_crl(self) -> dict[str, Any]:
         """crl/rotate: sign the CRL again (a new number and nextUpdate)."""
@@ -872,7 +905,8 @@ class Pki:
         return _assemble_certificate(tbs, self.keys.sign(key, tbs).value)
 
     def _activate(self, issuer: Issuer, *, expected: int) -> None:
-        """The CA record and the CA's own certificate record, in one transaction."""
+        """The CA record, the CA's own certificate record and its first (empty) CRL, in
+        one transaction: an active CA always has a CRL to serve."""
         cert = issuer.cert
         try:
             self.ledger.transact(
@@ -881,6 +915,7 @@ class Pki:
                     Put(
                         self._cert_key(format_serial(cert.serial_number)), encode_json(_cert_record(cert)), 0
                     ),
+                    Put(self._crl_key, encode_json(self._signed_crl(issuer, {}, 1)), 0),
                 ]
             )
         except ConflictError:
@@ -1008,6 +1043,28 @@ def _leaf_key_usage(names: Sequence[str]) -> x509.KeyUsage:
     for name in names:
         fields[_KEY_USAGES[name.lower()]] = True
     return x509.KeyUsage(**fields, encipher_only=False, decipher_only=False)
+
+
+def _refuse_unsupported(data: Mapping[str, Any]) -> None:
+    """InvalidRequest for a Vault-only role field set to anything but Vault's default."""
+    for name, default in _VAULT_ONLY_ROLE_DEFAULTS.items():
+        if name not in data:
+            continue
+        value = data[name]
+        if isinstance(default, bool):
+            same = _flag(data, name, default) == default
+        elif isinstance(default, list):
+            same = value in (None, "", [])
+        elif name == "not_before_duration":
+            same = parse_duration(value or default, name) == default
+        elif isinstance(default, int):
+            same = value in (None, "") or _int(value, name, default) == default
+        else:
+            same = value in (None, "", default)
+        if not same:
+            raise InvalidRequest(
+                f"the role field {name} is not supported by Keycell (only its default, {default!r})"
+            )
 
 
 def _name_allowed(role: Mapping[str, Any], name: str) -> bool:

@@ -256,6 +256,26 @@ def test_roles_are_written_read_listed_and_deleted(inter: Pki) -> None:
     assert inter.list_roles()["keys"] == ["web"]
 
 
+def test_vault_only_role_fields_are_accepted_at_their_defaults_only(inter: Pki) -> None:
+    # what Terraform's provider sends for a role it does not customise
+    inter.write_role(
+        "tf",
+        {
+            "enforce_hostnames": True,
+            "no_store": False,
+            "ou": [],
+            "not_before_duration": "30s",
+            "allow_any_name": True,
+        },
+    )
+    assert inter.read_role("tf")["no_store"] is False and inter.read_role("tf")["allow_any_name"] is True
+    with pytest.raises(InvalidRequest, match="no_store is not supported"):
+        inter.write_role("tf", {"no_store": True})
+    with pytest.raises(InvalidRequest, match="organization is not supported"):
+        inter.write_role("tf", {"organization": ["Example Inc"]})
+    assert inter.read_role("tf")["organization"] == []
+
+
 def test_sign_certifies_the_csr_key_with_its_names_checked(inter: Pki) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     out = inter.sign("web", {"csr": make_csr(key, "svc.example.com", ("alt.example.com",))})
