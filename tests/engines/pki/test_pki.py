@@ -12,16 +12,20 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import schemathesis
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keycell.adapters.keys.software import SoftwareKeyBackend
+from keycell.control_plane.engines.pki import routes
 from keycell.control_plane.engines.pki.backend import Pki, format_serial
 from keycell.control_plane.errors import InvalidRequest, NotFound
 from keycell.control_plane.keys import KeyBackend
 from keycell.control_plane.ledger import Kind, Ledger, iter_prefix
+from keycell.control_plane.router import Router
+from keycell.control_plane.routes.openapi import build_spec
 from keycell.testing.cells import Cell
 from keycell.testing.clock import ManualClock
 from keycell.testing.key_backends import pkcs11_backend
@@ -406,3 +410,19 @@ class TestOnPkcs11:
         crl = x509.load_pem_x509_crl(inter.crl_pem().encode())
         assert crl.is_signature_valid(mid.public_key())  # type: ignore[arg-type]
         assert [r.serial_number for r in crl] == [leaf.serial_number]
+
+
+def test_the_routes_documents_are_valid_openapi_and_lead_back_to_their_routes(
+    sqlite_cell: Cell, backend: SoftwareKeyBackend
+) -> None:
+    router = Router(None)
+    routes.register(router, Pki(sqlite_cell.barrier, backend, mount="pki_int"), "pki_int")
+    spec = build_spec(router)
+    schemathesis.openapi.from_dict(spec).validate()  # against the OpenAPI 3.1 meta-schema
+    for route in router.routes:
+        assert route.doc is not None
+        concrete = route.doc.path.strip("/").format(name="web", serial="01-02", type="internal")
+        found = router.match(concrete)
+        assert found is not None and found[0] is route, route.doc.path
+    public = {r.doc.path for r in router.routes if r.doc is not None and not r.authenticated}
+    assert public == {"/pki_int/ca/pem", "/pki_int/ca_chain", "/pki_int/crl/pem", "/pki_int/cert/{serial}"}
