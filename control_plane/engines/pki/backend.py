@@ -95,6 +95,9 @@ CRL_LIFETIME = 72 * 3600
 # tidy's default safety_buffer (Vault: 72h): certificates expired for less are kept.
 DEFAULT_SAFETY_BUFFER = 72 * 3600
 MAX_NAMES = 100  # SANs in one request
+# Every revocation rewrites the one CRL item, so concurrent revokes contend on it: each
+# round lets one through, and a revoke retries (re-signing the CRL) up to this often.
+_CRL_ATTEMPTS = 32
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _SERIAL = re.compile(r"[0-9a-fA-F]{2}(?:[:-][0-9a-fA-F]{2})*")
 # What Vault's role accepts for key_bits per key_type (0: the type's default).
@@ -745,7 +748,7 @@ class Pki:
         wanted = parse_serial(serial_number)
         with _guard():
             issuer = self._active()
-            for _ in range(ATTEMPTS):
+            for _ in range(_CRL_ATTEMPTS):
                 found = get_json(self.ledger, self._cert_key(wanted))
                 if found is None:
                     raise InvalidRequest(f"certificate with serial {wanted} not found.")

@@ -9,6 +9,7 @@ import datetime
 import ipaddress
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from keycell.adapters.keys.software import SoftwareKeyBackend
 from keycell.control_plane.engines.pki import routes
 from keycell.control_plane.engines.pki.backend import Pki, format_serial
-from keycell.control_plane.errors import InvalidRequest, NotFound
+from keycell.control_plane.errors import InvalidRequest, NotFound, Unavailable
 from keycell.control_plane.keys import KeyBackend
 from keycell.control_plane.ledger import Kind, Ledger, iter_prefix
 from keycell.control_plane.router import Router
@@ -426,3 +427,25 @@ def test_the_routes_documents_are_valid_openapi_and_lead_back_to_their_routes(
         assert found is not None and found[0] is route, route.doc.path
     public = {r.doc.path for r in router.routes if r.doc is not None and not r.authenticated}
     assert public == {"/pki_int/ca/pem", "/pki_int/ca_chain", "/pki_int/crl/pem", "/pki_int/cert/{serial}"}
+
+
+def test_a_serial_already_taken_is_refused_and_the_first_record_stays(
+    inter: Pki, cell: Cell, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Serials are 159 random bits; force a collision to see the conditional create refuse it.
+    monkeypatch.setattr(x509, "random_serial_number", lambda: 0x1234)
+    first = inter.issue("web", {"common_name": "a.example.com"})
+    before = stored(cell.barrier)
+    with pytest.raises(Unavailable, match="serial number already exists"):
+        inter.issue("web", {"common_name": "b.example.com"})
+    assert stored(cell.barrier) == before
+    assert inter.read_cert("12:34")["certificate"] == first["certificate"]
+
+
+def test_concurrent_revocations_all_reach_the_crl(inter: Pki) -> None:
+    issued = [inter.issue("web", {"common_name": f"n{i}.example.com"})["serial_number"] for i in range(8)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(inter.revoke, issued))
+    crl = x509.load_pem_x509_crl(inter.crl_pem().encode())
+    assert {format_serial(r.serial_number) for r in crl} == set(issued)
+    assert all(inter.read_cert(s)["revocation_time"] for s in issued)
