@@ -29,7 +29,7 @@ deletes that prefix when the mount is disabled), sealed by the barrier:
 - "urls": config/urls;  "role/<name>": a role;
 - "cert/<serial>": an issued certificate and its revocation time, created only by a
   conditional create (a serial is unique or the write is refused);
-- "crl": the revoked serials and the signed CRL over them, rewritten in the same
+- "crl": the signed CRL (the one list of revoked serials), rewritten in the same
   transaction that marks a certificate revoked, so the CRL never misses a revocation
   and a failed revoke changes neither.
 A request that fails leaves nothing written: the backend signs before the ledger is
@@ -74,6 +74,7 @@ from keycell.control_plane.keys import BackendUnavailableError, KeyBackend, KeyB
 from keycell.control_plane.ledger import (
     ConflictError,
     Delete,
+    InvalidItemError,
     Key,
     Kind,
     Ledger,
@@ -760,7 +761,7 @@ class Pki:
                 at = int(self.clock())
                 record = {**record, "revocation_time": at, "revocation_time_rfc3339": rfc3339(at)}
                 crl, crl_version = self._crl_record()
-                revoked = {**crl["revoked"], wanted: at}
+                revoked = {**_revoked(crl), wanted: at}
                 new_crl = self._signed_crl(issuer, revoked, crl["number"] + 1)
                 try:
                     self.ledger.transact(
@@ -771,6 +772,12 @@ class Pki:
                     )
                 except ConflictError:
                     continue
+                except InvalidItemError:
+                    # the CRL is one ledger item (MAX_ITEM_BYTES): ~54 bytes per entry
+                    raise InvalidRequest(
+                        "this mount's CRL is full (about 7,000 unexpired revoked certificates): run tidy "
+                        "with tidy_revoked_certs, or issue from another PKI mount; nothing was revoked"
+                    ) from None
                 return _revocation(record)
         raise InvalidRequest("the certificate or the CRL kept changing concurrently; retry")
 
@@ -789,7 +796,7 @@ class Pki:
             issuer = self._active()
             for _ in range(ATTEMPTS):
                 crl, version = self._crl_record()
-                fresh = self._signed_crl(issuer, crl["revoked"], crl["number"] + 1)
+                fresh = self._signed_crl(issuer, _revoked(crl), crl["number"] + 1)
                 with contextlib.suppress(ConflictError):
                     put_json_if(self.ledger, self._crl_key, fresh, version)
                     return {"success": True}
@@ -824,7 +831,7 @@ class Pki:
                 serials = {serial for _, _, serial, was in batch if was}
                 if serials:
                     crl, crl_version = self._crl_record()
-                    left = {s: t for s, t in crl["revoked"].items() if s not in serials}
+                    left = {s: t for s, t in _revoked(crl).items() if s not in serials}
                     new_crl = self._signed_crl(self._active(), left, crl["number"] + 1)
                     ops.append(Put(self._crl_key, encode_json(new_crl), crl_version))
                 try:
@@ -967,10 +974,12 @@ class Pki:
 
     def _crl_record(self) -> tuple[dict[str, Any], int]:
         found = get_json(self.ledger, self._crl_key)
-        return found if found is not None else ({"revoked": {}, "number": 0, "pem": ""}, 0)
+        return found if found is not None else ({"number": 0, "pem": ""}, 0)
 
     def _signed_crl(self, issuer: Issuer, revoked: Mapping[str, int], number: int) -> dict[str, Any]:
-        """The CRL record: the revoked serials, and the CRL over them signed by the CA key."""
+        """The CRL record: its number and the CRL over `revoked` signed by the CA key. The
+        signed CRL is the only list of revoked serials kept (`_revoked` reads it back),
+        so the one item holds each serial once: about 55 bytes a revoked certificate."""
         ca = issuer.cert
         now = self.clock()
         builder = (
@@ -991,7 +1000,7 @@ class Pki:
         tbs = builder.sign(_dummy_key(), hashes.SHA256()).tbs_certlist_bytes
         crl = x509.load_der_x509_crl(_signed_der(tbs, self.keys.sign(issuer.key, tbs).value))
         pem = crl.public_bytes(serialization.Encoding.PEM).decode().strip()
-        return {"revoked": dict(revoked), "number": number, "pem": pem}
+        return {"number": number, "pem": pem}
 
 
 _URL_FIELDS = ("issuing_certificates", "crl_distribution_points", "ocsp_servers")
@@ -1169,6 +1178,14 @@ def _cert_record(cert: x509.Certificate) -> dict[str, Any]:
         "revocation_time": 0,
         "revocation_time_rfc3339": "",
     }
+
+
+def _revoked(crl_record: Mapping[str, Any]) -> dict[str, int]:
+    """The revoked serials of a CRL record and when each was revoked (epoch seconds)."""
+    if not crl_record["pem"]:
+        return {}
+    crl = x509.load_pem_x509_crl(str(crl_record["pem"]).encode())
+    return {format_serial(r.serial_number): int(r.revocation_date_utc.timestamp()) for r in crl}
 
 
 def _revocation(record: Mapping[str, Any]) -> dict[str, Any]:

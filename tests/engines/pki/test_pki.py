@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keycell.adapters.keys.software import SoftwareKeyBackend
+from keycell.control_plane import ledger as ledger_module
 from keycell.control_plane.engines.pki import routes
 from keycell.control_plane.engines.pki.backend import Pki, format_serial
 from keycell.control_plane.errors import InvalidRequest, NotFound, Unavailable
@@ -449,3 +450,23 @@ def test_concurrent_revocations_all_reach_the_crl(inter: Pki) -> None:
     crl = x509.load_pem_x509_crl(inter.crl_pem().encode())
     assert {format_serial(r.serial_number) for r in crl} == set(issued)
     assert all(inter.read_cert(s)["revocation_time"] for s in issued)
+
+
+def test_a_full_crl_refuses_the_revoke_and_revokes_nothing(
+    sqlite_cell: Cell, backend: SoftwareKeyBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The CRL is one ledger item; shrink the item limit so it fills after a few dozen
+    # revocations instead of about 7,000.
+    pki = Pki(sqlite_cell.barrier, backend, mount="small")
+    pki.generate_root("internal", {"common_name": "Small Root"})
+    pki.write_role("any", {"allow_any_name": True, "key_type": "ec"})
+    monkeypatch.setattr(ledger_module, "MAX_ITEM_BYTES", 4000)
+    serials = [pki.issue("any", {"common_name": f"n{i}.test"})["serial_number"] for i in range(80)]
+    revoked = 0
+    with pytest.raises(InvalidRequest, match="CRL is full") as full:
+        for serial in serials:
+            pki.revoke(serial)
+            revoked += 1
+    assert "nothing was revoked" in str(full.value) and 0 < revoked < len(serials)
+    assert pki.read_cert(serials[revoked])["revocation_time"] == 0
+    assert len(x509.load_pem_x509_crl(pki.crl_pem().encode())) == revoked
