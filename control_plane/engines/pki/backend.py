@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
@@ -403,8 +404,8 @@ class Pki:
                 x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
             )
             draft = builder.sign(_dummy_key(), hashes.SHA256())
-            # The draft carries the dummy's public key: rebuild the request info around the
-            # backend key's instead, by signing a builder whose key is the backend's.
+            # cryptography signs a CSR with the key it certifies, so the draft carries the
+            # dummy's public key: the backend key's takes its place in the request info.
             tbs = _csr_info_for(draft, self._public(key))
             csr = x509.load_der_x509_csr(_signed_der(tbs, self.keys.sign(key, tbs).value))
             pem = csr.public_bytes(serialization.Encoding.PEM).decode().strip()
@@ -467,6 +468,13 @@ class Pki:
                 raise InvalidRequest("the certificate does not certify this mount's pending key (its CSR)")
             if not _is_ca(cert):
                 raise InvalidRequest("the certificate is not a CA certificate (basic constraints CA:true)")
+            if len(certs) > 1:
+                try:
+                    cert.verify_directly_issued_by(certs[1])
+                except (ValueError, TypeError, InvalidSignature):
+                    raise InvalidRequest(
+                        "the certificate was not issued by the next one in the bundle"
+                    ) from None
             chain = tuple(_pem(c) for c in certs[1:])
             active = Issuer(issuer.key, issuer.issuer_id, issuer.key_id, "active", "", _pem(cert), chain)
             self._activate(active, expected=found[1])

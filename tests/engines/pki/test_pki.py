@@ -151,6 +151,23 @@ def test_set_signed_refuses_a_certificate_for_another_key(
         pki.issue("web", {"common_name": "a.example.com"})
 
 
+def test_set_signed_takes_the_chain_above_and_checks_it(
+    cell: Cell, backend: SoftwareKeyBackend, root: Pki
+) -> None:
+    other = Pki(cell.barrier, backend, mount="other")
+    other.generate_root("internal", {"common_name": "Other Root"})
+    pki = Pki(cell.barrier, backend, mount="pki_int")
+    csr = pki.generate_intermediate("internal", {"common_name": "Mine"})["csr"]
+    signed = root.sign_intermediate({"csr": csr})["certificate"]
+    before = stored(cell.barrier)
+    with pytest.raises(InvalidRequest, match="not issued by the next one"):
+        pki.set_signed({"certificate": signed + "\n" + other.ca_pem()})
+    assert stored(cell.barrier) == before
+    pki.set_signed({"certificate": signed + "\n" + root.ca_pem()})
+    assert pki.chain_pem() == signed + "\n" + root.ca_pem()
+    assert pki.read_ca_cert()["ca_chain"] == [signed, root.ca_pem()]
+
+
 def test_issue_gives_a_fresh_key_once_and_a_certificate_the_chain_vouches_for(
     inter: Pki, cell: Cell, clock: ManualClock
 ) -> None:
