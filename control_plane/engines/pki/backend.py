@@ -607,8 +607,9 @@ class Pki:
             if role["key_type"] == "any":
                 raise InvalidRequest('role key type "any" not allowed for issuing certificates, only signing')
             cn, dns, ips = self._names(role, _common_name(data), data)
+            issuer = self._active()  # before a key pair is made for nothing
             private = _new_leaf_key(role["key_type"], role["key_bits"])
-            out = self._leaf(role, cn, dns, ips, private.public_key(), data)
+            out = self._leaf(issuer, role, cn, dns, ips, private.public_key(), data)
             out["private_key"] = (
                 private.private_bytes(
                     serialization.Encoding.PEM,
@@ -631,10 +632,11 @@ class Pki:
             _check_csr_key(role, public)
             cn = _csr_common_name(csr) or data.get("common_name")
             cn, dns, ips = self._names(role, _common_name({"common_name": cn}), data, csr)
-            return self._leaf(role, cn, dns, ips, public, data)
+            return self._leaf(self._active(), role, cn, dns, ips, public, data)
 
     def _leaf(
         self,
+        issuer: Issuer,
         role: Mapping[str, Any],
         cn: str,
         dns: list[str],
@@ -642,7 +644,6 @@ class Pki:
         public: Any,
         data: Mapping[str, Any],
     ) -> dict[str, Any]:
-        issuer = self._active()
         ca = issuer.cert
         now = self.clock()
         warnings: list[str] = []
@@ -693,7 +694,8 @@ class Pki:
         csr: x509.CertificateSigningRequest | None = None,
     ) -> tuple[str, list[str], list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
         """The common name, DNS SANs and IP SANs asked for, each checked against the role
-        (Vault's messages). The CN is also a DNS SAN, as Vault adds it."""
+        (Vault's messages). A CN that is a host name is also a DNS SAN, as Vault adds it;
+        a DNS SAN must be a host name (allow_any_name or not)."""
         dns = [cn.lower(), *(n.lower() for n in _str_list(data.get("alt_names"), "alt_names"))]
         ip_texts = _str_list(data.get("ip_sans"), "ip_sans")
         if csr is not None:
@@ -704,8 +706,10 @@ class Pki:
         if not _name_allowed(role, cn.lower()):
             raise InvalidRequest(f"common name {cn} not allowed by this role")
         for name in dns[1:]:
-            if not _name_allowed(role, name):
+            if not (is_hostname(name) and _name_allowed(role, name)):
                 raise InvalidRequest(f"subject alternate name {name} not allowed by this role")
+        if not is_hostname(dns[0]):
+            dns = dns[1:]  # a free-form CN (allow_any_name) stays out of the DNS SANs
         ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
         for text in ip_texts:
             if not role["allow_ip_sans"]:
@@ -733,17 +737,17 @@ class Pki:
         wanted = parse_serial(serial)
         with _guard():
             found = get_json(self.ledger, self._cert_key(wanted))
-        if found is None:
-            raise NotFound(f"certificate with serial {wanted} not found")
-        record = found[0]
-        return {
-            "certificate": record["certificate"],
-            "serial_number": wanted,
-            "revocation_time": record["revocation_time"],
-            "revocation_time_rfc3339": record["revocation_time_rfc3339"],
-            "expiration": record["expiration"],
-            "issuer_id": self._issuer_id(),
-        }
+            if found is None:
+                raise NotFound(f"certificate with serial {wanted} not found")
+            record = found[0]
+            return {
+                "certificate": record["certificate"],
+                "serial_number": wanted,
+                "revocation_time": record["revocation_time"],
+                "revocation_time_rfc3339": record["revocation_time_rfc3339"],
+                "expiration": record["expiration"],
+                "issuer_id": self._issuer_id(),
+            }
 
     def list_certs(self) -> dict[str, Any]:
         with _guard():

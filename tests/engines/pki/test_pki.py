@@ -253,6 +253,18 @@ def test_bare_domains_and_ip_sans_follow_the_role(inter: Pki) -> None:
         inter.issue("bare", {"common_name": "a.example.com"})
 
 
+def test_a_free_form_common_name_stays_out_of_the_dns_sans(inter: Pki) -> None:
+    inter.write_role("free", {"allow_any_name": True, "key_type": "ec"})
+    leaf = cert(
+        inter.issue("free", {"common_name": "Payments Service", "alt_names": "pay.internal"})["certificate"]
+    )
+    assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "Payments Service"
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["pay.internal"]
+    with pytest.raises(InvalidRequest, match="subject alternate name not a host! not allowed"):
+        inter.issue("free", {"common_name": "x", "alt_names": "not a host!"})
+
+
 def test_an_unknown_role_is_refused(inter: Pki, cell: Cell) -> None:
     before = stored(cell.barrier)
     with pytest.raises(InvalidRequest, match="unknown role: nope"):
