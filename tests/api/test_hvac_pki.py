@@ -236,10 +236,17 @@ def test_tidy_answers_202_and_keeps_unexpired_certificates(
     assert serials(client, "pki_int") == before
 
 
-def test_disabling_a_pki_mount_takes_its_certificates(client: hvac.Client) -> None:
+def test_delete_root_and_disabling_a_pki_mount(client: hvac.Client) -> None:
     client.sys.enable_secrets_engine("pki", path="pki_tmp")
     client.secrets.pki.generate_root("internal", "Temp", mount_point="pki_tmp")
     assert serials(client, "pki_tmp")
+    # one CA per mount: DELETE root (sudo; the root token has it) makes room for another
+    client.secrets.pki.delete_root(mount_point="pki_tmp")
+    client.secrets.pki.generate_root("internal", "Temp 2", mount_point="pki_tmp")
+    assert (
+        cert(client.secrets.pki.read_ca_certificate(mount_point="pki_tmp")).subject.rfc4514_string()
+        == "CN=Temp 2"
+    )
     client.sys.disable_secrets_engine("pki_tmp")
     client.sys.enable_secrets_engine("pki", path="pki_tmp")
     assert serials(client, "pki_tmp") == []

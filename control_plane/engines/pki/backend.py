@@ -12,6 +12,7 @@ method each; every method returns the `data` of Vault's response:
   POST   root/sign-intermediate        sign_intermediate(data)      -> certificate, issuing_ca, ca_chain, ...
   POST   intermediate/set-signed       set_signed(data)             -> imported_issuers
   GET    cert/ca, ca/pem, ca_chain     ca_pem(), chain_pem()        -> the CA (and the chain above it)
+  DELETE root                          delete_root()                -> None (the CA goes; its key is disabled)
   POST   config/urls  / GET            write_urls(data) / read_urls()
   POST   roles/:name, GET, DELETE, LIST write_role, read_role, delete_role, list_roles
   POST   issue/:role                   issue(role, data)            -> certificate, private_key (once), ...
@@ -485,6 +486,24 @@ class Pki:
                 "existing_keys": [issuer.key_id],
                 "mapping": {active.issuer_id: issuer.key_id},
             }
+
+    def delete_root(self) -> None:
+        """DELETE root: the mount's CA goes (its record and CRL; its backend key is
+        disabled, never used again), so a new root or intermediate can be made here.
+        Certificates it issued stay readable, as in Vault."""
+        with _guard():
+            found = get_json(self.ledger, self._ca_key)
+            if found is None:
+                return
+            ops: list[Put | Delete] = [Delete(self._ca_key, found[1])]
+            crl = self.ledger.get(self._crl_key)
+            if crl is not None:
+                ops.append(Delete(self._crl_key, crl.version))
+            try:
+                self.ledger.transact(ops)
+            except ConflictError:
+                raise InvalidRequest("the mount's CA was changed concurrently; retry") from None
+            self._retire(str(found[0]["key"]))
 
     def ca_pem(self) -> str:
         with _guard():

@@ -50,6 +50,7 @@ def register(router: Router, pki: Pki, mount: str) -> None:
         operations: dict[Operation, OperationDoc],
         *,
         public: bool = False,
+        sudo: bool = False,
         params: dict[str, str] | None = None,
     ) -> None:
         pattern = rf"{mount}/" + path.replace("{name}", r"(?P<name>[^/]+)").replace(
@@ -59,6 +60,7 @@ def register(router: Router, pki: Pki, mount: str) -> None:
             pattern,
             handlers,
             authenticated=not public,
+            sudo=sudo,
             family="pki",
             pure_reads=public,
             doc=RouteDoc(
@@ -77,6 +79,13 @@ def register(router: Router, pki: Pki, mount: str) -> None:
             )
         },
         params=ca_type,
+    )
+    add(
+        "root",
+        {Operation.DELETE: lambda ctx: pki.delete_root()},
+        "The mount's CA (sudo, as in Vault).",
+        {Operation.DELETE: OperationDoc("Delete the CA (its key is disabled)", responses=NO_CONTENT)},
+        sudo=True,
     )
     add(
         "intermediate/generate/{type}",

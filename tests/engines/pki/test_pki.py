@@ -22,12 +22,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from keycell.adapters.keys.software import SoftwareKeyBackend
 from keycell.control_plane import ledger as ledger_module
 from keycell.control_plane.engines.pki import routes
-from keycell.control_plane.engines.pki.backend import Pki, format_serial
+from keycell.control_plane.engines.pki.backend import Issuer, Pki, format_serial
 from keycell.control_plane.errors import InvalidRequest, NotFound, Unavailable
 from keycell.control_plane.keys import KeyBackend
-from keycell.control_plane.ledger import Kind, Ledger, iter_prefix
+from keycell.control_plane.ledger import Key, Kind, Ledger, iter_prefix
 from keycell.control_plane.router import Router
 from keycell.control_plane.routes.openapi import build_spec
+from keycell.control_plane.storage import get_json
 from keycell.testing.cells import Cell
 from keycell.testing.clock import ManualClock
 from keycell.testing.key_backends import pkcs11_backend
@@ -124,6 +125,26 @@ def test_a_second_root_on_one_mount_is_refused(root: Pki, cell: Cell) -> None:
     with pytest.raises(InvalidRequest, match="already holds a CA"):
         root.generate_root("internal", {"common_name": "Another"})
     assert stored(cell.barrier) == before
+
+
+def test_delete_root_lets_a_new_root_be_made_and_keeps_the_issued_certs(
+    root: Pki, backend: SoftwareKeyBackend
+) -> None:
+    found = get_json(root.ledger, Key(Kind.CONFIG, "pki/pki/ca"))
+    assert found is not None
+    old_key = Issuer.from_record(found[0]).key
+    root.write_role("any", {"allow_any_name": True, "key_type": "ec"})
+    issued = root.issue("any", {"common_name": "kept.test"})["serial_number"]
+    root.delete_root()
+    with pytest.raises(InvalidRequest, match="no CA is configured"):
+        root.ca_pem()
+    assert backend.describe(old_key).enabled is False  # never signs again
+    assert root.read_cert(issued)["revocation_time"] == 0
+    fresh = root.generate_root("internal", {"common_name": "New Root"})
+    assert cert(fresh["certificate"]).subject.rfc4514_string() == "CN=New Root"
+    assert len(x509.load_pem_x509_crl(root.crl_pem().encode())) == 0
+    root.delete_root()
+    root.delete_root()  # nothing left: not an error
 
 
 def test_the_intermediate_chain_verifies_up_to_the_root(inter: Pki, root: Pki) -> None:
