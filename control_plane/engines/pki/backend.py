@@ -428,8 +428,7 @@ class Pki:
             ttl = self._ca_ttl(data)
             path_length = _path_length(data)
             public = csr.public_key()
-            if not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
-                raise InvalidRequest("the CSR's key must be an EC or RSA key")
+            _check_csr_key({"key_type": "any", "key_bits": 0}, public)  # EC, or RSA of 2048+ bits
             ca = issuer.cert
             now = self.clock()
             not_after, warnings = self._capped(now + ttl, ca)
@@ -528,7 +527,7 @@ class Pki:
         urls = {name: _str_list(data.get(name), name) for name in _URL_FIELDS}
         for name, values in urls.items():
             for value in values:
-                if not re.fullmatch(r"https?://[^\s]+", value):
+                if not re.fullmatch(r"https?://[!-~]+", value):  # printable ASCII, as X.509 URIs are
                     raise InvalidRequest(f"{name}: {value[:60]!r} is not an http(s) URL")
         with _guard():
             found = get_json(self.ledger, self._urls_key)
@@ -1047,8 +1046,8 @@ def _internal_only(kind: str) -> None:
 
 def _path_length(data: Mapping[str, Any]) -> int | None:
     length = _int(data.get("max_path_length"), "max_path_length", -1)
-    if length < -1:
-        raise InvalidRequest("max_path_length is -1 (no limit) or more")
+    if not -1 <= length <= 64:
+        raise InvalidRequest("max_path_length is -1 (no limit) to 64")
     return None if length == -1 else length
 
 

@@ -117,6 +117,8 @@ def test_exported_and_non_ec_ca_keys_are_refused_and_nothing_is_written(
         pki.generate_root("internal", {"common_name": "x", "key_type": "rsa", "key_bits": 4096})
     with pytest.raises(InvalidRequest, match="common_name"):
         pki.generate_root("internal", {})
+    with pytest.raises(InvalidRequest, match="max_path_length"):
+        pki.generate_root("internal", {"common_name": "x", "max_path_length": 10**30})
     assert stored(cell.barrier) == {}
 
 
@@ -421,8 +423,9 @@ def test_config_urls_go_into_issued_certificates(inter: Pki) -> None:
     points = leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
     assert points[0].full_name == [x509.UniformResourceIdentifier("http://127.0.0.1:8200/v1/pki_int/crl")]
     assert leaf.extensions.get_extension_for_class(x509.AuthorityInformationAccess)
-    with pytest.raises(InvalidRequest, match="not an http"):
-        inter.write_urls({"ocsp_servers": ["ftp://x"]})
+    for bad in ("ftp://x", "http://exämple.com/crl", "http://a b"):
+        with pytest.raises(InvalidRequest, match="not an http"):
+            inter.write_urls({"ocsp_servers": [bad]})
 
 
 def test_two_mounts_keep_their_own_cas_and_certs(inter: Pki, root: Pki) -> None:
