@@ -1,6 +1,7 @@
-"""Regional API: KV v2 read and write throughput and p50/p99 latency under an HTTP
-load generator, Keycell self-hosted against OpenBao in the same run, interleaved, in
-two modes, with the ratios; and the cold start of every Lambda handler module.
+"""Regional API: KV v2 read and write, AppRole login and PKI issue throughput and
+p50/p99 latency under an HTTP load generator, Keycell self-hosted against OpenBao in the
+same run, interleaved, in two modes, with the ratios; and the cold start of every Lambda
+handler module.
 
     python -m bench.api [--quick] [--targets keycell,openbao] [--modes dev,durable] [--load wrk|python]
 
@@ -15,13 +16,20 @@ two modes, with the ratios; and the cold start of every Lambda handler module.
   root) with a Lua script per operation: reads GET one pre-written secret, writes POST
   a JSON body to one of 500 paths per wrk thread (1,000 with two threads: creates,
   then new versions; no two threads share a path, so no write conflicts). Every
-  request carries X-Vault-Token. `--load python` is a small keep-alive load generator
+  request carries X-Vault-Token. Before the runs, each server gets the same setup: an
+  AppRole auth method at auth/approle/ with role `bench` (a secret ID of unlimited
+  uses), and a PKI mount at pki/ with an EC P-256 root and role `bench`.
+- AppRole login: POST auth/approle/login with that role ID and secret ID (no token);
+  every answer is a new token, written to the server's storage.
+- PKI issue: POST pki/issue/bench {"common_name": "svc.bench.test"}: a fresh EC P-256
+  key pair and a certificate signed by the root (each server stores the certificate;
+  Keycell's root key signs in its key backend, the software one in --dev). `--load python` is a small keep-alive load generator
   in this file (threads over http.client), for machines without wrk (the test suite);
   its figures include Python's own client overhead and are not comparable to wrk's.
 - Rounds alternate the servers (read then write on each, every mode, every round) and
   every figure is the median over the rounds. Throughput counts 2xx answers only;
   non-2xx answers (`non_2xx`) and socket errors are counted next to it. Ratios are
-  named `<op>_ratio_vs_openbao_<mode>`; `goals` says which of the issue's goals held.
+  named `<op>_ratio_vs_openbao_<mode>` (`read`, `write`, `approle_login`, `pki_issue`); `goals` says which of the issue's goals held.
 - Cold start: each `keycell.functions.<name>.app` module imported in a fresh process,
   median of N: the import's wall time, and the `-X importtime` cumulative time of the
   module and its parent packages. The router is built on the first request, not at
@@ -63,11 +71,17 @@ WRITE_PREFIX = "/v1/secret/data/bench/write/"
 WRITE_KEYS_PER_THREAD = 500
 SECRET = {"username": "bench", "password": "x" * 32}
 WRITE_BODY = json.dumps({"data": SECRET}, separators=(",", ":"))
+LOGIN_PATH = "/v1/auth/approle/login"
+ISSUE_PATH = "/v1/pki/issue/bench"
+ISSUE_BODY = json.dumps({"common_name": "svc.bench.test"}, separators=(",", ":"))
 COLD_START_TARGET_MS = 300.0
 READ_RATIO_GOAL = 1.2
 WRITE_RATIO_GOAL = 1.0
 P99_GOAL_MS = 10.0
 MODES = ("dev", "durable")
+KV_OPS = ("read", "write")
+OTHER_OPS = ("approle_login", "pki_issue")
+OPS = (*KV_OPS, *OTHER_OPS)
 
 
 class BenchError(RuntimeError):
@@ -254,13 +268,49 @@ def openbao_server(
                 process.wait()
 
 
-def prepare(port: int, token: str) -> None:
+def prepare(port: int, token: str) -> dict[str, tuple[str, str, str]]:
     """Write the secret the reads fetch, and check both operations answer as KV v2 does
-    (a fresh OpenBao KV v2 mount answers 400 for a moment while it sets itself up)."""
+    (a fresh OpenBao KV v2 mount answers 400 for a moment while it sets itself up); set
+    up AppRole and PKI the same way on either server. The requests each operation sends:
+    {op: (method, fixed path, body)}; the KV ones have no fixed path (see the load
+    generators: reads GET READ_PATH, writes spread over WRITE_PREFIX)."""
     _retry("writing the read secret", lambda: _request(port, "POST", READ_PATH, token, WRITE_BODY))
     status, body = _request(port, "GET", READ_PATH, token)
     if status != 200 or json.loads(body)["data"]["data"] != SECRET:
         raise BenchError(f"reading the secret back answered {status}: {body[:300]!r}")
+
+    def call(method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        status, body = _request(port, method, path, token, None if payload is None else json.dumps(payload))
+        if not 200 <= status < 300:
+            raise BenchError(f"{method} {path} answered {status}: {body[:300]!r}")
+        return json.loads(body) if body else {}
+
+    call("POST", "/v1/sys/auth/approle", {"type": "approle"})
+    call("POST", "/v1/auth/approle/role/bench", {"token_ttl": "1h", "secret_id_num_uses": 0})
+    role_id = call("GET", "/v1/auth/approle/role/bench/role-id")["data"]["role_id"]
+    secret_id = call("POST", "/v1/auth/approle/role/bench/secret-id")["data"]["secret_id"]
+    call("POST", "/v1/sys/mounts/pki", {"type": "pki"})
+    call(
+        "POST",
+        "/v1/pki/root/generate/internal",
+        {"common_name": "bench root", "key_type": "ec", "ttl": "720h"},
+    )
+    call(
+        "POST",
+        "/v1/pki/roles/bench",
+        {"allow_any_name": True, "key_type": "ec", "key_bits": 256, "ttl": "1h"},
+    )
+    login = json.dumps({"role_id": role_id, "secret_id": secret_id}, separators=(",", ":"))
+    for path, payload in ((LOGIN_PATH, login), (ISSUE_PATH, ISSUE_BODY)):
+        status, body = _request(port, "POST", path, token, payload)
+        if status != 200:
+            raise BenchError(f"POST {path} answered {status}: {body[:300]!r}")
+    return {
+        "read": ("GET", "", ""),
+        "write": ("POST", "", WRITE_BODY),
+        "approle_login": ("POST", LOGIN_PATH, login),
+        "pki_issue": ("POST", ISSUE_PATH, ISSUE_BODY),
+    }
 
 
 # --- load generators ---------------------------------------------------------------------------
@@ -272,6 +322,7 @@ local read_path = "__READ_PATH__"
 local write_prefix = "__WRITE_PREFIX__"
 local keys = __KEYS__
 local body = '__BODY__'
+local fixed_path = "__FIXED_PATH__"
 local threads = 0
 local counter = 0
 tid = 0
@@ -292,6 +343,9 @@ function request()
   if method == "GET" then
     return wrk.format("GET", read_path)
   end
+  if fixed_path ~= "" then
+    return wrk.format("POST", fixed_path, nil, body)
+  end
   counter = counter + 1
   return wrk.format("POST", write_prefix .. tid .. "/" .. (counter % keys), nil, body)
 end
@@ -307,14 +361,16 @@ end
 """
 
 
-def _lua_script(method: str, token: str) -> str:
+def _lua_script(method: str, token: str, path: str = "", body: str = WRITE_BODY) -> str:
+    """The wrk script: GET READ_PATH, POST `body` to `path` when given, else KV writes."""
     replacements = {
         "__TOKEN__": token,
         "__METHOD__": method,
         "__READ_PATH__": READ_PATH,
         "__WRITE_PREFIX__": WRITE_PREFIX,
         "__KEYS__": str(WRITE_KEYS_PER_THREAD),
-        "__BODY__": WRITE_BODY,
+        "__BODY__": body,
+        "__FIXED_PATH__": path,
     }
     text = _LUA
     for marker, value in replacements.items():
@@ -360,10 +416,19 @@ def wrk_version(binary: str) -> str:
 
 
 def run_wrk(
-    binary: str, port: int, method: str, token: str, *, seconds: float, threads: int, connections: int
+    binary: str,
+    port: int,
+    method: str,
+    token: str,
+    *,
+    seconds: float,
+    threads: int,
+    connections: int,
+    path: str = "",
+    body: str = WRITE_BODY,
 ) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_lua_script(method, token))
+        script.write(_lua_script(method, token, path, body))
     try:
         done = subprocess.run(
             [
@@ -406,10 +471,19 @@ def _percentile(sorted_values: list[float], p: float) -> float:
 
 
 def run_python_load(
-    port: int, method: str, token: str, *, seconds: float, connections: int, max_requests: int
+    port: int,
+    method: str,
+    token: str,
+    *,
+    seconds: float,
+    connections: int,
+    max_requests: int,
+    path: str = "",
+    body: str = WRITE_BODY,
 ) -> dict[str, Any]:
     """Keep-alive connections, one thread each, until `seconds` pass or `max_requests`
-    requests were sent in all."""
+    requests were sent in all. GET reads READ_PATH; POST sends `body` to `path` when
+    given, else KV writes spread over WRITE_PREFIX."""
     tickets = itertools.count()
     deadline = time.perf_counter() + seconds
     latencies: list[list[float]] = [[] for _ in range(connections)]
@@ -427,14 +501,14 @@ def run_python_load(
                 if conn is None:
                     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
                 counter += 1
-                path = (
+                target = (
                     READ_PATH
                     if method == "GET"
-                    else f"{WRITE_PREFIX}{index}/{counter % WRITE_KEYS_PER_THREAD}"
+                    else path or f"{WRITE_PREFIX}{index}/{counter % WRITE_KEYS_PER_THREAD}"
                 )
                 start = time.perf_counter()
                 try:
-                    conn.request(method, path, body=WRITE_BODY if method == "POST" else None, headers=headers)
+                    conn.request(method, target, body=body if method == "POST" else None, headers=headers)
                     response = conn.getresponse()
                     response.read()
                 except (OSError, http.client.HTTPException):
@@ -583,24 +657,26 @@ def _describe(target: str, mode: str, workers: int, binary: str) -> dict[str, An
     return {"command": command, "version": bao_version(binary), "listen": "127.0.0.1"}
 
 
-def _comparison(kv: dict[str, dict[str, dict[str, Any]]], modes: list[str]) -> dict[str, Any]:
+def _comparison(every: dict[str, dict[str, dict[str, Any]]], modes: list[str]) -> dict[str, Any]:
     """`<op>_ratio_vs_openbao_<mode>` (throughput, Keycell over OpenBao) and the p99 ratios."""
     ratios: dict[str, Any] = {}
     for mode in modes:
-        pair = kv.get(mode, {})
+        pair = every.get(mode, {})
         if "keycell" not in pair or "openbao" not in pair:
             continue
         k, o = pair["keycell"], pair["openbao"]
-        for op in ("write", "read"):
+        for op in ("write", "read", *OTHER_OPS):
             ratios[f"{op}_ratio_vs_openbao_{mode}"] = _ratio(k[op]["requests_per_s"], o[op]["requests_per_s"])
             ratios[f"{op}_p99_ratio_vs_openbao_{mode}"] = _ratio(k[op]["p99_ms"], o[op]["p99_ms"])
     return ratios
 
 
 def _goals(
-    kv: dict[str, dict[str, dict[str, Any]]], ratios: dict[str, Any], connections: int
+    every: dict[str, dict[str, dict[str, Any]]], ratios: dict[str, Any], connections: int
 ) -> dict[str, Any]:
-    keycell = {mode: pair["keycell"] for mode, pair in kv.items() if "keycell" in pair}
+    """The issue's goals: throughput ratios and p99 for KV reads and writes; no non-2xx
+    answer from Keycell in any operation."""
+    keycell = {mode: pair["keycell"] for mode, pair in every.items() if "keycell" in pair}
     goals: dict[str, Any] = {
         "write_ratio_min": WRITE_RATIO_GOAL,
         "read_ratio_min": READ_RATIO_GOAL,
@@ -608,13 +684,14 @@ def _goals(
         "connections": connections,
     }
     for name, value in ratios.items():
-        if "_p99_" in name:
+        if "_p99_" in name or not name.startswith(KV_OPS):
             continue
         floor = WRITE_RATIO_GOAL if name.startswith("write") else READ_RATIO_GOAL
         goals[f"{name}_met"] = value is not None and value >= floor
     for mode, ops in keycell.items():
         for op, figures in ops.items():
-            goals[f"keycell_{op}_p99_{mode}_met"] = figures["p99_ms"] < P99_GOAL_MS
+            if op in KV_OPS:
+                goals[f"keycell_{op}_p99_{mode}_met"] = figures["p99_ms"] < P99_GOAL_MS
             goals[f"keycell_{op}_non_2xx_{mode}_zero"] = figures["non_2xx"] == 0 and figures["errors"] == 0
     return goals
 
@@ -626,20 +703,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wrk = ensure_wrk() if load == "wrk" else ""
     binary = bao_binary() if "openbao" in targets else ""
 
-    def measure(port: int, method: str, token: str, seconds: float) -> dict[str, Any]:
+    def measure(port: int, token: str, request: tuple[str, str, str], seconds: float) -> dict[str, Any]:
+        method, path, body = request
         if load == "wrk":
             return run_wrk(
-                wrk, port, method, token, seconds=seconds, threads=args.threads, connections=args.connections
+                wrk,
+                port,
+                method,
+                token,
+                seconds=seconds,
+                threads=args.threads,
+                connections=args.connections,
+                path=path,
+                body=body or WRITE_BODY,
             )
         return run_python_load(
-            port, method, token, seconds=seconds, connections=args.connections, max_requests=args.max_requests
+            port,
+            method,
+            token,
+            seconds=seconds,
+            connections=args.connections,
+            max_requests=args.max_requests,
+            path=path,
+            body=body or WRITE_BODY,
         )
 
     uptime_before = _uptime()
     load_before = os.getloadavg()[0]
     servers: dict[str, dict[str, Any]] = {}
     samples: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {
-        mode: {t: {"read": [], "write": []} for t in targets} for mode in modes
+        mode: {t: {op: [] for op in OPS} for t in targets} for mode in modes
     }
     with contextlib.ExitStack() as stack:
         ports: dict[tuple[str, str], tuple[int, str]] = {}
@@ -647,18 +740,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for target in targets:
                 ports[(mode, target)] = _server(stack, target, mode, args.workers, binary)
                 servers[f"{target}_{mode}"] = _describe(target, mode, args.workers, binary)
-        for port, token in ports.values():
-            prepare(port, token)
-            measure(port, "GET", token, args.warmup)  # every worker builds its router, caches fill
+        requests: dict[tuple[str, str], dict[str, tuple[str, str, str]]] = {}
+        for where, (port, token) in ports.items():
+            requests[where] = prepare(port, token)
+            # every worker builds its router, caches fill
+            measure(port, token, requests[where]["read"], args.warmup)
         for _ in range(args.rounds):
             for (mode, target), (port, token) in ports.items():
-                samples[mode][target]["read"].append(measure(port, "GET", token, args.duration))
-                samples[mode][target]["write"].append(measure(port, "POST", token, args.duration))
+                for op in OPS:
+                    samples[mode][target][op].append(
+                        measure(port, token, requests[(mode, target)][op], args.duration)
+                    )
 
-    kv = {
+    every = {
         mode: {target: {op: _median_figures(s) for op, s in ops.items()} for target, ops in per.items()}
         for mode, per in samples.items()
     }
+    kv = {mode: {t: {op: f[op] for op in KV_OPS} for t, f in per.items()} for mode, per in every.items()}
     report: dict[str, Any] = {
         "benchmark": "api",
         "machine": machine(),
@@ -676,14 +774,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "loadavg_1min_after": round(os.getloadavg()[0], 2),
             "read": f"GET {READ_PATH}",
             "write": f"POST {WRITE_PREFIX}<thread>/<n mod {WRITE_KEYS_PER_THREAD}>",
+            "approle_login": f"POST {LOGIN_PATH} (role_id, secret_id of unlimited uses)",
+            "pki_issue": f"POST {ISSUE_PATH} {ISSUE_BODY} (EC P-256 root and leaf)",
         },
         "servers": servers,
         "kv_v2": kv,
+        # {mode: {target: figures}}, as kv_v2's per operation
+        **{op: {mode: {t: f[op] for t, f in per.items()} for mode, per in every.items()} for op in OTHER_OPS},
     }
-    ratios = _comparison(kv, modes)
+    ratios = _comparison(every, modes)
     if ratios:
         report["ratios"] = ratios
-    report["goals"] = _goals(kv, ratios, args.connections)
+    report["goals"] = _goals(every, ratios, args.connections)
     report["cold_start"] = {module: cold_start(module, args.cold_runs) for module in handler_modules()}
     return report
 
@@ -714,7 +816,9 @@ def _stop_on_sigterm() -> Callable[[], None]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description="regional API: KV v2 under load, and cold start")
+    parser = argparse.ArgumentParser(
+        description="regional API: KV v2, AppRole login and PKI issue under load, and cold start"
+    )
     parser.add_argument("--quick", action="store_true", help="one short round (a few seconds)")
     parser.add_argument("--targets", type=_targets, default=["keycell", "openbao"], help="keycell,openbao")
     parser.add_argument("--modes", type=_modes, default=list(MODES), help="dev,durable")

@@ -16,8 +16,8 @@ operators enabling the same path at once get one mount and one clear refusal:
   cached by the mount's uuid and lease TTLs (a disabled and re-enabled path is a new
   mount; a tuned one is built again).
 
-Types that can be enabled: `kv` (version 2; `kv-v2` is the CLI's name for it) and
-`transit` for secrets, `approle` and `kubernetes` for auth. Disabling a mount deletes its data: every
+Types that can be enabled: `kv` (version 2; `kv-v2` is the CLI's name for it),
+`transit` and `pki` for secrets, `approle` and `kubernetes` for auth. Disabling a mount deletes its data: every
 item stored under it goes, as Vault's `secrets disable` does.
 
 Tune (`sys/mounts/:path/tune`, `sys/auth/:path/tune`): `default_lease_ttl`,
@@ -52,6 +52,7 @@ _PATH = re.compile(r"[A-Za-z0-9_-]+(?:/[A-Za-z0-9_-]+)*")
 _DESCRIPTIONS = {
     "kv": "key/value secret storage",
     "transit": "encryption as a service",
+    "pki": "X.509 certificate authority (CA keys in the key backend)",
     "database": "dynamic database credentials",
     "cubbyhole": "per-token private secret storage",
     "identity": "identity store",
@@ -78,7 +79,7 @@ BUILTIN_AUTH: dict[str, tuple[str, dict[str, str] | None]] = {
 # The engines and methods that are part of the core, not plug-ins (Vault lists no
 # deprecation status for these, and a core auth method's options are null).
 CORE_TYPES = frozenset({"cubbyhole", "identity", "system", "token", "rotation"})
-ENABLEABLE = {SECRETS: ("kv", "transit"), AUTH: ("approle", "kubernetes")}
+ENABLEABLE = {SECRETS: ("kv", "transit", "pki"), AUTH: ("approle", "kubernetes")}
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,7 @@ class MountTable:
         prefixes = {
             "kv": ((Kind.SECRET_META, f"{name}/"), (Kind.SECRET_VERSION, f"{name}/")),
             "transit": ((Kind.TRANSIT_KEY, f"{name}/"),),
+            "pki": ((Kind.CONFIG, f"pki/{name}/"),),
             "approle": ((Kind.AUTH_ROLE, f"approle/{name}/"), (Kind.AUTH_SECRET, f"approle/{name}/")),
             "kubernetes": ((Kind.AUTH_ROLE, f"kubernetes/{name}/"),),
         }.get(mount.type, ())

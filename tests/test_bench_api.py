@@ -2,7 +2,8 @@
 --quick`, in its own process, against `keycell server --dev` only, with the built-in
 Python load generator (`make test` installs neither wrk nor OpenBao; `make bench`
 drives both). It must print a complete JSON report and stop every server it started;
-the figures themselves are for `make bench`, not for assertions here. Both modes run:
+the figures themselves are for `make bench`, not for assertions here. KV v2 read and
+write, AppRole login and PKI issue all run, every answer a 2xx. Both modes run:
 `--dev`, and `--data-dir` initialized and unsealed through sys/init and sys/unseal."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.api import WRITE_KEYS_PER_THREAD, _lua_script, importtime_ms
+from bench.api import ISSUE_BODY, ISSUE_PATH, WRITE_KEYS_PER_THREAD, _lua_script, importtime_ms
 from bench.common import run_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,13 @@ def test_quick_run_against_keycell_prints_a_complete_report() -> None:
             assert figures["requests_per_s"] > 0
             assert 0 < figures["p50_ms"] <= figures["p99_ms"]
         assert report["goals"][f"keycell_write_non_2xx_{mode}_zero"] is True
+        # AppRole login and PKI issue: the same figures, every answer a 2xx
+        for op in ("approle_login", "pki_issue"):
+            assert set(report[op][mode]) == {"keycell"}
+            figures = report[op][mode]["keycell"]
+            assert figures["requests"] > 0 and figures["errors"] == 0 and figures["non_2xx"] == 0
+            assert 0 < figures["p50_ms"] <= figures["p99_ms"]
+            assert report["goals"][f"keycell_{op}_non_2xx_{mode}_zero"] is True
     assert "ratios" not in report  # only when both servers ran
     cold = report["cold_start"]
     assert "keycell.functions.api.app" in cold
@@ -108,4 +116,7 @@ def test_wrk_scripts_carry_the_token_and_the_write_body() -> None:
     write = _lua_script("POST", "kc.token")
     assert '"kc.token"' in read and '"kc.token"' in write
     assert '"password"' in write and f"local keys = {WRITE_KEYS_PER_THREAD}" in write
-    assert not re.search(r"__[A-Z_]+__", read + write)  # every marker filled in
+    assert 'local fixed_path = ""' in write  # KV writes spread over their paths
+    issue = _lua_script("POST", "kc.token", ISSUE_PATH, ISSUE_BODY)
+    assert f'local fixed_path = "{ISSUE_PATH}"' in issue and f"local body = '{ISSUE_BODY}'" in issue
+    assert not re.search(r"__[A-Z_]+__", read + write + issue)  # every marker filled in

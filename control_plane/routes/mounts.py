@@ -60,6 +60,8 @@ class MountedRoutes:
         from keycell.control_plane.auth.kubernetes.backend import KubernetesAuth
         from keycell.control_plane.engines.kv import routes as kv_routes
         from keycell.control_plane.engines.kv.backend import KvV2
+        from keycell.control_plane.engines.pki import routes as pki_routes
+        from keycell.control_plane.engines.pki.backend import Pki
         from keycell.control_plane.engines.transit import routes as transit_routes
         from keycell.control_plane.engines.transit.backend import Transit
 
@@ -79,6 +81,8 @@ class MountedRoutes:
             transit_routes.register(
                 router, Transit(s.barrier, s.key_backend, mount=name, clock=s.clock), name
             )
+        elif not auth and mount.type == "pki":
+            pki_routes.register(router, Pki(s.barrier, s.key_backend, mount=name, clock=s.clock), name)
         return router
 
 

@@ -186,3 +186,34 @@ def test_ui_mounts_refuses_a_token_with_nothing_under_the_mount(address: str, kv
         client.read("sys/internal/ui/mounts/no-such-mount/x")  # not found reads the same as refused
     with pytest.raises(hvac.exceptions.Forbidden):
         hvac.Client(url=address).read("sys/internal/ui/mounts/kv-apps/app/db")  # no token
+
+
+def test_pki_through_bao_secrets_enable_write_and_read_cert_ca(address: str, home: str) -> None:
+    """`bao secrets enable pki`, a root generated with `bao write`, a role, an issue, and
+    `bao read pki/cert/ca` giving the root's PEM, which `cryptography` parses as a CA."""
+    from cryptography import x509
+
+    assert "Enabled the pki secrets engine at: pki/" in bao(address, home, "secrets", "enable", "pki")
+    root = bao_json(
+        address, home, "write", "pki/root/generate/internal", "common_name=Keycell CLI Root", "ttl=24h"
+    )
+    ca = bao_json(address, home, "read", "pki/cert/ca")["data"]["certificate"]
+    assert ca.strip() == root["data"]["certificate"].strip()
+    parsed = x509.load_pem_x509_certificate(ca.encode())
+    assert parsed.subject.rfc4514_string() == "CN=Keycell CLI Root"
+    assert parsed.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    bao(
+        address,
+        home,
+        "write",
+        "pki/roles/web",
+        "allowed_domains=example.com",
+        "allow_subdomains=true",
+        "max_ttl=1h",
+    )
+    issued = bao_json(address, home, "write", "pki/issue/web", "common_name=api.example.com", "ttl=10m")[
+        "data"
+    ]
+    leaf = x509.load_pem_x509_certificate(issued["certificate"].encode())
+    assert leaf.issuer == parsed.subject
+    assert issued["serial_number"] and issued["private_key_type"] == "rsa"  # a role's default, as Vault's

@@ -82,6 +82,7 @@ SEAL_LIFECYCLE = {
 FUZZ_MOUNTS = (
     ("mounts", "kv-fuzz", "kv-v2"),
     ("mounts", "transit-fuzz", "transit"),
+    ("mounts", "pki-fuzz", "pki"),
     ("auth", "approle", "approle"),
     ("auth", "kubernetes", "kubernetes"),
 )

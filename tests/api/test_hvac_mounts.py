@@ -108,7 +108,7 @@ def test_tune_reads_and_writes_lease_ttls_and_description(root: hvac.Client) -> 
         ("sys", "kv-v2", None, "already in use"),
         ("auth", "kv-v2", None, "already in use"),
         ("fresh", "kv", {"version": "1"}, "KV version 2 only"),
-        ("fresh", "pki", None, "type must be one of"),
+        ("fresh", "ssh", None, "type must be one of"),
         ("bad path!", "kv-v2", None, "a mount path is"),
     ],
 )
