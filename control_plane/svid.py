@@ -53,6 +53,7 @@ from keycell.control_plane.keys import KeyBackend, KeyExistsError, KeySpec
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger
 from keycell.control_plane.revocations import spiffe_subject, svid_subject
 from keycell.control_plane.storage import get_json, put_json_if
+from keycell.control_plane.x509sign import sign_certificate
 
 AUTHORITIES_KEY = Key(Kind.CONFIG, "identity/authorities")
 DEFAULT_JWT_TTL = 5 * 60  # the 5-minute JWT-SVID the SPIFFE ecosystem expects
@@ -69,9 +70,6 @@ CLOCK_LEEWAY = 30
 
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 _PATH_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
-# DER AlgorithmIdentifier of ecdsa-with-SHA256 (RFC 5758), the only one the root and
-# intermediates sign with.
-_ECDSA_SHA256_ALG_ID = bytes.fromhex("300a06082a8648ce3d040302")
 
 
 class AuthorityState(StrEnum):
@@ -150,23 +148,6 @@ def b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _der_length(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(body)]) + body
-
-
-def _der(tag: int, body: bytes) -> bytes:
-    return bytes([tag]) + _der_length(len(body)) + body
-
-
-def _assemble_certificate(tbs: bytes, signature_der: bytes) -> x509.Certificate:
-    """Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue }."""
-    body = tbs + _ECDSA_SHA256_ALG_ID + _der(0x03, b"\x00" + signature_der)
-    return x509.load_der_x509_certificate(_der(0x30, body))
-
-
 def _kid(public_key_pem: bytes) -> str:
     public = serialization.load_pem_public_key(public_key_pem)
     spki = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -192,18 +173,6 @@ def _public_jwk(public_key_pem: bytes) -> dict[str, Any]:
             "e": b64url(rsa_numbers.e.to_bytes((rsa_numbers.e.bit_length() + 7) // 8, "big")),
         }
     raise SvidError("only EC P-256 and RSA keys sign JWT-SVIDs")
-
-
-def _dummy_key() -> ec.EllipticCurvePrivateKey:
-    """A throwaway key: cryptography builds the to-be-signed bytes only while signing, so a
-    certificate is first signed with this and then re-signed by the key backend."""
-    global _DUMMY
-    if _DUMMY is None:
-        _DUMMY = ec.generate_private_key(ec.SECP256R1())
-    return _DUMMY
-
-
-_DUMMY: ec.EllipticCurvePrivateKey | None = None
 
 
 # --- authorities --------------------------------------------------------------------------
@@ -499,10 +468,7 @@ class IdentityCA:
             self.keys.create_key(name, KeySpec.EC_P256)
 
     def _sign_cert(self, builder: x509.CertificateBuilder, key_name: str) -> x509.Certificate:
-        draft = builder.sign(_dummy_key(), hashes.SHA256())
-        tbs = draft.tbs_certificate_bytes
-        signature = self.keys.sign(key_name, tbs)
-        return _assemble_certificate(tbs, signature.value)
+        return sign_certificate(builder, self.keys, key_name)
 
     def _root_certificate(self, key_name: str, domain: str) -> x509.Certificate:
         public = serialization.load_pem_public_key(self.keys.public_key(key_name))

@@ -86,8 +86,8 @@ from keycell.control_plane.ledger import (
 )
 from keycell.control_plane.mounts import SYSTEM_DEFAULT_LEASE_TTL, SYSTEM_MAX_LEASE_TTL
 from keycell.control_plane.storage import ATTEMPTS, encode_json, get_json, put_json_if
-from keycell.control_plane.svid import _ECDSA_SHA256_ALG_ID, _assemble_certificate, _der, _dummy_key
 from keycell.control_plane.timefmt import rfc3339
+from keycell.control_plane.x509sign import draft_key, sign_certificate, sign_crl, signed_der
 
 # A CA certificate lives at most this long (twenty years), whatever ttl asks.
 MAX_CA_TTL = 20 * 365 * 24 * 3600
@@ -287,12 +287,6 @@ def _load_cert(pem: str) -> x509.Certificate:
     return x509.load_pem_x509_certificate(pem.encode())
 
 
-def _signed_der(tbs: bytes, signature_der: bytes) -> bytes:
-    """SEQUENCE { tbs, ecdsa-with-SHA256, BIT STRING signature }: the outer shape of a
-    CSR and a CRL, as `svid._assemble_certificate` builds it for certificates."""
-    return _der(0x30, tbs + _ECDSA_SHA256_ALG_ID + _der(0x03, b"\x00" + signature_der))
-
-
 @dataclass(frozen=True)
 class Issuer:
     """The mount's CA: its backend key, and (once active) its certificate and chain."""
@@ -404,11 +398,11 @@ class Pki:
             builder = x509.CertificateSigningRequestBuilder().subject_name(
                 x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
             )
-            draft = builder.sign(_dummy_key(), hashes.SHA256())
+            draft = builder.sign(draft_key(), hashes.SHA256())
             # cryptography signs a CSR with the key it certifies, so the draft carries the
             # dummy's public key: the backend key's takes its place in the request info.
             tbs = _csr_info_for(draft, self._public(key))
-            csr = x509.load_der_x509_csr(_signed_der(tbs, self.keys.sign(key, tbs).value))
+            csr = x509.load_der_x509_csr(signed_der(tbs, self.keys.sign(key, tbs).value))
             pem = csr.public_bytes(serialization.Encoding.PEM).decode().strip()
             issuer = Issuer(key, str(uuid.uuid4()), str(uuid.uuid4()), "pending", pem, "", ())
             try:
@@ -941,8 +935,7 @@ class Pki:
     def _sign(self, builder: x509.CertificateBuilder, key: str) -> x509.Certificate:
         """The certificate `builder` describes, signed by backend key `key` (as the SVID
         authorities sign: a draft gives the TBS bytes, the backend signs those)."""
-        tbs = builder.sign(_dummy_key(), hashes.SHA256()).tbs_certificate_bytes
-        return _assemble_certificate(tbs, self.keys.sign(key, tbs).value)
+        return sign_certificate(builder, self.keys, key)
 
     def _activate(self, issuer: Issuer, *, expected: int) -> None:
         """The CA record, the CA's own certificate record and its first (empty) CRL, in
@@ -1027,8 +1020,7 @@ class Pki:
                 .revocation_date(_utc(at))
                 .build()
             )
-        tbs = builder.sign(_dummy_key(), hashes.SHA256()).tbs_certlist_bytes
-        crl = x509.load_der_x509_crl(_signed_der(tbs, self.keys.sign(issuer.key, tbs).value))
+        crl = sign_crl(builder, self.keys, issuer.key)
         pem = crl.public_bytes(serialization.Encoding.PEM).decode().strip()
         return {"number": number, "pem": pem}
 
