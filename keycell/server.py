@@ -102,7 +102,7 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             return  # the client went away
         if isinstance(body, tuple):
             reply = body
-        elif WRITER_THREADS and scope["method"].upper() not in _ON_LOOP:
+        elif scope["method"].upper() not in _ON_LOOP and writer_threads():
             # A write waits on the ledger's commit (an fsync): on a thread, so that the
             # writes in flight share one commit (group commit, adapters/ledgers/sqlite.py)
             # and reads go on meanwhile.
@@ -424,13 +424,32 @@ _committer: AsyncCommitter | None = None
 # may write, and runs on a writer thread.
 _ON_LOOP = frozenset({"GET", "HEAD", "OPTIONS"})
 # Writers in flight per worker, each parked on the ledger's next commit most of its time,
-# so that concurrent writes share one fsync (group commit). 0, the default: writes run on
-# the loop too, one at a time per worker. On a 2-core machine whose fsync takes ~0.2 ms,
-# `python -m bench.api --targets keycell` with KEYCELL_WRITER_THREADS=0 and =32 alternated
-# had writes on the loop faster in both modes (dev ~1.4x, durable ~1.25x): the GIL
-# handoffs cost more than the shared fsync saves. Where an fsync is slow (network block
-# storage), set KEYCELL_WRITER_THREADS (e.g. 32).
-WRITER_THREADS = int(os.environ.get("KEYCELL_WRITER_THREADS", "0"))
+# so that concurrent writes share one commit (group commit). 0: writes run on the loop,
+# one at a time per worker. KEYCELL_WRITER_THREADS sets it; by default it follows the
+# ledger: writes go to threads when its commit waits on a device (an fsynced SQLite file,
+# DynamoDB over the network), as the loop would stand still meanwhile, and stay on the
+# loop when it does not (`--dev`: unsynced), as the GIL handoffs would cost more than
+# the shared commit saves. Measured here (wrk 2 threads x 32 connections with bench.api's
+# write script, 2 workers, `--data-dir`, 5-8 s runs, load 2.5-5): 0 threads 439, 715 and
+# 488 writes/s (p99 142-251 ms, each worker at 0.25-0.36 core, waiting on fsync); 8-16
+# threads 1037, 1234 and 1638 (p99 50-165 ms). In dev mode, 0 against 8: 1297 against 1182.
+DEVICE_WRITER_THREADS = 16
+_writer_threads: int | None = None
+
+
+def writer_threads() -> int:
+    """This worker's writer threads (0: writes on the loop); see DEVICE_WRITER_THREADS."""
+    global _writer_threads
+    if _writer_threads is None:
+        explicit = os.environ.get("KEYCELL_WRITER_THREADS")
+        if explicit is not None:
+            _writer_threads = int(explicit)
+        else:
+            waits = getattr(router().services.ledger, "commits_wait_on_device", True)
+            _writer_threads = DEVICE_WRITER_THREADS if waits else 0
+    return _writer_threads
+
+
 _writers: ThreadPoolExecutor | None = None
 
 
@@ -456,7 +475,9 @@ async def handle_http_threaded(scope: dict[str, Any], body: bytes) -> _Reply:
             return asyncio.run_coroutine_threadsafe(committer.commit(record), loop).result()
 
     if _writers is None:
-        _writers = ThreadPoolExecutor(max_workers=max(1, WRITER_THREADS), thread_name_prefix="keycell-writer")
+        _writers = ThreadPoolExecutor(
+            max_workers=max(1, writer_threads()), thread_name_prefix="keycell-writer"
+        )
     return await loop.run_in_executor(_writers, _handle_on_thread, scope, body, commit)
 
 
