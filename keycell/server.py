@@ -19,11 +19,13 @@ within the read timeout (408 past it); malformed HTTP is a 400 in Vault's error 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import os
 import socket
 import ssl
+import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from urllib.parse import parse_qsl, unquote
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors import Multiprocess, multiprocess
 
 from keycell.control_plane.admission import AdmissionConfig, AdmissionGate, classify
 from keycell.control_plane.audit import AsyncCommitter
@@ -100,7 +102,7 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             return  # the client went away
         if isinstance(body, tuple):
             reply = body
-        elif WRITER_THREADS and scope["method"].upper() not in _ON_LOOP:
+        elif scope["method"].upper() not in _ON_LOOP and writer_threads():
             # A write waits on the ledger's commit (an fsync): on a thread, so that the
             # writes in flight share one commit (group commit, adapters/ledgers/sqlite.py)
             # and reads go on meanwhile.
@@ -422,13 +424,32 @@ _committer: AsyncCommitter | None = None
 # may write, and runs on a writer thread.
 _ON_LOOP = frozenset({"GET", "HEAD", "OPTIONS"})
 # Writers in flight per worker, each parked on the ledger's next commit most of its time,
-# so that concurrent writes share one fsync (group commit). 0, the default: writes run on
-# the loop too, one at a time per worker. On a 2-core machine whose fsync takes ~0.2 ms,
-# `python -m bench.api --targets keycell` with KEYCELL_WRITER_THREADS=0 and =32 alternated
-# had writes on the loop faster in both modes (dev ~1.4x, durable ~1.25x): the GIL
-# handoffs cost more than the shared fsync saves. Where an fsync is slow (network block
-# storage), set KEYCELL_WRITER_THREADS (e.g. 32).
-WRITER_THREADS = int(os.environ.get("KEYCELL_WRITER_THREADS", "0"))
+# so that concurrent writes share one commit (group commit). 0: writes run on the loop,
+# one at a time per worker. KEYCELL_WRITER_THREADS sets it; by default it follows the
+# ledger: writes go to threads when its commit waits on a device (an fsynced SQLite file,
+# DynamoDB over the network), as the loop would stand still meanwhile, and stay on the
+# loop when it does not (`--dev`: unsynced), as the GIL handoffs would cost more than
+# the shared commit saves. Measured here (wrk 2 threads x 32 connections with bench.api's
+# write script, 2 workers, `--data-dir`, 5-8 s runs, load 2.5-5): 0 threads 439, 715 and
+# 488 writes/s (p99 142-251 ms, each worker at 0.25-0.36 core, waiting on fsync); 8-16
+# threads 1037, 1234 and 1638 (p99 50-165 ms). In dev mode, 0 against 8: 1297 against 1182.
+DEVICE_WRITER_THREADS = 16
+_writer_threads: int | None = None
+
+
+def writer_threads() -> int:
+    """This worker's writer threads (0: writes on the loop); see DEVICE_WRITER_THREADS."""
+    global _writer_threads
+    if _writer_threads is None:
+        explicit = os.environ.get("KEYCELL_WRITER_THREADS")
+        if explicit is not None:
+            _writer_threads = int(explicit)
+        else:
+            waits = getattr(router().services.ledger, "commits_wait_on_device", True)
+            _writer_threads = DEVICE_WRITER_THREADS if waits else 0
+    return _writer_threads
+
+
 _writers: ThreadPoolExecutor | None = None
 
 
@@ -454,7 +475,9 @@ async def handle_http_threaded(scope: dict[str, Any], body: bytes) -> _Reply:
             return asyncio.run_coroutine_threadsafe(committer.commit(record), loop).result()
 
     if _writers is None:
-        _writers = ThreadPoolExecutor(max_workers=max(1, WRITER_THREADS), thread_name_prefix="keycell-writer")
+        _writers = ThreadPoolExecutor(
+            max_workers=max(1, writer_threads()), thread_name_prefix="keycell-writer"
+        )
     return await loop.run_in_executor(_writers, _handle_on_thread, scope, body, commit)
 
 
@@ -572,13 +595,89 @@ class VaultHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int, *, workers: int = 1) -> socket.socket:
+    """The listening socket, accepting at once: clients may connect before the workers are
+    up. With several workers it also founds a SO_REUSEPORT group that spreads connections
+    over the workers (see `_BalancedWorker`)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    balanced = workers > 1 and _REUSEPORT_BPF
+    if balanced:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(2048)  # accepting from now: clients may connect before the workers are up
+    if balanced and not _spread_over_workers(sock, workers):
+        # No filter: a new connection would sit in this shared queue as often as in a
+        # worker's own, which is no better than sharing it alone.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
     sock.set_inheritable(True)
     return sock
+
+
+# Workers sharing one listening socket do not share its connections evenly: an idle
+# worker's loop accepts every connection queued at that moment (uvloop accepts until the
+# queue is empty), so a burst of keep-alive connections (wrk's 32, a client pool) may all
+# land on one worker while the other idles: measured here, 32 and 0, or 27 and 5, under
+# `python -m bench.api`. So with several workers each one also listens on a socket of its
+# own in the same SO_REUSEPORT group, and a classic BPF program attached to the group
+# sends every new connection to one of the workers' sockets at random (indexes 1..n; the
+# shared socket, index 0, is the group's first). Before the workers listen, and when a
+# worker is gone, the index falls outside the group and the kernel picks by hash, the
+# shared socket included, which every worker still accepts from: no connection waits on a
+# socket nobody serves. Linux only; elsewhere the shared socket alone, as before.
+_REUSEPORT_BPF = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
+_SO_ATTACH_REUSEPORT_CBPF = 51  # <asm-generic/socket.h>
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+def _spread_over_workers(sock: socket.socket, workers: int) -> bool:
+    """Attach `A = random() % workers + 1; return A` to the group `sock` founded."""
+    program = (_SockFilter * 4)(
+        _SockFilter(0x20, 0, 0, 0xFFFFF000 + 56),  # BPF_LD|BPF_W|BPF_ABS, SKF_AD_OFF + SKF_AD_RANDOM
+        _SockFilter(0x94, 0, 0, workers),  # BPF_ALU|BPF_MOD|BPF_K
+        _SockFilter(0x04, 0, 0, 1),  # BPF_ALU|BPF_ADD|BPF_K
+        _SockFilter(0x16, 0, 0, 0),  # BPF_RET|BPF_A
+    )
+    fprog = struct.pack("@HP", len(program), ctypes.addressof(program))  # struct sock_fprog
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, fprog)
+    except OSError as exc:
+        log.info("connections are not spread over the workers by the kernel: %s", exc.strerror)
+        return False
+    return True
+
+
+def _own_listener(shared: socket.socket) -> socket.socket | None:
+    """A worker's own socket in the shared socket's SO_REUSEPORT group, or None."""
+    if not shared.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+        return None
+    own = socket.socket(shared.family, socket.SOCK_STREAM)
+    try:
+        own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        own.bind(shared.getsockname()[:2])
+        own.listen(2048)
+    except OSError as exc:
+        own.close()
+        log.warning("worker %d serves the shared socket only: %s", os.getpid(), exc.strerror)
+        return None
+    return own
+
+
+class _BalancedWorker(multiprocess.Process):
+    """uvicorn's worker process, serving its own socket of the group besides the shared one."""
+
+    def target(self, sockets: list[socket.socket] | None = None) -> None:  # pragma: no cover - in the child
+        own = _own_listener(sockets[0]) if sockets else None
+        super().target([own, *(sockets or [])] if own is not None else sockets)
 
 
 class TLSFilesError(ValueError):
@@ -631,7 +730,7 @@ class ServerTLS:
 
 def serve(host: str, port: int, *, workers: int, tls: ServerTLS | None = None) -> None:
     """Serve until interrupted (HTTPS with `tls`); prints `READY <port>` once listening."""
-    sock = listen(host, port)
+    sock = listen(host, port, workers=workers)
     config = uvicorn.Config(
         "keycell.server:asgi_app",
         workers=workers,
@@ -648,6 +747,9 @@ def serve(host: str, port: int, *, workers: int, tls: ServerTLS | None = None) -
     announce_ready(sock.getsockname()[1])
     sys.stdout.flush()
     if workers > 1:
+        # uvicorn's supervisor builds its workers from this module global; this process
+        # is the supervisor and nothing else, so the replacement is seen by it alone.
+        multiprocess.Process = _BalancedWorker  # type: ignore[misc]
         Multiprocess(config, sockets=[sock]).run()
     else:
         config.load_app()

@@ -128,6 +128,9 @@ def _moment(epoch: int | None) -> datetime | None:
 class DynamoLedger:
     """A `Ledger` over one DynamoDB table (real AWS, a moto server, or LocalStack)."""
 
+    # Every commit is a round trip to DynamoDB: the server runs writes on threads.
+    commits_wait_on_device = True
+
     def __init__(
         self,
         table: str,

@@ -110,6 +110,9 @@ class SqliteLedger:
             raise ValueError(f"synchronous is one of {', '.join(SYNCHRONOUS)}, not {synchronous!r}")
         self.path = Path(path)
         self.synchronous = synchronous
+        # Whether a commit waits for the disk (fsync); the server then runs writes on
+        # threads, so that their commits are shared (keycell/server.py).
+        self.commits_wait_on_device = synchronous == "full"
         private_dir(self.path.parent)
         private_file(self.path)  # SQLite gives its -wal and -shm files this file's mode
         self._local = threading.local()

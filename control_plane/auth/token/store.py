@@ -94,6 +94,14 @@ _DISPLAY_NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9-]")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DENIED = "permission denied"
+# How long this process may answer `use` for an unlimited token from the record it last
+# read, without reading it again. Whatever can end a token is still seen at once: the
+# revocation set (every revoke adds the token there first) is checked on every use, and
+# so are its expiry and its ancestors' (as read). A cut-short TTL (a renewal to a shorter
+# increment) or records deleted by another process without a revocation are seen within
+# this bound; changes made through this store are seen at once.
+TOKEN_CACHE_SECONDS = 1.0
+TOKEN_CACHE_ENTRIES = 4096
 
 Duration = int | str
 
@@ -373,6 +381,9 @@ class TokenStore:
         self.clock = clock
         self.default_ttl = default_ttl
         self.max_ttl = max_ttl
+        # token path -> (monotonic time read, entry, version, earliest expiry of it and its
+        # ancestors): the records `use` read last, for TOKEN_CACHE_SECONDS.
+        self._valid: dict[str, tuple[float, TokenEntry, int, int | None]] = {}
 
     # --- create ------------------------------------------------------------------------
 
@@ -633,6 +644,7 @@ class TokenStore:
                 self.ledger.transact(_record_ops(tpath, renewed, versions=(version, *versions)))
             except ConflictError:
                 continue
+            self._valid.pop(tpath, None)
             return renewed
         raise Unavailable("the token is changing too often to renew; retry")
 
@@ -683,11 +695,16 @@ class TokenStore:
         """Authenticate a request with `token`: validate it and, for a use-limited token,
         spend one use (compare-and-set). The last use succeeds and revokes the token.
         Returns the entry with the uses left (0 after the last, or for unlimited)."""
+        self._check_token_text(token)
+        tpath = token_path(token)
+        cached = self._cached_valid(tpath)
+        if cached is not None:
+            return cached
         for _ in range(_RETRIES):
-            entry, version = self._load_valid(token)
+            entry, version, until = self._load_valid_until(tpath)
             if entry.num_uses == 0:
+                self._remember_valid(tpath, entry, version, until)
                 return entry
-            tpath = token_path(token)
             last = entry.num_uses == 1
             spent = replace(entry, num_uses=_USES_SPENT if last else entry.num_uses - 1)
             try:
@@ -730,6 +747,7 @@ class TokenStore:
         self._delete_records(tpath)
 
     def _orphan(self, tpath: str, link: Key, link_version: int) -> None:
+        self._valid.pop(tpath, None)
         for _ in range(_RETRIES):
             found = get_json(self.ledger, _token_key(tpath))
             if found is None:  # gone meanwhile; just drop the link
@@ -774,6 +792,7 @@ class TokenStore:
 
     def _delete_records(self, tpath: str) -> None:
         """Delete a token's record, accessor entry and its parent's link to it, at once."""
+        self._valid.pop(tpath, None)
         found = get_json(self.ledger, _token_key(tpath))
         if found is None:
             return
@@ -824,6 +843,12 @@ class TokenStore:
         return self._load_valid_path(token_path(token))
 
     def _load_valid_path(self, tpath: str) -> tuple[TokenEntry, int]:
+        entry, version, _until = self._load_valid_until(tpath)
+        return entry, version
+
+    def _load_valid_until(self, tpath: str) -> tuple[TokenEntry, int, int | None]:
+        """The valid token's entry, its record's version, and the earliest expiry of it
+        and its ancestors (None: none expires), read from the ledger."""
         found = get_json(self.ledger, _token_key(tpath))
         if found is None:
             raise PermissionDenied(_DENIED)
@@ -836,16 +861,40 @@ class TokenStore:
             raise PermissionDenied(_DENIED)
         if self.revocations.is_revoked(f"token:{entry.accessor}"):
             raise PermissionDenied(_DENIED)
+        until = entry.expire_time
         # Every ancestor must still be alive: a child dies with its parent.
         ancestor = entry.parent
         for _ in range(MAX_TREE_DEPTH + 1):
             if not ancestor:
-                return entry, version
+                return entry, version, until
             link = get_json(self.ledger, _accessor_key(ancestor))
             if link is None:
                 raise PermissionDenied(_DENIED)
             expires = link[0].get("expire_time")
-            if expires is not None and now >= int(expires):
-                raise PermissionDenied(_DENIED)
+            if expires is not None:
+                if now >= int(expires):
+                    raise PermissionDenied(_DENIED)
+                until = int(expires) if until is None else min(until, int(expires))
             ancestor = str(link[0].get("parent", ""))
         raise PermissionDenied(_DENIED)
+
+    def _cached_valid(self, tpath: str) -> TokenEntry | None:
+        """The entry `use` read for this unlimited token less than TOKEN_CACHE_SECONDS
+        ago, if the token is still neither expired nor revoked; else None (read again)."""
+        hit = self._valid.get(tpath)
+        if hit is None:
+            return None
+        read_at, entry, _version, until = hit
+        if (
+            time.monotonic() - read_at >= TOKEN_CACHE_SECONDS
+            or (until is not None and self.clock() >= until)
+            or self.revocations.is_revoked(f"token:{entry.accessor}")
+        ):
+            self._valid.pop(tpath, None)
+            return None
+        return entry
+
+    def _remember_valid(self, tpath: str, entry: TokenEntry, version: int, until: int | None) -> None:
+        if len(self._valid) >= TOKEN_CACHE_ENTRIES:
+            self._valid.clear()  # bounded; the next uses read their records again
+        self._valid[tpath] = (time.monotonic(), entry, version, until)
