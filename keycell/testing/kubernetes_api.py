@@ -231,8 +231,10 @@ class KubernetesApi:
                 try:
                     review = json.loads(raw)
                     token = review["spec"]["token"]
-                    assert review.get("apiVersion") == "authentication.k8s.io/v1"
-                    assert review.get("kind") == "TokenReview" and isinstance(token, str)
+                    # The API server takes the type from the URL when the body leaves it out
+                    # (Vault's plug-in sends no apiVersion or kind); a wrong one is refused.
+                    assert review.get("apiVersion", "authentication.k8s.io/v1") == "authentication.k8s.io/v1"
+                    assert review.get("kind", "TokenReview") == "TokenReview" and isinstance(token, str)
                 except (ValueError, KeyError, TypeError, AssertionError):
                     self._send(400, _status(400, "BadRequest", "the body is not a TokenReview"))
                     return

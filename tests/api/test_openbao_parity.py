@@ -18,6 +18,7 @@ import hvac.exceptions
 import pytest
 
 from bench.api import bao_binary, openbao_server
+from keycell.testing.kubernetes_api import KubernetesApi
 from keycell.testing.processes import keycell_server
 
 ROOT = "kc.parity-tests-root"
@@ -391,3 +392,52 @@ def test_policy_read_and_check_and_set(pair: Pair) -> None:
     pair.refusals(lambda c: c.adapter.post("/v1/sys/policies/acl/team", json={"policy": text, "cas": 1}))
     keycell, openbao = pair.both(lambda c: c.sys.read_acl_policy("team")["data"]["version"])
     assert keycell == openbao == 2  # the refused writes left the policy as it was
+
+
+@pytest.fixture(scope="module")
+def kubernetes(pair: Pair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pair, KubernetesApi]]:
+    """Kubernetes auth on both servers, configured against one local cluster stand-in
+    (keycell/testing/kubernetes_api.py: TokenReviews over HTTPS, real service account
+    JWTs), with the same role."""
+    with KubernetesApi(tmp_path_factory.mktemp("parity-k8s")) as k8s:
+        reviewer = k8s.service_account_token("kube-system", "keycell-reviewer")
+        pair.both(lambda c: c.sys.enable_auth_method("kubernetes"))
+        pair.both(
+            lambda c: c.auth.kubernetes.configure(
+                k8s.url, kubernetes_ca_cert=k8s.ca_pem, token_reviewer_jwt=reviewer
+            )
+        )
+        pair.both(
+            lambda c: c.auth.kubernetes.create_role(
+                "payments",
+                bound_service_account_names=["api"],
+                bound_service_account_namespaces=["payments"],
+                policies=["app"],
+                ttl="15m",
+            )
+        )
+        yield pair, k8s
+
+
+def test_kubernetes_config_role_and_login(kubernetes: tuple[Pair, KubernetesApi]) -> None:
+    pair, k8s = kubernetes
+    config = pair.same(lambda c: c.auth.kubernetes.read_config())
+    assert all("token_reviewer_jwt" not in answer for answer in config)  # neither answers the reviewer JWT
+    pair.same(lambda c: c.auth.kubernetes.read_role("payments"))
+    before = k8s.reviews
+    logins = pair.same(
+        lambda c: anonymous(c).auth.kubernetes.login(
+            "payments", k8s.service_account_token("payments", "api"), use_token=False
+        )
+    )
+    assert k8s.reviews - before == 2, "both asked the cluster"
+    for login in logins:
+        auth = login["auth"]
+        assert sorted(auth["policies"]) == ["app", "default"] and auth["lease_duration"] == 900
+        assert auth["metadata"]["service_account_name"] == "api"
+    refusals = pair.refusals(
+        lambda c: anonymous(c).auth.kubernetes.login(
+            "payments", k8s.service_account_token("payments", "intruder")
+        )
+    )
+    assert all(isinstance(r, hvac.exceptions.Forbidden) for r in refusals)
