@@ -125,6 +125,15 @@ def entry_expiry(entry: pb.Entry) -> int:
     return int(entry.receipt.expires_at)
 
 
+def _about_revocations(env: pb.Envelope) -> bool:
+    """Whether an envelope carries a revocation (or, lazily, revocation ids): what
+    `revocation_messages` counts, the broadcast's cost per revocation."""
+    for rumor in env.rumors:
+        if rumor.WhichOneof("kind") == "entry" and rumor.entry.WhichOneof("kind") == "revocation":
+            return True
+    return False
+
+
 def entry_key(entry: pb.Entry) -> str:
     if entry.HasField("revocation"):
         return "r/" + entry.revocation.id
@@ -367,6 +376,8 @@ class Relay(pb_grpc.RelayServicer):
                 self._mark_sent(addr, keys)
         kind = env.WhichOneof("body") or "gossip"
         self.counters[f"sent_{kind}"] += 1
+        if _about_revocations(env):
+            self.counters["revocation_messages"] += 1
         if self.faults is not None:
             if self.faults.drop(self.addr, addr):
                 self.counters["dropped"] += 1
