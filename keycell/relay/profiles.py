@@ -4,9 +4,10 @@ The shapes follow hashicorp/memberlist's DefaultLANConfig / DefaultWANConfig /
 DefaultLocalConfig (probe interval and timeout, indirect checks, suspicion and
 retransmit multipliers, push-pull interval, awareness ceiling). What differs is the
 broadcast: memberlist gossips every 200 ms (LAN) to 3 nodes, which is why it needs
-~1.2-1.8 s to reach 99% of 100 nodes; a relay also pushes every new revocation at
-once to `eager_fanout` peers, and gossips more often, so the broadcast is bounded
-by hops of network latency rather than by gossip ticks.
+~1.2-1.8 s to reach 99% of 100 nodes; a relay pushes every new revocation at once
+along a broadcast tree (keycell/relay/tree.py) and repairs a lost push within a
+tick or two, so the broadcast is bounded by hops of network latency rather than by
+gossip ticks.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class Profile:
     # a rumour is sent mult * ceil(log10(n + 1)) times by each relay (memberlist), the eager push included
     retransmit_mult: int
     gossip_interval: float
-    gossip_nodes: int
-    eager_fanout: int  # peers of this cell a new revocation is pushed to on receipt
+    gossip_nodes: int  # (the round model's gossip targets per round, keycell/relay/simulate.py)
+    eager_fanout: int  # relays of this cell each relay links to in the broadcast tree (all eager at first)
     cross_links: int  # relays of every other cell this relay keeps streams to
     push_pull_interval: float  # anti-entropy of the revocation set (a 64-bucket digest first)
     sync_interval: float  # push-pull of the whole member table (memberlist's PushPullInterval)
@@ -43,6 +44,12 @@ class Profile:
     backoff_base: float  # stream reconnect backoff: base * 2^failures, capped
     backoff_max: float
     rumors_per_message: int  # piggybacked rumours per envelope
+    # The broadcast tree (keycell/relay/tree.py): a relay that first hears a revocation
+    # sends its id to this many lazy links (at its next gossip tick), and a relay
+    # that hears an id it lacks asks for the revocation once this long has passed
+    # without the eager push bringing it.
+    lazy_fanout: int = 2
+    graft_timeout: float = 0.03
     # An entry whose revocation expired (`expires_at` > 0) is dropped once expires_at +
     # this grace has passed on the relay's clock; the grace covers clock skew between
     # relays, so none refuses an entry another still spreads as live.
@@ -96,10 +103,10 @@ LAN = Profile(
     suspicion_mult=4,
     suspicion_max_mult=6,
     retransmit_mult=4,
-    # (the gossip loop runs only while a revocation is hot, so a short interval costs
-    # an idle relay nothing; a rumour's sends are capped by the retransmit limit, so
-    # it speeds up repair of a lost push without adding sends)
-    gossip_interval=0.02,
+    # (the gossip loop ticks only while it has ids to announce or grafts to time, so
+    # a short interval costs an idle relay nothing, and it bounds how late a lost
+    # push is repaired: an announcement waits up to one tick, a graft a timeout)
+    gossip_interval=0.01,
     gossip_nodes=3,
     eager_fanout=3,
     cross_links=2,
@@ -110,6 +117,7 @@ LAN = Profile(
     backoff_base=0.1,
     backoff_max=10.0,
     rumors_per_message=64,
+    graft_timeout=0.015,
 )
 # Cells in different regions: memberlist WAN probe timings.
 WAN = Profile(
@@ -132,6 +140,7 @@ WAN = Profile(
     backoff_base=0.5,
     backoff_max=30.0,
     rumors_per_message=64,
+    graft_timeout=0.5,
 )
 PROFILES = {p.name: p for p in (LOCAL, LAN, WAN)}
 
