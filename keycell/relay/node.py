@@ -19,9 +19,10 @@ messages (SWIM's piggyback); they never make a message of their own.
 Revocations: a new one is applied to the cell (LedgerSink, off the event loop) and
 pushed at once along the broadcast tree (keycell/relay/tree.py, Plumtree): whole
 along the eager links, its id only along a few lazy ones; a relay that hears an id it
-lacks grafts the revocation from the announcer. Pings also carry the ids of the
-revocations heard in the last RECENT_IDS_S seconds, so a relay cut off from the tree
-(its parent died) pulls what it missed within a probe interval. Once the cell's
+lacks grafts the revocation from the announcer. Pings and their acks also carry the
+ids of the revocations heard in the last RECENT_IDS_S seconds, so a relay cut off
+from the tree (its parent died, or took it for dead) pulls what it missed within a
+probe interval. Once the cell's
 ledger holds it, the relay pushes it to its subscribers (the cell's API processes)
 and spreads this cell's receipt lazily, by piggyback and anti-entropy.
 
@@ -271,6 +272,8 @@ class Relay(pb_grpc.RelayServicer):
             fanout=profile.eager_fanout,
             lazy_fanout=profile.lazy_fanout,
             graft_timeout=profile.graft_timeout,
+            ack_timeout=profile.ack_timeout,
+            resends=profile.resends,
         )
         self._tree_view = (-1, -1)  # (table version, cross version) the tree was refreshed at
         self._recent: list[tuple[float, str]] = []  # (monotonic time, id) of revocations heard lately
@@ -563,8 +566,23 @@ class Relay(pb_grpc.RelayServicer):
         self.counters["received"] += 1
         if env.sender and self.table.get(env.sender) is None and env.sender_addr:
             self._on_alive(pb.Member(name=env.sender, addr=env.sender_addr, cell=env.sender_cell), link.addr)
+        rids = [
+            r.entry.revocation.id
+            for r in env.rumors
+            if r.WhichOneof("kind") == "entry" and r.entry.WhichOneof("kind") == "revocation"
+        ]
+        copies = any("r/" + rid in self.store for rid in rids)
         for rumor in env.rumors:
             self._on_rumor(rumor, env.sender_addr)
+        if rids and env.sender_addr:
+            # The answer to a push: its ids (an ack, so it is not resent). A copy of a
+            # revocation held already, not a resend, means the eager links form a
+            # cycle: this link becomes lazy at both ends.
+            prune = copies and not env.resent
+            if prune:
+                self.tree.duplicate(env.sender_addr)
+                self.counters["prunes_sent"] += 1
+            self._send(env.sender_addr, self._envelope(ihave=rids, prune=prune), link, piggyback=False)
         if env.prune:
             self.tree.pruned(env.sender_addr)
         if env.graft:
@@ -573,7 +591,8 @@ class Relay(pb_grpc.RelayServicer):
             self._on_ihave(env)
         body = env.WhichOneof("body")
         if body == "ping":
-            self._send(env.sender_addr, self._envelope(ack=pb.Ack(seq=env.ping.seq)), link)
+            ack = self._envelope(ack=pb.Ack(seq=env.ping.seq), ihave=self._recent_ids())
+            self._send(env.sender_addr, ack, link)
         elif body == "ack":
             if env.ack.nack:  # a helper could not reach the target: our link to it works
                 if env.ack.seq in self._nacks:
@@ -738,10 +757,7 @@ class Relay(pb_grpc.RelayServicer):
             return False
         if not self._store(key, entry):
             if source_addr and key[0] == "r":
-                self.counters["revocation_copies"] += 1  # heard again: a cycle of eager links
-                if self.tree.duplicate(source_addr):
-                    self.counters["prunes_sent"] += 1
-                    self._send(source_addr, self._envelope(prune=True), piggyback=False)
+                self.counters["revocation_copies"] += 1  # heard again (see _receive: a prune)
             return False
         if entry.HasField("revocation"):
             self.counters["revocations_heard"] += 1
@@ -785,12 +801,13 @@ class Relay(pb_grpc.RelayServicer):
         rid = entry.revocation.id
         self._refresh_tree()
         targets = self.tree.first(rid, source_addr)
+        now = time.monotonic()
         if targets:
             env = self._envelope(rumors=[pb.Rumor(entry=entry)])
             for addr in targets:
                 self._send(addr, env, piggyback=False)
             self.counters["eager_pushes"] += len(targets)
-        now = time.monotonic()
+            self.tree.pushed(rid, targets, now)
         self._recent.append((now, rid))
         if len(self._recent) > 2 * RECENT_IDS_MAX:
             del self._recent[:RECENT_IDS_MAX]
@@ -825,6 +842,7 @@ class Relay(pb_grpc.RelayServicer):
     def _on_ihave(self, env: pb.Envelope) -> None:
         """Ids the sender holds: start a graft timer for each revocation this relay lacks."""
         now = time.monotonic()
+        self.tree.acked(env.sender_addr, env.ihave, now)
         fresh = False
         for rid in env.ihave:
             if "r/" + rid not in self.store and self.tree.announced(rid, env.sender_addr, now):
@@ -1147,8 +1165,15 @@ class Relay(pb_grpc.RelayServicer):
                 self._gossip_wake.clear()
                 await self._gossip_wake.wait()
                 continue
-            await asyncio.sleep(self.profile.gossip_interval)
-            if self.table is None:
+            # Sleep until the earliest resend or graft is due, at least one
+            # gossip_interval (so what falls due together goes out together); new
+            # work with an earlier deadline wakes the loop.
+            delay = max(self.profile.gossip_interval, self.tree.next_deadline() - time.monotonic())
+            self._gossip_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._gossip_wake.wait()
+            if self.table is None or not self.tree.busy():  # (acks came meanwhile)
                 continue
             self.counters["gossip_rounds"] += 1
             try:
@@ -1163,7 +1188,13 @@ class Relay(pb_grpc.RelayServicer):
         for addr, ids in self.tree.take_announcements().items():
             self._send(addr, self._envelope(ihave=ids))
         store = self.store
-        grafts = self.tree.due(time.monotonic(), lambda rid: "r/" + rid in store)
+        now = time.monotonic()
+        for addr, ids in self.tree.resends_due(now).items():
+            rumors = [pb.Rumor(entry=e) for rid in ids if (e := store.entries.get("r/" + rid)) is not None]
+            if rumors:
+                self.counters["resends"] += len(rumors)
+                self._send(addr, self._envelope(rumors=rumors, resent=True), piggyback=False)
+        grafts = self.tree.due(now, lambda rid: "r/" + rid in store)
         for addr, ids in grafts.items():
             self.counters["grafts_sent"] += 1
             self._send(addr, self._envelope(graft=ids), piggyback=False)

@@ -45,11 +45,15 @@ class Profile:
     backoff_max: float
     rumors_per_message: int  # piggybacked rumours per envelope
     # The broadcast tree (keycell/relay/tree.py): a relay that first hears a revocation
-    # sends its id to this many lazy links (at its next gossip tick), and a relay
-    # that hears an id it lacks asks for the revocation once this long has passed
-    # without the eager push bringing it.
-    lazy_fanout: int = 2
-    graft_timeout: float = 0.03
+    # sends its id to `lazy_fanout` lazy links in a message of its own (0: ids ride
+    # only on pings, which go anyway), and resends a push not acknowledged within
+    # `ack_timeout`, at most `resends` times; a relay that hears an id it lacks asks
+    # for the revocation (graft) once `graft_timeout` has passed without the eager
+    # push bringing it.
+    lazy_fanout: int = 0
+    graft_timeout: float = 0.1
+    ack_timeout: float = 0.05
+    resends: int = 3
     # An entry whose revocation expired (`expires_at` > 0) is dropped once expires_at +
     # this grace has passed on the relay's clock; the grace covers clock skew between
     # relays, so none refuses an entry another still spreads as live.
@@ -117,7 +121,7 @@ LAN = Profile(
     backoff_base=0.1,
     backoff_max=10.0,
     rumors_per_message=64,
-    graft_timeout=0.015,
+    ack_timeout=0.02,
 )
 # Cells in different regions: memberlist WAN probe timings.
 WAN = Profile(
@@ -140,7 +144,8 @@ WAN = Profile(
     backoff_base=0.5,
     backoff_max=30.0,
     rumors_per_message=64,
-    graft_timeout=0.5,
+    graft_timeout=1.0,
+    ack_timeout=0.5,
 )
 PROFILES = {p.name: p for p in (LOCAL, LAN, WAN)}
 
