@@ -17,12 +17,12 @@ Membership rumours and cells' receipts ride on probes, acks and the broadcast's
 messages (SWIM's piggyback); they never make a message of their own.
 
 Revocations: a new one is applied to the cell (LedgerSink, off the event loop) and
-pushed at once along the broadcast tree (keycell/relay/tree.py, Plumtree): whole
-along the eager links, its id only along a few lazy ones; a relay that hears an id it
-lacks grafts the revocation from the announcer. Pings and their acks also carry the
-ids of the revocations heard in the last RECENT_IDS_S seconds, so a relay cut off
-from the tree (its parent died, or took it for dead) pulls what it missed within a
-probe interval. Once the cell's
+pushed at once down the broadcast tree (keycell/relay/tree.py): each relay pushes
+to `eager_fanout` relays of its cell, computed from the root and the member table,
+and the root also to one relay of every other cell; each push is acknowledged or
+resent. Pings and their acks carry the ids of the revocations heard in the last
+RECENT_IDS_S seconds, so a relay cut off from the tree (its parent died, or took it
+for dead) grafts what it missed within a probe interval. Once the cell's
 ledger holds it, the relay pushes it to its subscribers (the cell's API processes)
 and spreads this cell's receipt lazily, by piggyback and anti-entropy.
 
@@ -64,7 +64,7 @@ from keycell.relay.membership import Awareness, Member, MemberTable, State, Verd
 from keycell.relay.profiles import LOCAL, Profile
 from keycell.relay.tls import RELAY, Authorizer, RelayTLS, TLSConfigError, is_loopback, peer_identity
 from keycell.relay.tls import aio_channel as relay_channel
-from keycell.relay.tree import BroadcastTree
+from keycell.relay.tree import BroadcastTree, children
 
 log = logging.getLogger("keycell.relay")
 # sink -> revocation id -> its ledger write in flight (relays of one process share both)
@@ -134,9 +134,9 @@ def entry_expiry(entry: pb.Entry) -> int:
 
 def _about_revocations(env: pb.Envelope) -> bool:
     """Whether an envelope was sent for the broadcast: it carries a revocation, or is
-    a tree message of its own (ids, a graft, a prune; not the ids a ping carries
-    anyway). What `revocation_messages` counts, the broadcast's cost per revocation."""
-    if env.WhichOneof("body") is None and (env.ihave or env.graft or env.prune):
+    a tree message of its own (an ack, a graft; not the ids a ping carries anyway).
+    What `revocation_messages` counts, the broadcast's cost per revocation."""
+    if env.WhichOneof("body") is None and (env.ihave or env.graft):
         return True
     for rumor in env.rumors:
         if rumor.WhichOneof("kind") == "entry" and rumor.entry.WhichOneof("kind") == "revocation":
@@ -268,15 +268,11 @@ class Relay(pb_grpc.RelayServicer):
         self._member_pbs: dict[str, tuple[tuple[str, str, int, State], pb.Member]] = {}
         self._pending: set[str] = set()  # revocation ids waiting for the sink (sealed cell, ledger down)
         self.tree = BroadcastTree(
-            self.rng,
-            fanout=profile.eager_fanout,
-            lazy_fanout=profile.lazy_fanout,
-            graft_timeout=profile.graft_timeout,
-            ack_timeout=profile.ack_timeout,
-            resends=profile.resends,
+            graft_timeout=profile.graft_timeout, ack_timeout=profile.ack_timeout, resends=profile.resends
         )
-        self._tree_view = (-1, -1)  # (table version, cross version) the tree was refreshed at
+        self._ring_view: tuple[int, list[str]] = (-1, [])  # (table version, this cell's relays sorted)
         self._recent: list[tuple[float, str]] = []  # (monotonic time, id) of revocations heard lately
+        self._root_of: dict[str, str] = {}  # revocation id (heard lately) -> its tree's root in this cell
         self._swept_at: float | None = None  # wall time the last complete ledger read began
         self._sweeps = 0
         self._peer_view: tuple[int, list[str], dict[str, str]] = (-1, [], {})
@@ -288,7 +284,7 @@ class Relay(pb_grpc.RelayServicer):
         self._cross_version = 0  # bumped whenever `cross` changes
         self._cross_at = -1  # the member table's version `cross` was last refreshed at
         # The gossip and suspicion loops sleep on these while they have nothing to do
-        # (nothing for the tree to announce or graft, no suspicion), so an idle relay
+        # (no push waiting for its ack, nothing to graft, no suspicion), so an idle relay
         # wakes only to probe and for anti-entropy: a revocation or a suspicion sets them.
         self._gossip_wake = asyncio.Event()
         self._suspicion_wake = asyncio.Event()
@@ -571,20 +567,13 @@ class Relay(pb_grpc.RelayServicer):
             for r in env.rumors
             if r.WhichOneof("kind") == "entry" and r.entry.WhichOneof("kind") == "revocation"
         ]
-        copies = any("r/" + rid in self.store for rid in rids)
+        # A revocation from this cell's tree keeps its root; from another cell (or with
+        # no root named) this relay is the root of its cell's tree.
+        root = env.root if env.sender_cell == self.cell else ""
         for rumor in env.rumors:
-            self._on_rumor(rumor, env.sender_addr)
-        if rids and env.sender_addr:
-            # The answer to a push: its ids (an ack, so it is not resent). A copy of a
-            # revocation held already, not a resend, means the eager links form a
-            # cycle: this link becomes lazy at both ends.
-            prune = copies and not env.resent
-            if prune:
-                self.tree.duplicate(env.sender_addr)
-                self.counters["prunes_sent"] += 1
-            self._send(env.sender_addr, self._envelope(ihave=rids, prune=prune), link, piggyback=False)
-        if env.prune:
-            self.tree.pruned(env.sender_addr)
+            self._on_rumor(rumor, env.sender_addr, root)
+        if rids and env.sender_addr:  # the answer to a push: its ids (an ack: no resend)
+            self._send(env.sender_addr, self._envelope(ihave=rids), link, piggyback=False)
         if env.graft:
             self._on_graft(env, link)
         if env.ihave:
@@ -620,10 +609,10 @@ class Relay(pb_grpc.RelayServicer):
                     link,
                 )
 
-    def _on_rumor(self, rumor: pb.Rumor, source_addr: str) -> None:
+    def _on_rumor(self, rumor: pb.Rumor, source_addr: str, root: str = "") -> None:
         kind = rumor.WhichOneof("kind")
         if kind == "entry":
-            self._learn(rumor.entry, source_addr)
+            self._learn(rumor.entry, source_addr, root)
         elif kind == "alive":
             self._on_alive(rumor.alive.member, source_addr)
         elif kind == "suspect":
@@ -749,7 +738,9 @@ class Relay(pb_grpc.RelayServicer):
             self._cells.add(entry.receipt.cell)
         return True
 
-    def _learn(self, entry: pb.Entry, source_addr: str) -> bool:
+    def _learn(self, entry: pb.Entry, source_addr: str, root: str = "") -> bool:
+        """Take an entry in; `root`: the tree a revocation came down ("": this relay's
+        cell has this relay as its root, or it was submitted here)."""
         key = entry_key(entry)
         entry = self._with_expiry(entry)
         if self.expired(entry_expiry(entry)):
@@ -757,12 +748,12 @@ class Relay(pb_grpc.RelayServicer):
             return False
         if not self._store(key, entry):
             if source_addr and key[0] == "r":
-                self.counters["revocation_copies"] += 1  # heard again (see _receive: a prune)
+                self.counters["revocation_copies"] += 1  # heard again
             return False
         if entry.HasField("revocation"):
             self.counters["revocations_heard"] += 1
             self.heard[entry.revocation.id] = time.time()
-            self._push(entry, source_addr)
+            self._push(entry, source_addr, root)
             self._apply(entry.revocation)
             return True
         # A receipt is evidence for sys/revocations/:id, not on the exposure path: it
@@ -794,25 +785,72 @@ class Relay(pb_grpc.RelayServicer):
         if not future.cancelled() and future.exception() is not None:
             log.warning("relay ledger write failed: %s", future.exception())
 
-    def _push(self, entry: pb.Entry, source_addr: str) -> None:
-        """A revocation heard for the first time: push it along the tree's eager links
-        (one envelope for all of them), queue its id for a few lazy ones (the gossip
-        loop sends them at its next tick), and keep it among the ids pings carry."""
+    def _push(self, entry: pb.Entry, source_addr: str, root: str) -> None:
+        """A revocation heard for the first time: push it to this relay's children in
+        the tree rooted at `root` (this relay if ""), and, if it was submitted here
+        (no source), to one relay of every other cell, the root of that cell's tree.
+        One envelope per root; each push waits for its ack. The id is kept among the
+        ones pings carry."""
+        assert self.table is not None
         rid = entry.revocation.id
-        self._refresh_tree()
-        targets = self.tree.first(rid, source_addr)
+        root = root or self.addr
         now = time.monotonic()
-        if targets:
-            env = self._envelope(rumors=[pb.Rumor(entry=entry)])
-            for addr in targets:
+        kids = [
+            a for a in children(self._ring(), root, self.addr, self.profile.eager_fanout) if a != source_addr
+        ]
+        if kids:
+            env = self._envelope(rumors=[pb.Rumor(entry=entry)], root=root)
+            for addr in kids:
                 self._send(addr, env, piggyback=False)
-            self.counters["eager_pushes"] += len(targets)
-            self.tree.pushed(rid, targets, now)
+        cross: list[str] = []
+        if not source_addr:
+            if not self.cross:
+                self._refresh_cross()
+            for names in self.cross.values():
+                member = next((m for n in names if (m := self.table.get(n)) is not None), None)
+                if member is not None:
+                    cross.append(member.addr)
+            if cross:
+                env = self._envelope(rumors=[pb.Rumor(entry=entry)])
+                for addr in cross:
+                    self._send(addr, env, piggyback=False)
+        self.counters["eager_pushes"] += len(kids) + len(cross)
+        self.tree.pushed(rid, kids + cross, now)
         self._recent.append((now, rid))
+        self._root_of[rid] = root
         if len(self._recent) > 2 * RECENT_IDS_MAX:
+            for _, old in self._recent[:RECENT_IDS_MAX]:
+                self._root_of.pop(old, None)
             del self._recent[:RECENT_IDS_MAX]
         if self.tree.busy():
             self._gossip_wake.set()
+
+    def _ring(self) -> list[str]:
+        """This cell's live relays, this one among them, sorted by address: what the
+        tree is laid on (rebuilt only when the member table changed)."""
+        assert self.table is not None
+        if self._ring_view[0] != self.table.version:
+            own, cell_of = self._peers()
+            self._ring_view = (self.table.version, sorted({*own, self.addr}))
+            self.tree.forget_peers(set(cell_of))
+        return self._ring_view[1]
+
+    def _send_entries(
+        self, addr: str, rids: Iterable[str], link: Link | None = None, *, resent: bool = False
+    ) -> int:
+        """Send the revocations held under these ids to `addr`, one envelope per tree
+        root (a relay of another cell gets none: it roots its own cell's tree)."""
+        _, cell_of = self._peers()
+        same_cell = cell_of.get(addr) == self.cell
+        by_root: dict[str, list[pb.Rumor]] = {}
+        for rid in rids:
+            entry = self.store.entries.get("r/" + rid)
+            if entry is not None:
+                root = self._root_of.get(rid, "") if same_cell else ""
+                by_root.setdefault(root, []).append(pb.Rumor(entry=entry))
+        for root, rumors in by_root.items():
+            self._send(addr, self._envelope(rumors=rumors, root=root, resent=resent), link, piggyback=False)
+        return sum(len(r) for r in by_root.values())
 
     def _recent_ids(self) -> list[str]:
         """Ids of the revocations heard in the last RECENT_IDS_S seconds (the newest
@@ -823,21 +861,6 @@ class Relay(pb_grpc.RelayServicer):
         if self._recent[0][0] < since:
             self._recent = [(t, rid) for t, rid in self._recent if t >= since]
         return [rid for _, rid in self._recent[-RECENT_IDS_MAX:]]
-
-    def _refresh_tree(self) -> None:
-        """Give the tree this cell's live relays and the cross links, when either
-        changed since the last time."""
-        assert self.table is not None
-        if self._tree_view == (self.table.version, self._cross_version):
-            return
-        if not self.cross:
-            self._refresh_cross()
-        own, _ = self._peers()
-        cross = [
-            m.addr for names in self.cross.values() for n in names if (m := self.table.get(n)) is not None
-        ]
-        self.tree.refresh([a for a in own if a != self.addr], cross)
-        self._tree_view = (self.table.version, self._cross_version)
 
     def _on_ihave(self, env: pb.Envelope) -> None:
         """Ids the sender holds: start a graft timer for each revocation this relay lacks."""
@@ -851,14 +874,10 @@ class Relay(pb_grpc.RelayServicer):
             self._gossip_wake.set()
 
     def _on_graft(self, env: pb.Envelope, link: Link) -> None:
-        """The sender lacks these revocations: send those this relay holds, and push
-        to it from now on."""
+        """The sender lacks these revocations: send those this relay holds (with their
+        tree's root, so the sender pushes them on down its subtree)."""
         self.counters["grafts_received"] += 1
-        self.tree.grafted(env.sender_addr)
-        entries = [e for rid in env.graft if (e := self.store.entries.get("r/" + rid)) is not None]
-        if entries:
-            rumors = [pb.Rumor(entry=e) for e in entries]
-            self._send(env.sender_addr, self._envelope(rumors=rumors), link, piggyback=False)
+        self._send_entries(env.sender_addr, env.graft, link)
 
     def _peers(self) -> tuple[list[str], dict[str, str]]:
         """Addresses of this cell's live relays, and every live relay's cell by
@@ -1156,10 +1175,10 @@ class Relay(pb_grpc.RelayServicer):
         self._send(requester, self._envelope(ack=pb.Ack(seq=req.seq)), link)
 
     async def _gossip_loop(self) -> None:
-        """The broadcast tree's scheduler: every `gossip_interval`, while the tree has
-        ids to announce or graft timers running, one round; with neither, the loop
-        sleeps until a revocation or an announcement gives it work (no idle ticks, and
-        no task or timer per message)."""
+        """The broadcast's scheduler: while some push waits for its ack or some
+        revocation is missing, a round whenever the earliest resend or graft falls
+        due; with neither, the loop sleeps until a push or an announcement gives it
+        work (no idle ticks, and no task or timer per message)."""
         while self.running:
             if not self.tree.busy():
                 self._gossip_wake.clear()
@@ -1182,19 +1201,14 @@ class Relay(pb_grpc.RelayServicer):
                 log.exception("%s: gossip round failed", self.name)
 
     def _gossip_round(self) -> None:
-        """Send each lazy link the ids queued for it (one message each, receipts and
-        membership rumours riding along), and a graft for each missing revocation
-        whose timer ran out."""
-        for addr, ids in self.tree.take_announcements().items():
-            self._send(addr, self._envelope(ihave=ids))
+        """Resend each push whose ack is overdue, and send a graft for each missing
+        revocation whose timer ran out."""
+        self._ring()  # (forgets pushes to relays no longer live)
         store = self.store
         now = time.monotonic()
         for addr, ids in self.tree.resends_due(now).items():
-            rumors = [pb.Rumor(entry=e) for rid in ids if (e := store.entries.get("r/" + rid)) is not None]
-            if rumors:
-                self.counters["resends"] += len(rumors)
-                self._send(addr, self._envelope(rumors=rumors, resent=True), piggyback=False)
-        grafts = self.tree.due(now, lambda rid: "r/" + rid in store)
+            self.counters["resends"] += self._send_entries(addr, ids, resent=True)
+        grafts = self.tree.grafts_due(now, lambda rid: "r/" + rid in store)
         for addr, ids in grafts.items():
             self.counters["grafts_sent"] += 1
             self._send(addr, self._envelope(graft=ids), piggyback=False)

@@ -35,7 +35,7 @@ class Profile:
     retransmit_mult: int
     gossip_interval: float
     gossip_nodes: int  # (the round model's gossip targets per round, keycell/relay/simulate.py)
-    eager_fanout: int  # relays of this cell each relay links to in the broadcast tree (all eager at first)
+    eager_fanout: int  # relays of this cell each relay pushes a revocation to (the tree's fanout)
     cross_links: int  # relays of every other cell this relay keeps streams to
     push_pull_interval: float  # anti-entropy of the revocation set (a 64-bucket digest first)
     sync_interval: float  # push-pull of the whole member table (memberlist's PushPullInterval)
@@ -44,13 +44,10 @@ class Profile:
     backoff_base: float  # stream reconnect backoff: base * 2^failures, capped
     backoff_max: float
     rumors_per_message: int  # piggybacked rumours per envelope
-    # The broadcast tree (keycell/relay/tree.py): a relay that first hears a revocation
-    # sends its id to `lazy_fanout` lazy links in a message of its own (0: ids ride
-    # only on pings, which go anyway), and resends a push not acknowledged within
-    # `ack_timeout`, at most `resends` times; a relay that hears an id it lacks asks
-    # for the revocation (graft) once `graft_timeout` has passed without the eager
-    # push bringing it.
-    lazy_fanout: int = 0
+    # The broadcast tree (keycell/relay/tree.py): a push not acknowledged within the
+    # ack timeout (measured, never below `ack_timeout`) is resent, at most `resends`
+    # times; a relay that hears (on a ping) an id it lacks asks for the revocation
+    # (graft) once `graft_timeout` has passed without the push bringing it.
     graft_timeout: float = 0.1
     ack_timeout: float = 0.05
     resends: int = 3
@@ -112,7 +109,7 @@ LAN = Profile(
     # push is repaired: an announcement waits up to one tick, a graft a timeout)
     gossip_interval=0.01,
     gossip_nodes=3,
-    eager_fanout=3,
+    eager_fanout=5,  # (a tree of depth 3 over 100 relays, 2 over 30)
     cross_links=2,
     push_pull_interval=10.0,
     sync_interval=30.0,

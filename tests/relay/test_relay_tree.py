@@ -1,148 +1,178 @@
-"""The revocation broadcast tree (keycell/relay/tree.py, Plumtree): its rules on their
-own, then real relays over real gRPC streams: a second copy makes its link lazy,
-later revocations travel the pruned tree once per relay, and a relay whose eager
-links drop the push pulls the revocation by graft from a lazy one."""
+"""The revocation broadcast (keycell/relay/tree.py): the tree's shape and its rules on
+their own, then real relays over real gRPC streams: a revocation costs n - 1 pushes,
+a lost push is resent, and a relay cut off from the tree grafts what it missed from
+the ids a peer's ping or ack carries."""
 
 from __future__ import annotations
 
 import asyncio
-import random
+import math
 import time
+from dataclasses import dataclass
 
 from keycell.control_plane.revocations import RevocationRecord, new_revocation_id
 from keycell.relay.cluster import Cluster
-from keycell.relay.tree import BroadcastTree
+from keycell.relay.faults import Faults
+from keycell.relay.profiles import LOCAL
+from keycell.relay.tree import BroadcastTree, children
 
 
 def revocation(subject: str, cell: str) -> RevocationRecord:
     return RevocationRecord(new_revocation_id(), subject, cell, time.time(), "test")
 
 
-def tree(fanout: int = 2, lazy_fanout: int = 1, graft_timeout: float = 0.5) -> BroadcastTree:
-    return BroadcastTree(
-        random.Random(1), fanout=fanout, lazy_fanout=lazy_fanout, graft_timeout=graft_timeout
-    )
+def depth_of(ring: list[str], root: str, fanout: int) -> tuple[int, list[str]]:
+    """Walk the tree from `root`: its depth in hops, and every relay reached (in order)."""
+    reached, level, depth = [root], [root], 0
+    while level:
+        level = [c for parent in level for c in children(ring, root, parent, fanout)]
+        reached += level
+        depth += bool(level)
+    return depth, reached
 
 
-def test_a_second_copy_makes_its_link_lazy_and_a_graft_makes_it_eager_again() -> None:
-    t = tree(fanout=3)
-    t.refresh(["p1", "p2", "p3", "p4"], ["x1"])
-    assert len(t.eager & {"p1", "p2", "p3", "p4"}) == 3 and "x1" in t.eager and not t.lazy
-    pushed = t.first("r1", "p1")
-    assert "p1" not in pushed and set(pushed) == t.eager - {"p1"}
-    t.duplicate("x1")
-    assert "x1" in t.lazy and "x1" not in t.eager
-    t.duplicate("x2")  # a relay that chose this one: now a lazy neighbour here too
-    assert "x2" in t.lazy and "x2" not in t.eager
-    t.grafted("x1")
-    assert "x1" in t.eager and "x1" not in t.lazy
-    t.pruned("x1")
-    assert "x1" in t.lazy
+def test_every_relay_is_in_the_tree_once_whatever_the_root_within_log_n_hops() -> None:
+    for n, fanout in ((1, 3), (2, 3), (30, 5), (100, 5), (101, 4)):
+        ring = sorted(f"127.0.0.1:{10_000 + i}" for i in range(n))
+        for root in (ring[0], ring[n // 2], ring[-1]):
+            depth, reached = depth_of(ring, root, fanout)
+            assert sorted(reached) == ring  # each once: n - 1 pushes
+            assert depth <= math.ceil(math.log(max(n, 2), fanout)) + 1
 
 
-def test_a_new_revocation_id_goes_to_lazy_links_only() -> None:
-    t = tree(fanout=2, lazy_fanout=2)
-    t.refresh(["p1", "p2"], [])
-    for peer in ("p1", "p2"):
-        t.duplicate(peer)  # both lazy now
-    assert t.first("r1", "") == []  # no eager link: nothing pushed whole
-    assert t.take_announcements() == {"p1": ["r1"], "p2": ["r1"]}
-    assert t.take_announcements() == {} and not t.busy()
+def test_a_root_off_the_ring_makes_the_relay_root_its_own_subtree() -> None:
+    ring = ["a", "b", "c", "d", "e"]
+    assert children(ring, "gone", "c", 2) == children(ring, "c", "c", 2) == ["d", "e"]
+    assert children(ring, "a", "zz", 2) == []  # a relay not on its own ring pushes nothing
+
+
+def test_a_push_is_resent_until_acked_and_given_up_after_the_limit() -> None:
+    tree = BroadcastTree(graft_timeout=0.1, ack_timeout=0.05, resends=2)
+    tree.pushed("r1", ["p1", "p2"], now=10.0)
+    assert tree.resends_due(10.04) == {}
+    tree.acked("p1", ["r1"], now=10.01)
+    assert tree.resends_due(10.05) == {"p2": ["r1"]}
+    assert tree.resends_due(10.2) == {"p2": ["r1"]}  # second resend
+    assert tree.resends_due(10.5) == {} and not tree.busy()  # given up after 2
+
+
+def test_the_ack_timeout_follows_the_measured_round_trip() -> None:
+    tree = BroadcastTree(graft_timeout=0.1, ack_timeout=0.01, resends=3)
+    for i in range(20):
+        tree.pushed(f"r{i}", ["p"], now=float(i))
+        tree.acked("p", [f"r{i}"], now=i + 0.1)  # 100 ms round trips: a loaded peer
+    assert 0.1 <= tree.rto <= 0.2  # waits past the round trip instead of resending into it
+    assert tree.forget_peers({"p"}) is None and not tree.busy()
 
 
 def test_a_missing_revocation_is_grafted_from_each_announcer_in_turn_until_it_arrives() -> None:
-    t = tree(graft_timeout=0.5)
-    assert t.announced("r1", "p1", now=10.0) is True
-    assert t.announced("r1", "p2", now=10.1) is False  # already missing: a second announcer
+    tree = BroadcastTree(graft_timeout=0.5, ack_timeout=0.05, resends=3)
+    assert tree.announced("r1", "p1", now=10.0) is True
+    assert tree.announced("r1", "p2", now=10.1) is False  # already missing: a second announcer
     held: set[str] = set()
-    assert t.due(10.4, held.__contains__) == {}  # the eager copy may still come
-    assert t.due(10.5, held.__contains__) == {"p1": ["r1"]}
-    assert "p1" in t.eager  # the graft made that link eager
-    assert t.due(10.9, held.__contains__) == {}
-    assert t.due(11.0, held.__contains__) == {"p2": ["r1"]}  # p1's answer was lost: ask p2
-    t.announced("r2", "p1", now=11.0)
-    held.add("r2")  # arrived by the eager path meanwhile: no graft
-    assert t.due(12.0, held.__contains__) == {}
-    assert not t.busy()
+    assert tree.grafts_due(10.4, held.__contains__) == {}  # the push may still come
+    assert tree.grafts_due(10.5, held.__contains__) == {"p1": ["r1"]}
+    assert tree.grafts_due(10.9, held.__contains__) == {}
+    assert tree.grafts_due(11.0, held.__contains__) == {"p2": ["r1"]}  # p1's answer was lost
+    tree.announced("r2", "p1", now=11.0)
+    held.add("r2")  # arrived by the tree meanwhile: no graft
+    assert tree.grafts_due(12.0, held.__contains__) == {}
+    assert not tree.missing
 
 
-def test_a_dead_neighbour_is_replaced_by_another_relay_of_the_cell() -> None:
-    t = tree(fanout=2)
-    t.refresh(["p1", "p2", "p3"], [])
-    linked = set(t.eager)
-    gone = sorted(linked)[0]
-    t.refresh([p for p in ("p1", "p2", "p3") if p != gone], [])
-    assert gone not in t.eager and len(t.eager) == 2
-
-
-def test_later_revocations_travel_the_pruned_tree_once_per_relay(sinks) -> None:
-    """No loss: the first broadcasts prune every cycle away, after which a revocation
-    is pushed n - 1 times and no relay hears one twice."""
-
+def test_with_no_loss_a_revocation_costs_one_push_per_relay(sinks) -> None:
     async def scenario() -> None:
-        cluster = Cluster(sinks={"a": sinks["a"]}, seed=3)
-        await cluster.start({"a": 6})
+        cluster = Cluster(sinks=sinks, seed=3)
+        await cluster.start({"a": 6, "b": 4, "c": 4})
         try:
             assert await cluster.wait_for(cluster.converged_members, 10)
             relays = cluster.live()
-            n = len(relays)
-            for i in range(6):
-                rec = revocation(f"token:tree-{i}", "a")
-                sinks["a"].log.apply(rec)
-                relays[i % n].submit(rec)
+            for i, origin in enumerate(("a-0", "b-2", "a-5")):
+                rec = revocation(f"token:tree-{i}", origin[0])
+                sinks[origin[0]].log.apply(rec)
+                before = sum(r.counters["eager_pushes"] for r in relays)
+                cluster.relays[origin].submit(rec)
                 assert await cluster.wait_for(lambda rid=rec.id: all(rid in r.applied for r in relays), 5)
-                assert await cluster.wait_for(lambda: not any(r.tree.busy() for r in relays), 5)
-            assert sum(r.counters["prunes_sent"] for r in relays) >= 1
-            assert any(r.tree.lazy for r in relays)
-            pushes = sum(r.counters["eager_pushes"] for r in relays)
-            copies = sum(r.counters["revocation_copies"] for r in relays)
-            rec = revocation("token:tree-last", "a")
-            sinks["a"].log.apply(rec)
-            relays[0].submit(rec)
-            assert await cluster.wait_for(lambda: all(rec.id in r.applied for r in relays), 5)
-            await asyncio.sleep(0.2)
-            assert sum(r.counters["revocation_copies"] for r in relays) == copies
-            assert sum(r.counters["eager_pushes"] for r in relays) - pushes == n - 1
+                assert await cluster.wait_for(lambda: not any(r.tree.busy() for r in relays), 5)  # all acked
+                assert sum(r.counters["eager_pushes"] for r in relays) - before == len(relays) - 1
+            assert sum(r.counters["resends"] for r in relays) == 0  # every push acked the first time
         finally:
             await cluster.stop()
 
     asyncio.run(scenario())
 
 
-def test_a_relay_whose_eager_links_drop_the_push_pulls_it_by_graft(sinks) -> None:
-    """After a first revocation has pruned the cycles, every link into one relay that
-    is still eager is cut: the next revocation's push to it is lost, an id reaches it
-    on a lazy link, and it grafts the revocation from there (that link becomes eager)."""
+@dataclass
+class DropFirstPush(Faults):
+    """Drops the first envelope from `src` to `dst` once `armed` (a lost datagram)."""
+
+    src: str = ""
+    dst: str = ""
+    armed: bool = False
+
+    def drop(self, src: str, dst: str) -> bool:
+        if self.armed and (src, dst) == (self.src, self.dst):
+            self.armed = False
+            return True
+        return super().drop(src, dst)
+
+
+def test_a_lost_push_is_resent_and_the_whole_subtree_still_gets_it(sinks) -> None:
+    async def scenario() -> None:
+        faults = DropFirstPush()
+        cluster = Cluster(sinks={"a": sinks["a"]}, seed=4, faults=faults)
+        await cluster.start({"a": 7})
+        try:
+            assert await cluster.wait_for(cluster.converged_members, 10)
+            relays = cluster.live()
+            root = cluster.relays["a-0"]
+            kids = children(root._ring(), root.addr, root.addr, LOCAL.eager_fanout)
+            faults.src, faults.dst, faults.armed = root.addr, kids[0], True
+            rec = revocation("token:resent", "a")
+            sinks["a"].log.apply(rec)
+            root.submit(rec)
+            assert await cluster.wait_for(lambda: all(rec.id in r.applied for r in relays), 5)
+            assert not faults.armed  # the push to that child was dropped
+            assert root.counters["resends"] == 1
+            assert sum(r.counters["grafts_sent"] for r in relays) == 0  # the resend did it
+        finally:
+            await cluster.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_relay_cut_off_from_the_tree_grafts_what_it_missed(sinks) -> None:
+    """One relay can reach only one peer, not its parent: every push to it is lost,
+    resends included, until a ping or ack from that peer carries the revocation's id
+    and the relay grafts it from there, then pushes it on to its own children.
+    Anti-entropy is slowed down so that only the graft can bring it in time."""
 
     async def scenario() -> None:
-        cluster = Cluster(sinks={"a": sinks["a"]}, seed=5)
+        profile = LOCAL.with_(push_pull_interval=60.0)
+        cluster = Cluster(sinks={"a": sinks["a"]}, seed=5, profile=profile)
         await cluster.start({"a": 5})
         try:
             assert await cluster.wait_for(cluster.converged_members, 10)
             relays = cluster.live()
-            for i in range(3):
-                first = revocation(f"token:before-{i}", "a")
-                sinks["a"].log.apply(first)
-                relays[i].submit(first)
-                assert await cluster.wait_for(lambda rid=first.id: all(rid in r.applied for r in relays), 5)
-            assert await cluster.wait_for(lambda: not any(r.tree.busy() for r in relays), 5)
-            # a relay with a lazy link, other than the one the next revocation starts at
-            target = next(r for r in relays[1:] if r.tree.lazy)
-            by_addr = {r.addr: r for r in relays}
+            root = cluster.relays["a-0"]
+            ring = root._ring()
+            parent_of = {c: p for p in ring for c in children(ring, root.addr, p, profile.eager_fanout)}
+            target = next(r for r in relays if r.addr in parent_of)
+            peer = next(r for r in relays if r.addr not in (target.addr, parent_of[target.addr]))
             faults = cluster.faults
+            for r in relays:
+                faults.groups[r.addr] = "rest"
             faults.groups[target.addr] = "target"
-            cut = [by_addr[a] for a in target.tree.eager if a in by_addr]
-            for i, peer in enumerate(cut):
-                faults.groups[peer.addr] = f"cut-{i}"
-                faults.partition("target", f"cut-{i}")
-            lazy_before = set(target.tree.lazy)
+            faults.groups[peer.addr] = "peer"
+            faults.partition("target", "rest")
             rec = revocation("token:pulled", "a")
             sinks["a"].log.apply(rec)
-            relays[0].submit(rec)
+            root.submit(rec)
             assert await cluster.wait_for(lambda: rec.id in target.applied, 5)
             assert target.counters["grafts_sent"] >= 1
-            assert target.tree.eager & lazy_before  # the link it pulled from is eager now
+            assert peer.counters["grafts_received"] >= 1
             faults.heal()
+            assert await cluster.wait_for(lambda: all(rec.id in r.applied for r in relays), 5)
         finally:
             await cluster.stop()
 
