@@ -567,9 +567,12 @@ class Relay(pb_grpc.RelayServicer):
             for r in env.rumors
             if r.WhichOneof("kind") == "entry" and r.entry.WhichOneof("kind") == "revocation"
         ]
-        # A revocation from this cell's tree keeps its root; from another cell (or with
-        # no root named) this relay is the root of its cell's tree.
-        root = env.root if env.sender_cell == self.cell else ""
+        # A revocation pushed down this cell's tree keeps its root; one pushed from
+        # another cell makes this relay the root of its cell's tree (""); one from
+        # this cell with no root (anti-entropy, a graft answered without one) is a
+        # repair and goes no further (None): the relays it missed too pull it the
+        # same way, or graft it on seeing its id on this relay's pings.
+        root = (env.root or None) if env.sender_cell == self.cell else ""
         for rumor in env.rumors:
             self._on_rumor(rumor, env.sender_addr, root)
         if rids and env.sender_addr:  # the answer to a push: its ids (an ack: no resend)
@@ -609,7 +612,7 @@ class Relay(pb_grpc.RelayServicer):
                     link,
                 )
 
-    def _on_rumor(self, rumor: pb.Rumor, source_addr: str, root: str = "") -> None:
+    def _on_rumor(self, rumor: pb.Rumor, source_addr: str, root: str | None = "") -> None:
         kind = rumor.WhichOneof("kind")
         if kind == "entry":
             self._learn(rumor.entry, source_addr, root)
@@ -738,9 +741,9 @@ class Relay(pb_grpc.RelayServicer):
             self._cells.add(entry.receipt.cell)
         return True
 
-    def _learn(self, entry: pb.Entry, source_addr: str, root: str = "") -> bool:
-        """Take an entry in; `root`: the tree a revocation came down ("": this relay's
-        cell has this relay as its root, or it was submitted here)."""
+    def _learn(self, entry: pb.Entry, source_addr: str, root: str | None = "") -> bool:
+        """Take an entry in; `root`: the tree a revocation came down ("": this relay
+        is the root in its cell; None: a repair, pushed no further)."""
         key = entry_key(entry)
         entry = self._with_expiry(entry)
         if self.expired(entry_expiry(entry)):
@@ -785,19 +788,21 @@ class Relay(pb_grpc.RelayServicer):
         if not future.cancelled() and future.exception() is not None:
             log.warning("relay ledger write failed: %s", future.exception())
 
-    def _push(self, entry: pb.Entry, source_addr: str, root: str) -> None:
+    def _push(self, entry: pb.Entry, source_addr: str, root: str | None) -> None:
         """A revocation heard for the first time: push it to this relay's children in
-        the tree rooted at `root` (this relay if ""), and, if it was submitted here
-        (no source), to one relay of every other cell, the root of that cell's tree.
-        One envelope per root; each push waits for its ack. The id is kept among the
-        ones pings carry."""
+        the tree rooted at `root` (this relay if ""; none if None), and, if it was
+        submitted here (no source), to one relay of every other cell, the root of
+        that cell's tree. Each push waits for its ack. The id is kept among the ones
+        pings carry."""
         assert self.table is not None
         rid = entry.revocation.id
-        root = root or self.addr
         now = time.monotonic()
-        kids = [
-            a for a in children(self._ring(), root, self.addr, self.profile.eager_fanout) if a != source_addr
-        ]
+        kids: list[str] = []
+        if root is not None:
+            root = root or self.addr
+            self._root_of[rid] = root
+            ring = self._ring()
+            kids = [a for a in children(ring, root, self.addr, self.profile.eager_fanout) if a != source_addr]
         if kids:
             env = self._envelope(rumors=[pb.Rumor(entry=entry)], root=root)
             for addr in kids:
@@ -817,7 +822,6 @@ class Relay(pb_grpc.RelayServicer):
         self.counters["eager_pushes"] += len(kids) + len(cross)
         self.tree.pushed(rid, kids + cross, now)
         self._recent.append((now, rid))
-        self._root_of[rid] = root
         if len(self._recent) > 2 * RECENT_IDS_MAX:
             for _, old in self._recent[:RECENT_IDS_MAX]:
                 self._root_of.pop(old, None)
@@ -1249,7 +1253,7 @@ class Relay(pb_grpc.RelayServicer):
             now = time.monotonic()
             if now - last_push >= self.profile.push_pull_interval * (0.5 + self.rng.random()):
                 last_push = now
-                members = now - last_sync >= self.profile.sync_interval
+                members = now - last_sync >= self.profile.sync_every(len(self.table.members))
                 if members:
                     last_sync = now
                 peers = self._probe_targets()

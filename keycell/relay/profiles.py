@@ -60,6 +60,15 @@ class Profile:
     def retransmit_limit(self, members: int) -> int:
         return self.retransmit_mult * max(1, math.ceil(math.log10(members + 1)))
 
+    def sync_every(self, members: int) -> float:
+        """How often a relay pushes its whole member table to a peer: `sync_interval`,
+        scaled up past 32 members as memberlist's pushPullScale does (x ceil(log2 n -
+        log2 32) + 1: x5 at 300), since the table grows with n and so does the number
+        of relays sending it, while rumours keep every table current between syncs."""
+        if members <= 32:
+            return self.sync_interval
+        return self.sync_interval * (math.ceil(math.log2(members) - 5) + 1)
+
     def suspicion_timeouts(self, members: int) -> tuple[float, float]:
         """(min, max) suspicion timeout for a group of `members` (memberlist's
         suspicionTimeout; Lifeguard's max = suspicion_max_mult * min)."""
