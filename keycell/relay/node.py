@@ -78,6 +78,7 @@ SWEEP_GRACE = 60.0
 FULL_SWEEP_EVERY = 60
 LINK_QUEUE = 10_000  # envelopes waiting on one stream; beyond, new ones are dropped (as UDP would)
 ENTRIES_PER_ENVELOPE = 256  # anti-entropy sends missing entries in chunks
+RESEND_COPIES = 2  # envelopes per resend of an unacknowledged push
 RECENT_IDS_S = 3.0  # a ping carries the ids of the revocations heard this recently...
 RECENT_IDS_MAX = 32  # ...at most this many, the newest
 EXPOSURE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -1211,7 +1212,11 @@ class Relay(pb_grpc.RelayServicer):
         store = self.store
         now = time.monotonic()
         for addr, ids in self.tree.resends_due(now).items():
-            self.counters["resends"] += self._send_entries(addr, ids, resent=True)
+            # (twice: a push already lost once is the tail of the exposure window, and
+            # a second copy makes losing the resend too 20 times less likely for one
+            # more message per loss)
+            for _ in range(RESEND_COPIES):
+                self.counters["resends"] += self._send_entries(addr, ids, resent=True)
         grafts = self.tree.grafts_due(now, lambda rid: "r/" + rid in store)
         for addr, ids in grafts.items():
             self.counters["grafts_sent"] += 1
