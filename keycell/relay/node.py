@@ -82,11 +82,14 @@ RESEND_COPIES = 2  # envelopes per resend of an unacknowledged push
 RECENT_IDS_S = 3.0  # a ping carries the ids of the revocations heard this recently...
 RECENT_IDS_MAX = 32  # ...at most this many, the newest
 EXPOSURE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Streams stay up for hours: clients ping every 10 s so a dead peer's stream fails
-# within 15 s even with nothing to send, and servers accept pings that often (gRPC's
-# server default would answer them with GOAWAY "too_many_pings", killing the stream).
+# Streams stay up for hours: clients ping every 60 s so a dead peer's stream fails
+# within 65 s even with nothing to send (SWIM finds a dead relay long before: this is
+# only for the stream), and servers accept pings that often (gRPC's server default
+# would answer them with GOAWAY "too_many_pings", killing the stream). Every relay
+# keeps a stream to every relay of its cell, so keepalives grow with n^2: at 10 s,
+# 3 x 100 relays sent some 6,000 HTTP/2 pings a second between them while idle.
 _CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -102,7 +105,7 @@ _SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.bdp_probe", 0),
 ]

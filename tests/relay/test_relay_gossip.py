@@ -234,9 +234,8 @@ def test_a_relay_sends_a_revocation_to_each_peer_at_most_once_and_then_stops(sin
             n = len(cluster.live())
             copies = sum(r.counters["revocation_copies"] for r in cluster.live())
             assert copies <= n * (n - 1) - (n - 1)  # every ordered pair at most once, first copies aside
-            # each copy beyond the first made its link lazy (a prune), so the next
-            # revocation costs fewer pushes
-            assert sum(r.counters["prunes_sent"] for r in cluster.live()) >= min(1, copies)
+            # pushed down the tree: about one push per relay (see test_relay_tree.py)
+            assert sum(r.counters["eager_pushes"] for r in cluster.live()) <= 2 * (n - 1)
         finally:
             await cluster.stop()
 
