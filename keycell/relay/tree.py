@@ -17,8 +17,8 @@ acknowledged in time is resent, up to `resends` times, so a lost push costs one
 timeout, not a subtree's miss (to the fault layer each message is a datagram: a
 relay sees no more of a lost one than UDP would). The timeout is TCP's (RFC 6298):
 smoothed round trip plus four deviations, from acks of first sends only (Karn), never
-below `ack_timeout`, so a loaded relay waits longer instead of resending into its
-own queue.
+below `ack_timeout`, and doubled at every timeout until a fresh measure, so a
+loaded relay waits longer instead of resending into its own queue.
 
 Gaps (a relay whose parent died before pushing, or took it for dead): pings and
 their acks carry the ids of the revocations heard lately. A relay hearing an id it
@@ -51,6 +51,9 @@ def children(ring: list[str], root: str, me: str, fanout: int) -> list[str]:
     pos = (mine - start) % n
     first = fanout * pos + 1
     return [ring[(start + c) % n] for c in range(first, min(n, first + fanout))]
+
+
+MAX_RTO = 2.0  # seconds: the longest a push waits for its ack before a resend
 
 
 @dataclass
@@ -111,7 +114,7 @@ class BroadcastTree:
         else:
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
-        self.rto = min(1.0, max(self.ack_timeout, self.srtt + 4 * self.rttvar))
+        self.rto = min(MAX_RTO, max(self.ack_timeout, self.srtt + 4 * self.rttvar))
 
     def forget_peers(self, live: set[str]) -> None:
         """Stop resending to peers no longer live (a dead relay's subtree grafts)."""
@@ -123,9 +126,14 @@ class BroadcastTree:
         resent `resends` times without an ack is given up (the peer is likely dead;
         SWIM will say so, and its subtree grafts from the ids on pings)."""
         out: dict[str, list[str]] = {}
-        for key, unacked in list(self.unacked.items()):
-            if unacked.deadline > now:
-                continue
+        due = [(k, u) for k, u in self.unacked.items() if u.deadline <= now]
+        if not due:
+            return out
+        # A timeout backs the timer off (RFC 6298 5.5: double it, up to MAX_RTO) until
+        # an ack of a first send measures the round trip again (Karn): a relay whose
+        # acks come late (its peers' loops are busy) resends less, not into a storm.
+        self.rto = min(MAX_RTO, self.rto * 2)
+        for key, unacked in due:
             if unacked.tries > self.resends:
                 del self.unacked[key]
                 continue

@@ -52,8 +52,13 @@ def test_a_push_is_resent_until_acked_and_given_up_after_the_limit() -> None:
     assert tree.resends_due(10.04) == {}
     tree.acked("p1", ["r1"], now=10.01)
     assert tree.resends_due(10.05) == {"p2": ["r1"]}
-    assert tree.resends_due(10.2) == {"p2": ["r1"]}  # second resend
-    assert tree.resends_due(10.5) == {} and not tree.busy()  # given up after 2
+    assert tree.rto == 0.1  # a timeout backs the timer off
+    assert tree.resends_due(10.1) == {}
+    assert tree.resends_due(10.15) == {"p2": ["r1"]}  # second resend
+    assert tree.resends_due(10.4) == {} and not tree.busy()  # given up after 2
+    tree.pushed("r2", ["p1"], now=11.0)
+    tree.acked("p1", ["r2"], now=11.001)  # an ack of a first send: measured again
+    assert tree.rto == 0.05
 
 
 def test_the_ack_timeout_follows_the_measured_round_trip() -> None:
