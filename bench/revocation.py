@@ -52,6 +52,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +93,12 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def start_relays(
     root: Path, relays_per_cell: int, processes_per_cell: int, loss: float, profile: str = "local"
-) -> tuple[list[ServerProcess], dict[str, list[str]]]:
+) -> tuple[list[ServerProcess], dict[str, list[str]], list[str]]:
     from keycell.relay.cluster import open_dev_cell
 
     processes: list[ServerProcess] = []
     addrs: dict[str, list[str]] = {c: [] for c in CELLS}
+    metrics: list[str] = []
     per_process = max(1, relays_per_cell // processes_per_cell)
     join = ""
     for cell in CELLS:
@@ -108,15 +110,31 @@ def start_relays(
             info = root / f"{cell}-{p}.json"
             args = ["relay", "--cell", cell, "--dev-data-dir", str(folder), "--profile", profile]
             args += ["--count", str(count), "--loss", str(loss), "--addresses-file", str(info)]
+            args += ["--metrics-listen", "127.0.0.1:0"]
             if join:
                 args += ["--join", join]
             process = ServerProcess("keycell", args, what=f"keycell relay {cell}/{p}", startup_timeout=120)
             process.start()
             processes.append(process)
-            addrs[cell] += json.loads(info.read_text())["relays"]
+            addresses = json.loads(info.read_text())
+            addrs[cell] += addresses["relays"]
+            metrics.append(addresses["metrics"])
             if not join:
                 join = ",".join(addrs[cell][:2])
-    return processes, addrs
+    return processes, addrs, metrics
+
+
+def revocation_messages(metrics: list[str]) -> int:
+    """Envelopes that carried a revocation (or revocation ids), sent so far by every
+    relay of these processes: the sum of `keycell_relay_revocation_messages_total`
+    over each process's GET /metrics."""
+    total = 0
+    for addr in metrics:
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=30) as reply:
+            for line in reply.read().decode().splitlines():
+                if line.startswith("keycell_relay_revocation_messages_total{"):
+                    total += int(line.rpartition(" ")[2])
+    return total
 
 
 async def idle_cpu_rates(pids: list[int]) -> list[float]:
@@ -141,6 +159,7 @@ async def measure(
     settle: float,
     pids: list[int] | None = None,
     warmup: float = 0.0,
+    metrics: list[str] | None = None,
 ) -> dict[str, Any]:
     from keycell.control_plane.revocations import RevocationLog
     from keycell.relay.cluster import open_dev_cell
@@ -188,6 +207,7 @@ async def measure(
     await asyncio.sleep(warmup)
     idle_rates = await idle_cpu_rates(pids) if pids else [0.0]
     idle_rate = idle_rates[-1]
+    messages_before = revocation_messages(metrics or [])
     busy_cpu, busy_wall = cpu_seconds(pids), time.monotonic()
     for i in range(revocations):
         cell = CELLS[i % len(CELLS)]
@@ -202,6 +222,7 @@ async def measure(
     while time.monotonic() < wait_until and any(len(applied.get(r.id, {})) < len(every) for r in issued):
         await asyncio.sleep(0.05)
     busy = cpu_seconds(pids) - busy_cpu - idle_rate * (time.monotonic() - busy_wall)
+    messages = revocation_messages(metrics or []) - messages_before
     for task in followers:
         task.cancel()
     await asyncio.gather(*followers, return_exceptions=True)
@@ -229,6 +250,9 @@ async def measure(
         "p99": round(percentile(windows, 0.99) * 1000, 1) if windows else None,
         "p99_within_target": bool(windows) and percentile(windows, 0.99) <= TARGET_P99,
         "relay_cpu_ms_per_revocation": round(busy / max(1, len(issued)) * 1000, 1) if pids else None,
+        # envelopes carrying a revocation or its id, all relays together, per revocation
+        # (n - 1 would be a spanning tree with nothing lost; anti-entropy repairs count)
+        "messages_per_revocation": round(messages / max(1, len(issued)), 1) if metrics else None,
         "relay_idle_cpu_cores": round(idle_rate, 3) if pids else None,
         "idle_windows_cores": [round(r, 3) for r in idle_rates],
         "membership_settled_s": round(settled, 1),
@@ -262,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     args.revocations = max(1, min(args.revocations, 5000))
     with tempfile.TemporaryDirectory(prefix="keycell-bench-revocation-") as tmp:
         root = Path(tmp)
-        processes, addrs = start_relays(
+        processes, addrs, metrics = start_relays(
             root, args.relays_per_cell, args.processes_per_cell, args.loss, args.profile
         )
         try:
@@ -271,7 +295,16 @@ def main(argv: list[str] | None = None) -> None:
             settle = 30 + args.relays_per_cell * len(CELLS) / 3
             warmup = args.relays_per_cell * PROFILES[args.profile].probe_interval
             figures = asyncio.run(
-                measure(root, addrs, args.revocations, args.interval, settle=settle, pids=pids, warmup=warmup)
+                measure(
+                    root,
+                    addrs,
+                    args.revocations,
+                    args.interval,
+                    settle=settle,
+                    pids=pids,
+                    warmup=warmup,
+                    metrics=metrics,
+                )
             )
         finally:
             died = [p for p in processes if p.exited() is not None]

@@ -47,6 +47,12 @@ def render(relays: Iterable[Relay]) -> str:
             elif key in ("dropped", "unsent", "received"):
                 lines.append(f'keycell_relay_messages_total{{relay="{r.name}",kind="{key}"}} {value}')
     lines += _per_relay(
+        "keycell_relay_revocation_messages_total",
+        "counter",
+        "Envelopes sent that carry a revocation or revocation ids (the broadcast's cost).",
+        [(r, r.counters["revocation_messages"]) for r in relays],
+    )
+    lines += _per_relay(
         "keycell_relay_revocations_applied_total",
         "counter",
         "Revocations this relay's cell ledger holds, as applied by it.",

@@ -13,14 +13,18 @@ none does. A failed stream is dropped and that peer is retried after an exponent
 backoff; a new outbound stream starts with a push-pull (digest and member table),
 which repairs whatever was missed while apart.
 
-Membership rumours ride on probes, acks and revocation gossip (SWIM's piggyback);
-only revocations make the gossip loop send messages of their own.
+Membership rumours and cells' receipts ride on probes, acks and the broadcast's
+messages (SWIM's piggyback); they never make a message of their own.
 
-Revocations: a new one is applied to the cell (LedgerSink, off the event loop),
-pushed at once to `eager_fanout` relays of this cell and one relay of every other
-cell, and queued for piggybacking (retransmit limit grows with log n). Once the
-cell's ledger holds it, the relay pushes it to its subscribers (the cell's API
-processes) and spreads this cell's receipt lazily, by piggyback and anti-entropy.
+Revocations: a new one is applied to the cell (LedgerSink, off the event loop) and
+pushed at once down the broadcast tree (keycell/relay/tree.py): each relay pushes
+to `eager_fanout` relays of its cell, computed from the root and the member table,
+and the root also to one relay of every other cell; each push is acknowledged or
+resent. Pings and their acks carry the ids of the revocations heard in the last
+RECENT_IDS_S seconds, so a relay cut off from the tree (its parent died, or took it
+for dead) grafts what it missed within a probe interval. Once the cell's
+ledger holds it, the relay pushes it to its subscribers (the cell's API processes)
+and spreads this cell's receipt lazily, by piggyback and anti-entropy.
 
 Expiry: a revocation whose `expires_at` (> 0) plus the profile's `expiry_grace` has
 passed on the relay's clock revokes nothing that could still be used, so the relay
@@ -60,6 +64,7 @@ from keycell.relay.membership import Awareness, Member, MemberTable, State, Verd
 from keycell.relay.profiles import LOCAL, Profile
 from keycell.relay.tls import RELAY, Authorizer, RelayTLS, TLSConfigError, is_loopback, peer_identity
 from keycell.relay.tls import aio_channel as relay_channel
+from keycell.relay.tree import BroadcastTree, children
 
 log = logging.getLogger("keycell.relay")
 # sink -> revocation id -> its ledger write in flight (relays of one process share both)
@@ -73,12 +78,18 @@ SWEEP_GRACE = 60.0
 FULL_SWEEP_EVERY = 60
 LINK_QUEUE = 10_000  # envelopes waiting on one stream; beyond, new ones are dropped (as UDP would)
 ENTRIES_PER_ENVELOPE = 256  # anti-entropy sends missing entries in chunks
+RESEND_COPIES = 2  # envelopes per resend of an unacknowledged push
+RECENT_IDS_S = 3.0  # a ping carries the ids of the revocations heard this recently...
+RECENT_IDS_MAX = 32  # ...at most this many, the newest
 EXPOSURE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Streams stay up for hours: clients ping every 10 s so a dead peer's stream fails
-# within 15 s even with nothing to send, and servers accept pings that often (gRPC's
-# server default would answer them with GOAWAY "too_many_pings", killing the stream).
+# Streams stay up for hours: clients ping every 60 s so a dead peer's stream fails
+# within 65 s even with nothing to send (SWIM finds a dead relay long before: this is
+# only for the stream), and servers accept pings that often (gRPC's server default
+# would answer them with GOAWAY "too_many_pings", killing the stream). Every relay
+# keeps a stream to every relay of its cell, so keepalives grow with n^2: at 3 x 100
+# some 30,000 streams, which at 10 s would be about 3,000 pings a second each way.
 _CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -94,7 +105,7 @@ _SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.bdp_probe", 0),
 ]
@@ -123,6 +134,18 @@ def entry_expiry(entry: pb.Entry) -> int:
     if entry.HasField("revocation"):
         return int(entry.revocation.expires_at)
     return int(entry.receipt.expires_at)
+
+
+def _about_revocations(env: pb.Envelope) -> bool:
+    """Whether an envelope was sent for the broadcast: it carries a revocation, or is
+    a tree message of its own (an ack, a graft; not the ids a ping carries anyway).
+    What `revocation_messages` counts, the broadcast's cost per revocation."""
+    if env.WhichOneof("body") is None and (env.ihave or env.graft):
+        return True
+    for rumor in env.rumors:
+        if rumor.WhichOneof("kind") == "entry" and rumor.entry.WhichOneof("kind") == "revocation":
+            return True
+    return False
 
 
 def entry_key(entry: pb.Entry) -> str:
@@ -173,18 +196,6 @@ class Link:
             self.closed = True
             with contextlib.suppress(asyncio.QueueFull):
                 self.queue.put_nowait(None)
-
-
-class _Spread:
-    """A revocation this relay is still spreading: the peers known to hold it (they
-    sent it here, or this relay sent it to them), so no send goes to a peer twice nor
-    back to one it came from. Kept while the rumour is hot."""
-
-    __slots__ = ("holders", "origin_cell")
-
-    def __init__(self, origin_cell: str, source_addr: str) -> None:
-        self.origin_cell = origin_cell
-        self.holders: set[str] = {source_addr} if source_addr else set()
 
 
 @dataclass
@@ -260,7 +271,12 @@ class Relay(pb_grpc.RelayServicer):
         self._members_cache: tuple[int, list[pb.Member]] = (-1, [])
         self._member_pbs: dict[str, tuple[tuple[str, str, int, State], pb.Member]] = {}
         self._pending: set[str] = set()  # revocation ids waiting for the sink (sealed cell, ledger down)
-        self._spreading: dict[str, _Spread] = {}  # hot revocation key -> who holds it
+        self.tree = BroadcastTree(
+            graft_timeout=profile.graft_timeout, ack_timeout=profile.ack_timeout, resends=profile.resends
+        )
+        self._ring_view: tuple[int, list[str]] = (-1, [])  # (table version, this cell's relays sorted)
+        self._recent: list[tuple[float, str]] = []  # (monotonic time, id) of revocations heard lately
+        self._root_of: dict[str, str] = {}  # revocation id (heard lately) -> its tree's root in this cell
         self._swept_at: float | None = None  # wall time the last complete ledger read began
         self._sweeps = 0
         self._peer_view: tuple[int, list[str], dict[str, str]] = (-1, [], {})
@@ -272,8 +288,8 @@ class Relay(pb_grpc.RelayServicer):
         self._cross_version = 0  # bumped whenever `cross` changes
         self._cross_at = -1  # the member table's version `cross` was last refreshed at
         # The gossip and suspicion loops sleep on these while they have nothing to do
-        # (no hot rumour, no suspicion), so an idle relay wakes only to probe and for
-        # anti-entropy: a revocation or a suspicion sets them.
+        # (no push waiting for its ack, nothing to graft, no suspicion), so an idle relay
+        # wakes only to probe and for anti-entropy: a revocation or a suspicion sets them.
         self._gossip_wake = asyncio.Event()
         self._suspicion_wake = asyncio.Event()
         self.running = False
@@ -361,12 +377,12 @@ class Relay(pb_grpc.RelayServicer):
         if piggyback and self.table is not None and len(self.rumors):
             room = self.profile.rumors_per_message - len(env.rumors)
             if room > 0:
-                keys: list[str] = []
                 limit = self.profile.retransmit_limit(len(self.table.members))
-                env.rumors.extend(self.rumors.take(room, limit, keys, self._held_by(addr)))
-                self._mark_sent(addr, keys)
+                env.rumors.extend(self.rumors.take(room, limit))
         kind = env.WhichOneof("body") or "gossip"
         self.counters[f"sent_{kind}"] += 1
+        if _about_revocations(env):
+            self.counters["revocation_messages"] += 1
         if self.faults is not None:
             if self.faults.drop(self.addr, addr):
                 self.counters["dropped"] += 1
@@ -550,11 +566,29 @@ class Relay(pb_grpc.RelayServicer):
         self.counters["received"] += 1
         if env.sender and self.table.get(env.sender) is None and env.sender_addr:
             self._on_alive(pb.Member(name=env.sender, addr=env.sender_addr, cell=env.sender_cell), link.addr)
+        rids = [
+            r.entry.revocation.id
+            for r in env.rumors
+            if r.WhichOneof("kind") == "entry" and r.entry.WhichOneof("kind") == "revocation"
+        ]
+        # A revocation pushed down this cell's tree keeps its root; one pushed from
+        # another cell makes this relay the root of its cell's tree (""); one from
+        # this cell with no root (anti-entropy, a graft answered without one) is a
+        # repair and goes no further (None): the relays it missed too pull it the
+        # same way, or graft it on seeing its id on this relay's pings.
+        root = (env.root or None) if env.sender_cell == self.cell else ""
         for rumor in env.rumors:
-            self._on_rumor(rumor, env.sender_addr)
+            self._on_rumor(rumor, env.sender_addr, root)
+        if rids and env.sender_addr:  # the answer to a push: its ids (an ack: no resend)
+            self._send(env.sender_addr, self._envelope(ihave=rids), link, piggyback=False)
+        if env.graft:
+            self._on_graft(env, link)
+        if env.ihave:
+            self._on_ihave(env)
         body = env.WhichOneof("body")
         if body == "ping":
-            self._send(env.sender_addr, self._envelope(ack=pb.Ack(seq=env.ping.seq)), link)
+            ack = self._envelope(ack=pb.Ack(seq=env.ping.seq), ihave=self._recent_ids())
+            self._send(env.sender_addr, ack, link)
         elif body == "ack":
             if env.ack.nack:  # a helper could not reach the target: our link to it works
                 if env.ack.seq in self._nacks:
@@ -582,10 +616,10 @@ class Relay(pb_grpc.RelayServicer):
                     link,
                 )
 
-    def _on_rumor(self, rumor: pb.Rumor, source_addr: str) -> None:
+    def _on_rumor(self, rumor: pb.Rumor, source_addr: str, root: str | None = "") -> None:
         kind = rumor.WhichOneof("kind")
         if kind == "entry":
-            self._learn(rumor.entry, source_addr)
+            self._learn(rumor.entry, source_addr, root)
         elif kind == "alive":
             self._on_alive(rumor.alive.member, source_addr)
         elif kind == "suspect":
@@ -711,29 +745,22 @@ class Relay(pb_grpc.RelayServicer):
             self._cells.add(entry.receipt.cell)
         return True
 
-    def _learn(self, entry: pb.Entry, source_addr: str) -> bool:
+    def _learn(self, entry: pb.Entry, source_addr: str, root: str | None = "") -> bool:
+        """Take an entry in; `root`: the tree a revocation came down ("": this relay
+        is the root in its cell; None: a repair, pushed no further)."""
         key = entry_key(entry)
         entry = self._with_expiry(entry)
         if self.expired(entry_expiry(entry)):
             self.counters["expired_refused"] += 1  # dropped everywhere by now, or soon
             return False
         if not self._store(key, entry):
-            if source_addr:
-                if key[0] == "r":
-                    self.counters["revocation_copies"] += 1  # heard again
-                spread = self._spreading.get(key)
-                if spread is not None and source_addr not in spread.holders:
-                    spread.holders.add(source_addr)
-                    self._retire_if_covered(key, spread)
+            if source_addr and key[0] == "r":
+                self.counters["revocation_copies"] += 1  # heard again
             return False
         if entry.HasField("revocation"):
             self.counters["revocations_heard"] += 1
             self.heard[entry.revocation.id] = time.time()
-            spread = self._spreading[key] = _Spread(entry.revocation.origin_cell, source_addr)
-            rumor = pb.Rumor(entry=entry)
-            pushed = self._eager_push(rumor, source_addr, spread)
-            self.rumors.put(key, rumor, sent=pushed)
-            self._gossip_wake.set()
+            self._push(entry, source_addr, root)
             self._apply(entry.revocation)
             return True
         # A receipt is evidence for sys/revocations/:id, not on the exposure path: it
@@ -765,65 +792,100 @@ class Relay(pb_grpc.RelayServicer):
         if not future.cancelled() and future.exception() is not None:
             log.warning("relay ledger write failed: %s", future.exception())
 
-    def _eager_push(self, rumor: pb.Rumor, source_addr: str, spread: _Spread) -> int:
-        """Push a new revocation now to `eager_fanout` relays of this cell; the relay
-        that took it from the revoke call (no source) also pushes it to every cross
-        link of every other cell, which then spread it in their cells. Relays that
-        heard it from a peer leave other cells to the origin cell's relays' gossip.
-        One envelope, serialized once per stream, goes to every target. Returns the
-        sends made (they count against the rumour's retransmit limit)."""
+    def _push(self, entry: pb.Entry, source_addr: str, root: str | None) -> None:
+        """A revocation heard for the first time: push it to this relay's children in
+        the tree rooted at `root` (this relay if ""; none if None), and, if it was
+        submitted here (no source), to one relay of every other cell, the root of
+        that cell's tree. Each push waits for its ack. The id is kept among the ones
+        pings carry."""
         assert self.table is not None
-        own, _ = self._peers()
-        if source_addr:
-            own = [a for a in own if a != source_addr]
-        targets = self.rng.sample(own, min(self.profile.eager_fanout, len(own)))
+        rid = entry.revocation.id
+        now = time.monotonic()
+        kids: list[str] = []
+        if root is not None:
+            root = root or self.addr
+            self._root_of[rid] = root
+            ring = self._ring()
+            kids = [a for a in children(ring, root, self.addr, self.profile.eager_fanout) if a != source_addr]
+        if kids:
+            env = self._envelope(rumors=[pb.Rumor(entry=entry)], root=root)
+            for addr in kids:
+                self._send(addr, env, piggyback=False)
+        cross: list[str] = []
         if not source_addr:
             if not self.cross:
                 self._refresh_cross()
             for names in self.cross.values():
-                targets += [m.addr for n in names if (m := self.table.get(n)) is not None]
-        env = self._envelope(rumors=[rumor])
-        for addr in targets:
-            self._send(addr, env, piggyback=False)
-            spread.holders.add(addr)
-        self.counters["eager_pushes"] += 1
-        return len(targets)
+                member = next((m for n in names if (m := self.table.get(n)) is not None), None)
+                if member is not None:
+                    cross.append(member.addr)
+            if cross:
+                env = self._envelope(rumors=[pb.Rumor(entry=entry)])
+                for addr in cross:
+                    self._send(addr, env, piggyback=False)
+        self.counters["eager_pushes"] += len(kids) + len(cross)
+        self.tree.pushed(rid, kids + cross, now)
+        self._recent.append((now, rid))
+        if len(self._recent) > 2 * RECENT_IDS_MAX:
+            for _, old in self._recent[:RECENT_IDS_MAX]:
+                self._root_of.pop(old, None)
+            del self._recent[:RECENT_IDS_MAX]
+        if self.tree.busy():
+            self._gossip_wake.set()
 
-    def _held_by(self, addr: str) -> Callable[[str], bool]:
-        """Whether `addr` is known to hold the entry under a key (it sent it here, or was
-        sent it): such a rumour is not sent to it again."""
-        spreading = self._spreading
+    def _ring(self) -> list[str]:
+        """This cell's live relays, this one among them, sorted by address: what the
+        tree is laid on (rebuilt only when the member table changed)."""
+        assert self.table is not None
+        if self._ring_view[0] != self.table.version:
+            own, cell_of = self._peers()
+            self._ring_view = (self.table.version, sorted({*own, self.addr}))
+            self.tree.forget_peers(set(cell_of))
+        return self._ring_view[1]
 
-        def held(key: str) -> bool:
-            spread = spreading.get(key)
-            return spread is not None and addr in spread.holders
+    def _send_entries(
+        self, addr: str, rids: Iterable[str], link: Link | None = None, *, resent: bool = False
+    ) -> int:
+        """Send the revocations held under these ids to `addr`, one envelope per tree
+        root (a relay of another cell gets none: it roots its own cell's tree)."""
+        _, cell_of = self._peers()
+        same_cell = cell_of.get(addr) == self.cell
+        by_root: dict[str, list[pb.Rumor]] = {}
+        for rid in rids:
+            entry = self.store.entries.get("r/" + rid)
+            if entry is not None:
+                root = self._root_of.get(rid, "") if same_cell else ""
+                by_root.setdefault(root, []).append(pb.Rumor(entry=entry))
+        for root, rumors in by_root.items():
+            self._send(addr, self._envelope(rumors=rumors, root=root, resent=resent), link, piggyback=False)
+        return sum(len(r) for r in by_root.values())
 
-        return held
+    def _recent_ids(self) -> list[str]:
+        """Ids of the revocations heard in the last RECENT_IDS_S seconds (the newest
+        RECENT_IDS_MAX): what a ping announces, whichever links are lazy."""
+        if not self._recent:
+            return []
+        since = time.monotonic() - RECENT_IDS_S
+        if self._recent[0][0] < since:
+            self._recent = [(t, rid) for t, rid in self._recent if t >= since]
+        return [rid for _, rid in self._recent[-RECENT_IDS_MAX:]]
 
-    def _mark_sent(self, addr: str, keys: list[str]) -> None:
-        for key in keys:
-            spread = self._spreading.get(key)
-            if spread is not None:
-                spread.holders.add(addr)
+    def _on_ihave(self, env: pb.Envelope) -> None:
+        """Ids the sender holds: start a graft timer for each revocation this relay lacks."""
+        now = time.monotonic()
+        self.tree.acked(env.sender_addr, env.ihave, now)
+        fresh = False
+        for rid in env.ihave:
+            if "r/" + rid not in self.store and self.tree.announced(rid, env.sender_addr, now):
+                fresh = True
+        if fresh:
+            self._gossip_wake.set()
 
-    def _retire_if_covered(self, key: str, spread: _Spread) -> bool:
-        """Stop spreading `key` once every live relay of this cell is known to hold it
-        and, on the origin cell's relays, some relay of every other cell (which then
-        spreads it in its own cell). Anti-entropy repairs what a lost send missed."""
-        own, cell_of = self._peers()
-        holders = spread.holders
-        for addr in own:
-            if addr not in holders:
-                return False
-        if spread.origin_cell == self.cell:
-            covered = {cell_of.get(a) for a in holders}
-            for cell in self.cross:
-                if cell not in covered:
-                    return False
-        self.rumors.retire(key)
-        del self._spreading[key]
-        self.counters["rumors_retired"] += 1
-        return True
+    def _on_graft(self, env: pb.Envelope, link: Link) -> None:
+        """The sender lacks these revocations: send those this relay holds (with their
+        tree's root, so the sender pushes them on down its subtree)."""
+        self.counters["grafts_received"] += 1
+        self._send_entries(env.sender_addr, env.graft, link)
 
     def _peers(self) -> tuple[list[str], dict[str, str]]:
         """Addresses of this cell's live relays, and every live relay's cell by
@@ -1075,7 +1137,8 @@ class Relay(pb_grpc.RelayServicer):
             if attempt:
                 self.counters["probe_retries"] += 1
             # (a new envelope each time: _send piggybacks rumours onto the one it is given)
-            self._send(target.addr, self._envelope(ping=pb.Ping(seq=seq, target=target.name)))
+            ping = pb.Ping(seq=seq, target=target.name)
+            self._send(target.addr, self._envelope(ping=ping, ihave=self._recent_ids()))
             # (asyncio.timeout, not wait_for: no task per wait; shield keeps the future
             # waiting for a late ack through the retries and the indirect phase)
             try:
@@ -1120,15 +1183,24 @@ class Relay(pb_grpc.RelayServicer):
         self._send(requester, self._envelope(ack=pb.Ack(seq=req.seq)), link)
 
     async def _gossip_loop(self) -> None:
-        """A gossip round every `gossip_interval` while some rumour is hot; with none,
-        the loop sleeps until `_learn` queues a new revocation (no idle ticks)."""
+        """The broadcast's scheduler: while some push waits for its ack or some
+        revocation is missing, a round whenever the earliest resend or graft falls
+        due; with neither, the loop sleeps until a push or an announcement gives it
+        work (no idle ticks, and no task or timer per message)."""
         while self.running:
-            if not self.rumors.hot():
+            if not self.tree.busy():
                 self._gossip_wake.clear()
                 await self._gossip_wake.wait()
                 continue
-            await asyncio.sleep(self.profile.gossip_interval)
-            if not self.rumors.hot() or self.table is None:
+            # Sleep until the earliest resend or graft is due, at least one
+            # gossip_interval (so what falls due together goes out together); new
+            # work with an earlier deadline wakes the loop.
+            delay = max(self.profile.gossip_interval, self.tree.next_deadline() - time.monotonic())
+            self._gossip_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._gossip_wake.wait()
+            if self.table is None or not self.tree.busy():  # (acks came meanwhile)
                 continue
             self.counters["gossip_rounds"] += 1
             try:
@@ -1137,39 +1209,21 @@ class Relay(pb_grpc.RelayServicer):
                 log.exception("%s: gossip round failed", self.name)
 
     def _gossip_round(self) -> None:
-        """Send the hot rumours to `gossip_nodes` relays of this cell that are not known
-        to hold them all, and, from the origin cell's relays, to a linked relay of
-        every other cell none of whose relays is known to hold them."""
-        assert self.table is not None
-        limit = self.profile.retransmit_limit(len(self.table.members))
-        hot = [(k, s) for k in self.rumors.hot_keys() if (s := self._spreading.get(k)) is not None]
-        if len(self._spreading) > 2 * len(self.rumors) + 16:  # retired by the retransmit limit
-            self._spreading = {k: s for k, s in self._spreading.items() if k in self.rumors}
-        for key, spread in hot:
-            self._retire_if_covered(key, spread)
-        hot = [(k, s) for k, s in hot if k in self._spreading]
-        own, cell_of = self._peers()
-        # (hot rumours with no holders kept, none today, go out as plain gossip)
-        lacking = [a for a in own if any(a not in s.holders for _, s in hot)] if hot else list(own)
-        targets = self.rng.sample(lacking, min(self.profile.gossip_nodes, len(lacking)))
-        mine = [s for _, s in hot if s.origin_cell == self.cell]
-        if mine:
-            if not self.cross:
-                self._refresh_cross()
-            for names in self.cross.values():
-                addrs = [m.addr for n in names if (m := self.table.get(n)) is not None]
-                if not addrs:
-                    continue
-                cell = cell_of.get(addrs[0])
-                if any(all(cell_of.get(a) != cell for a in s.holders) for s in mine):
-                    targets.append(self.rng.choice(addrs))
-        for addr in targets:
-            keys: list[str] = []
-            rumors = self.rumors.take(self.profile.rumors_per_message, limit, keys, self._held_by(addr))
-            if not rumors:
-                break
-            self._mark_sent(addr, keys)
-            self._send(addr, self._envelope(rumors=rumors), piggyback=False)
+        """Resend each push whose ack is overdue, and send a graft for each missing
+        revocation whose timer ran out."""
+        self._ring()  # (forgets pushes to relays no longer live)
+        store = self.store
+        now = time.monotonic()
+        for addr, ids in self.tree.resends_due(now).items():
+            # (twice: a push already lost once is the tail of the exposure window, and
+            # a second copy makes losing the resend too 20 times less likely for one
+            # more message per loss)
+            for _ in range(RESEND_COPIES):
+                self.counters["resends"] += self._send_entries(addr, ids, resent=True)
+        grafts = self.tree.grafts_due(now, lambda rid: "r/" + rid in store)
+        for addr, ids in grafts.items():
+            self.counters["grafts_sent"] += 1
+            self._send(addr, self._envelope(graft=ids), piggyback=False)
 
     async def _suspicion_loop(self) -> None:
         """Declare suspects dead once their timeout passes, looking every `tick` while
@@ -1207,7 +1261,7 @@ class Relay(pb_grpc.RelayServicer):
             now = time.monotonic()
             if now - last_push >= self.profile.push_pull_interval * (0.5 + self.rng.random()):
                 last_push = now
-                members = now - last_sync >= self.profile.sync_interval
+                members = now - last_sync >= self.profile.sync_every(len(self.table.members))
                 if members:
                     last_sync = now
                 peers = self._probe_targets()
@@ -1255,7 +1309,6 @@ class Relay(pb_grpc.RelayServicer):
             return 0
         self.counters["entries_expired"] += 1
         self.rumors.retire(key)
-        self._spreading.pop(key, None)
         if key.startswith("r/"):
             rid = key[2:]
             self.heard.pop(rid, None)

@@ -4,9 +4,10 @@ The shapes follow hashicorp/memberlist's DefaultLANConfig / DefaultWANConfig /
 DefaultLocalConfig (probe interval and timeout, indirect checks, suspicion and
 retransmit multipliers, push-pull interval, awareness ceiling). What differs is the
 broadcast: memberlist gossips every 200 ms (LAN) to 3 nodes, which is why it needs
-~1.2-1.8 s to reach 99% of 100 nodes; a relay also pushes every new revocation at
-once to `eager_fanout` peers, and gossips more often, so the broadcast is bounded
-by hops of network latency rather than by gossip ticks.
+~1.2-1.8 s to reach 99% of 100 nodes; a relay pushes every new revocation at once
+along a broadcast tree (keycell/relay/tree.py) and repairs a lost push within a
+tick or two, so the broadcast is bounded by hops of network latency rather than by
+gossip ticks.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class Profile:
     # a rumour is sent mult * ceil(log10(n + 1)) times by each relay (memberlist), the eager push included
     retransmit_mult: int
     gossip_interval: float
-    gossip_nodes: int
-    eager_fanout: int  # peers of this cell a new revocation is pushed to on receipt
+    gossip_nodes: int  # (the round model's gossip targets per round, keycell/relay/simulate.py)
+    eager_fanout: int  # relays of this cell each relay pushes a revocation to (the tree's fanout)
     cross_links: int  # relays of every other cell this relay keeps streams to
     push_pull_interval: float  # anti-entropy of the revocation set (a 64-bucket digest first)
     sync_interval: float  # push-pull of the whole member table (memberlist's PushPullInterval)
@@ -43,6 +44,13 @@ class Profile:
     backoff_base: float  # stream reconnect backoff: base * 2^failures, capped
     backoff_max: float
     rumors_per_message: int  # piggybacked rumours per envelope
+    # The broadcast tree (keycell/relay/tree.py): a push not acknowledged within the
+    # ack timeout (measured, never below `ack_timeout`) is resent, at most `resends`
+    # times; a relay that hears (on a ping) an id it lacks asks for the revocation
+    # (graft) once `graft_timeout` has passed without the push bringing it.
+    graft_timeout: float = 0.1
+    ack_timeout: float = 0.05
+    resends: int = 3
     # An entry whose revocation expired (`expires_at` > 0) is dropped once expires_at +
     # this grace has passed on the relay's clock; the grace covers clock skew between
     # relays, so none refuses an entry another still spreads as live.
@@ -51,6 +59,15 @@ class Profile:
 
     def retransmit_limit(self, members: int) -> int:
         return self.retransmit_mult * max(1, math.ceil(math.log10(members + 1)))
+
+    def sync_every(self, members: int) -> float:
+        """How often a relay pushes its whole member table to a peer: `sync_interval`,
+        scaled up past 32 members as memberlist's pushPullScale does (x ceil(log2 n -
+        log2 32) + 1: x5 at 300), since the table grows with n and so does the number
+        of relays sending it, while rumours keep every table current between syncs."""
+        if members <= 32:
+            return self.sync_interval
+        return self.sync_interval * (math.ceil(math.log2(members) - 5) + 1)
 
     def suspicion_timeouts(self, members: int) -> tuple[float, float]:
         """(min, max) suspicion timeout for a group of `members` (memberlist's
@@ -96,12 +113,12 @@ LAN = Profile(
     suspicion_mult=4,
     suspicion_max_mult=6,
     retransmit_mult=4,
-    # (the gossip loop runs only while a revocation is hot, so a short interval costs
-    # an idle relay nothing; a rumour's sends are capped by the retransmit limit, so
-    # it speeds up repair of a lost push without adding sends)
-    gossip_interval=0.02,
+    # (the gossip loop ticks only while it has ids to announce or grafts to time, so
+    # a short interval costs an idle relay nothing, and it bounds how late a lost
+    # push is repaired: an announcement waits up to one tick, a graft a timeout)
+    gossip_interval=0.01,
     gossip_nodes=3,
-    eager_fanout=3,
+    eager_fanout=5,  # (a tree of depth 3 over 100 relays, 2 over 30)
     cross_links=2,
     push_pull_interval=10.0,
     sync_interval=30.0,
@@ -110,6 +127,7 @@ LAN = Profile(
     backoff_base=0.1,
     backoff_max=10.0,
     rumors_per_message=64,
+    ack_timeout=0.01,  # (a floor: the timeout follows the measured round trip)
 )
 # Cells in different regions: memberlist WAN probe timings.
 WAN = Profile(
@@ -132,6 +150,8 @@ WAN = Profile(
     backoff_base=0.5,
     backoff_max=30.0,
     rumors_per_message=64,
+    graft_timeout=1.0,
+    ack_timeout=0.5,
 )
 PROFILES = {p.name: p for p in (LOCAL, LAN, WAN)}
 

@@ -108,7 +108,7 @@ def test_expired_revocations_and_receipts_leave_every_relay_and_the_digests_agre
                 assert relay.revocation_ids() == {rec.id for rec in lasting}
                 assert all(k in relay.store for rec in lasting for k in keys_of(rec))
                 assert not any(rec.id in relay.heard or rec.id in relay.applied for rec in short)
-                assert not any(k in relay.rumors or k in relay._spreading for k in gone)
+                assert not any(k in relay.rumors for k in gone)
             for sink in sinks.values():
                 assert all(sink.known(rec.id) is None for rec in short)
             text = render(cluster.live())

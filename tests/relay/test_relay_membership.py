@@ -160,3 +160,11 @@ def test_helpers_nack_an_unreachable_target_and_missing_nacks_raise_local_health
             await cluster.stop()
 
     asyncio.run(scenario())
+
+
+def test_the_member_table_is_pushed_less_often_as_the_mesh_grows() -> None:
+    """memberlist's pushPullScale: the whole table grows with n, and so does the number
+    of relays sending it; rumours keep tables current in between."""
+    assert LAN.sync_every(32) == LAN.sync_interval
+    assert LAN.sync_every(64) == 2 * LAN.sync_interval
+    assert LAN.sync_every(300) == 5 * LAN.sync_interval

@@ -159,7 +159,7 @@ class Sync(_message.Message):
     def __init__(self, members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., reply: _Optional[bool] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("sender", "sender_addr", "sender_cell", "ping", "ack", "ping_req", "digest", "keys", "sync", "rumors")
+    __slots__ = ("sender", "sender_addr", "sender_cell", "ping", "ack", "ping_req", "digest", "keys", "sync", "rumors", "ihave", "graft", "root", "resent")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     SENDER_ADDR_FIELD_NUMBER: _ClassVar[int]
     SENDER_CELL_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,10 @@ class Envelope(_message.Message):
     KEYS_FIELD_NUMBER: _ClassVar[int]
     SYNC_FIELD_NUMBER: _ClassVar[int]
     RUMORS_FIELD_NUMBER: _ClassVar[int]
+    IHAVE_FIELD_NUMBER: _ClassVar[int]
+    GRAFT_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    RESENT_FIELD_NUMBER: _ClassVar[int]
     sender: str
     sender_addr: str
     sender_cell: str
@@ -180,7 +184,11 @@ class Envelope(_message.Message):
     keys: KeyList
     sync: Sync
     rumors: _containers.RepeatedCompositeFieldContainer[Rumor]
-    def __init__(self, sender: _Optional[str] = ..., sender_addr: _Optional[str] = ..., sender_cell: _Optional[str] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., ping_req: _Optional[_Union[PingReq, _Mapping]] = ..., digest: _Optional[_Union[Digest, _Mapping]] = ..., keys: _Optional[_Union[KeyList, _Mapping]] = ..., sync: _Optional[_Union[Sync, _Mapping]] = ..., rumors: _Optional[_Iterable[_Union[Rumor, _Mapping]]] = ...) -> None: ...
+    ihave: _containers.RepeatedScalarFieldContainer[str]
+    graft: _containers.RepeatedScalarFieldContainer[str]
+    root: str
+    resent: bool
+    def __init__(self, sender: _Optional[str] = ..., sender_addr: _Optional[str] = ..., sender_cell: _Optional[str] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., ping_req: _Optional[_Union[PingReq, _Mapping]] = ..., digest: _Optional[_Union[Digest, _Mapping]] = ..., keys: _Optional[_Union[KeyList, _Mapping]] = ..., sync: _Optional[_Union[Sync, _Mapping]] = ..., rumors: _Optional[_Iterable[_Union[Rumor, _Mapping]]] = ..., ihave: _Optional[_Iterable[str]] = ..., graft: _Optional[_Iterable[str]] = ..., root: _Optional[str] = ..., resent: _Optional[bool] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
     __slots__ = ("accepted",)
