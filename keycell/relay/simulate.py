@@ -288,6 +288,7 @@ def report(
             simulate(n, cells, loss=loss, view_miss=view_miss, seed=s, profile=profile) for s in range(trials)
         ]
         rounds = [r.rounds for r in runs if r.covered]
+        ms = [r.seconds * 1000 for r in runs if r.covered]
         hops = [r.hops for r in runs]
         reached_late = sum(r.nodes - 1 for r in runs)
         out.append(
@@ -302,8 +303,8 @@ def report(
                 "covered": sum(r.covered for r in runs),
                 "rounds_median": statistics.median(rounds) if rounds else None,
                 "rounds_max": max(rounds) if len(rounds) == trials else None,  # (None: a trial cut off)
-                "coverage_ms_median": round(statistics.median(r.seconds for r in runs) * 1000, 1),
-                "coverage_ms_max": round(max(r.seconds for r in runs) * 1000, 1),
+                "coverage_ms_median": round(statistics.median(ms), 1) if ms else None,
+                "coverage_ms_max": round(max(ms), 1) if len(ms) == trials else None,
                 "log2_n": round(math.log2(n), 2),
                 "hops_median": statistics.median(hops),
                 "hops_max": max(hops),

@@ -71,6 +71,13 @@ def test_a_run_cut_off_by_its_bounds_says_so() -> None:
     assert not result.covered and result.reached == 2 and result.rounds == -1
 
 
+def test_a_report_of_runs_cut_off_gives_no_rounds_or_times() -> None:
+    no_repair = LAN.with_(eager_fanout=0, push_pull_interval=0.0, graft_timeout=1e6)
+    (row,) = report([60], cells=2, loss=0.0, trials=2, profile=no_repair)
+    assert row["covered"] == 0
+    assert row["rounds_median"] is row["rounds_max"] is row["coverage_ms_max"] is None
+
+
 def test_the_report_gives_rounds_hops_messages_and_how_relays_were_reached() -> None:
     (row,) = report([300], loss=0.05, trials=2, profile=LAN)
     assert row["nodes"] == 300 and row["covered"] == 2
