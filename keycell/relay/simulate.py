@@ -10,9 +10,9 @@ for its resend and graft timers), on a discrete-event clock instead of sockets:
 - every push is acknowledged; a push not acknowledged in time is resent (the tree's
   timers, RFC 6298 with Karn), at most `resends` times;
 - every `probe_interval` each relay pings one relay of its view; a ping and its ack
-  carry the ids heard lately, and a relay that sees an id it lacks grafts it from
-  the announcer after `graft_timeout`; the answer keeps the tree's root, so the
-  graftee pushes on down its subtree;
+  carry the ids heard in the last RECENT_IDS_S (node.py's window), and a relay that
+  sees an id it lacks grafts it from the announcer after `graft_timeout`; the answer
+  keeps the tree's root, so the graftee pushes on down its subtree;
 - every `push_pull_interval` each relay exchanges its set with one relay of its view
   (anti-entropy: a relay missing the revocation gets it, pushed no further);
 - each message (push, ack, ping, graft, exchange) is lost with probability `loss`,
@@ -21,6 +21,10 @@ for its resend and graft timers), on a discrete-event clock instead of sockets:
   (chosen independently for each relay: views differ, as they do for a moment after
   joins or false suspicions); trees computed over differing views overlap and leave
   gaps, which the grafts fill.
+
+Left out: CPU and queueing (a relay answers the moment a message lands), relay
+failures, and the cost of pings and exchanges (they run whether or not anything is
+revoked, so they are not counted as the revocation's messages).
 
 It reports, for one revocation, the time until every relay holds it (seconds and
 gossip intervals, `rounds`), the longest chain of messages that first brought it to a
