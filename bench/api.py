@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine
-from keycell.testing.processes import keycell_server
+from keycell.testing.processes import keycell_server, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYCELL_TOKEN = "kc.bench-root-token"
@@ -199,6 +199,14 @@ disable_mlock = true
 """
 
 
+def bao_environment(home: str, **more: str) -> dict[str, str]:
+    """The environment a `bao` process runs in: this one without any BAO_* or VAULT_*
+    variable (so nothing of the machine's user leaks in), HOME set to `home` (its token
+    helper file lives there), and `more` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
+    return {**env, "HOME": home, **more}
+
+
 @contextlib.contextmanager
 def openbao_server(
     binary: str, mode: str = "dev", startup_timeout: float = 30.0
@@ -208,8 +216,7 @@ def openbao_server(
     (fsynced), initialized, unsealed and with KV v2 at secret/."""
     with tempfile.TemporaryDirectory(prefix="openbao-bench-") as home, tempfile.TemporaryFile() as log:
         port = _free_port_pair()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
-        env["HOME"] = home
+        env = bao_environment(home)
         if mode == "dev":
             command = [
                 binary,
@@ -260,12 +267,7 @@ def openbao_server(
                 )
             yield port, token
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process, timeout=15)
 
 
 def prepare(port: int, token: str) -> dict[str, tuple[str, str, str]]:

@@ -53,7 +53,7 @@ from keycell.control_plane.keys import KeyBackend, KeyExistsError, KeySpec
 from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger
 from keycell.control_plane.revocations import spiffe_subject, svid_subject
 from keycell.control_plane.storage import get_json, put_json_if
-from keycell.control_plane.x509sign import sign_certificate
+from keycell.control_plane.x509sign import CA_KEY_USAGE, sign_certificate
 
 AUTHORITIES_KEY = Key(Kind.CONFIG, "identity/authorities")
 DEFAULT_JWT_TTL = 5 * 60  # the 5-minute JWT-SVID the SPIFFE ecosystem expects
@@ -488,7 +488,7 @@ class IdentityCA:
             .not_valid_before(now - datetime.timedelta(seconds=60))
             .not_valid_after(now + datetime.timedelta(seconds=ROOT_TTL))
             .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-            .add_extension(_ca_key_usage(), critical=True)
+            .add_extension(CA_KEY_USAGE, critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)  # type: ignore[arg-type]
             .add_extension(
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{domain}")]),
@@ -526,7 +526,7 @@ class IdentityCA:
             .not_valid_before(datetime.datetime.fromtimestamp(now - 60, datetime.UTC))
             .not_valid_after(datetime.datetime.fromtimestamp(not_after, datetime.UTC))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_ca_key_usage(), critical=True)
+            .add_extension(CA_KEY_USAGE, critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)  # type: ignore[arg-type]
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(root.public_key()),  # type: ignore[arg-type]
@@ -633,20 +633,6 @@ class IdentityCA:
 
 def _with_state(a: Authority, state: AuthorityState) -> Authority:
     return Authority.from_record({**a.to_record(), "state": state.value})
-
-
-def _ca_key_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
 
 
 def _ttl(ttl: object, default: int) -> int:

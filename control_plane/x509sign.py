@@ -6,7 +6,7 @@ object it holds, which a backend key (an HSM's) never is. So a structure is firs
 signed with a throwaway key (`draft_key`), its to-be-signed bytes are taken from that
 draft, the backend signs them, and the outer SEQUENCE { tbs, algorithm, signature } is
 put together here. The SVID authorities (svid.py) and the PKI engine
-(engines/pki) both sign this way. ECDSA P-256 with SHA-256 only."""
+(engines/pki) both sign this way, and both give their CA certificates CA_KEY_USAGE. ECDSA P-256 with SHA-256 only."""
 
 from __future__ import annotations
 
@@ -18,6 +18,20 @@ from keycell.control_plane.keys import KeyBackend
 
 # DER AlgorithmIdentifier of ecdsa-with-SHA256 (RFC 5758).
 ECDSA_SHA256_ALG_ID = bytes.fromhex("300a06082a8648ce3d040302")
+
+# The key usage every CA certificate here carries (SVID roots and intermediates, PKI CAs):
+# it signs certificates and CRLs, and digital signatures; nothing else.
+CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
 
 _DRAFT: ec.EllipticCurvePrivateKey | None = None
 

@@ -8,6 +8,7 @@ mid-request), and are shown when it fails to start.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -15,8 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Self
 
 READY = "READY"
 
@@ -26,6 +28,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """Terminate `process`, and kill it if it has not exited within `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def announce_ready(port: int) -> None:
@@ -99,12 +111,7 @@ class ServerProcess:
 
     def stop(self) -> None:
         if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+            stop_process(self._process)
             if self._process.stdout is not None:
                 self._process.stdout.close()
             self._process = None
@@ -164,3 +171,15 @@ def keycell_server(
         args += ["--dev", "--dev-root-token", dev_root_token]
     what = "keycell server --dev" if dev_root_token is not None else "keycell server"
     return ServerProcess("keycell", args, what=what, env=env)
+
+
+@contextlib.contextmanager
+def dev_server(data_dir: str | os.PathLike[str], root_token: str, *, workers: int = 2) -> Iterator[str]:
+    """`keycell server --dev` with this root token for the length of a `with` block (a
+    module fixture's usual body): its base URL, http://127.0.0.1:PORT."""
+    server = keycell_server(data_dir, dev_root_token=root_token, workers=workers)
+    port = server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()

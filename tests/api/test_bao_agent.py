@@ -11,7 +11,6 @@ started it, and its log is shown when an expectation fails."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 import urllib.request
@@ -24,11 +23,11 @@ import hvac.exceptions
 import psycopg
 import pytest
 
-from bench.api import bao_binary
+from bench.api import bao_binary, bao_environment
 from keycell.adapters.targets.postgres import user_dsn
 from keycell.testing.netns import wait_for
 from keycell.testing.postgres import PostgresServer
-from keycell.testing.processes import free_port, keycell_server
+from keycell.testing.processes import dev_server, free_port, stop_process
 
 ROOT = "kc.bao-agent-tests-root"
 AGENT_START = 20.0  # seconds for an agent to authenticate and render its first files
@@ -57,8 +56,7 @@ class BaoAgent:
 
     def start(self) -> None:
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the agent
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
-        env["HOME"] = str(self.folder)
+        env = bao_environment(str(self.folder))
         self._process = subprocess.Popen(
             [bao_binary(), "agent", f"-config={self.config}"],
             stdin=subprocess.DEVNULL,
@@ -76,12 +74,7 @@ class BaoAgent:
 
     def stop(self) -> None:
         if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+            stop_process(self._process)
             self._process = None
         if self._log is not None:
             self._log.close()
@@ -161,12 +154,8 @@ def renders_a_working_credential(pg: PostgresServer, path: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = keycell_server(tmp_path_factory.mktemp("bao-agent"), dev_root_token=ROOT, workers=2)
-    port = server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with dev_server(tmp_path_factory.mktemp("bao-agent"), ROOT) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

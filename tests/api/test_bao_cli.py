@@ -8,7 +8,6 @@ sys/internal/ui/mounts which KV version a mount is), AppRole set up and logged i
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -18,8 +17,8 @@ import hvac
 import hvac.exceptions
 import pytest
 
-from bench.api import bao_binary
-from keycell.testing.processes import keycell_server
+from bench.api import bao_binary, bao_environment
+from keycell.testing.processes import dev_server
 
 ROOT = "kc.bao-cli-tests-root"
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
@@ -29,12 +28,8 @@ POLICY = 'path "kv-apps/data/app/*" {\n  capabilities = ["read"]\n}\n'
 
 @pytest.fixture(scope="module")
 def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = keycell_server(tmp_path_factory.mktemp("bao-cli"), dev_root_token=ROOT, workers=2)
-    port = server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with dev_server(tmp_path_factory.mktemp("bao-cli"), ROOT) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +43,7 @@ def bao(
 ) -> str:
     """`bao ARGS` with the address and token in `names`_ADDR and `names`_TOKEN only; its
     standard output, or a failed assertion carrying its standard error."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
-    env.update({"HOME": home, f"{names}_ADDR": address, f"{names}_TOKEN": token})
+    env = bao_environment(home, **{f"{names}_ADDR": address, f"{names}_TOKEN": token})
     done = subprocess.run(
         [bao_binary(), *args], env=env, input=stdin, capture_output=True, text=True, timeout=30, check=False
     )

@@ -10,19 +10,15 @@ import hvac
 import hvac.exceptions
 import pytest
 
-from keycell.testing.processes import keycell_server
+from keycell.testing.processes import dev_server
 
 ROOT = "kc.dev-root-token-for-tests"
 
 
 @pytest.fixture(scope="module")
 def dev_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = keycell_server(tmp_path_factory.mktemp("approle"), dev_root_token=ROOT, workers=2)
-    port = server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with dev_server(tmp_path_factory.mktemp("approle"), ROOT) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from keycell.testing.processes import keycell_server
+from keycell.testing.processes import dev_server
 
 ROOT = "kc.dev-root-token-for-tests"
 ROLE = {
@@ -38,12 +38,8 @@ ROLE = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    process = keycell_server(tmp_path_factory.mktemp("pki"), dev_root_token=ROOT, workers=2)
-    port = process.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.stop()
+    with dev_server(tmp_path_factory.mktemp("pki"), ROOT) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

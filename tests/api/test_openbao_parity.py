@@ -19,7 +19,7 @@ import pytest
 
 from bench.api import bao_binary, openbao_server
 from keycell.testing.kubernetes_api import KubernetesApi
-from keycell.testing.processes import keycell_server
+from keycell.testing.processes import dev_server
 
 ROOT = "kc.parity-tests-root"
 
@@ -136,16 +136,14 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    server = keycell_server(tmp_path_factory.mktemp("parity"), dev_root_token=ROOT, workers=2)
-    port = server.start()
-    try:
-        with openbao_server(bao_binary()) as (bao_port, bao_token):
-            keycell = hvac.Client(url=f"http://127.0.0.1:{port}", token=ROOT)
-            openbao = hvac.Client(url=f"http://127.0.0.1:{bao_port}", token=bao_token)
-            openbao.sys.enable_secrets_engine("transit", path="transit")  # built in at Keycell
-            yield Pair(keycell, openbao)
-    finally:
-        server.stop()
+    with (
+        dev_server(tmp_path_factory.mktemp("parity"), ROOT) as url,
+        openbao_server(bao_binary()) as (bao_port, bao_token),
+    ):
+        keycell = hvac.Client(url=url, token=ROOT)
+        openbao = hvac.Client(url=f"http://127.0.0.1:{bao_port}", token=bao_token)
+        openbao.sys.enable_secrets_engine("transit", path="transit")  # built in at Keycell
+        yield Pair(keycell, openbao)
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,15 @@ def _revoke(mesh: Mesh, cell: str, accessor: str) -> dict[str, Any]:
     return reply.body["data"]  # type: ignore[no-any-return]
 
 
+def _worst_staleness(mesh: Mesh, cell: str, peer: str, samples: int = 20, every: float = 0.1) -> float:
+    """The stalest `cell`'s view of `peer` got over `samples` readings `every` s apart."""
+    worst = 0.0
+    for _ in range(samples):
+        worst = max(worst, _freshness(mesh, cell)["peers"][peer]["staleness_seconds"])
+        mesh.wait_for(lambda: False, every)
+    return worst
+
+
 def _held_by(mesh: Mesh, cell: str, rid: str) -> dict[str, Any] | None:
     """`cell`'s own receipt of `rid` as it answers sys/revocations/:id, or None."""
     reply = mesh.request(cell, "GET", f"sys/revocations/{rid}")
@@ -93,10 +102,7 @@ def test_a_peer_that_never_answers_delays_neither_deliveries_nor_heartbeats_to_t
         rids = [_revoke(mesh, "a", f"acc-beside-a-hole-{i}")["id"] for i in range(12)]
         for cell in ("b", "c"):
             assert mesh.wait_for(lambda c=cell: all(_held_by(mesh, c, r) for r in rids), 3), cell
-        worst = 0.0
-        for _ in range(20):
-            worst = max(worst, _freshness(mesh, "b")["peers"]["a"]["staleness_seconds"])
-            mesh.wait_for(lambda: False, 0.1)
+        worst = _worst_staleness(mesh, "b", "a")
         assert worst < 0.8, f"b's view of a went {worst:.2f} s stale while z was silent"
     finally:
         path.peers = real_peers

@@ -215,20 +215,15 @@ class KubernetesAuth:
 
     def read_role(self, name: str) -> dict[str, Any]:
         role = self._role(checked_role_name(name))
-        settings = token_settings_json(role)
-        # As Vault's plug-in answers: the deprecated aliases of the token_* fields only
-        # when set, the audience only when bound; namespace selectors are not supported
-        # (a role write naming one is refused as an unknown field), so always empty.
-        for alias in ("policies", "ttl", "max_ttl", "period", "num_uses"):
-            if not settings[alias]:
-                del settings[alias]
+        # As Vault's plug-in answers: the audience only when bound; namespace selectors are
+        # not supported (a role write naming one is refused as an unknown field), so empty.
         return {
             "bound_service_account_names": list(role["bound_service_account_names"]),
             "bound_service_account_namespaces": list(role["bound_service_account_namespaces"]),
             "bound_service_account_namespace_selector": "",
             **({"audience": role["audience"]} if role["audience"] else {}),
             "alias_name_source": "serviceaccount_uid",
-            **settings,
+            **token_settings_json(role, aliases="when-set"),
         }
 
     def delete_role(self, name: str) -> None:

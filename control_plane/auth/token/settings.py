@@ -9,7 +9,7 @@ Vault's legacy aliases too (`policies`, `ttl`, `max_ttl`, `period`, `num_uses`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from keycell.control_plane.auth.token.store import TokenEntry, TokenStore, parse_duration, parse_policies
 from keycell.control_plane.errors import InvalidRequest
@@ -93,10 +93,18 @@ def parse_token_settings(data: Mapping[str, Any], role: dict[str, Any]) -> None:
         role.update(bound.as_json())
 
 
-def token_settings_json(role: Mapping[str, Any]) -> dict[str, Any]:
-    """A role read's token fields, as Vault answers them (the bound only when set)."""
+# Vault 1.x's deprecated names of token_* fields, answered beside them on role reads.
+LEGACY_ALIASES = ("policies", "ttl", "max_ttl", "period", "num_uses")
+
+
+def token_settings_json(
+    role: Mapping[str, Any], *, aliases: Literal["always", "when-set"] = "always"
+) -> dict[str, Any]:
+    """A role read's token fields, as Vault answers them (the bound only when set).
+    `aliases`: the LEGACY_ALIASES "always" (AppRole, JWT: what Vault 1.x clients read),
+    or only "when-set" (what Vault's Kubernetes plug-in answers)."""
     bound = bound_from_record(role)
-    return {
+    answer = {
         "token_policies": list(role["token_policies"]),
         "policies": list(role["token_policies"]),
         "token_ttl": role["token_ttl"],
@@ -115,6 +123,11 @@ def token_settings_json(role: Mapping[str, Any]) -> dict[str, Any]:
         "token_strictly_bind_ip": False,
         **({} if bound is None else bound.as_json()),
     }
+    if aliases == "when-set":
+        for alias in LEGACY_ALIASES:
+            if not answer[alias]:
+                del answer[alias]
+    return answer
 
 
 def issue_login_token(

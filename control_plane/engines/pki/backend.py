@@ -70,9 +70,9 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsag
 
 from keycell.control_plane.auth.roles import checked_role_name, names_under, refuse_unknown
 from keycell.control_plane.auth.token.store import parse_duration
-from keycell.control_plane.barrier import SealedError
-from keycell.control_plane.errors import InvalidRequest, NotFound, RequestError, Unavailable
-from keycell.control_plane.keys import BackendUnavailableError, KeyBackend, KeyBackendError, KeySpec
+from keycell.control_plane.engines import outages
+from keycell.control_plane.errors import InvalidRequest, NotFound, Unavailable
+from keycell.control_plane.keys import KeyBackend, KeyBackendError, KeySpec
 from keycell.control_plane.ledger import (
     ConflictError,
     Delete,
@@ -80,14 +80,13 @@ from keycell.control_plane.ledger import (
     Key,
     Kind,
     Ledger,
-    LedgerUnavailableError,
     Put,
     iter_prefix,
 )
 from keycell.control_plane.mounts import SYSTEM_DEFAULT_LEASE_TTL, SYSTEM_MAX_LEASE_TTL
 from keycell.control_plane.storage import ATTEMPTS, encode_json, get_json, put_json_if
 from keycell.control_plane.timefmt import rfc3339
-from keycell.control_plane.x509sign import draft_key, sign_certificate, sign_crl, signed_der
+from keycell.control_plane.x509sign import CA_KEY_USAGE, draft_key, sign_certificate, sign_crl, signed_der
 
 # A CA certificate lives at most this long (twenty years), whatever ttl asks.
 MAX_CA_TTL = 20 * 365 * 24 * 3600
@@ -182,18 +181,11 @@ _NO_CA = (
 
 @contextlib.contextmanager
 def _guard() -> Iterator[None]:
-    """Failures below the engine become the API's errors (never a 500 for an outage);
-    messages name no secret."""
+    """`engines.outages`, and any other refusal of the CA key by the key backend as a 503.
+    Messages name no secret."""
     try:
-        yield
-    except RequestError:
-        raise
-    except BackendUnavailableError:
-        raise Unavailable("the cell's key backend (HSM) is unavailable; retry shortly") from None
-    except SealedError:
-        raise Unavailable("the cell is sealed") from None
-    except LedgerUnavailableError:
-        raise Unavailable("the cell's ledger is unavailable; retry shortly") from None
+        with outages():
+            yield
     except KeyBackendError as exc:
         raise Unavailable(f"the cell's key backend refused the CA key: {type(exc).__name__}") from None
 
@@ -1048,20 +1040,7 @@ def _ca_extensions(
 ) -> x509.CertificateBuilder:
     return (
         builder.add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(CA_KEY_USAGE, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(_aki(issuer_public), critical=False)
     )

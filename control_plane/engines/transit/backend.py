@@ -87,8 +87,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from keycell.control_plane.barrier import KEY_BYTES, NONCE_BYTES, TAG_BYTES, SealedError, zeroize
-from keycell.control_plane.errors import InvalidRequest, NotFound, RequestError, Unavailable
+from keycell.control_plane.barrier import KEY_BYTES, NONCE_BYTES, TAG_BYTES, zeroize
+from keycell.control_plane.engines import outages
+from keycell.control_plane.errors import InvalidRequest, NotFound, Unavailable
 from keycell.control_plane.keys import (
     MAX_WRAP_BYTES,
     BackendUnavailableError,
@@ -107,7 +108,7 @@ from keycell.control_plane.keys import (
     WrongKeyTypeError,
     unpack_wrapped,
 )
-from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, LedgerUnavailableError, iter_prefix
+from keycell.control_plane.ledger import ConflictError, Key, Kind, Ledger, iter_prefix
 from keycell.control_plane.storage import get_json, put_json_if
 
 BACKEND_PREFIX = "transit-"
@@ -170,18 +171,11 @@ class _Retry(Exception):
 
 @contextlib.contextmanager
 def _guard() -> Iterator[None]:
-    """Turn failures below the engine into the API's errors: nothing a client sends,
-    and no outage, may surface as a 500. Messages name no secret."""
+    """`engines.outages`, and the key backend's refusals of a transit key as the API's
+    errors. Messages name no secret."""
     try:
-        yield
-    except RequestError:
-        raise
-    except BackendUnavailableError:
-        raise Unavailable("the cell's key backend (HSM) is unavailable; retry shortly") from None
-    except SealedError:
-        raise Unavailable("the cell is sealed") from None
-    except LedgerUnavailableError:
-        raise Unavailable("the cell's ledger is unavailable; retry shortly") from None
+        with outages():
+            yield
     except UnknownKeyError:
         # The ledger names a backend key the backend does not hold: the cell is
         # misconfigured (e.g. pointed at another HSM), not the client's doing.
