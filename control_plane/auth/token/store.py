@@ -48,6 +48,7 @@ Durations arrive as Vault sends them: an int of seconds or a string ("90", "30m"
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import string
@@ -137,7 +138,7 @@ class TokenEntry:
         """Seconds left; 0 for a token that never expires."""
         if self.expire_time is None:
             return 0
-        return max(0, self.expire_time - int(now))
+        return max(0, self.expire_time - math.ceil(now))
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -194,6 +195,15 @@ class TokenEntry:
 
 
 # --- input parsing shared with the auth methods ------------------------------------------
+
+
+def _whole_second(now: float) -> int:
+    """The time a token's creation or renewal is counted from: the next whole second, so
+    a token granted N seconds lives at least N and less than N + 1 (records keep whole
+    seconds; counting from the second before cut up to one off the TTL the client was
+    told, and a client renewing at 80% of a 4 s TTL found its token gone). Its
+    `creation_time` and `last_renewal_time` may so lie up to a second ahead."""
+    return math.ceil(now)
 
 
 def parse_duration(value: object, name: str) -> int:
@@ -418,7 +428,7 @@ class TokenStore:
         expires. `max_ttl` is the creating auth method's cap (a role's token_max_ttl).
         Returns the token (shown once) and its entry.
         """
-        now = int(self.clock())
+        now = _whole_second(self.clock())
         ttl_s = parse_duration(ttl, "ttl")
         explicit_s = parse_duration(explicit_max_ttl, "explicit_max_ttl")
         period_s = parse_duration(period, "period")
@@ -623,7 +633,7 @@ class TokenStore:
             entry, version = self._load_valid_path(tpath)
             if not entry.renewable:
                 raise InvalidRequest("lease is not renewable")
-            now = int(self.clock())
+            now = _whole_second(self.clock())
             last = entry.creation_ttl
             if entry.last_renewal_time is not None and entry.expire_time is not None:
                 last = entry.expire_time - entry.last_renewal_time

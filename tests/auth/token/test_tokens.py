@@ -7,6 +7,7 @@ ledger would hide the records only at real expiry).
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -146,6 +147,23 @@ def test_expired_tokens_are_refused(store: TokenStore, clock: ManualClock) -> No
         store.lookup(token)
 
 
+def test_a_token_lives_at_least_the_ttl_it_was_granted(store: TokenStore, clock: ManualClock) -> None:
+    # records keep whole seconds; counted from the second before, a token made at x.9 s
+    # died up to a second early and a renewal at 80% of a 4 s TTL found it gone
+    clock.advance((0.9 - clock() % 1) % 1)
+    tokens = store
+    token, entry = tokens.create(None, policies=["app"], ttl=4)
+    assert entry.ttl(clock()) == 4
+    clock.advance(3.95)
+    renewed = tokens.renew(token)
+    assert renewed.ttl(clock()) == 4
+    clock.advance(3.95)
+    assert tokens.lookup(token).accessor == entry.accessor
+    clock.advance(1.2)
+    with pytest.raises(PermissionDenied):
+        tokens.lookup(token)
+
+
 def test_unknown_and_malformed_tokens_are_refused(store: TokenStore) -> None:
     for bad in ["kc.nope", "", "x" * 10_000]:
         with pytest.raises(PermissionDenied):
@@ -244,8 +262,9 @@ def test_renew_extends_by_the_increment(store: TokenStore, clock: ManualClock) -
     token, _ = store.create(None, policies=["app"], ttl=600)
     clock.advance(300)
     renewed = store.renew(token, "20m")
-    assert renewed.ttl(clock()) == 1200 and renewed.last_renewal_time == int(clock())
-    assert store.lookup_data(store.lookup(token))["last_renewal_time"] == int(clock())
+    # counted from the next whole second (a token lives at least the TTL it is granted)
+    assert renewed.ttl(clock()) == 1200 and renewed.last_renewal_time == math.ceil(clock())
+    assert store.lookup_data(store.lookup(token))["last_renewal_time"] == math.ceil(clock())
 
 
 def test_renew_caps_at_the_max_ttl_counted_from_creation(store: TokenStore, clock: ManualClock) -> None:
@@ -267,7 +286,7 @@ def test_renew_past_the_max_ttl_is_refused_and_the_token_expires(
     store: TokenStore, clock: ManualClock
 ) -> None:
     token, _ = store.create(None, policies=["app"], ttl=600, explicit_max_ttl=600)
-    clock.advance(600)
+    clock.advance(601)  # lived its 600 s, counted from the whole second after creation
     with pytest.raises(PermissionDenied):
         store.renew(token)
 
