@@ -87,7 +87,7 @@ class Response:
     status: int
     body: dict[str, Any] | None
     headers: dict[str, str] = field(default_factory=dict)
-    text: str | None = None  # a non-JSON body (sys/metrics); its Content-Type is in `headers`
+    text: str | bytes | None = None  # a non-JSON body (sys/metrics, DER); Content-Type in `headers`
 
 
 @dataclass
@@ -102,7 +102,7 @@ class Result:
     warnings: list[str] | None = None
     status: int | None = None  # overrides 200/204
     raw: dict[str, Any] | None = None  # a body that is not Vault's envelope (sys/health, sys/init)
-    text: str | None = None  # plain text instead of JSON (sys/metrics)
+    text: str | bytes | None = None  # text or bytes instead of JSON (sys/metrics, a DER CRL)
     headers: dict[str, str] = field(default_factory=dict)
 
 

@@ -35,7 +35,12 @@ CONTENT_TYPES = [
     "application/merge-patch+json",
 ]
 
+# Binary answers (PKI's `ca` and `crl` in DER): API Gateway carries them base64-encoded,
+# and Chalice serves them to a request whose Accept matches (curl's and openssl's */* do).
+BINARY_TYPES = ["application/pkix-cert", "application/pkix-crl"]
+
 app = Chalice(app_name="keycell-api")
+app.api.binary_types.extend(BINARY_TYPES)
 _router: Router | None = None
 
 
@@ -70,7 +75,8 @@ def dispatch(**params: str) -> Response:
         str(identity.get("sourceIp") or ""),
     )
     out: dict[str, str | list[str]] = dict(headers)
-    return Response(body=body.decode(), status_code=status, headers=out)
+    binary = headers.get("Content-Type") in BINARY_TYPES
+    return Response(body=body if binary else body.decode(), status_code=status, headers=out)
 
 
 for _depth in range(1, MAX_DEPTH + 1):

@@ -168,6 +168,8 @@ def too_deep(value: Any, limit: int) -> bool:
 
 def encode(response: Response) -> tuple[int, dict[str, str], bytes]:
     headers = {"Cache-Control": "no-store", **response.headers}
+    if isinstance(response.text, bytes):
+        return response.status, headers, response.text
     if response.text is not None:
         return response.status, headers, response.text.encode()
     if response.body is None:

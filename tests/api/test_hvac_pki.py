@@ -285,6 +285,19 @@ def _walk(client: hvac.Client) -> dict[str, Any]:
     seen["crl_lists_it"] = (
         crl.get_revoked_certificate_by_serial_number(int(serial.replace(":", ""), 16)) is not None
     )
+    # the DER forms, fetched without a token as a CRL distribution point or AIA URL is
+    der_crl = requests.get(f"{client.url}/v1/cmp_int/crl", timeout=10)
+    seen["crl_der"] = (
+        der_crl.status_code,
+        der_crl.headers.get("Content-Type"),
+        [r.serial_number for r in x509.load_der_x509_crl(der_crl.content)] == [r.serial_number for r in crl],
+    )
+    der_ca = requests.get(f"{client.url}/v1/cmp_int/ca", timeout=10)
+    seen["ca_der"] = (
+        der_ca.status_code,
+        der_ca.headers.get("Content-Type"),
+        x509.load_der_x509_certificate(der_ca.content).subject.rfc4514_string(),
+    )
     refusals = {
         "bad_cn": lambda: pki.generate_certificate("web", "a.other.org", mount_point="cmp_int"),
         "bad_san": lambda: pki.generate_certificate(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from chalice.test import Client
+from cryptography import x509
 
 from keycell.functions.api import app as api
 
@@ -66,3 +67,19 @@ def test_lambda_path_refuses_without_a_token_and_counts_metrics(client: Client) 
 def test_lambda_path_answers_a_bad_body_with_400(client: Client) -> None:
     response = client.http.request("POST", "/v1/sys/init", headers=JSON, body=b"{not json")
     assert response.status_code == 400 and b"errors" in response.body
+
+
+def test_lambda_path_serves_a_pki_crl_in_der(client: Client) -> None:
+    _, init = call(client, "PUT", "sys/init", {"secret_shares": 1, "secret_threshold": 1})
+    token = init["root_token"]  # type: ignore[index]
+    assert call(client, "POST", "sys/mounts/pki", {"type": "pki"}, token)[0] == 204
+    status, made = call(client, "POST", "pki/root/generate/internal", {"common_name": "Lambda Root"}, token)
+    assert status == 200
+    ca = x509.load_pem_x509_certificate(made["data"]["certificate"].encode())  # type: ignore[index]
+    # without a token, as a CRL distribution point is fetched; curl sends Accept: */*
+    response = client.http.request("GET", "/v1/pki/crl", headers={"accept": "*/*"})
+    assert response.status_code == 200 and response.headers["Content-Type"] == "application/pkix-crl"
+    crl = x509.load_der_x509_crl(response.body)
+    assert crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    response = client.http.request("GET", "/v1/pki/ca", headers={"accept": "*/*"})
+    assert x509.load_der_x509_certificate(response.body) == ca

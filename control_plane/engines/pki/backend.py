@@ -494,6 +494,10 @@ class Pki:
         with _guard():
             return self._active().certificate
 
+    def ca_der(self) -> bytes:
+        """ca: the CA certificate in DER, as Vault serves it for AIA issuer URLs."""
+        return x509.load_pem_x509_certificate(self.ca_pem().encode()).public_bytes(serialization.Encoding.DER)
+
     def chain_pem(self) -> str:
         with _guard():
             return "\n".join(self._active().ca_chain())
@@ -805,6 +809,10 @@ class Pki:
         if not version:
             raise Unavailable("this mount's CRL is missing from the ledger; POST crl/rotate rebuilds it")
         return str(crl["pem"])
+
+    def crl_der(self) -> bytes:
+        """crl: the signed CRL in DER, what a CRL distribution point serves."""
+        return x509.load_pem_x509_crl(self.crl_pem().encode()).public_bytes(serialization.Encoding.DER)
 
     def rotate_crl(self) -> dict[str, Any]:
         """crl/rotate: sign the CRL again (a new number and nextUpdate)."""

@@ -2,7 +2,8 @@
 roles, issue, sign, revoke, cert, certs, crl, tidy) and their OpenAPI documents.
 
 As in Vault, the CA certificate, the chain, a certificate by serial and the CRL are
-read without a token (`cert/*`, `ca/pem`, `ca_chain`, `crl/pem`): they are public."""
+read without a token (`cert/*`, `ca`, `ca/pem`, `ca_chain`, `crl`, `crl/pem`): they are
+public. `ca` and `crl` answer DER, as the URLs written into certificates are fetched."""
 
 from __future__ import annotations
 
@@ -33,11 +34,17 @@ from keycell.control_plane.routes.openapi import (
 
 _PEM_CHAIN = "application/pem-certificate-chain"
 _PEM = "application/x-pem-file"
+_DER_CERT = "application/pkix-cert"
+_DER_CRL = "application/pkix-crl"
+_BINARY: dict[str, Any] = {"type": "string", "format": "binary"}
 
 
 def register(router: Router, pki: Pki, mount: str) -> None:
     def text(body: str, media_type: str) -> Result:
         return Result(text=body + "\n", headers={"Content-Type": media_type})
+
+    def der(body: bytes, media_type: str) -> Result:
+        return Result(text=body, headers={"Content-Type": media_type})
 
     def with_warnings(data: dict[str, Any]) -> Result:
         warnings = data.pop("warnings", None)
@@ -128,6 +135,17 @@ def register(router: Router, pki: Pki, mount: str) -> None:
         },
     )
     add(
+        "ca",
+        {Operation.READ: lambda ctx: der(pki.ca_der(), _DER_CERT)},
+        "The CA certificate (DER), without a token.",
+        {
+            Operation.READ: OperationDoc(
+                "Read the CA certificate in DER", responses={200: Content(_DER_CERT, _BINARY)}
+            )
+        },
+        public=True,
+    )
+    add(
         "ca/pem",
         {Operation.READ: lambda ctx: text(pki.ca_pem(), _PEM_CHAIN)},
         "The CA certificate (PEM), without a token.",
@@ -139,6 +157,13 @@ def register(router: Router, pki: Pki, mount: str) -> None:
         {Operation.READ: lambda ctx: text(pki.chain_pem(), _PEM_CHAIN)},
         "The CA certificate and the chain above it (PEM), without a token.",
         {Operation.READ: OperationDoc("Read the CA chain", responses={200: Content(_PEM_CHAIN)})},
+        public=True,
+    )
+    add(
+        "crl",
+        {Operation.READ: lambda ctx: der(pki.crl_der(), _DER_CRL)},
+        "The signed CRL (DER), without a token.",
+        {Operation.READ: OperationDoc("Read the CRL in DER", responses={200: Content(_DER_CRL, _BINARY)})},
         public=True,
     )
     add(

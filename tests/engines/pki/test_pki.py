@@ -480,7 +480,14 @@ def test_the_routes_documents_are_valid_openapi_and_lead_back_to_their_routes(
         found = router.match(concrete)
         assert found is not None and found[0] is route, route.doc.path
     public = {r.doc.path for r in router.routes if r.doc is not None and not r.authenticated}
-    assert public == {"/pki_int/ca/pem", "/pki_int/ca_chain", "/pki_int/crl/pem", "/pki_int/cert/{serial}"}
+    assert public == {
+        "/pki_int/ca",
+        "/pki_int/ca/pem",
+        "/pki_int/ca_chain",
+        "/pki_int/crl",
+        "/pki_int/crl/pem",
+        "/pki_int/cert/{serial}",
+    }
 
 
 def test_a_serial_already_taken_is_refused_and_the_first_record_stays(
