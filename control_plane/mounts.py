@@ -18,7 +18,8 @@ operators enabling the same path at once get one mount and one clear refusal:
 
 Types that can be enabled: `kv` (version 2; `kv-v2` is the CLI's name for it),
 `transit` and `pki` for secrets, `approle` and `kubernetes` for auth. Disabling a mount deletes its data: every
-item stored under it goes, as Vault's `secrets disable` does.
+item stored under it goes, as Vault's `secrets disable` does, and the key-backend keys
+its engine held (transit keys, a PKI CA key) are disabled first (`disable`'s `retire`).
 
 Tune (`sys/mounts/:path/tune`, `sys/auth/:path/tune`): `default_lease_ttl`,
 `max_lease_ttl`, `description`, and `options` (KV's `version` only "2"). An enabled
@@ -34,7 +35,7 @@ from __future__ import annotations
 import re
 import secrets
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,23 +260,35 @@ class MountTable:
                 continue
         raise InvalidRequest("the mount table was changed concurrently; retry")
 
-    def disable(self, path: object) -> None:
+    def disable(self, path: object, retire: Callable[[Mount], object] | None = None) -> None:
         """DELETE sys/mounts/:path: the mount and every item stored under it. A path
-        with no mount is not an error (as in Vault); a built-in mount cannot go."""
+        with no mount is not an error (as in Vault); a built-in mount cannot go.
+
+        `retire(mount)` disables the key-backend keys the mount's engine holds (transit
+        keys, a PKI CA key). It runs while the mount still stands, so a backend outage
+        is an error that removes nothing and the disable can be retried, and once more
+        after the mount left the table, for a key created in between."""
         where = normalise_path(path)
         if where in self.builtin:
             raise InvalidRequest(f"{where} is built into every Keycell cell and cannot be disabled")
+        retired = False
         for _ in range(8):
             stored, version = self._stored()
             row = stored["mounts"].get(where)
             if row is None:
                 return
+            mount = _mount(where, row, builtin=False)
+            if retire is not None and not retired:
+                retire(mount)
+                retired = True
             rest = {p: r for p, r in stored["mounts"].items() if p != where}
             try:
                 put_json_if(self.ledger, self.key, {**stored, "mounts": rest}, version)
             except ConflictError:
                 continue
-            self._delete_data(_mount(where, row, builtin=False))
+            if retire is not None:
+                retire(mount)
+            self._delete_data(mount)
             return
         raise InvalidRequest("the mount table was changed concurrently; retry")
 

@@ -52,6 +52,18 @@ class MountedRoutes:
                 built = self._built[key] = self.build(mount, auth)
         return built
 
+    def retire_keys(self, mount: Mount) -> None:
+        """Disable the key-backend keys a secrets mount's engine holds, before its items
+        are deleted (MountTable.disable): a disabled mount's keys never work again."""
+        from keycell.control_plane.engines.pki.backend import Pki
+        from keycell.control_plane.engines.transit.backend import Transit
+
+        s = self.services
+        if mount.type == "transit":
+            Transit(s.barrier, s.key_backend, mount=mount.name, clock=s.clock).retire_keys()
+        elif mount.type == "pki":
+            Pki(s.barrier, s.key_backend, mount=mount.name, clock=s.clock).retire_keys()
+
     def build(self, mount: Mount, auth: bool) -> Router:
         """A router holding only this mount's routes, over an engine bound to its path."""
         from keycell.control_plane.auth.approle import routes as approle_routes
@@ -106,7 +118,7 @@ def register(router: Router, services: Any) -> None:
             return with_top_level(_row(mounts.get(ctx.params["path"]), mounts.table))
 
         def disable(ctx: Context, mounts: MountTable = mounts) -> None:
-            mounts.disable(ctx.params["path"])
+            mounts.disable(ctx.params["path"], retire=mounted.retire_keys)
 
         def tune_read(ctx: Context, mounts: MountTable = mounts) -> Result:
             mount = mounts.get(ctx.params["path"])

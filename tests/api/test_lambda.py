@@ -11,6 +11,9 @@ import pytest
 from chalice.test import Client
 from cryptography import x509
 
+from keycell.control_plane.keys import BackendUnavailableError
+from keycell.control_plane.ledger import Key, Kind
+from keycell.control_plane.storage import get_json
 from keycell.functions.api import app as api
 
 JSON = {"content-type": "application/json"}
@@ -83,3 +86,53 @@ def test_lambda_path_serves_a_pki_crl_in_der(client: Client) -> None:
     assert crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
     response = client.http.request("GET", "/v1/pki/ca", headers={"accept": "*/*"})
     assert x509.load_der_x509_certificate(response.body) == ca
+
+
+def test_disabling_a_mount_disables_the_backend_keys_its_engine_held(client: Client) -> None:
+    _, init = call(client, "PUT", "sys/init", {"secret_shares": 1, "secret_threshold": 1})
+    token = init["root_token"]  # type: ignore[index]
+    for path, kind in (("tx", "transit"), ("ca", "pki")):
+        assert call(client, "POST", f"sys/mounts/{path}", {"type": kind}, token)[0] == 204
+    assert call(client, "POST", "transit/keys/stays", None, token)[0] == 200  # the built-in mount's
+    assert call(client, "POST", "tx/keys/k", None, token)[0] == 200
+    assert call(client, "POST", "tx/keys/other", {"type": "ecdsa-p256"}, token)[0] == 200
+    assert call(client, "POST", "ca/root/generate/internal", {"common_name": "Gone"}, token)[0] == 200
+    services = api.router().services
+    named = [
+        str(get_json(services.barrier, key)[0][field])  # type: ignore[index]
+        for key, field in (
+            (Key(Kind.TRANSIT_KEY, "tx/k"), "backend_key"),
+            (Key(Kind.TRANSIT_KEY, "tx/other"), "backend_key"),
+            (Key(Kind.CONFIG, "pki/ca/ca"), "key"),
+        )
+    ]
+    kept = str(get_json(services.barrier, Key(Kind.TRANSIT_KEY, "transit/stays"))[0]["backend_key"])  # type: ignore[index]
+    assert all(services.key_backend.describe(name).enabled for name in [*named, kept])
+    for path in ("tx", "ca"):
+        assert call(client, "DELETE", f"sys/mounts/{path}", None, token)[0] == 204
+    assert not any(services.key_backend.describe(name).enabled for name in named)
+    assert services.key_backend.describe(kept).enabled
+    assert call(client, "POST", "transit/encrypt/stays", {"plaintext": "aGk="}, token)[0] == 200
+
+
+def test_a_key_backend_outage_during_disable_removes_nothing_and_a_retry_finishes(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, init = call(client, "PUT", "sys/init", {"secret_shares": 1, "secret_threshold": 1})
+    token = init["root_token"]  # type: ignore[index]
+    assert call(client, "POST", "sys/mounts/tx", {"type": "transit"}, token)[0] == 204
+    assert call(client, "POST", "tx/keys/k", None, token)[0] == 200
+    services = api.router().services
+    name = str(get_json(services.barrier, Key(Kind.TRANSIT_KEY, "tx/k"))[0]["backend_key"])  # type: ignore[index]
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise BackendUnavailableError("the HSM does not answer")
+
+    monkeypatch.setattr(services.key_backend, "disable", unreachable)
+    assert call(client, "DELETE", "sys/mounts/tx", None, token)[0] == 503
+    assert "tx/" in call(client, "GET", "sys/mounts", None, token)[1]["data"]  # type: ignore[index]
+    assert call(client, "POST", "tx/encrypt/k", {"plaintext": "aGk="}, token)[0] == 200
+    monkeypatch.undo()
+    assert call(client, "DELETE", "sys/mounts/tx", None, token)[0] == 204
+    assert "tx/" not in call(client, "GET", "sys/mounts", None, token)[1]["data"]  # type: ignore[index]
+    assert not services.key_backend.describe(name).enabled

@@ -21,6 +21,7 @@ method each; every method returns the `data` of Vault's response:
   GET    cert/:serial                  read_cert(serial)            -> certificate, revocation_time (0: valid)
   LIST   certs                         list_certs()                 -> keys (serials)
   GET    crl/pem, cert/crl             crl_pem()                    -> the signed CRL
+  GET    ca, crl                       ca_der(), crl_der()          -> the same in DER
   POST   tidy                          tidy(data)                   -> counts of what went
 
 Storage: one mount keeps every item under `Kind.CONFIG` "pki/<mount>/" (mounts.py
@@ -46,8 +47,10 @@ Where this differs from Vault, and why:
 - Leaf TTLs beyond the role's max_ttl or the CA's notAfter are capped, with a
   warning (Vault's `leaf_not_after_behavior=truncate`).
 - `tidy` runs to completion in the request (Vault starts it in the background).
-- The DER forms (`crl`, `ca` without /pem) are not served: the HTTP layer answers text
-  or JSON only. The PEM forms and `cert/crl` carry the same bytes.
+- `ca` and `crl` answer DER (`ca_der`, `crl_der`), the PEM forms and `cert/crl` the
+  same certificate and CRL in PEM.
+- Disabling the mount disables the CA's backend key (`retire_keys`, called by the mount
+  table before the mount's items go).
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ from keycell.control_plane.auth.roles import checked_role_name, names_under, ref
 from keycell.control_plane.auth.token.store import parse_duration
 from keycell.control_plane.engines import outages
 from keycell.control_plane.errors import InvalidRequest, NotFound, Unavailable
-from keycell.control_plane.keys import KeyBackend, KeyBackendError, KeySpec
+from keycell.control_plane.keys import KeyBackend, KeyBackendError, KeySpec, UnknownKeyError
 from keycell.control_plane.ledger import (
     ConflictError,
     Delete,
@@ -489,6 +492,18 @@ class Pki:
             except ConflictError:
                 raise InvalidRequest("the mount's CA was changed concurrently; retry") from None
             self._retire(str(found[0]["key"]))
+
+    def retire_keys(self) -> int:
+        """The mount is being disabled: disable the CA's backend key (pending or active),
+        so it never signs again; an outage is an error (the disable is retried), unlike
+        `_retire`'s best effort. Idempotent; returns how many keys (0 or 1)."""
+        with _guard():
+            found = get_json(self.ledger, self._ca_key)
+            if found is None:
+                return 0
+            with contextlib.suppress(UnknownKeyError):
+                self.keys.disable(str(found[0]["key"]))
+            return 1
 
     def ca_pem(self) -> str:
         with _guard():

@@ -359,6 +359,21 @@ class Transit:
                 return
             raise self._contention()
 
+    def retire_keys(self) -> int:
+        """The mount is being disabled: retire every backend key its records name, as a
+        deleted key's is (disabled, its versions scheduled for destruction), whatever
+        the record's state or `deletion_allowed`. Idempotent; returns how many."""
+        with _guard():
+            prefix = f"{self.mount}/"
+            count = 0
+            for item in list(iter_prefix(self.ledger, Kind.TRANSIT_KEY, prefix)):
+                record = json.loads(item.value)
+                if "/" in item.key.path[len(prefix) :] or not isinstance(record, dict):
+                    continue
+                self._retire(str(record["backend_key"]))
+                count += 1
+            return count
+
     def rotate(self, name: str) -> dict[str, Any]:
         """POST transit/keys/:name/rotate: a new backend version becomes the latest."""
         with _guard():
