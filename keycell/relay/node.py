@@ -22,7 +22,9 @@ to `eager_fanout` relays of its cell, computed from the root and the member tabl
 and the root also to one relay of every other cell; each push is acknowledged or
 resent. Pings and their acks carry the ids of the revocations heard in the last
 RECENT_IDS_S seconds, so a relay cut off from the tree (its parent died, or took it
-for dead) grafts what it missed within a probe interval. Once the cell's
+for dead) grafts what it missed within a probe interval. A relay first reached by a
+repair (anti-entropy, a graft answered without a root), which goes no further, pushes
+on down the tree when the tree's own push reaches it later. Once the cell's
 ledger holds it, the relay pushes it to its subscribers (the cell's API processes)
 and spreads this cell's receipt lazily, by piggyback and anti-entropy.
 
@@ -277,6 +279,9 @@ class Relay(pb_grpc.RelayServicer):
         self._ring_view: tuple[int, list[str]] = (-1, [])  # (table version, this cell's relays sorted)
         self._recent: list[tuple[float, str]] = []  # (monotonic time, id) of revocations heard lately
         self._root_of: dict[str, str] = {}  # revocation id (heard lately) -> its tree's root in this cell
+        # ids first heard by a repair (pushed no further) and not yet down a tree: the
+        # tree's own push, arriving later, goes on from here (insertion-ordered, bounded)
+        self._repaired: dict[str, None] = {}
         self._swept_at: float | None = None  # wall time the last complete ledger read began
         self._sweeps = 0
         self._peer_view: tuple[int, list[str], dict[str, str]] = (-1, [], {})
@@ -756,10 +761,22 @@ class Relay(pb_grpc.RelayServicer):
         if not self._store(key, entry):
             if source_addr and key[0] == "r":
                 self.counters["revocation_copies"] += 1  # heard again
+                if root is not None and entry.revocation.id in self._repaired:
+                    del self._repaired[entry.revocation.id]
+                    # First reached by a repair, which goes no further: the tree's push,
+                    # come later, goes on to this relay's children, who would otherwise
+                    # wait for their own grafts at the probe pace.
+                    self.counters["pushed_on_after_repair"] += 1
+                    self._push(self.store.entries.get(key, entry), source_addr, root, again=True)
             return False
         if entry.HasField("revocation"):
             self.counters["revocations_heard"] += 1
             self.heard[entry.revocation.id] = time.time()
+            if root is None and source_addr:
+                self._repaired[entry.revocation.id] = None
+                if len(self._repaired) > 2 * RECENT_IDS_MAX:
+                    for old in list(self._repaired)[:RECENT_IDS_MAX]:
+                        del self._repaired[old]
             self._push(entry, source_addr, root)
             self._apply(entry.revocation)
             return True
@@ -792,12 +809,12 @@ class Relay(pb_grpc.RelayServicer):
         if not future.cancelled() and future.exception() is not None:
             log.warning("relay ledger write failed: %s", future.exception())
 
-    def _push(self, entry: pb.Entry, source_addr: str, root: str | None) -> None:
+    def _push(self, entry: pb.Entry, source_addr: str, root: str | None, *, again: bool = False) -> None:
         """A revocation heard for the first time: push it to this relay's children in
         the tree rooted at `root` (this relay if ""; none if None), and, if it was
         submitted here (no source), to one relay of every other cell, the root of
         that cell's tree. Each push waits for its ack. The id is kept among the ones
-        pings carry."""
+        pings carry (`again`: a revocation first heard by a repair, already kept)."""
         assert self.table is not None
         rid = entry.revocation.id
         now = time.monotonic()
@@ -825,6 +842,10 @@ class Relay(pb_grpc.RelayServicer):
                     self._send(addr, env, piggyback=False)
         self.counters["eager_pushes"] += len(kids) + len(cross)
         self.tree.pushed(rid, kids + cross, now)
+        if again:
+            if self.tree.busy():
+                self._gossip_wake.set()
+            return
         self._recent.append((now, rid))
         if len(self._recent) > 2 * RECENT_IDS_MAX:
             for _, old in self._recent[:RECENT_IDS_MAX]:

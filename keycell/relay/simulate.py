@@ -14,7 +14,8 @@ for its resend and graft timers), on a discrete-event clock instead of sockets:
   sees an id it lacks grafts it from the announcer after `graft_timeout`; the answer
   keeps the tree's root, so the graftee pushes on down its subtree;
 - every `push_pull_interval` each relay exchanges its set with one relay of its view
-  (anti-entropy: a relay missing the revocation gets it, pushed no further);
+  (anti-entropy: a relay missing the revocation gets it, pushed no further until the
+  tree's own push reaches it: then it pushes on to its children, as node.py does);
 - each message (push, ack, ping, graft, exchange) is lost with probability `loss`,
   and takes `latency` seconds, jittered by +-50%;
 - a sender's view of its cell may lack a fraction `view_miss` of the cell's relays
@@ -142,6 +143,7 @@ def simulate(
     ]
     held = [False] * nodes
     held_at = [0.0] * nodes
+    repaired = [False] * nodes  # first reached by a repair, not yet pushed down a tree
     depth = [0] * nodes
     root_of: list[int | None] = [None] * nodes  # the tree each relay pushed it down (its root)
     tick_at = [math.inf] * nodes
@@ -178,13 +180,17 @@ def simulate(
         """i takes the revocation in; `root` as in node.py's _learn (-1: i roots its
         cell's tree; None: a repair, pushed no further)."""
         if held[i]:
-            return
-        held[i], held_at[i] = True, now
-        if src is not None:
-            depth[i] = depth[src] + 1
-            reached_by[how] += 1
-        if root is None:
-            return
+            if root is None or not repaired[i]:
+                return
+            repaired[i] = False  # first reached by a repair: the tree's push goes on from here
+        else:
+            held[i], held_at[i] = True, now
+            if src is not None:
+                depth[i] = depth[src] + 1
+                reached_by[how] += 1
+            if root is None:
+                repaired[i] = True
+                return
         root = i if root == -1 else root
         root_of[i] = root
         kids = [number[a] for a in children(ring_of(i), addr[root], addr[i], fanout)]

@@ -11,8 +11,10 @@ import time
 from dataclasses import dataclass
 
 from keycell.control_plane.revocations import RevocationRecord, new_revocation_id
+from keycell.relay._pb import relay_pb2 as pb
 from keycell.relay.cluster import Cluster
 from keycell.relay.faults import Faults
+from keycell.relay.node import rev_to_pb
 from keycell.relay.profiles import LOCAL
 from keycell.relay.tree import BroadcastTree, children
 
@@ -180,6 +182,43 @@ def test_a_relay_cut_off_from_the_tree_grafts_what_it_missed(sinks) -> None:
             assert peer.counters["grafts_received"] >= 1
             faults.heal()
             assert await cluster.wait_for(lambda: all(rec.id in r.applied for r in relays), 5)
+        finally:
+            await cluster.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_relay_first_reached_by_a_repair_pushes_on_when_the_tree_push_comes(sinks) -> None:
+    """A repair (anti-entropy, a graft answered without a root) goes no further. A relay
+    it reached first used to take the tree's push, arriving later, for a copy and leave
+    its children to their own grafts; it now pushes on down its subtree (counted: one
+    push to each child, with anti-entropy and grafts slowed down)."""
+
+    async def scenario() -> None:
+        profile = LOCAL.with_(push_pull_interval=60.0, graft_timeout=30.0)
+        cluster = Cluster(sinks={"a": sinks["a"]}, seed=6, profile=profile)
+        await cluster.start({"a": 8})
+        try:
+            assert await cluster.wait_for(cluster.converged_members, 10)
+            relays = cluster.live()
+            root = cluster.relays["a-0"]
+            ring, fanout = root._ring(), profile.eager_fanout
+            inner = next(
+                r
+                for r in relays
+                if r.addr in children(ring, root.addr, root.addr, fanout)
+                and children(ring, root.addr, r.addr, fanout)
+            )
+            below = children(ring, root.addr, inner.addr, fanout)
+            peer = next(r for r in relays if r.addr not in (root.addr, inner.addr, *below))
+            rec = revocation("token:repaired-first", "a")
+            sinks["a"].log.apply(rec)
+            inner._learn(pb.Entry(revocation=rev_to_pb(rec)), peer.addr, None)  # the repair
+            assert "r/" + rec.id in inner.store.entries and inner.counters["eager_pushes"] == 0
+            root.submit(rec)
+            assert await cluster.wait_for(lambda: all(rec.id in r.applied for r in relays), 5)
+            assert inner.counters["pushed_on_after_repair"] == 1
+            assert inner.counters["eager_pushes"] == len(below)
         finally:
             await cluster.stop()
 
