@@ -4,13 +4,17 @@ and `MountedRoutes`, which gives the router each enabled mount's own routes."""
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keycell.control_plane.errors import PermissionDenied
 from keycell.control_plane.mounts import AUTH, CORE_TYPES, SECRETS, Mount, MountTable
 from keycell.control_plane.router import Context, Operation, OperationDoc, Result, RouteDoc, Router
 from keycell.control_plane.routes import with_top_level
 from keycell.control_plane.routes.openapi import ANY_OBJECT, NO_CONTENT, STR, obj, ok
+
+if TYPE_CHECKING:
+    from keycell.control_plane.engines.pki.backend import Pki
+    from keycell.control_plane.engines.transit.backend import Transit
 
 _MAX_BUILT = 512
 
@@ -55,14 +59,22 @@ class MountedRoutes:
     def retire_keys(self, mount: Mount) -> None:
         """Disable the key-backend keys a secrets mount's engine holds, before its items
         are deleted (MountTable.disable): a disabled mount's keys never work again."""
+        engine = self._key_engine(mount)
+        if engine is not None:
+            engine.retire_keys()
+
+    def _key_engine(self, mount: Mount) -> Transit | Pki | None:
+        """The engine of a secrets mount whose keys the key backend holds (transit, PKI),
+        bound to the mount's path; None for any other type."""
         from keycell.control_plane.engines.pki.backend import Pki
         from keycell.control_plane.engines.transit.backend import Transit
 
         s = self.services
         if mount.type == "transit":
-            Transit(s.barrier, s.key_backend, mount=mount.name, clock=s.clock).retire_keys()
-        elif mount.type == "pki":
-            Pki(s.barrier, s.key_backend, mount=mount.name, clock=s.clock).retire_keys()
+            return Transit(s.barrier, s.key_backend, mount=mount.name, clock=s.clock)
+        if mount.type == "pki":
+            return Pki(s.barrier, s.key_backend, mount=mount.name, clock=s.clock)
+        return None
 
     def build(self, mount: Mount, auth: bool) -> Router:
         """A router holding only this mount's routes, over an engine bound to its path."""
@@ -75,7 +87,6 @@ class MountedRoutes:
         from keycell.control_plane.engines.pki import routes as pki_routes
         from keycell.control_plane.engines.pki.backend import Pki
         from keycell.control_plane.engines.transit import routes as transit_routes
-        from keycell.control_plane.engines.transit.backend import Transit
 
         s, name = self.services, mount.name
         ttls = (mount.default_lease_ttl, mount.max_lease_ttl)
@@ -89,12 +100,11 @@ class MountedRoutes:
         elif not auth and mount.type == "kv":
             kv = KvV2(s.barrier, s.envelopes, mount=name, clock=s.clock)
             kv_routes.register(router, kv, name, getattr(s, "freshness", None))
-        elif not auth and mount.type == "transit":
-            transit_routes.register(
-                router, Transit(s.barrier, s.key_backend, mount=name, clock=s.clock), name
-            )
-        elif not auth and mount.type == "pki":
-            pki_routes.register(router, Pki(s.barrier, s.key_backend, mount=name, clock=s.clock), name)
+        elif not auth and (engine := self._key_engine(mount)) is not None:
+            if isinstance(engine, Pki):
+                pki_routes.register(router, engine, name)
+            else:
+                transit_routes.register(router, engine, name)
         return router
 
 

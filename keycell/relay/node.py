@@ -842,15 +842,12 @@ class Relay(pb_grpc.RelayServicer):
                     self._send(addr, env, piggyback=False)
         self.counters["eager_pushes"] += len(kids) + len(cross)
         self.tree.pushed(rid, kids + cross, now)
-        if again:
-            if self.tree.busy():
-                self._gossip_wake.set()
-            return
-        self._recent.append((now, rid))
-        if len(self._recent) > 2 * RECENT_IDS_MAX:
-            for _, old in self._recent[:RECENT_IDS_MAX]:
-                self._root_of.pop(old, None)
-            del self._recent[:RECENT_IDS_MAX]
+        if not again:
+            self._recent.append((now, rid))
+            if len(self._recent) > 2 * RECENT_IDS_MAX:
+                for _, old in self._recent[:RECENT_IDS_MAX]:
+                    self._root_of.pop(old, None)
+                del self._recent[:RECENT_IDS_MAX]
         if self.tree.busy():
             self._gossip_wake.set()
 

@@ -88,6 +88,13 @@ def test_lambda_path_serves_a_pki_crl_in_der(client: Client) -> None:
     assert x509.load_der_x509_certificate(response.body) == ca
 
 
+def backend_key(record: Key, field: str = "backend_key") -> str:
+    """The key-backend key an engine's record names (a transit key's, a PKI CA's)."""
+    found = get_json(api.router().services.barrier, record)
+    assert found is not None, record
+    return str(found[0][field])
+
+
 def test_disabling_a_mount_disables_the_backend_keys_its_engine_held(client: Client) -> None:
     _, init = call(client, "PUT", "sys/init", {"secret_shares": 1, "secret_threshold": 1})
     token = init["root_token"]  # type: ignore[index]
@@ -99,14 +106,11 @@ def test_disabling_a_mount_disables_the_backend_keys_its_engine_held(client: Cli
     assert call(client, "POST", "ca/root/generate/internal", {"common_name": "Gone"}, token)[0] == 200
     services = api.router().services
     named = [
-        str(get_json(services.barrier, key)[0][field])  # type: ignore[index]
-        for key, field in (
-            (Key(Kind.TRANSIT_KEY, "tx/k"), "backend_key"),
-            (Key(Kind.TRANSIT_KEY, "tx/other"), "backend_key"),
-            (Key(Kind.CONFIG, "pki/ca/ca"), "key"),
-        )
+        backend_key(Key(Kind.TRANSIT_KEY, "tx/k")),
+        backend_key(Key(Kind.TRANSIT_KEY, "tx/other")),
+        backend_key(Key(Kind.CONFIG, "pki/ca/ca"), "key"),
     ]
-    kept = str(get_json(services.barrier, Key(Kind.TRANSIT_KEY, "transit/stays"))[0]["backend_key"])  # type: ignore[index]
+    kept = backend_key(Key(Kind.TRANSIT_KEY, "transit/stays"))
     assert all(services.key_backend.describe(name).enabled for name in [*named, kept])
     for path in ("tx", "ca"):
         assert call(client, "DELETE", f"sys/mounts/{path}", None, token)[0] == 204
@@ -123,7 +127,7 @@ def test_a_key_backend_outage_during_disable_removes_nothing_and_a_retry_finishe
     assert call(client, "POST", "sys/mounts/tx", {"type": "transit"}, token)[0] == 204
     assert call(client, "POST", "tx/keys/k", None, token)[0] == 200
     services = api.router().services
-    name = str(get_json(services.barrier, Key(Kind.TRANSIT_KEY, "tx/k"))[0]["backend_key"])  # type: ignore[index]
+    name = backend_key(Key(Kind.TRANSIT_KEY, "tx/k"))
 
     def unreachable(*args: object, **kwargs: object) -> None:
         raise BackendUnavailableError("the HSM does not answer")

@@ -6,9 +6,12 @@ the ids a peer's ping or ack carries."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from keycell.control_plane.revocations import RevocationRecord, new_revocation_id
 from keycell.relay._pb import relay_pb2 as pb
@@ -21,6 +24,18 @@ from keycell.relay.tree import BroadcastTree, children
 
 def revocation(subject: str, cell: str) -> RevocationRecord:
     return RevocationRecord(new_revocation_id(), subject, cell, time.time(), "test")
+
+
+@contextlib.asynccontextmanager
+async def one_cell(sinks, relays: int, seed: int, **options: Any) -> AsyncIterator[Cluster]:
+    """`relays` relays of cell a, started and agreed on their members; stopped after."""
+    cluster = Cluster(sinks={"a": sinks["a"]}, seed=seed, **options)
+    await cluster.start({"a": relays})
+    try:
+        assert await cluster.wait_for(cluster.converged_members, 10)
+        yield cluster
+    finally:
+        await cluster.stop()
 
 
 def depth_of(ring: list[str], root: str, fanout: int) -> tuple[int, list[str]]:
@@ -130,10 +145,7 @@ class DropFirstPush(Faults):
 def test_a_lost_push_is_resent_and_the_whole_subtree_still_gets_it(sinks) -> None:
     async def scenario() -> None:
         faults = DropFirstPush()
-        cluster = Cluster(sinks={"a": sinks["a"]}, seed=4, faults=faults)
-        await cluster.start({"a": 7})
-        try:
-            assert await cluster.wait_for(cluster.converged_members, 10)
+        async with one_cell(sinks, 7, seed=4, faults=faults) as cluster:
             relays = cluster.live()
             root = cluster.relays["a-0"]
             kids = children(root._ring(), root.addr, root.addr, LOCAL.eager_fanout)
@@ -144,8 +156,6 @@ def test_a_lost_push_is_resent_and_the_whole_subtree_still_gets_it(sinks) -> Non
             assert await cluster.wait_for(lambda: all(rec.id in r.applied for r in relays), 5)
             assert not faults.armed  # the push to that child was dropped
             assert root.counters["resends"] >= 2  # (at least) that push, resent twice
-        finally:
-            await cluster.stop()
 
     asyncio.run(scenario())
 
@@ -158,10 +168,7 @@ def test_a_relay_cut_off_from_the_tree_grafts_what_it_missed(sinks) -> None:
 
     async def scenario() -> None:
         profile = LOCAL.with_(push_pull_interval=60.0)
-        cluster = Cluster(sinks={"a": sinks["a"]}, seed=5, profile=profile)
-        await cluster.start({"a": 5})
-        try:
-            assert await cluster.wait_for(cluster.converged_members, 10)
+        async with one_cell(sinks, 5, seed=5, profile=profile) as cluster:
             relays = cluster.live()
             root = cluster.relays["a-0"]
             ring = root._ring()
@@ -182,8 +189,6 @@ def test_a_relay_cut_off_from_the_tree_grafts_what_it_missed(sinks) -> None:
             assert peer.counters["grafts_received"] >= 1
             faults.heal()
             assert await cluster.wait_for(lambda: all(rec.id in r.applied for r in relays), 5)
-        finally:
-            await cluster.stop()
 
     asyncio.run(scenario())
 
@@ -196,10 +201,7 @@ def test_a_relay_first_reached_by_a_repair_pushes_on_when_the_tree_push_comes(si
 
     async def scenario() -> None:
         profile = LOCAL.with_(push_pull_interval=60.0, graft_timeout=30.0)
-        cluster = Cluster(sinks={"a": sinks["a"]}, seed=6, profile=profile)
-        await cluster.start({"a": 8})
-        try:
-            assert await cluster.wait_for(cluster.converged_members, 10)
+        async with one_cell(sinks, 8, seed=6, profile=profile) as cluster:
             relays = cluster.live()
             root = cluster.relays["a-0"]
             ring, fanout = root._ring(), profile.eager_fanout
@@ -219,7 +221,5 @@ def test_a_relay_first_reached_by_a_repair_pushes_on_when_the_tree_push_comes(si
             assert await cluster.wait_for(lambda: all(rec.id in r.applied for r in relays), 5)
             assert inner.counters["pushed_on_after_repair"] == 1
             assert inner.counters["eager_pushes"] == len(below)
-        finally:
-            await cluster.stop()
 
     asyncio.run(scenario())

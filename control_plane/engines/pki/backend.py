@@ -493,17 +493,15 @@ class Pki:
                 raise InvalidRequest("the mount's CA was changed concurrently; retry") from None
             self._retire(str(found[0]["key"]))
 
-    def retire_keys(self) -> int:
+    def retire_keys(self) -> None:
         """The mount is being disabled: disable the CA's backend key (pending or active),
         so it never signs again; an outage is an error (the disable is retried), unlike
-        `_retire`'s best effort. Idempotent; returns how many keys (0 or 1)."""
+        `_retire`'s best effort. Idempotent."""
         with _guard():
             found = get_json(self.ledger, self._ca_key)
-            if found is None:
-                return 0
-            with contextlib.suppress(UnknownKeyError):
-                self.keys.disable(str(found[0]["key"]))
-            return 1
+            if found is not None:
+                with contextlib.suppress(UnknownKeyError):
+                    self.keys.disable(str(found[0]["key"]))
 
     def ca_pem(self) -> str:
         with _guard():

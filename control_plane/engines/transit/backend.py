@@ -321,15 +321,7 @@ class Transit:
     def list_keys(self) -> dict[str, Any]:
         """LIST transit/keys. Vault answers an empty list with 404."""
         with _guard():
-            names = []
-            prefix = f"{self.mount}/"
-            for item in iter_prefix(self.ledger, Kind.TRANSIT_KEY, prefix):
-                name = item.key.path[len(prefix) :]
-                if "/" in name:  # a key of a mount nested under this one
-                    continue
-                record = json.loads(item.value)
-                if isinstance(record, dict) and record.get("state") == _ACTIVE:
-                    names.append(name)
+            names = [name for name, record in self._records() if record.get("state") == _ACTIVE]
             if not names:
                 raise NotFound()
             return {"keys": names}
@@ -359,20 +351,22 @@ class Transit:
                 return
             raise self._contention()
 
-    def retire_keys(self) -> int:
+    def retire_keys(self) -> None:
         """The mount is being disabled: retire every backend key its records name, as a
         deleted key's is (disabled, its versions scheduled for destruction), whatever
-        the record's state or `deletion_allowed`. Idempotent; returns how many."""
+        the record's state or `deletion_allowed`. Idempotent."""
         with _guard():
-            prefix = f"{self.mount}/"
-            count = 0
-            for item in list(iter_prefix(self.ledger, Kind.TRANSIT_KEY, prefix)):
-                record = json.loads(item.value)
-                if "/" in item.key.path[len(prefix) :] or not isinstance(record, dict):
-                    continue
+            for _name, record in list(self._records()):
                 self._retire(str(record["backend_key"]))
-                count += 1
-            return count
+
+    def _records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """This mount's key records by name (not those of a mount nested under it)."""
+        prefix = f"{self.mount}/"
+        for item in iter_prefix(self.ledger, Kind.TRANSIT_KEY, prefix):
+            name = item.key.path[len(prefix) :]
+            record = json.loads(item.value)
+            if "/" not in name and isinstance(record, dict):
+                yield name, record
 
     def rotate(self, name: str) -> dict[str, Any]:
         """POST transit/keys/:name/rotate: a new backend version becomes the latest."""
