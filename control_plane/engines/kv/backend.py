@@ -153,9 +153,17 @@ class KvV2:
         return answer
 
     @_storage_errors
-    def stale_bound(self) -> StaleBound | None:
-        """The mount's revocation freshness bound (issue 18), None when unset."""
-        return bound_from_record(self._config().get("stale_bound"))
+    def mount_config(self) -> dict[str, Any]:
+        """The mount's settings as stored now (one ledger read), defaults filled in. A
+        request that reads them for its freshness guard passes them on to `stale_bound`
+        and to `write`/`patch`, so one write reads the config once."""
+        return self._config()
+
+    @_storage_errors
+    def stale_bound(self, config: Mapping[str, Any] | None = None) -> StaleBound | None:
+        """The mount's revocation freshness bound (issue 18), None when unset. `config`:
+        the settings this request already read (`mount_config`), else read now."""
+        return bound_from_record((self._config() if config is None else config).get("stale_bound"))
 
     @_storage_errors
     def write_config(
@@ -199,18 +207,27 @@ class KvV2:
     # --- data ----------------------------------------------------------------------------
 
     @_storage_errors
-    def write(self, path: str, data: object, *, cas: object = None) -> dict[str, Any]:
+    def write(
+        self, path: str, data: object, *, cas: object = None, config: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Store `data` as the secret's next version. `cas` is Vault's options.cas:
-        0 writes only if the secret has no version, n only if n is the current one."""
+        0 writes only if the secret has no version, n only if n is the current one.
+        `config`: the mount settings this same request read just before (`mount_config`),
+        used by the first attempt only; a retry after a lost race reads them again."""
         secret = self._secret_path(path)
         plaintext = _encode_data(data)
         expected = _cas(cas)
-        return self._append(secret, expected, must_exist=False, produce=lambda _meta: plaintext)
+        return self._append(
+            secret, expected, must_exist=False, produce=lambda _meta: plaintext, config=config
+        )
 
     @_storage_errors
-    def patch(self, path: str, data: object, *, cas: object = None) -> dict[str, Any]:
+    def patch(
+        self, path: str, data: object, *, cas: object = None, config: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """A new version: the current version's data with `data` merged in (RFC 7396
-        JSON merge patch: a null removes a key). 404 when there is no live current version."""
+        JSON merge patch: a null removes a key). 404 when there is no live current version.
+        `config` as in `write`."""
         secret = self._secret_path(path)
         if data is None:
             raise InvalidRequest("no data provided")
@@ -232,7 +249,7 @@ class KvV2:
                 raise NotFound(data=self._version_view(current, vm, meta))
             return _encode_data(_merge_patch(existing, data))
 
-        return self._append(secret, expected, must_exist=True, produce=produce)
+        return self._append(secret, expected, must_exist=True, produce=produce, config=config)
 
     @_storage_errors
     def read(self, path: str, version: object = None) -> dict[str, Any]:
@@ -534,15 +551,20 @@ class KvV2:
         *,
         must_exist: bool,
         produce: Callable[[dict[str, Any]], bytes],
+        config: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Add a version: the sealed value, the metadata and the deletion of versions
         beyond max_versions in one transaction, conditional on the metadata version.
         A lost race re-reads and re-checks everything, cas included: with cas, a
-        writer that got in first moved the current version, so ours is a mismatch."""
+        writer that got in first moved the current version, so ours is a mismatch.
+        `config`: the mount settings the request read before (its freshness guard), for
+        the first attempt; every retry reads them again (cas_required or max_versions
+        may have changed with the race)."""
         meta_key = self._meta_key(secret)
         item_versions: dict[int, int] = {}  # trimmed versions whose item is not at version 1
+        given = config
         for _ in range(MAX_ATTEMPTS):
-            config = self._config()
+            config, given = (self._config() if given is None else given), None
             found = self._meta(secret)
             if found is None:
                 if must_exist:

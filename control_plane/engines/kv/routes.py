@@ -23,10 +23,15 @@ from keycell.control_plane.routes.openapi import (
 
 
 def register(router: Router, kv: Any, mount: str, freshness: Any = None) -> None:
-    def guard(ctx: Context) -> None:
-        """The mount's revocation freshness bound (issue 18): checked before any work."""
-        if freshness is not None and ctx.entry is not None:
-            enforce(freshness, kv.stale_bound(), ctx.entry.cell, f"{mount}/")
+    def guard(ctx: Context) -> dict[str, Any] | None:
+        """The mount's revocation freshness bound (issue 18): checked before any work.
+        The mount settings it read, for a write of the same request to reuse (None when
+        there was no check)."""
+        if freshness is None or ctx.entry is None:
+            return None
+        config: dict[str, Any] = kv.mount_config()
+        enforce(freshness, kv.stale_bound(config), ctx.entry.cell, f"{mount}/")
+        return config
 
     def options(ctx: Context) -> dict[str, Any]:
         opts = ctx.data.get("options") or {}
@@ -44,12 +49,12 @@ def register(router: Router, kv: Any, mount: str, freshness: Any = None) -> None
         return kv.read(ctx.params["path"], ctx.request.query.get("version"))  # type: ignore[no-any-return]
 
     def write(ctx: Context) -> dict[str, Any]:
-        guard(ctx)
-        return kv.write(ctx.params["path"], data_of(ctx), cas=options(ctx).get("cas"))  # type: ignore[no-any-return]
+        config = guard(ctx)
+        return kv.write(ctx.params["path"], data_of(ctx), cas=options(ctx).get("cas"), config=config)  # type: ignore[no-any-return]
 
     def patch(ctx: Context) -> dict[str, Any]:
-        guard(ctx)
-        return kv.patch(ctx.params["path"], data_of(ctx), cas=options(ctx).get("cas"))  # type: ignore[no-any-return]
+        config = guard(ctx)
+        return kv.patch(ctx.params["path"], data_of(ctx), cas=options(ctx).get("cas"), config=config)  # type: ignore[no-any-return]
 
     def delete_latest(ctx: Context) -> None:
         kv.delete_latest(ctx.params["path"])

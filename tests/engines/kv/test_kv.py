@@ -5,7 +5,7 @@ barrier on both ledgers, with each value sealed in its own envelope."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,9 @@ from keycell.control_plane.engines.kv.backend import MAX_SECRET_BYTES, KvV2
 from keycell.control_plane.envelope import Envelopes
 from keycell.control_plane.errors import InvalidRequest, NotFound
 from keycell.control_plane.keys import IntegrityError, KeySpec
-from keycell.control_plane.ledger import Key, Kind, Ledger, iter_prefix
+from keycell.control_plane.ledger import Item, Key, Kind, Ledger, Op, Page, iter_prefix
+from keycell.control_plane.router import Request
+from keycell.functions.wiring import router_from_environment
 from keycell.testing.cells import Cell, open_cell
 from keycell.testing.clock import ManualClock
 
@@ -461,6 +463,99 @@ def test_config_reads_back_as_vault_shapes_it(kv: KvV2) -> None:
     assert kv.read_config()["delete_version_after"] == "-1s"
     with pytest.raises(InvalidRequest):
         kv.write_config(max_versions=-1)
+
+
+class RacedLedger:
+    """A ledger whose first transaction lets a rival change go in just before it, so the
+    writer using it loses the compare-and-set once."""
+
+    def __init__(self, inner: Ledger, rival: Callable[[], None]) -> None:
+        self.inner = inner
+        self.rival: Callable[[], None] | None = rival
+
+    def get(self, key: Key, *, consistent: bool = True) -> Item | None:
+        return self.inner.get(key, consistent=consistent)
+
+    def put_if(self, key: Key, value: bytes, expected_version: int, *, expires_at: int | None = None) -> Item:
+        return self.inner.put_if(key, value, expected_version, expires_at=expires_at)
+
+    def delete_if(self, key: Key, expected_version: int) -> None:
+        self.inner.delete_if(key, expected_version)
+
+    def transact(self, ops: Sequence[Op]) -> list[Item | None]:
+        rival, self.rival = self.rival, None
+        if rival is not None:
+            rival()
+        return self.inner.transact(ops)
+
+    def scan(
+        self,
+        kind: Kind,
+        prefix: str = "",
+        *,
+        limit: int = 100,
+        cursor: str | None = None,
+        consistent: bool = True,
+    ) -> Page:
+        return self.inner.scan(kind, prefix, limit=limit, cursor=cursor, consistent=consistent)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_write_that_loses_a_race_reads_the_mount_config_again(
+    kv: KvV2, cell: Cell, clock: ManualClock
+) -> None:
+    """The settings a request read for its guard serve its first attempt only: a rival
+    that turned cas_required on and wrote meanwhile makes the retry refuse the write."""
+    kv.write("app/db", {"n": 1})
+    read_before = kv.mount_config()
+    assert read_before["cas_required"] is False
+
+    def rival() -> None:
+        kv.write_config(cas_required=True)
+        kv.write("app/db", {"n": "rival"}, cas=1)
+
+    raced = KvV2(RacedLedger(cell.barrier, rival), kv.envelopes, clock=clock)
+    with pytest.raises(InvalidRequest) as refused:
+        raced.write("app/db", {"n": 2}, config=read_before)
+    assert refused.value.message == "check-and-set parameter required for this call"
+    assert kv.read("app/db")["data"] == {"n": "rival"}
+    assert kv.read_metadata("app/db")["current_version"] == 2
+
+
+def test_a_write_request_reads_the_mount_config_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the routes, the freshness guard's read of the mount settings is the one
+    the write uses (it was read twice per write)."""
+    router = router_from_environment(
+        {
+            "KEYCELL_LEDGER": f"sqlite://{tmp_path / 'cell.db'}",
+            "KEYCELL_KEY_BACKEND": "software",
+            "KEYCELL_SOFTWARE_KEYS": f"sqlite://{tmp_path / 'keys.db'}",
+            "KEYCELL_SEAL": "hsm",
+        }
+    )
+    root = "kc.kv-config-reads-root-token"
+    router.services.seal.init(1, 1, root_token=root)
+    router.services.after_unseal()
+    kv: KvV2 = router.services.kv
+    reads: list[int] = []
+    config = kv._config
+
+    def counted() -> dict[str, Any]:
+        reads.append(1)
+        return config()
+
+    monkeypatch.setattr(kv, "_config", counted)
+    for n in (1, 2):
+        answer = router.handle(Request("POST", "secret/data/app/db", data={"data": {"n": n}}, token=root))
+        assert answer.status == 200, answer.body
+        assert answer.body["data"]["version"] == n
+    assert len(reads) == 2
+    reads.clear()
+    answer = router.handle(Request("GET", "secret/data/app/db", token=root))
+    assert answer.body["data"]["data"] == {"n": 2}
+    assert len(reads) == 1  # the read's guard
 
 
 # --- list ------------------------------------------------------------------------------------
