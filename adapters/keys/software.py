@@ -115,9 +115,10 @@ class SoftwareKeyBackend:
     processes of one cell share them: a development server's workers keep its keys in
     a plain file (`--dev`), and a cell without an HSM keeps its key-encryption key
     inside its own barrier, sealed with the cell. Every operation reads the key's
-    state from the store (a disable in one process holds in all); the parsed record is
-    kept while its stored bytes are unchanged, and parsed key material always, as versions
-    never change."""
+    state from the store (a disable in one process holds in all); the parsed record and
+    its KeyInfo are kept while the stored version and bytes are unchanged, and shared by
+    the operations that only read it (wrap, unwrap, sign, ...: no copy per call); parsed
+    key material is kept always, as versions never change."""
 
     provider = PROVIDER
 
@@ -127,20 +128,23 @@ class SoftwareKeyBackend:
         self.store = store
         self._keys: dict[str, _Key] = {}
         self._materials: dict[bytes, Any] = {}  # sha256(material) -> parsed secret
-        self._parsed: dict[str, tuple[bytes, _Key]] = {}  # name -> (stored bytes, parsed key)
+        # name -> (stored item version, stored bytes, parsed key, its info); the parsed key
+        # is shared by readers and never changed in place (a change works on a copy)
+        self._parsed: dict[str, tuple[int, bytes, _Key, KeyInfo]] = {}
         self._lock = threading.RLock()
 
-    def _key(self, name: str) -> _Key:
+    def _key(self, name: str) -> tuple[_Key, KeyInfo]:
+        """The key and its info, to read only (call under the lock)."""
         check_name(name)
         if self.store is not None:
-            found = self._read(name)
+            found = self._stored(name)
             if found is None:
                 raise UnknownKeyError(f"no key named {name!r} in the software backend")
-            return found[0]
+            return found[2], found[3]
         key = self._keys.get(name)
         if key is None:
             raise UnknownKeyError(f"no key named {name!r} in the software backend")
-        return key
+        return key, key.info()
 
     # --- persistence (with a store) ----------------------------------------------------
 
@@ -148,19 +152,28 @@ class SoftwareKeyBackend:
     def _store_key(name: str) -> LedgerKey:
         return LedgerKey(Kind.CONFIG, f"software-keys/{name}")
 
-    def _read(self, name: str) -> tuple[_Key, int] | None:
-        """The key as stored now, and its item version. The store is read every time (a
-        change made by another process holds at once); parsing is skipped when the stored
-        bytes are the ones parsed last time. The caller gets its own copy to change."""
+    def _stored(self, name: str) -> tuple[int, bytes, _Key, KeyInfo] | None:
+        """The key as stored now: (item version, stored bytes, parsed key, its info), the
+        key shared, to read only. The store is read every time (a change made by another
+        process holds at once); parsing is skipped while the stored version and bytes are
+        the ones parsed last time."""
         assert self.store is not None
         item = self.store.get(self._store_key(name))
         if item is None:
             return None
         parsed = self._parsed.get(name)
-        if parsed is None or parsed[0] != item.value:
-            parsed = self._parsed[name] = (item.value, self._parse(name, item.value))
-        key = parsed[1]
-        return _Key(key.name, key.spec, key.enabled, [replace(v) for v in key.versions]), item.version
+        if parsed is None or parsed[0] != item.version or parsed[1] != item.value:
+            key = self._parse(name, item.value)
+            parsed = self._parsed[name] = (item.version, item.value, key, key.info())
+        return parsed
+
+    def _read(self, name: str) -> tuple[_Key, int] | None:
+        """The key as stored now, as the caller's own copy to change, and its item version."""
+        found = self._stored(name)
+        if found is None:
+            return None
+        key = found[2]
+        return _Key(key.name, key.spec, key.enabled, [replace(v) for v in key.versions]), found[0]
 
     def _parse(self, name: str, value: bytes) -> _Key:
         record = json.loads(value)
@@ -194,7 +207,7 @@ class SoftwareKeyBackend:
         check_name(name)
         with self._lock:
             if self.store is None:
-                key = self._key(name)
+                key = self._key(name)[0]
                 change(key)
                 return key
             while True:
@@ -228,13 +241,12 @@ class SoftwareKeyBackend:
 
     def describe(self, name: str) -> KeyInfo:
         with self._lock:
-            return self._key(name).info()
+            return self._key(name)[1]
 
     def wrap(self, name: str, plaintext: bytes, aad: bytes) -> bytes:
         plaintext, aad = check_wrap_input(plaintext, aad)
         with self._lock:
-            key = self._key(name)
-            info = key.info()
+            key, info = self._key(name)
             require_wrapping(info)
             require_usable(info, info.primary_version)
             version = key.versions[-1]
@@ -246,8 +258,7 @@ class SoftwareKeyBackend:
         if not isinstance(aad, bytes):
             raise KeyInputError("associated data must be bytes")
         with self._lock:
-            key = self._key(name)
-            info = key.info()
+            key, info = self._key(name)
             require_wrapping(info)
             version = self._version(key, number, missing=IntegrityError)
             require_usable(info, number)
@@ -259,8 +270,7 @@ class SoftwareKeyBackend:
     def sign(self, name: str, message: bytes) -> Signature:
         message = check_message(message)
         with self._lock:
-            key = self._key(name)
-            info = key.info()
+            key, info = self._key(name)
             require_signing(info)
             require_usable(info, info.primary_version)
             version = key.versions[-1]
@@ -278,8 +288,7 @@ class SoftwareKeyBackend:
         if not isinstance(signature, Signature):
             raise KeyInputError("verify takes a Signature (version and value)")
         with self._lock:
-            key = self._key(name)
-            info = key.info()
+            key, info = self._key(name)
             require_signing(info)
             version = self._version(key, signature.version, missing=InvalidSignatureError)
             require_usable(info, signature.version)
@@ -298,8 +307,7 @@ class SoftwareKeyBackend:
 
     def public_key(self, name: str, version: int | None = None) -> bytes:
         with self._lock:
-            key = self._key(name)
-            info = key.info()
+            key, info = self._key(name)
             if not info.spec.is_signing:
                 raise WrongKeyTypeError(f"key {name!r} is {info.spec.value}: it has no public key")
             chosen = self._version(key, info.primary_version if version is None else version)
@@ -343,6 +351,7 @@ class SoftwareKeyBackend:
         with self._lock:
             self._keys.clear()
             self._materials.clear()
+            self._parsed.clear()
 
     # --- helpers ---------------------------------------------------------------------
 

@@ -391,3 +391,45 @@ def test_stored_software_keys_are_shared_between_instances(tmp_path: object) -> 
     with pytest.raises(KeyDisabledError):
         first.wrap("shared", DATA_KEY, AAD)
     store.close()
+
+
+def test_stored_software_keys_are_parsed_once_per_change_and_changes_show_at_once(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored key's record is parsed once and kept while its stored version holds:
+    wraps do not parse it again, and a rotation or disable made by another instance on
+    the same store shows in the next operation."""
+    from keycell.adapters.keys.software import SoftwareKeyBackend
+    from keycell.adapters.ledgers.sqlite import SqliteLedger
+    from keycell.control_plane.keys import unpack_wrapped
+
+    store = SqliteLedger(f"{tmp_path}/shared.db")
+    first, second = SoftwareKeyBackend(store=store), SoftwareKeyBackend(store=store)
+    first.create_key("shared", KeySpec.AES_256)
+    parses: list[str] = []
+    parse = first._parse
+
+    def counted(name: str, value: bytes) -> object:
+        parses.append(name)
+        return parse(name, value)
+
+    monkeypatch.setattr(first, "_parse", counted)
+    blobs = [first.wrap("shared", DATA_KEY, AAD) for _ in range(5)]
+    assert parses == ["shared"]
+    assert {unpack_wrapped(blob)[0] for blob in blobs} == {1}
+    assert first.describe("shared").primary_version == 1
+    second.rotate("shared")
+    rotated = first.wrap("shared", DATA_KEY, AAD)
+    assert unpack_wrapped(rotated)[0] == 2
+    assert first.describe("shared").primary_version == 2
+    assert parses == ["shared", "shared"]
+    assert second.unwrap("shared", rotated, AAD) == DATA_KEY
+    assert first.unwrap("shared", blobs[0], AAD) == DATA_KEY
+    second.disable("shared", 1)
+    with pytest.raises(KeyDisabledError):
+        first.unwrap("shared", blobs[0], AAD)
+    assert first.unwrap("shared", rotated, AAD) == DATA_KEY
+    second.disable("shared")
+    with pytest.raises(KeyDisabledError):
+        first.wrap("shared", DATA_KEY, AAD)
+    store.close()
