@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from keycell.adapters.keys.software import SoftwareKeyBackend
+from keycell.control_plane.barrier import zeroize
 from keycell.control_plane.envelope import DataKeyCache, Envelope, EnvelopeError, Envelopes, Recipient
 from keycell.control_plane.keys import IntegrityError, KeyBackend, KeySpec
 from keycell.testing.cells import Cell
@@ -97,6 +98,20 @@ def test_cache_is_bounded_and_zeroizes_what_it_evicts() -> None:
     cache.put(b"w3", b"\x33" * 32)
     assert len(cache) == 2 and cache.get(b"w1") is None
     assert held == bytearray(32)
+
+
+def test_zeroize_overwrites_the_key_buffer_itself() -> None:
+    """In place: the same buffer, its length kept (a view of it would forbid a resize),
+    every byte zero, as a view of it shows."""
+    key = bytearray(range(1, 33))
+    view = memoryview(key)
+    zeroize(key)
+    assert view.tobytes() == bytes(32)
+    assert key == bytearray(32) and len(key) == 32
+    view.release()
+    empty = bytearray()
+    zeroize(empty)
+    assert empty == bytearray()
 
 
 def test_cache_entries_expire() -> None:
