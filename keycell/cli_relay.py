@@ -107,6 +107,7 @@ def relay(
     from keycell.functions.wiring import auditor_from_environment, services_from_environment
     from keycell.relay.cell import LedgerSink
     from keycell.relay.cluster import dev_cell_env
+    from keycell.relay.collector import pace_collections
     from keycell.relay.faults import Faults
     from keycell.relay.metrics import serve_metrics
     from keycell.relay.node import Relay
@@ -177,12 +178,14 @@ def relay(
             with open(addresses_file + ".tmp", "w") as out:
                 json.dump(info, out)
             os.replace(addresses_file + ".tmp", addresses_file)
+        collector = asyncio.create_task(pace_collections())  # (no full-heap pauses mid-broadcast)
         announce_ready(relays[0].port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        collector.cancel()
         await asyncio.gather(*(r.stop() for r in relays))
         if metrics_server is not None:
             metrics_server.close()
