@@ -66,7 +66,7 @@ from keycell.relay.membership import Awareness, Member, MemberTable, State, Verd
 from keycell.relay.profiles import LOCAL, Profile
 from keycell.relay.tls import RELAY, Authorizer, RelayTLS, TLSConfigError, is_loopback, peer_identity
 from keycell.relay.tls import aio_channel as relay_channel
-from keycell.relay.tree import BroadcastTree, children
+from keycell.relay.tree import RESEND_COPIES, BroadcastTree, children
 
 log = logging.getLogger("keycell.relay")
 # sink -> revocation id -> its ledger write in flight (relays of one process share both)
@@ -80,7 +80,6 @@ SWEEP_GRACE = 60.0
 FULL_SWEEP_EVERY = 60
 LINK_QUEUE = 10_000  # envelopes waiting on one stream; beyond, new ones are dropped (as UDP would)
 ENTRIES_PER_ENVELOPE = 256  # anti-entropy sends missing entries in chunks
-RESEND_COPIES = 2  # envelopes per resend of an unacknowledged push
 RECENT_IDS_S = 3.0  # a ping carries the ids of the revocations heard this recently...
 RECENT_IDS_MAX = 32  # ...at most this many, the newest
 EXPOSURE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -582,10 +581,11 @@ class Relay(pb_grpc.RelayServicer):
         # repair and goes no further (None): the relays it missed too pull it the
         # same way, or graft it on seeing its id on this relay's pings.
         root = (env.root or None) if env.sender_cell == self.cell else ""
+        if rids and env.sender_addr:  # the answer to a push: its ids (an ack: no resend)
+            # (queued before this relay's own pushes: the sender's timer runs meanwhile)
+            self._send(env.sender_addr, self._envelope(ihave=rids), link, piggyback=False)
         for rumor in env.rumors:
             self._on_rumor(rumor, env.sender_addr, root)
-        if rids and env.sender_addr:  # the answer to a push: its ids (an ack: no resend)
-            self._send(env.sender_addr, self._envelope(ihave=rids), link, piggyback=False)
         if env.graft:
             self._on_graft(env, link)
         if env.ihave:
@@ -1233,9 +1233,6 @@ class Relay(pb_grpc.RelayServicer):
         store = self.store
         now = time.monotonic()
         for addr, ids in self.tree.resends_due(now).items():
-            # (twice: a push already lost once is the tail of the exposure window, and
-            # a second copy makes losing the resend too 20 times less likely for one
-            # more message per loss)
             for _ in range(RESEND_COPIES):
                 self.counters["resends"] += self._send_entries(addr, ids, resent=True)
         grafts = self.tree.grafts_due(now, lambda rid: "r/" + rid in store)

@@ -45,7 +45,7 @@ from typing import Any
 
 from keycell.relay.node import RECENT_IDS_S
 from keycell.relay.profiles import LOCAL, Profile
-from keycell.relay.tree import BroadcastTree, children
+from keycell.relay.tree import RESEND_COPIES, BroadcastTree, children
 
 RID = "r"  # the one revocation simulated
 HOW = ("first_push", "resend", "graft", "anti_entropy")  # how a relay first got it
@@ -237,7 +237,8 @@ def simulate(
             tick_at[a] = math.inf
             for peer_addr in trees[a].resends_due(now):
                 counts["resends"] += 1
-                push_to(now, a, number[peer_addr], "resend")
+                for _ in range(RESEND_COPIES):  # (as the relay sends them)
+                    push_to(now, a, number[peer_addr], "resend")
             for peer_addr in trees[a].grafts_due(now, holds(a)):
                 counts["grafts"] += 1
                 send(now, _GRAFT, number[peer_addr], a)
