@@ -84,7 +84,7 @@ def test_the_report_gives_rounds_hops_messages_and_how_relays_were_reached() -> 
     assert 1 <= row["rounds_median"] <= row["rounds_max"]
     assert 1 <= row["hops_median"] <= row["hops_max"]
     assert row["pushes_per_revocation"] <= row["messages_per_revocation"]
-    assert sum(row["reached_by"].values()) == pytest.approx(1.0)
+    assert sum(row["reached_by"].values()) == pytest.approx(1.0, abs=1e-3)  # (each share rounded to 4 places)
 
 
 def test_bad_parameters_are_refused() -> None:
