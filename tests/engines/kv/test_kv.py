@@ -17,7 +17,7 @@ from keycell.control_plane.engines.kv.backend import MAX_SECRET_BYTES, KvV2
 from keycell.control_plane.envelope import Envelopes
 from keycell.control_plane.errors import InvalidRequest, NotFound
 from keycell.control_plane.keys import IntegrityError, KeySpec
-from keycell.control_plane.ledger import Item, Key, Kind, Ledger, Op, Page, iter_prefix
+from keycell.control_plane.ledger import Item, Key, Kind, Ledger, Op, iter_prefix
 from keycell.control_plane.router import Request
 from keycell.functions.wiring import router_from_environment
 from keycell.testing.cells import Cell, open_cell
@@ -473,34 +473,14 @@ class RacedLedger:
         self.inner = inner
         self.rival: Callable[[], None] | None = rival
 
-    def get(self, key: Key, *, consistent: bool = True) -> Item | None:
-        return self.inner.get(key, consistent=consistent)
-
-    def put_if(self, key: Key, value: bytes, expected_version: int, *, expires_at: int | None = None) -> Item:
-        return self.inner.put_if(key, value, expected_version, expires_at=expires_at)
-
-    def delete_if(self, key: Key, expected_version: int) -> None:
-        self.inner.delete_if(key, expected_version)
-
     def transact(self, ops: Sequence[Op]) -> list[Item | None]:
         rival, self.rival = self.rival, None
         if rival is not None:
             rival()
         return self.inner.transact(ops)
 
-    def scan(
-        self,
-        kind: Kind,
-        prefix: str = "",
-        *,
-        limit: int = 100,
-        cursor: str | None = None,
-        consistent: bool = True,
-    ) -> Page:
-        return self.inner.scan(kind, prefix, limit=limit, cursor=cursor, consistent=consistent)
-
-    def close(self) -> None:
-        self.inner.close()
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 def test_a_write_that_loses_a_race_reads_the_mount_config_again(
