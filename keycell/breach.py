@@ -48,7 +48,8 @@ class BreachError(RuntimeError):
 
 class Api:
     """Vault-style calls to the cells' APIs, one keep-alive connection per thread and
-    host. Answers (status, body); raises BreachError only when a cell cannot be reached."""
+    host. Answers (status, body); raises BreachError only when a cell cannot be reached
+    or answers with a body that is not JSON."""
 
     def __init__(self, token: str, timeout: float = 15.0, tokens: dict[str, str] | None = None) -> None:
         self.token = token
@@ -78,7 +79,18 @@ class Api:
             reply = self._transport(url).send(method, path, headers, body)
         except ConnectionFailed as exc:
             raise BreachError(f"cannot reach {url}: {'; '.join(exc.errors)}") from None
-        return reply.status, (json.loads(reply.body) if reply.body else {})
+        if not reply.body:
+            return reply.status, {}
+        try:
+            return reply.status, json.loads(reply.body)
+        except ValueError:
+            # Say which call got what (a proxy's or a crashed worker's page) instead of a
+            # bare JSONDecodeError; never the body itself, which may hold a secret.
+            kind = reply.headers.get("content-type", "no content type")
+            raise BreachError(
+                f"{method} {path} at {url}: HTTP {reply.status} with a body that is not JSON "
+                f"({len(reply.body)} bytes, {kind})"
+            ) from None
 
     def ok(self, url: str, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         status, answer = self.call(url, method, path, body)

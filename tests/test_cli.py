@@ -97,7 +97,7 @@ def test_demo_keeps_its_promises(tmp_path: Path) -> None:
         check=False,
         env={**os.environ, "COLUMNS": "200"},
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout + done.stderr  # whole: a traceback is long
     assert "all promises kept" in done.stdout
     assert "SoftHSM2 token per cell" in done.stdout  # make test installs SoftHSM2: real tokens are used
     assert "JWT-SVIDs from the agents" in done.stdout  # workloads attest through keycell agent
@@ -164,7 +164,7 @@ def test_the_demo_keeps_its_promises_with_software_keys_and_plain_tokens(tmp_pat
         check=False,
         env={**os.environ, "COLUMNS": "200"},
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout + done.stderr  # whole: a traceback is long
     assert "NOT FIPS" in done.stdout.upper() and "all promises kept" in done.stdout
     summary = json.loads((tmp_path / "breach-report.json").read_text())
     assert summary["backend"] == "software" and summary["database_users"] == 0

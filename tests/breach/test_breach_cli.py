@@ -262,3 +262,37 @@ def test_each_revoke_call_is_timed_and_the_time_precedes_its_commit(cells: dict[
     for key, rid in state.data["revoked"].items():
         record = call(url, "GET", f"sys/revocations/{rid}").json()["data"]
         assert outcome.called_at[key] <= record["revoked_at"]
+
+
+def test_an_answer_that_is_not_json_names_the_call_and_not_the_body() -> None:
+    # A proxy's or a crashed worker's page in place of a Vault answer: the runbook says
+    # which call got it, with its status, and never echoes the body.
+    import http.server
+    import threading
+
+    from keycell.breach import Api, BreachError
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            page = b"<html>Bad Gateway s3cr3t-looking</html>"
+            self.send_response(502)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(BreachError) as raised:
+            Api(ROOT, timeout=5).call(url, "GET", "sys/revocations/freshness")
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = str(raised.value)
+    assert message.startswith(f"GET sys/revocations/freshness at {url}: HTTP 502")
+    assert "text/html" in message and "s3cr3t" not in message
