@@ -12,8 +12,9 @@ What travels where:
   the receiver's (`Digest`); the receiver moves its watermark (replica ages) and names
   what it lacks, which the home then pushes: this repairs lost pushes and partitions,
   at a cost per round that does not grow with the number of secrets in sync;
-- every `directory_interval` each leader refreshes its own cell's directory entry and
-  exchanges the whole directory with a relay of another cell (`Directory`);
+- every `directory_interval` each leader refreshes its own cell's directory entry, and
+  the relays of a cell in one process, which share its directory, exchange the whole
+  directory with a relay of another cell once (`Directory`);
 - a change (write, patch, delete, undelete, destroy, metadata) for a secret homed
   elsewhere goes API process -> local relay -> a relay of the home cell (`Forward`),
   its arguments sealed to the home's public key all the way;
@@ -138,6 +139,9 @@ class CellState:
         )
         self.directory = Directory(HybridClock(self.cell))
         self.loaded = False
+        # When one of these relays last exchanged the directory with another cell
+        # (monotonic): they share it, so one exchange an interval serves them all.
+        self.exchanged_at = float("-inf")
 
     def close(self) -> None:
         """Wait for ledger work in flight (before the cell's ledger closes)."""
@@ -268,6 +272,8 @@ class CellAgent(pb_grpc.CellsServicer):
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._seen_running = False
+        self._leader = (-1, False)  # (member table version, whether this relay leads its cell)
+        self._stubs: dict[str, Any] = {}  # address -> CellsStub over its channel
         self.digest_mode = "buckets"  # or "full": see _digest_to
         relay.extra_services.append(self._add_to)
 
@@ -302,8 +308,10 @@ class CellAgent(pb_grpc.CellsServicer):
         table = self.relay.table
         if table is None:
             return False
-        own = [m.name for m in table.live() if m.cell == self.cell] + [self.relay.name]
-        return min(own) == self.relay.name
+        if self._leader[0] != table.version:  # (both loops ask every round: once a table change)
+            own = [m.name for m in table.live() if m.cell == self.cell] + [self.relay.name]
+            self._leader = (table.version, min(own) == self.relay.name)
+        return self._leader[1]
 
     def other_cells(self) -> list[str]:
         table = self.relay.table
@@ -337,13 +345,13 @@ class CellAgent(pb_grpc.CellsServicer):
             delay = faults.latency()
             if delay > 0:
                 await asyncio.sleep(delay)
-        channel = self._channels.get(addr)
-        if channel is None:
+        stub = self._stubs.get(addr)
+        if stub is None:
             try:
                 channel = self._channels[addr] = relay_channel(addr, self.relay.tls, CHANNEL_OPTIONS)
             except ValueError:  # a relay off loopback while this one has no TLS
                 raise Unreachable(addr) from None
-        stub = pb_grpc.CellsStub(channel)  # type: ignore[no-untyped-call]
+            stub = self._stubs[addr] = pb_grpc.CellsStub(channel)  # type: ignore[no-untyped-call]
         try:
             return await getattr(stub, method)(request, timeout=self.timing.call_timeout)
         except grpc.aio.AioRpcError as exc:
@@ -781,6 +789,19 @@ class CellAgent(pb_grpc.CellsServicer):
         others = self.other_cells()
         if not others:
             return
+        # The relays of this cell in this process share one directory: one exchange an
+        # interval serves them all (at 100 relays a cell, one each cost the cell 20
+        # exchanges a second at the LAN pace), and whichever relay's round comes first
+        # makes it, so a relay cut off does not hold it up for more than one round. While
+        # the directory lacks a cell the member table knows, every round exchanges.
+        now = time.monotonic()
+        known = self.state.directory.cells()
+        complete = all(cell in known for cell in others)
+        if complete and now - self.state.exchanged_at < self.timing.directory_interval / 2:
+            self.count("directory_shared")
+            return
+        self.state.exchanged_at = now
+        self.count("directory_exchanges")
         cell = self.rng.choice(others)
         try:
             reply = await self.call_cell(cell, "Directory", self._directory_msg())
@@ -796,6 +817,7 @@ class CellAgent(pb_grpc.CellsServicer):
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+        self._stubs.clear()
 
     def _directory_msg(self) -> pb.DirectoryState:
         return pb.DirectoryState(
