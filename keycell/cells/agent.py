@@ -269,11 +269,10 @@ class CellAgent(pb_grpc.CellsServicer):
         self.observers: list[
             Callable[[str, int], None]
         ] = []  # (path, meta_seq) once a pushed replica is installed
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._peers: dict[str, tuple[grpc.aio.Channel, Any]] = {}  # address -> (channel, CellsStub on it)
         self._tasks: list[asyncio.Task[Any]] = []
         self._seen_running = False
         self._leader = (-1, False)  # (member table version, whether this relay leads its cell)
-        self._stubs: dict[str, Any] = {}  # address -> CellsStub over its channel
         self.digest_mode = "buckets"  # or "full": see _digest_to
         relay.extra_services.append(self._add_to)
 
@@ -345,13 +344,14 @@ class CellAgent(pb_grpc.CellsServicer):
             delay = faults.latency()
             if delay > 0:
                 await asyncio.sleep(delay)
-        stub = self._stubs.get(addr)
-        if stub is None:
+        peer = self._peers.get(addr)
+        if peer is None:
             try:
-                channel = self._channels[addr] = relay_channel(addr, self.relay.tls, CHANNEL_OPTIONS)
+                channel = relay_channel(addr, self.relay.tls, CHANNEL_OPTIONS)
             except ValueError:  # a relay off loopback while this one has no TLS
                 raise Unreachable(addr) from None
-            stub = self._stubs[addr] = pb_grpc.CellsStub(channel)  # type: ignore[no-untyped-call]
+            peer = self._peers[addr] = (channel, pb_grpc.CellsStub(channel))  # type: ignore[no-untyped-call]
+        stub = peer[1]
         try:
             return await getattr(stub, method)(request, timeout=self.timing.call_timeout)
         except grpc.aio.AioRpcError as exc:
@@ -814,10 +814,9 @@ class CellAgent(pb_grpc.CellsServicer):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for channel in self._channels.values():
+        for channel, _ in self._peers.values():
             await channel.close()
-        self._channels.clear()
-        self._stubs.clear()
+        self._peers.clear()
 
     def _directory_msg(self) -> pb.DirectoryState:
         return pb.DirectoryState(
