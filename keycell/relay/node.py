@@ -78,6 +78,35 @@ _RECEIPTS: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary(
 # every FULL_SWEEP_EVERY sweeps reads them all.
 SWEEP_GRACE = 60.0
 FULL_SWEEP_EVERY = 60
+
+
+class _Sweeps:
+    """The ledger sweep of one sink, taken in turns by the relays of a process that
+    share it: at most one sweep per sync interval between them (the relay that sweeps
+    learns what it finds and gossip carries it to the rest), each reading from where
+    the previous one, whichever relay made it, began."""
+
+    def __init__(self) -> None:
+        self.next_at = 0.0  # monotonic time the next sweep is due
+        self.count = 0
+        self.read_at: float | None = None  # wall time the last complete ledger read began
+
+    def claim(self, interval: float) -> bool:
+        now = time.monotonic()
+        if now < self.next_at:
+            return False  # another relay of this process swept within the interval
+        self.next_at = now + interval
+        self.count += 1
+        return True
+
+    def since(self) -> float | None:
+        """Where this sweep reads from: None for all of it."""
+        if self.read_at is None or self.count % FULL_SWEEP_EVERY == 0:
+            return None
+        return self.read_at - SWEEP_GRACE
+
+
+_SWEEPS: weakref.WeakKeyDictionary[Any, _Sweeps] = weakref.WeakKeyDictionary()  # sink -> its sweeps
 LINK_QUEUE = 10_000  # envelopes waiting on one stream; beyond, new ones are dropped (as UDP would)
 ENTRIES_PER_ENVELOPE = 256  # anti-entropy sends missing entries in chunks
 RECENT_IDS_S = 3.0  # a ping carries the ids of the revocations heard this recently...
@@ -281,8 +310,6 @@ class Relay(pb_grpc.RelayServicer):
         # ids first heard by a repair (pushed no further) and not yet down a tree: the
         # tree's own push, arriving later, goes on from here (insertion-ordered, bounded)
         self._repaired: dict[str, None] = {}
-        self._swept_at: float | None = None  # wall time the last complete ledger read began
-        self._sweeps = 0
         self._peer_view: tuple[int, list[str], dict[str, str]] = (-1, [], {})
         self._targets_view: tuple[int, int, list[Member]] = (
             -1,
@@ -970,18 +997,20 @@ class Relay(pb_grpc.RelayServicer):
     async def _reload(self, *, spread: bool = False) -> None:
         """What this cell's ledger holds: a restarted relay starts from it, and every
         `sync_interval` a sweep spreads whatever the ledger has that this relay never
-        heard of (a revoke call whose hand-over to the relay failed). A sweep reads only
-        the receipts of revocations minted since the previous one (ids carry their
-        minting time), and every FULL_SWEEP_EVERY-th sweep reads them all."""
+        heard of (a revoke call whose hand-over to the relay failed). The relays sharing
+        the sink take the sweep in turns (_Sweeps). A sweep reads only the receipts of
+        revocations minted since the previous one (ids carry their minting time), and
+        every FULL_SWEEP_EVERY-th sweep reads them all."""
         assert self.sink is not None
         sink = self.sink
         loop = asyncio.get_running_loop()
         started = time.time()
+        sweeps = _SWEEPS.setdefault(sink, _Sweeps())
         since: float | None = None
         if spread:
-            self._sweeps += 1
-            if self._swept_at is not None and self._sweeps % FULL_SWEEP_EVERY:
-                since = self._swept_at - SWEEP_GRACE
+            if not sweeps.claim(self.profile.sync_interval):
+                return
+            since = sweeps.since()
 
         def read() -> list[tuple[RevocationRecord | None, Receipt]]:
             return list(sink.held() if since is None else sink.held_since(since))
@@ -991,7 +1020,7 @@ class Relay(pb_grpc.RelayServicer):
         except Exception as exc:
             log.warning("%s: could not read cell %s's revocations: %s", self.name, self.cell, exc)
             return
-        self._swept_at = started
+        sweeps.read_at = started
         self.counters["sweeps_full" if since is None else "sweeps_recent"] += 1
         # A receipt kept without its record takes the expiry of one that has it (this
         # cell's own receipt of that revocation carries the record).
