@@ -741,6 +741,11 @@ def serve(host: str, port: int, *, workers: int, tls: ServerTLS | None = None) -
         log_level="warning",
         timeout_keep_alive=30,
         server_header=False,
+        # The client's address is the socket's. uvicorn would otherwise take it from
+        # X-Forwarded-For on any connection from 127.0.0.1, so a local process could
+        # claim an address inside an AppRole's secret_id_bound_cidrs, another client's
+        # rate-limit bucket, or a false remote_address in the audit trail.
+        proxy_headers=False,
         ws="none",  # no WebSocket upgrades: Vault's API has none
         ssl_context_factory=tls.context_factory if tls is not None else None,
     )

@@ -96,6 +96,11 @@ def test_num_uses_exhausted_and_cidr_refusals(root: hvac.Client, dev_url: str) -
     assert sid is not None
     with pytest.raises(hvac.exceptions.InvalidRequest, match="CIDR restrictions on the role"):
         client.auth.approle.login(role_id=fenced_role, secret_id=sid["data"]["secret_id"])
+    # A client on the server's own host cannot claim an address inside the fence.
+    spoofing = hvac.Client(url=dev_url)
+    spoofing.session.headers.update({"X-Forwarded-For": "192.0.2.7", "Forwarded": "for=192.0.2.7"})
+    with pytest.raises(hvac.exceptions.InvalidRequest, match=r'"127\.0\.0\.1" unauthorized'):
+        spoofing.auth.approle.login(role_id=fenced_role, secret_id=sid["data"]["secret_id"])
 
 
 def test_an_approle_token_is_revoked_with_its_method(root: hvac.Client, dev_url: str) -> None:
