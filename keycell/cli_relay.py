@@ -104,10 +104,10 @@ def relay(
     once the first relay listens. API processes follow it with KEYCELL_RELAY=HOST:PORT.
     """
     from keycell.cells.agent import attach as attach_cells
+    from keycell.collector import pace_collections
     from keycell.functions.wiring import auditor_from_environment, services_from_environment
     from keycell.relay.cell import LedgerSink
     from keycell.relay.cluster import dev_cell_env
-    from keycell.relay.collector import pace_collections
     from keycell.relay.faults import Faults
     from keycell.relay.metrics import serve_metrics
     from keycell.relay.node import Relay

@@ -36,6 +36,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess, multiprocess
 
+from keycell.collector import pace_collections
 from keycell.control_plane.admission import AdmissionConfig, AdmissionGate, classify
 from keycell.control_plane.audit import AsyncCommitter
 from keycell.control_plane.barrier import SealedError
@@ -56,6 +57,7 @@ _SHED = (
 )
 EVENTS_PATH = "/v1/sys/events/revocations"
 _gate: AdmissionGate | None = None
+_collector: asyncio.Task[None] | None = None
 
 
 def gate() -> AdmissionGate:
@@ -78,6 +80,9 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 return
     if scope["type"] != "http":
         return
+    global _collector
+    if _collector is None:  # (this worker's first request, on its loop)
+        _collector = asyncio.get_running_loop().create_task(pace_collections())
     if scope["path"] == EVENTS_PATH and scope["method"].upper() == "GET":
         await revocation_stream(scope, receive, send)
         return
