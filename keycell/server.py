@@ -87,22 +87,28 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await revocation_stream(scope, receive, send)
         return
     limit = http.admission_config().max_request_size
-    if _declared_length(scope) > limit:  # refused before a byte of the body is read
+    declared, chunked = _framing(scope)
+    if declared > limit:  # refused before a byte of the body is read
         await _send(send, _reply(http.too_large(limit)))
         return
     admission = gate()
     if not await admission.enter(classify(scope["method"], scope["path"][4:])):
-        headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
-        await send({"type": "http.response.start", "status": 429, "headers": headers})
-        await send({"type": "http.response.body", "body": _SHED})
+        await _send(send, (429, [(b"content-type", b"application/json"), (b"retry-after", b"1")], _SHED))
         return
     try:
         # The body is read inside the in-flight window, so slow or large uploads count
-        # against it (and are shed past it) like any other request.
-        try:
-            body = await asyncio.wait_for(_read_body(receive, limit), http.admission_config().read_timeout)
-        except TimeoutError:
-            body = _reply(http.error(408, "the request body did not arrive in time", {"Connection": "close"}))
+        # against it (and are shed past it) like any other request. A request framed
+        # with no body (most reads) has nothing to wait for.
+        body: bytes | _Reply | None = b""
+        if declared or chunked:
+            try:
+                body = await asyncio.wait_for(
+                    _read_body(receive, limit), http.admission_config().read_timeout
+                )
+            except TimeoutError:
+                body = _reply(
+                    http.error(408, "the request body did not arrive in time", {"Connection": "close"})
+                )
         if body is None:
             return  # the client went away
         if isinstance(body, tuple):
@@ -125,16 +131,28 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 async def _send(send: Any, reply: _Reply) -> None:
+    """The reply with its Content-Length (uvicorn would otherwise frame every body in
+    chunks), but on a status that has no body."""
     status, headers, payload = reply
+    if status not in _NO_BODY:
+        headers = [*headers, (b"content-length", b"%d" % len(payload))]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 
 
-def _declared_length(scope: dict[str, Any]) -> int:
+_NO_BODY = frozenset({204, 304})
+
+
+def _framing(scope: dict[str, Any]) -> tuple[int, bool]:
+    """The request body's declared length, and whether it comes in chunks (HTTP/1.1
+    framing: with neither, there is no body)."""
+    length, chunked = 0, False
     for name, value in scope.get("headers", []):
         if name == b"content-length":
-            return int(value) if value.isdigit() else 0  # the parser refused a malformed one
-    return 0
+            length = int(value) if value.isdigit() else 0  # the parser refused a malformed one
+        elif name == b"transfer-encoding":
+            chunked = True  # (the parser refuses any coding it cannot frame)
+    return length, chunked
 
 
 async def _read_body(receive: Any, limit: int) -> bytes | _Reply | None:

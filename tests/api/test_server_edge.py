@@ -366,3 +366,31 @@ def test_event_stream_of_a_cell_that_cannot_unseal_is_503_in_vaults_shape(tmp_pa
         configure(None)
     assert sent[0]["status"] == 503
     assert json.loads(sent[1]["body"]) == {"errors": ["Vault is sealed"]}  # type: ignore[arg-type]
+
+
+def test_answers_carry_their_length_and_a_chunked_body_is_still_read(dev_url: str) -> None:
+    port = int(dev_url.rsplit(":", 1)[1])
+    token = f"X-Vault-Token: {ROOT}\r\n".encode()
+    body = b'{"data":{"k":"chunked"}}'
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    wrote = raw(
+        port,
+        b"POST /v1/secret/data/framing HTTP/1.1\r\nHost: x\r\n"
+        + token
+        + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + chunked,
+    )
+    head, _, payload = wrote.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), wrote[:200]
+    assert b"transfer-encoding" not in head.lower()
+    assert int(re.search(rb"content-length: (\d+)", head.lower()).group(1)) == len(payload)  # type: ignore[union-attr]
+    read = raw(
+        port, b"GET /v1/secret/data/framing HTTP/1.1\r\nHost: x\r\n" + token + b"Connection: close\r\n\r\n"
+    )
+    head, _, payload = read.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
+    assert json.loads(payload)["data"]["data"] == {"k": "chunked"}
+    gone = raw(
+        port, b"DELETE /v1/secret/data/framing HTTP/1.1\r\nHost: x\r\n" + token + b"Connection: close\r\n\r\n"
+    )
+    assert gone.startswith(b"HTTP/1.1 204") and b"content-length" not in gone.lower()
