@@ -97,18 +97,8 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     try:
         # The body is read inside the in-flight window, so slow or large uploads count
-        # against it (and are shed past it) like any other request. A request framed
-        # with no body (most reads) has nothing to wait for.
-        body: bytes | _Reply | None = b""
-        if declared or chunked:
-            try:
-                body = await asyncio.wait_for(
-                    _read_body(receive, limit), http.admission_config().read_timeout
-                )
-            except TimeoutError:
-                body = _reply(
-                    http.error(408, "the request body did not arrive in time", {"Connection": "close"})
-                )
+        # against it (and are shed past it) like any other request.
+        body = await _read_body(receive, limit) if declared or chunked else b""
         if body is None:
             return  # the client went away
         if isinstance(body, tuple):
@@ -156,8 +146,17 @@ def _framing(scope: dict[str, Any]) -> tuple[int, bool]:
 
 
 async def _read_body(receive: Any, limit: int) -> bytes | _Reply | None:
-    """The request body (its chunks joined once: linear in its size), the 413 once it
-    passes `limit`, or None when the client disconnected first."""
+    """The request body, the 413 once it passes `limit`, the 408 once the admission
+    read timeout passes, or None when the client disconnected first. (Only for a
+    request framed with a body: one framed with none has nothing to wait for.)"""
+    try:
+        return await asyncio.wait_for(_body_chunks(receive, limit), http.admission_config().read_timeout)
+    except TimeoutError:
+        return _reply(http.error(408, "the request body did not arrive in time", {"Connection": "close"}))
+
+
+async def _body_chunks(receive: Any, limit: int) -> bytes | _Reply | None:
+    """The body's chunks, joined once (linear in its size); the 413 past `limit`."""
     chunks: list[bytes] = []
     size = 0
     while True:

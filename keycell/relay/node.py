@@ -78,34 +78,6 @@ _RECEIPTS: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary(
 # every FULL_SWEEP_EVERY sweeps reads them all.
 SWEEP_GRACE = 60.0
 FULL_SWEEP_EVERY = 60
-
-
-class _Sweeps:
-    """The ledger sweep of one sink, taken in turns by the relays of a process that
-    share it: at most one sweep per sync interval between them (the relay that sweeps
-    learns what it finds and gossip carries it to the rest), each reading from where
-    the previous one, whichever relay made it, began."""
-
-    def __init__(self) -> None:
-        self.next_at = 0.0  # monotonic time the next sweep is due
-        self.count = 0
-        self.read_at: float | None = None  # wall time the last complete ledger read began
-
-    def claim(self, interval: float) -> bool:
-        now = time.monotonic()
-        if now < self.next_at:
-            return False  # another relay of this process swept within the interval
-        self.next_at = now + interval
-        self.count += 1
-        return True
-
-    def since(self) -> float | None:
-        """Where this sweep reads from: None for all of it."""
-        if self.read_at is None or self.count % FULL_SWEEP_EVERY == 0:
-            return None
-        return self.read_at - SWEEP_GRACE
-
-
 _SWEEPS: weakref.WeakKeyDictionary[Any, _Sweeps] = weakref.WeakKeyDictionary()  # sink -> its sweeps
 LINK_QUEUE = 10_000  # envelopes waiting on one stream; beyond, new ones are dropped (as UDP would)
 ENTRIES_PER_ENVELOPE = 256  # anti-entropy sends missing entries in chunks
@@ -139,6 +111,32 @@ _SERVER_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.bdp_probe", 0),
 ]
+
+
+class _Sweeps:
+    """The ledger sweep of one sink, taken in turns by the relays of a process that
+    share it: at most one sweep per sync interval between them (the relay that sweeps
+    learns what it finds and gossip carries it to the rest), each reading from where
+    the previous one, whichever relay made it, began."""
+
+    def __init__(self) -> None:
+        self.next_at = 0.0  # monotonic time the next sweep is due
+        self.count = 0
+        self.read_at: float | None = None  # wall time the last complete ledger read began
+
+    def claim(self, interval: float) -> bool:
+        now = time.monotonic()
+        if now < self.next_at:
+            return False  # another relay of this process swept within the interval
+        self.next_at = now + interval
+        self.count += 1
+        return True
+
+    def since(self) -> float | None:
+        """Where this sweep reads from: None for all of it."""
+        if self.read_at is None or self.count % FULL_SWEEP_EVERY == 0:
+            return None
+        return self.read_at - SWEEP_GRACE
 
 
 def rev_to_pb(rec: RevocationRecord) -> pb.Revocation:
@@ -1005,7 +1003,9 @@ class Relay(pb_grpc.RelayServicer):
         sink = self.sink
         loop = asyncio.get_running_loop()
         started = time.time()
-        sweeps = _SWEEPS.setdefault(sink, _Sweeps())
+        sweeps = _SWEEPS.get(sink)
+        if sweeps is None:
+            sweeps = _SWEEPS[sink] = _Sweeps()
         since: float | None = None
         if spread:
             if not sweeps.claim(self.profile.sync_interval):
