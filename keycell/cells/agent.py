@@ -272,7 +272,8 @@ class CellAgent(pb_grpc.CellsServicer):
         self._peers: dict[str, tuple[grpc.aio.Channel, Any]] = {}  # address -> (channel, CellsStub on it)
         self._tasks: list[asyncio.Task[Any]] = []
         self._seen_running = False
-        self._leader = (-1, False)  # (member table version, whether this relay leads its cell)
+        self._leader = (-1, False)  # (member table roster, whether this relay leads its cell)
+        self._others: tuple[int, list[str]] = (-1, [])  # (member table roster, the other cells)
         self.digest_mode = "buckets"  # or "full": see _digest_to
         relay.extra_services.append(self._add_to)
 
@@ -307,16 +308,21 @@ class CellAgent(pb_grpc.CellsServicer):
         table = self.relay.table
         if table is None:
             return False
-        if self._leader[0] != table.version:  # (both loops ask every round: once a table change)
+        if self._leader[0] != table.roster:  # (both loops ask every round: once a roster change)
             own = [m.name for m in table.live() if m.cell == self.cell] + [self.relay.name]
-            self._leader = (table.version, min(own) == self.relay.name)
+            self._leader = (table.roster, min(own) == self.relay.name)
         return self._leader[1]
 
     def other_cells(self) -> list[str]:
         table = self.relay.table
         if table is None:
             return []
-        return sorted({m.cell for m in table.members.values() if m.cell != self.cell})
+        if self._others[0] != table.roster:  # (a member joins or changes cell: a roster change)
+            self._others = (
+                table.roster,
+                sorted({m.cell for m in table.members.values() if m.cell != self.cell}),
+            )
+        return list(self._others[1])
 
     def relay_of(self, cell: str) -> str:
         table = self.relay.table

@@ -108,7 +108,14 @@ class MemberTable:
         self.suspicions_started = 0
         self.refutations = 0
         self.version = 0  # bumped on every change (callers cache what they build from the table)
+        # Bumped only when the roster changes: who is not dead, or a member's address or
+        # cell. A suspicion and its refutation change a member's state and incarnation
+        # in place and leave it alone, so views of the live members (probe targets,
+        # peers, the cell's leader) stay valid through the suspicion churn that loss
+        # causes (every relay hears of each one).
+        self.roster = 0
         self._live: tuple[int, list[Member]] = (-1, [])
+        self._dead: tuple[int, list[Member]] = (-1, [])
 
     # --- queries ---------------------------------------------------------------------
 
@@ -117,18 +124,21 @@ class MemberTable:
 
     def live(self) -> list[Member]:
         """Every member but this relay that is not dead (a new list each call, copied
-        from one rebuilt only when the table changed: relays and the cells agent ask
+        from one rebuilt only when the roster changed: relays and the cells agent ask
         for it many times a second, and a mesh of hundreds changes less often)."""
-        if self._live[0] != self.version:
+        if self._live[0] != self.roster:
             me = self.me.name
             self._live = (
-                self.version,
+                self.roster,
                 [m for m in self.members.values() if m.name != me and m.state != State.DEAD],
             )
         return list(self._live[1])
 
     def dead(self) -> list[Member]:
-        return [m for m in self.members.values() if m.state == State.DEAD]
+        """Every dead member (rebuilt only when the roster changed, as `live` is)."""
+        if self._dead[0] != self.roster:
+            self._dead = (self.roster, [m for m in self.members.values() if m.state == State.DEAD])
+        return list(self._dead[1])
 
     def cells(self) -> set[str]:
         return {m.cell for m in self.members.values()}
@@ -149,9 +159,12 @@ class MemberTable:
         if known is None:
             self.members[name] = Member(name, addr, cell, incarnation, State.ALIVE, self.clock())
             self.version += 1
+            self.roster += 1
             return Verdict.CHANGED
         if incarnation <= known.incarnation:
             return Verdict.IGNORED
+        if (known.addr, known.cell) != (addr, cell):
+            self.roster += 1
         known.incarnation, known.addr, known.cell = incarnation, addr, cell
         self.version += 1
         self._set(known, State.ALIVE)
@@ -214,6 +227,8 @@ class MemberTable:
 
     def _set(self, member: Member, state: State) -> None:
         if member.state != state:
+            if State.DEAD in (member.state, state):
+                self.roster += 1
             member.state = state
             member.since = self.clock()
             self.version += 1

@@ -302,7 +302,7 @@ class Relay(pb_grpc.RelayServicer):
         self.tree = BroadcastTree(
             graft_timeout=profile.graft_timeout, ack_timeout=profile.ack_timeout, resends=profile.resends
         )
-        self._ring_view: tuple[int, list[str]] = (-1, [])  # (table version, this cell's relays sorted)
+        self._ring_view: tuple[int, list[str]] = (-1, [])  # (table roster, this cell's relays sorted)
         self._recent: list[tuple[float, str]] = []  # (monotonic time, id) of revocations heard lately
         self._root_of: dict[str, str] = {}  # revocation id (heard lately) -> its tree's root in this cell
         # ids first heard by a repair (pushed no further) and not yet down a tree: the
@@ -313,9 +313,9 @@ class Relay(pb_grpc.RelayServicer):
             -1,
             -1,
             [],
-        )  # (table version, cross version, targets)
+        )  # (table roster, cross version, targets)
         self._cross_version = 0  # bumped whenever `cross` changes
-        self._cross_at = -1  # the member table's version `cross` was last refreshed at
+        self._cross_at = -1  # the member table's roster `cross` was last refreshed at
         # The gossip and suspicion loops sleep on these while they have nothing to do
         # (no push waiting for its ack, nothing to graft, no suspicion), so an idle relay
         # wakes only to probe and for anti-entropy: a revocation or a suspicion sets them.
@@ -878,11 +878,11 @@ class Relay(pb_grpc.RelayServicer):
 
     def _ring(self) -> list[str]:
         """This cell's live relays, this one among them, sorted by address: what the
-        tree is laid on (rebuilt only when the member table changed)."""
+        tree is laid on (rebuilt only when the member table's roster changed)."""
         assert self.table is not None
-        if self._ring_view[0] != self.table.version:
+        if self._ring_view[0] != self.table.roster:
             own, cell_of = self._peers()
-            self._ring_view = (self.table.version, sorted({*own, self.addr}))
+            self._ring_view = (self.table.roster, sorted({*own, self.addr}))
             self.tree.forget_peers(set(cell_of))
         return self._ring_view[1]
 
@@ -932,12 +932,12 @@ class Relay(pb_grpc.RelayServicer):
 
     def _peers(self) -> tuple[list[str], dict[str, str]]:
         """Addresses of this cell's live relays, and every live relay's cell by
-        address, rebuilt only when the member table changed."""
+        address, rebuilt only when the member table's roster changed."""
         assert self.table is not None
-        if self._peer_view[0] != self.table.version:
+        if self._peer_view[0] != self.table.roster:
             live = self.table.live()
             self._peer_view = (
-                self.table.version,
+                self.table.roster,
                 [m.addr for m in live if m.cell == self.cell],
                 {m.addr: m.cell for m in live},
             )
@@ -1091,11 +1091,12 @@ class Relay(pb_grpc.RelayServicer):
 
     def _refresh_cross(self) -> None:
         """Keep `cross_links` live relays of every other cell; a no-op while the member
-        table has not changed since the last refresh (the probe loop asks every probe)."""
+        table's roster has not changed since the last refresh (the probe loop asks every
+        probe)."""
         assert self.table is not None
-        if self._cross_at == self.table.version:
+        if self._cross_at == self.table.roster:
             return
-        self._cross_at = self.table.version
+        self._cross_at = self.table.roster
         self._cross_version += 1
         live = self.table.live()
         by_cell: dict[str, list[Member]] = {}
@@ -1122,13 +1123,13 @@ class Relay(pb_grpc.RelayServicer):
 
     def _probe_targets(self) -> list[Member]:
         """This cell's live relays and the cross links, rebuilt only when the member
-        table or the cross links changed."""
+        table's roster or the cross links changed."""
         assert self.table is not None
         table_version, cross_version, targets = self._targets_view
-        if table_version != self.table.version or cross_version != self._cross_version:
+        if table_version != self.table.roster or cross_version != self._cross_version:
             linked = {n for names in self.cross.values() for n in names}
             targets = [m for m in self.table.live() if m.cell == self.cell or m.name in linked]
-            self._targets_view = (self.table.version, self._cross_version, targets)
+            self._targets_view = (self.table.roster, self._cross_version, targets)
         return targets
 
     # --- loops -----------------------------------------------------------------------------

@@ -52,6 +52,33 @@ def test_a_suspect_is_declared_dead_after_the_suspicion_timeout_only() -> None:
     assert t.dead() and not [m for m in t.live() if m.name == "peer"]
 
 
+def test_the_live_view_follows_the_roster_through_suspicion_death_and_rejoin() -> None:
+    """Suspicion and refutation leave the roster (and so the cached live view) alone;
+    a death, a rejoin, a new member or a moved address change it, and the views the
+    relay builds from it are rebuilt."""
+    clock = ManualClock(0)
+    t = table(clock)
+    roster, live = t.roster, t.live()
+    assert t.suspect("peer", 1, "other") == Verdict.CHANGED
+    assert t.alive("peer", "127.0.0.1:2", "a", 2) == Verdict.CHANGED  # refuted
+    assert t.roster == roster and t.version > roster
+    assert [(m.name, m.state, m.incarnation) for m in t.live()] == [("peer", State.ALIVE, 2)]
+    assert live[0] is t.live()[0]  # the same member, changed in place
+    t.suspect("peer", 2, "other")
+    clock.advance(5)
+    assert [m.name for m in t.expired()] == ["peer"]
+    assert t.roster > roster and t.live() == [] and [m.name for m in t.dead()] == ["peer"]
+    roster = t.roster
+    assert t.alive("peer", "127.0.0.1:2", "a", 3) == Verdict.CHANGED  # rejoins
+    assert t.roster > roster and [m.name for m in t.live()] == ["peer"] and t.dead() == []
+    roster = t.roster
+    assert t.alive("peer", "127.0.0.1:9", "a", 4) == Verdict.CHANGED  # a new address
+    assert t.roster > roster and t.live()[0].addr == "127.0.0.1:9"
+    roster = t.roster
+    assert t.alive("new", "127.0.0.1:3", "b", 0) == Verdict.CHANGED
+    assert t.roster > roster and {m.name for m in t.live()} == {"peer", "new"}
+
+
 def test_independent_confirmations_shrink_the_suspicion_timeout_to_its_minimum() -> None:
     clock = ManualClock(0)
     t = table(clock, confirmations=2)
