@@ -16,10 +16,20 @@ Each revocation takes the revocation function's path: it is committed to the ori
 cell's ledger (RevocationLog.record, which reads the clock first: the window opens at
 the revoke call), then handed to one relay of that cell (`Relay.Submit`). Origins
 rotate over the cells; calls are paced (`--interval`) so the figure is latency, not a
-queue. Every relay reports, over `Relay.Subscribe`, when its cell's ledger held the
-revocation (relays push only after the ledger write or its conflict); the exposure
-window of a revocation is the latest of those times minus the call's, so it covers
-every relay and every cell ledger. At the end every cell ledger is read back.
+queue. Every relay records when its cell's ledger held the revocation (relays push
+only after the ledger write or its conflict); the exposure window of a revocation is
+the latest of those times minus the call's, so it covers every relay and every cell
+ledger. At the end every cell ledger is read back.
+
+How the bench learns those times (`--observe`): by default (`replay`) it asks every
+relay once the revocations have spread (`Relay.Subscribe` with replay: each relay
+hands over the times it recorded), so nothing but the mesh runs while the clock does;
+it knows they have spread from the relays' `revocations_applied` counters, read from
+each process's /metrics once a second. With `stream`, every relay streams each
+revocation to the bench as it applies it: one more gRPC message per revocation and
+relay while the revocations spread, which the bench process reads on the same cores
+(and the relays' CPU per revocation counts). Either way the times are the ones each
+relay recorded when it applied the revocation.
 
 `relay_idle_cpu_cores`: CPU (user + system, every thread) of all relay processes
 together per second of wall time while no revocation moves: probes, anti-entropy,
@@ -75,6 +85,7 @@ TARGET_P99 = 0.100
 SIM_VIEW_MISS = 0.02  # the simulator's differing views: each relay's view lacks 2% of its cell
 IDLE_WINDOW = 5.0  # seconds per idle CPU reading
 IDLE_WAIT_MAX = 180.0  # give up waiting for the idle rate to settle after this long
+REPLAY_TIMEOUT = 10.0  # seconds for one relay to hand over the apply times it recorded
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -129,17 +140,22 @@ def start_relays(
     return processes, addrs, metrics
 
 
-def revocation_messages(metrics: list[str]) -> int:
-    """Envelopes that carried a revocation (or revocation ids), sent so far by every
-    relay of these processes: the sum of `keycell_relay_revocation_messages_total`
-    over each process's GET /metrics."""
+def metric_total(metrics: list[str], name: str) -> int:
+    """The sum of one per-relay counter over every relay of these processes (each
+    process's GET /metrics)."""
     total = 0
     for addr in metrics:
         with urllib.request.urlopen(f"http://{addr}/metrics", timeout=30) as reply:
             for line in reply.read().decode().splitlines():
-                if line.startswith("keycell_relay_revocation_messages_total{"):
+                if line.startswith(name + "{"):
                     total += int(line.rpartition(" ")[2])
     return total
+
+
+def revocation_messages(metrics: list[str]) -> int:
+    """Envelopes that carried a revocation (or revocation ids), sent so far by every
+    relay of these processes."""
+    return metric_total(metrics, "keycell_relay_revocation_messages_total")
 
 
 async def idle_cpu_rates(pids: list[int]) -> list[float]:
@@ -165,6 +181,7 @@ async def measure(
     pids: list[int] | None = None,
     warmup: float = 0.0,
     metrics: list[str] | None = None,
+    observe: str = "replay",
 ) -> dict[str, Any]:
     from keycell.control_plane.revocations import RevocationLog
     from keycell.relay.cluster import open_dev_cell
@@ -177,6 +194,7 @@ async def measure(
     subscribed = 0
 
     async def follow(addr: str) -> None:
+        """The times `addr` applies revocations at, as they come."""
         nonlocal subscribed
         async for event in stubs[addr].Subscribe(pb.SubscribeRequest(replay=False)):
             if not event.HasField("revocation"):
@@ -186,8 +204,28 @@ async def measure(
                 continue
             applied.setdefault(event.revocation.id, {})[addr] = event.applied_at
 
-    followers = [asyncio.create_task(follow(a)) for a in every]
-    await asyncio.wait_for(live.wait(), 60)
+    async def recorded(addr: str, ids: set[str]) -> None:
+        """The times `addr` recorded for the revocations `ids` (a replay: what it holds
+        comes right after the "subscribed" event; cut off after REPLAY_TIMEOUT)."""
+        call = stubs[addr].Subscribe(pb.SubscribeRequest(replay=True))
+        left = set(ids)
+        try:
+            async with asyncio.timeout(REPLAY_TIMEOUT):
+                async for event in call:
+                    if event.HasField("revocation") and event.revocation.id in left:
+                        applied.setdefault(event.revocation.id, {})[addr] = event.applied_at
+                        left.discard(event.revocation.id)
+                        if not left:
+                            break
+        except TimeoutError:
+            pass  # some never got there: they count as not reached
+        finally:
+            call.cancel()
+
+    streamed = observe == "stream"
+    followers = [asyncio.create_task(follow(a)) for a in every] if streamed else []
+    if streamed:
+        await asyncio.wait_for(live.wait(), 60)
     # Membership settles: every relay knows every other before the clock starts. Only
     # relays not yet seen to know every other are asked again, once a second (a Status
     # reply carries the whole member table: 300 relays asked 5 times a second kept a
@@ -213,6 +251,7 @@ async def measure(
     idle_rates = await idle_cpu_rates(pids) if pids else [0.0]
     idle_rate = idle_rates[-1]
     messages_before = revocation_messages(metrics or [])
+    applied_before = 0 if streamed else metric_total(metrics or [], "keycell_relay_revocations_applied_total")
     busy_cpu, busy_wall = cpu_seconds(pids), time.monotonic()
     for i in range(revocations):
         cell = CELLS[i % len(CELLS)]
@@ -224,9 +263,18 @@ async def measure(
         issued.append(rec)
         await asyncio.sleep(interval)
     wait_until = time.monotonic() + 30
-    while time.monotonic() < wait_until and any(len(applied.get(r.id, {})) < len(every) for r in issued):
-        await asyncio.sleep(0.05)
+    if streamed:
+        while time.monotonic() < wait_until and any(len(applied.get(r.id, {})) < len(every) for r in issued):
+            await asyncio.sleep(0.05)
+    else:
+        counted = metric_total(metrics or [], "keycell_relay_revocations_applied_total")
+        while time.monotonic() < wait_until and counted < applied_before + len(issued) * len(every):
+            await asyncio.sleep(1.0)
+            counted = metric_total(metrics or [], "keycell_relay_revocations_applied_total")
     busy = cpu_seconds(pids) - busy_cpu - idle_rate * (time.monotonic() - busy_wall)
+    if not streamed:
+        ids = {r.id for r in issued}
+        await asyncio.gather(*(recorded(a, ids) for a in every))
     messages = revocation_messages(metrics or []) - messages_before
     for task in followers:
         task.cancel()
@@ -259,6 +307,7 @@ async def measure(
         # (n - 1 would be a spanning tree with nothing lost; anti-entropy repairs count)
         "messages_per_revocation": round(messages / max(1, len(issued)), 1) if metrics else None,
         "relay_idle_cpu_cores": round(idle_rate, 3) if pids else None,
+        "observed_by": observe,
         "idle_windows_cores": [round(r, 3) for r in idle_rates],
         "membership_settled_s": round(settled, 1),
         "warmup_s": round(warmup, 1),
@@ -278,6 +327,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between revoke calls")
     parser.add_argument("--loss", type=float, default=0.05)
     parser.add_argument("--sim-sizes", default="1000,3000,10000")
+    parser.add_argument(
+        "--observe",
+        default="replay",
+        choices=["replay", "stream"],
+        help="how apply times reach the bench: asked once they spread (replay), or streamed as they happen",
+    )
     parser.add_argument(
         "--profile",
         default="lan",
@@ -309,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
                     pids=pids,
                     warmup=warmup,
                     metrics=metrics,
+                    observe=args.observe,
                 )
             )
         finally:
