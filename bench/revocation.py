@@ -251,7 +251,11 @@ async def measure(
     idle_rates = await idle_cpu_rates(pids) if pids else [0.0]
     idle_rate = idle_rates[-1]
     messages_before = revocation_messages(metrics or [])
-    applied_before = 0 if streamed else metric_total(metrics or [], "keycell_relay_revocations_applied_total")
+
+    def applied_total() -> int:  # applies every relay counted so far (replay mode's progress)
+        return metric_total(metrics or [], "keycell_relay_revocations_applied_total")
+
+    applied_before = 0 if streamed else applied_total()
     busy_cpu, busy_wall = cpu_seconds(pids), time.monotonic()
     for i in range(revocations):
         cell = CELLS[i % len(CELLS)]
@@ -267,10 +271,8 @@ async def measure(
         while time.monotonic() < wait_until and any(len(applied.get(r.id, {})) < len(every) for r in issued):
             await asyncio.sleep(0.05)
     else:
-        counted = metric_total(metrics or [], "keycell_relay_revocations_applied_total")
-        while time.monotonic() < wait_until and counted < applied_before + len(issued) * len(every):
+        while time.monotonic() < wait_until and applied_total() < applied_before + len(issued) * len(every):
             await asyncio.sleep(1.0)
-            counted = metric_total(metrics or [], "keycell_relay_revocations_applied_total")
     busy = cpu_seconds(pids) - busy_cpu - idle_rate * (time.monotonic() - busy_wall)
     if not streamed:
         ids = {r.id for r in issued}

@@ -114,8 +114,7 @@ class MemberTable:
         # peers, the cell's leader) stay valid through the suspicion churn that loss
         # causes (every relay hears of each one).
         self.roster = 0
-        self._live: tuple[int, list[Member]] = (-1, [])
-        self._dead: tuple[int, list[Member]] = (-1, [])
+        self._views: tuple[int, list[Member], list[Member]] = (-1, [], [])  # (roster, live, dead)
 
     # --- queries ---------------------------------------------------------------------
 
@@ -126,19 +125,20 @@ class MemberTable:
         """Every member but this relay that is not dead (a new list each call, copied
         from one rebuilt only when the roster changed: relays and the cells agent ask
         for it many times a second, and a mesh of hundreds changes less often)."""
-        if self._live[0] != self.roster:
-            me = self.me.name
-            self._live = (
-                self.roster,
-                [m for m in self.members.values() if m.name != me and m.state != State.DEAD],
-            )
-        return list(self._live[1])
+        return list(self._roster_views()[1])
 
     def dead(self) -> list[Member]:
-        """Every dead member (rebuilt only when the roster changed, as `live` is)."""
-        if self._dead[0] != self.roster:
-            self._dead = (self.roster, [m for m in self.members.values() if m.state == State.DEAD])
-        return list(self._dead[1])
+        """Every dead member (from the same views as `live`)."""
+        return list(self._roster_views()[2])
+
+    def _roster_views(self) -> tuple[int, list[Member], list[Member]]:
+        """(roster, live, dead), rebuilt together once the roster changed."""
+        if self._views[0] != self.roster:
+            me = self.me.name
+            live = [m for m in self.members.values() if m.name != me and m.state != State.DEAD]
+            dead = [m for m in self.members.values() if m.state == State.DEAD]
+            self._views = (self.roster, live, dead)
+        return self._views
 
     def cells(self) -> set[str]:
         return {m.cell for m in self.members.values()}
