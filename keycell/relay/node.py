@@ -164,16 +164,22 @@ def entry_expiry(entry: pb.Entry) -> int:
     return int(entry.receipt.expires_at)
 
 
-def _about_revocations(env: pb.Envelope) -> bool:
-    """Whether an envelope was sent for the broadcast: it carries a revocation, or is
-    a tree message of its own (an ack, a graft; not the ids a ping carries anyway).
-    What `revocation_messages` counts, the broadcast's cost per revocation."""
-    if env.WhichOneof("body") is None and (env.ihave or env.graft):
+def _about_revocations(env: pb.Envelope, kind: str | None) -> bool:
+    """Whether an envelope (whose body is `kind`) was sent for the broadcast: it carries
+    a revocation, or is a tree message of its own (an ack, a graft; not the ids a ping
+    carries anyway). What `revocation_messages` counts, the broadcast's cost per
+    revocation."""
+    if kind is None and (env.ihave or env.graft):
         return True
     for rumor in env.rumors:
         if rumor.WhichOneof("kind") == "entry" and rumor.entry.WhichOneof("kind") == "revocation":
             return True
     return False
+
+
+# The counter each kind of envelope sent adds to (no body: a push, ids, or a graft).
+_SENT = {f.name: "sent_" + f.name for f in pb.Envelope.DESCRIPTOR.oneofs_by_name["body"].fields}
+_SENT_GOSSIP = "sent_gossip"
 
 
 def entry_key(entry: pb.Entry) -> str:
@@ -224,6 +230,21 @@ class Link:
             self.closed = True
             with contextlib.suppress(asyncio.QueueFull):
                 self.queue.put_nowait(None)
+
+
+@dataclass(slots=True, eq=False)
+class _Probe:
+    """One SWIM probe in flight (Relay._start_probe)."""
+
+    target: Member
+    seq: int
+    then: Callable[[float], object]  # called at its end with when the next probe may start
+    started: float  # monotonic
+    interval: float
+    timeout: float  # for each direct ping
+    attempt: int = 0  # direct pings resent so far
+    helpers: list[Member] | None = None  # asked to ping the target (the indirect phase)
+    timer: asyncio.TimerHandle | None = None  # this phase's deadline
 
 
 @dataclass
@@ -289,9 +310,10 @@ class Relay(pb_grpc.RelayServicer):
         self._server: grpc.aio.Server | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._backoff: dict[str, _Backoff] = {}
-        self._acks: dict[int, asyncio.Future[None]] = {}
+        self._acks: dict[int, Callable[[], None]] = {}  # probe seq -> what its ack does
         self._nacks: dict[int, int] = {}  # probe seq -> nacks heard from its indirect helpers
         self._seq = 0
+        self._probe_timer: asyncio.TimerHandle | None = None  # when the next probe starts
         self._tasks: list[asyncio.Task[Any]] = []
         self._subscribers: set[asyncio.Queue[pb.Applied | None]] = set()
         self._probe_order: list[str] = []
@@ -361,7 +383,8 @@ class Relay(pb_grpc.RelayServicer):
         for seed in self.seeds:
             if seed != self.addr:
                 self._push_pull(seed)
-        loops = (self._probe_loop, self._gossip_loop, self._suspicion_loop, self._push_pull_loop)
+        self._probe_at(time.monotonic())
+        loops = (self._gossip_loop, self._suspicion_loop, self._push_pull_loop)
         self._tasks = [asyncio.create_task(loop(), name=f"{self.name}-{loop.__name__}") for loop in loops]
 
     async def stop(self) -> None:
@@ -369,6 +392,8 @@ class Relay(pb_grpc.RelayServicer):
         self.running = False
         self._gossip_wake.set()
         self._suspicion_wake.set()
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
         for task in self._tasks:
             task.cancel()
         for link in list(self.links.values()):
@@ -408,9 +433,9 @@ class Relay(pb_grpc.RelayServicer):
             if room > 0:
                 limit = self.profile.retransmit_limit(len(self.table.members))
                 env.rumors.extend(self.rumors.take(room, limit))
-        kind = env.WhichOneof("body") or "gossip"
-        self.counters[f"sent_{kind}"] += 1
-        if _about_revocations(env):
+        kind = env.WhichOneof("body")
+        self.counters[_SENT[kind] if kind is not None else _SENT_GOSSIP] += 1
+        if _about_revocations(env, kind):
             self.counters["revocation_messages"] += 1
         if self.faults is not None:
             if self.faults.drop(self.addr, addr):
@@ -625,9 +650,9 @@ class Relay(pb_grpc.RelayServicer):
                     self._nacks[env.ack.seq] += 1
                     self.counters["nacks_received"] += 1
                 return
-            future = self._acks.pop(env.ack.seq, None)
-            if future is not None and not future.done():
-                future.set_result(None)
+            acked = self._acks.pop(env.ack.seq, None)
+            if acked is not None:
+                acked()
         elif body == "ping_req":
             task = asyncio.create_task(self._relay_probe(env.ping_req, env.sender_addr, link))
             self._helping.add(task)
@@ -1134,18 +1159,27 @@ class Relay(pb_grpc.RelayServicer):
 
     # --- loops -----------------------------------------------------------------------------
 
-    async def _probe_loop(self) -> None:
-        while self.running:
-            interval = self.awareness.scale(self.profile.probe_interval)
+    def _probe_tick(self) -> None:
+        """Start the next SWIM probe: one per probe interval (scaled by local health),
+        each begun when the last one ended and not before its interval had passed."""
+        self._probe_timer = None
+        if not self.running:
+            return
+        interval = self.awareness.scale(self.profile.probe_interval)
+        try:
             self._refresh_cross()
             target = self._next_probe_target()
-            started = time.monotonic()
             if target is not None:
-                try:
-                    await self._probe(target, interval)
-                except Exception:  # one probe's failure must not stop the relay
-                    log.exception("%s: probe of %s failed", self.name, target.name)
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+                self._start_probe(target, interval, self._probe_at)
+                return
+        except Exception:  # one probe's failure must not stop the relay
+            log.exception("%s: probe failed to start", self.name)
+        self._probe_at(time.monotonic() + interval)
+
+    def _probe_at(self, at: float) -> None:
+        if self.running:
+            delay = max(0.0, at - time.monotonic())
+            self._probe_timer = asyncio.get_running_loop().call_later(delay, self._probe_tick)
 
     def _next_probe_target(self) -> Member | None:
         assert self.table is not None
@@ -1164,10 +1198,26 @@ class Relay(pb_grpc.RelayServicer):
     def _new_seq(self) -> tuple[int, asyncio.Future[None]]:
         self._seq += 1
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._acks[self._seq] = future
+
+        def acked() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        self._acks[self._seq] = acked
         return self._seq, future
 
     async def _probe(self, target: Member, interval: float) -> None:
+        """One probe outside the probe loop, awaited to its end (tests, diagnostics)."""
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def then(_at: float) -> None:
+            if not ended.done():  # (the waiter may have been cancelled)
+                ended.set_result(None)
+
+        self._start_probe(target, interval, then)
+        await ended
+
+    def _start_probe(self, target: Member, interval: float, then: Callable[[float], object]) -> None:
         """SWIM probe: ping; on no ack within the timeout, ping again `probe_retries`
         times (one probe_timeout each), then ask `indirect_checks` peers to ping it for
         us; on no ack by the end of the interval (or of the last timeout, if later),
@@ -1176,47 +1226,67 @@ class Relay(pb_grpc.RelayServicer):
         Local health (Lifeguard): a probe answered lowers it by one; a failed probe
         raises it by one for every helper whose nack ("I could not reach it either")
         did not come back, as missing nacks point at this relay's own links or CPU,
-        or by one when there was no helper to ask."""
-        assert self.table is not None
-        started = time.monotonic()
-        seq, future = self._new_seq()
+        or by one when there was no helper to ask.
+
+        A probe is driven by its ack and by one timer at a time (no task, future or
+        timeout context each): probing is most of what an idle relay does. At its end
+        it calls `then` with the time the next probe may start."""
+        self._seq += 1
         timeout = self.awareness.scale(self.profile.probe_timeout)
-        for attempt in range(1 + self.profile.probe_retries):
-            if attempt:
-                self.counters["probe_retries"] += 1
-            # (a new envelope each time: _send piggybacks rumours onto the one it is given)
-            ping = pb.Ping(seq=seq, target=target.name)
-            self._send(target.addr, self._envelope(ping=ping, ihave=self._recent_ids()))
-            # (asyncio.timeout, not wait_for: no task per wait; shield keeps the future
-            # waiting for a late ack through the retries and the indirect phase)
-            try:
-                async with asyncio.timeout(timeout):
-                    await asyncio.shield(future)
-                if not attempt:  # an ack only after a resend says nothing of our health
-                    self.awareness.apply(-1)
-                return
-            except TimeoutError:
-                pass
-        helpers = [m for m in self._probe_targets() if m.name != target.name and m.state == State.ALIVE]
-        chosen = self.rng.sample(helpers, min(self.profile.indirect_checks, len(helpers)))
-        self._nacks[seq] = 0
-        for helper in chosen:
-            req = pb.PingReq(seq=seq, target=target.name, target_addr=target.addr)
-            self._send(helper.addr, self._envelope(ping_req=req))
-        try:
-            async with asyncio.timeout(max(timeout, interval - (time.monotonic() - started))):
-                await future
+        probe = _Probe(target, self._seq, then, time.monotonic(), interval, timeout)
+        self._acks[probe.seq] = lambda: self._probe_acked(probe)
+        self._probe_ping(probe)
+
+    def _probe_ping(self, probe: _Probe) -> None:
+        # (a new envelope each time: _send piggybacks rumours onto the one it is given)
+        ping = pb.Ping(seq=probe.seq, target=probe.target.name)
+        self._send(probe.target.addr, self._envelope(ping=ping, ihave=self._recent_ids()))
+        probe.timer = asyncio.get_running_loop().call_later(probe.timeout, self._probe_expired, probe)
+
+    def _probe_acked(self, probe: _Probe) -> None:
+        if probe.timer is not None:
+            probe.timer.cancel()
+        if probe.helpers is None:
+            if not probe.attempt:  # an ack only after a resend says nothing of our health
+                self.awareness.apply(-1)
+        else:
+            self._nacks.pop(probe.seq, None)
+        probe.then(probe.started + probe.interval)
+
+    def _probe_expired(self, probe: _Probe) -> None:
+        """The probe's timer ran out with no ack: ping again, go indirect, or give up."""
+        if not self.running:
             return
-        except TimeoutError:
-            self._acks.pop(seq, None)
-        finally:
-            nacks = self._nacks.pop(seq, 0)
-        missed = len(chosen) - nacks if chosen else 1
-        self.counters["nacks_missed"] += len(chosen) - nacks if chosen else 0
-        self.awareness.apply(missed)
-        self.counters["probes_failed"] += 1
-        if target.state == State.ALIVE:
-            self._on_suspect(target.name, target.incarnation, self.name)
+        try:
+            if probe.attempt < self.profile.probe_retries:
+                probe.attempt += 1
+                self.counters["probe_retries"] += 1
+                self._probe_ping(probe)
+                return
+            if probe.helpers is None:
+                target = probe.target
+                helpers = [
+                    m for m in self._probe_targets() if m.name != target.name and m.state == State.ALIVE
+                ]
+                probe.helpers = self.rng.sample(helpers, min(self.profile.indirect_checks, len(helpers)))
+                self._nacks[probe.seq] = 0
+                for helper in probe.helpers:
+                    req = pb.PingReq(seq=probe.seq, target=target.name, target_addr=target.addr)
+                    self._send(helper.addr, self._envelope(ping_req=req))
+                wait = max(probe.timeout, probe.interval - (time.monotonic() - probe.started))
+                probe.timer = asyncio.get_running_loop().call_later(wait, self._probe_expired, probe)
+                return
+            self._acks.pop(probe.seq, None)
+            nacks = self._nacks.pop(probe.seq, 0)
+            chosen = len(probe.helpers)
+            self.counters["nacks_missed"] += chosen - nacks if chosen else 0
+            self.awareness.apply(chosen - nacks if chosen else 1)
+            self.counters["probes_failed"] += 1
+            if probe.target.state == State.ALIVE:
+                self._on_suspect(probe.target.name, probe.target.incarnation, self.name)
+        except Exception:  # one probe's failure must not stop the relay
+            log.exception("%s: probe of %s failed", self.name, probe.target.name)
+        probe.then(time.monotonic())
 
     async def _relay_probe(self, req: pb.PingReq, requester: str, link: Link) -> None:
         seq, future = self._new_seq()
