@@ -115,6 +115,7 @@ class MemberTable:
         # causes (every relay hears of each one).
         self.roster = 0
         self._views: tuple[int, list[Member], list[Member]] = (-1, [], [])  # (roster, live, dead)
+        self._counts: tuple[int, dict[State, int]] = (-1, {})  # (version, members by state)
 
     # --- queries ---------------------------------------------------------------------
 
@@ -144,7 +145,15 @@ class MemberTable:
         return {m.cell for m in self.members.values()}
 
     def count(self, state: State) -> int:
-        return sum(1 for m in self.members.values() if m.state == state)
+        """Members in `state`, counted once a table change (each relay's /metrics asks
+        for every state: at hundreds of members and relays a process, counting each
+        time cost a scrape tens of ms)."""
+        if self._counts[0] != self.version:
+            by_state = dict.fromkeys(State, 0)
+            for m in self.members.values():
+                by_state[m.state] += 1
+            self._counts = (self.version, by_state)
+        return self._counts[1][state]
 
     # --- rumours ---------------------------------------------------------------------
 

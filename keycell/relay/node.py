@@ -1369,16 +1369,23 @@ class Relay(pb_grpc.RelayServicer):
         """Anti-entropy with one random peer per interval, a try at one dead member per
         reconnect interval (rejoin after a partition), a sweep of the cell's ledger per
         sync interval, and a retry of revocations the cell's ledger has not taken yet."""
-        last_push = last_rejoin = last_sync = last_sweep = time.monotonic()
+        last_push = last_rejoin = last_sweep = time.monotonic()
+        # The whole member table goes out once per sync_every(n), each time at a random
+        # point of the half to one and a half of it: relays started together (a cell
+        # deployed or restarted at once) would otherwise all push their tables in the
+        # same few seconds, every round (at 300 members, ~30 syncs a second 150 s in).
+        next_sync = last_push + self.profile.sync_interval * (0.5 + self.rng.random())
         while self.running:
             await asyncio.sleep(min(self.profile.push_pull_interval, self.profile.reconnect_interval) / 2)
             assert self.table is not None
             now = time.monotonic()
             if now - last_push >= self.profile.push_pull_interval * (0.5 + self.rng.random()):
                 last_push = now
-                members = now - last_sync >= self.profile.sync_every(len(self.table.members))
+                members = now >= next_sync
                 if members:
-                    last_sync = now
+                    next_sync = now + self.profile.sync_every(len(self.table.members)) * (
+                        0.5 + self.rng.random()
+                    )
                 peers = self._probe_targets()
                 if peers:
                     self._push_pull(self.rng.choice(peers).addr, members=members)

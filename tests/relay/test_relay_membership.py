@@ -79,6 +79,24 @@ def test_the_live_view_follows_the_roster_through_suspicion_death_and_rejoin() -
     assert t.roster > roster and {m.name for m in t.live()} == {"peer", "new"}
 
 
+def test_counts_by_state_follow_every_change_of_the_table() -> None:
+    clock = ManualClock(0)
+    t = table(clock)
+
+    def counts() -> dict[str, int]:
+        return {s.name: t.count(s) for s in State if t.count(s)}
+
+    assert counts() == {"ALIVE": 2}  # this relay and its peer
+    t.suspect("peer", 1, "other")
+    assert counts() == {"ALIVE": 1, "SUSPECT": 1}
+    clock.advance(5)
+    t.expired()
+    assert counts() == {"ALIVE": 1, "DEAD": 1}
+    t.alive("peer", "127.0.0.1:2", "a", 3)
+    t.alive("new", "127.0.0.1:3", "b", 0)
+    assert counts() == {"ALIVE": 3}
+
+
 def test_independent_confirmations_shrink_the_suspicion_timeout_to_its_minimum() -> None:
     clock = ManualClock(0)
     t = table(clock, confirmations=2)
