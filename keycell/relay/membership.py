@@ -145,9 +145,8 @@ class MemberTable:
         return {m.cell for m in self.members.values()}
 
     def count(self, state: State) -> int:
-        """Members in `state`, counted once a table change (each relay's /metrics asks
-        for every state: at hundreds of members and relays a process, counting each
-        time cost a scrape tens of ms)."""
+        """Members in `state`, counted once per table change (each relay's /metrics
+        asks for every state, and a process may hold hundreds of relays' tables)."""
         if self._counts[0] != self.version:
             by_state = dict.fromkeys(State, 0)
             for m in self.members.values():

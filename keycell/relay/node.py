@@ -1255,7 +1255,8 @@ class Relay(pb_grpc.RelayServicer):
 
     def _probe_expired(self, probe: _Probe) -> None:
         """The probe's timer ran out with no ack: ping again, go indirect, or give up."""
-        if not self.running:
+        if not self.running:  # (its end is still told: a waiter on Relay._probe returns)
+            probe.then(time.monotonic())
             return
         try:
             if probe.attempt < self.profile.probe_retries:
